@@ -257,11 +257,8 @@ def init_distributed_environment(
         _OWNED_PROCESS_GROUP = True
     if _WORLD is None:
         ranks = list(range(dist.get_world_size()))
-        _WORLD = _make_coordinator("world", ranks, device, "auto", {})
-
-
-def _uses_gloo_for_devices() -> bool:
-    return dist.get_backend() == "gloo"
+        cpu_group, device_group = _world_groups()
+        _WORLD = GroupCoordinator("world", ranks, cpu_group, device_group, device)
 
 
 def _make_coordinator(
@@ -269,34 +266,48 @@ def _make_coordinator(
     ranks: list[int],
     device: torch.device,
     communicator: str,
-    cache: dict[tuple[int, ...], tuple[ProcessGroup, ProcessGroup]],
+    groups: dict[tuple[int, ...], tuple[ProcessGroup, ProcessGroup]],
 ) -> GroupCoordinator:
-    """Coordinator for ``ranks``; the torch groups are shared among identical rank sets."""
-    key = tuple(ranks)
-    if len(ranks) == 1:
-        groups = (None, None)
-    elif len(ranks) == dist.get_world_size():
-        world = dist.group.WORLD
-        groups = cache.get(key) or (
-            (world, world) if _uses_gloo_for_devices() else (_new_group(ranks, "gloo"), world)
-        )
-    else:
-        groups = cache.get(key) or _new_groups(ranks)
-    cache[key] = groups
-    return GroupCoordinator(name, ranks, groups[0], groups[1], device, communicator)
+    """Coordinator for ``ranks``, using the torch groups already created for that rank set."""
+    cpu_group, device_group = groups.get(tuple(ranks), (None, None))
+    return GroupCoordinator(name, ranks, cpu_group, device_group, device, communicator)
+
+
+def _world_groups() -> tuple[ProcessGroup, ProcessGroup]:
+    world = dist.group.WORLD
+    if dist.get_backend() == "gloo":
+        return world, world
+    # Lives as long as the world; destroy_process_group() at exit removes it.
+    return dist.new_group(list(range(dist.get_world_size())), backend="gloo"), world
 
 
 def _new_group(ranks: list[int], backend: str | None) -> ProcessGroup:
-    group = dist.new_group(ranks, backend=backend, use_local_synchronization=True)
+    group = dist.new_group(ranks, backend=backend)
     _CREATED.append(group)
     return group
 
 
-def _new_groups(ranks: list[int]) -> tuple[ProcessGroup, ProcessGroup]:
-    device_group = _new_group(ranks, None)
-    if _uses_gloo_for_devices():
-        return device_group, device_group
-    return _new_group(ranks, "gloo"), device_group
+def _create_groups(
+    config: ParallelConfig, world: tuple[ProcessGroup, ProcessGroup]
+) -> dict[tuple[int, ...], tuple[ProcessGroup, ProcessGroup]]:
+    """Torch groups for every rank set of the layout, each created once.
+
+    ``new_group`` is collective over the whole world, so every process walks the same
+    rank sets in the same order; identical rank sets (sp and ulysses when ring is 1) share
+    their groups. Sets of one rank need none, and the world reuses the default group.
+    """
+    world_ranks = tuple(range(config.world_size))
+    groups = {world_ranks: world}
+    gloo_devices = dist.get_backend() == "gloo"
+    for name in GROUP_DIMS:
+        for ranks in config.group_ranks(name):
+            key = tuple(ranks)
+            if len(ranks) == 1 or key in groups:
+                continue
+            device_group = _new_group(ranks, None)
+            cpu_group = device_group if gloo_devices else _new_group(ranks, "gloo")
+            groups[key] = (cpu_group, device_group)
+    return groups
 
 
 def initialize_model_parallel(config: ParallelConfig, communicator: str = "auto") -> ParallelConfig:
@@ -313,15 +324,11 @@ def initialize_model_parallel(config: ParallelConfig, communicator: str = "auto"
     config = config.with_world_size(dist.get_world_size())
     rank = dist.get_rank()
     device = _WORLD.device
-    cache: dict[tuple[int, ...], tuple[ProcessGroup, ProcessGroup]] = {
-        tuple(_WORLD.ranks): (_WORLD.cpu_group, _WORLD.device_group)
-    }
+    groups = _create_groups(config, (_WORLD.cpu_group, _WORLD.device_group))
     for name in GROUP_DIMS:
-        if name == "world":
-            continue
-        # use_local_synchronization lets each process create only the groups it belongs to.
-        ranks = config.group_of(name, rank)
-        _GROUPS[name] = _make_coordinator(name, ranks, device, communicator, cache)
+        if name != "world":
+            ranks = config.group_of(name, rank)
+            _GROUPS[name] = _make_coordinator(name, ranks, device, communicator, groups)
     _CONFIG = config
     logger.info(
         "vidpar layout %s; rank %d at %s", config.describe(), rank, config.coordinates(rank)
