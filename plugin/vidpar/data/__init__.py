@@ -1,1 +1,21 @@
-"""vidpar.data."""
+"""Synthetic video datasets.
+
+``MovingShapesDataModule`` (Lightning) is imported lazily from
+:mod:`vidpar.data.datamodule`, so ``import vidpar.data`` stays free of Lightning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vidpar.data.moving_shapes import COLOURS, SHAPES, MovingShapesDataset
+
+__all__ = ["COLOURS", "SHAPES", "MovingShapesDataModule", "MovingShapesDataset"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MovingShapesDataModule":
+        from vidpar.data.datamodule import MovingShapesDataModule
+
+        return MovingShapesDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
