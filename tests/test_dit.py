@@ -1,0 +1,184 @@
+"""VideoDiT under every layout against the single-device model on the same weights.
+
+Each rank builds the single-device reference inside ``single_process()``, gives it random
+weights (the adaLN and final layers start at zero, which would hide most gradients),
+loads them into the parallel model with ``load_full_state_dict``, and runs both on the
+same inputs and loss. The output is gathered, so it must equal the reference everywhere.
+
+Gradients: tp-sharded parameters are compared with the matching chunk of the reference
+gradient. Under sequence parallelism each sp rank only sees its own tokens, so its
+gradient of every parameter (replicated, or a tp shard replicated over sp) is its share;
+the test sums them over the sp group first, which is what the data/sequence-parallel
+gradient reduction (DDP over dp × sp) does in training.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from vidpar.config import ParallelConfig
+from vidpar.distributed import parallel_state as ps
+from vidpar.nn import DiTConfig, VideoDiT, full_state_dict, resolve_group, single_process
+
+SIZES = {
+    "in_channels": 3,
+    "patch_size": (1, 2, 2),
+    "hidden_size": 32,
+    "num_heads": 4,
+    "depth": 2,
+    "num_classes": 5,
+    "context_dim": 16,
+    "context_len": 3,
+}
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+
+
+def inputs(frames: int, size: int, cond: str, dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(frames * 100 + size)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    x = randn(2, 3, frames, size, size)
+    t = torch.rand(2, generator=gen, dtype=torch.float64).to(dtype)
+    # Label 5 is the null class (classifier-free guidance).
+    c = torch.tensor([1, 5]) if cond == "class" else randn(2, 4, SIZES["context_dim"])
+    return x, t, c, randn(*x.shape)
+
+
+def dit_errors(frames: int, size: int, cond: str, dtype_name: str = "float64") -> dict:
+    """Relative errors of the output and of every parameter's gradient on this rank."""
+    dtype = getattr(torch, dtype_name)
+    config = DiTConfig(**{**SIZES, "num_classes": SIZES["num_classes"] if cond == "class" else 0})
+    with single_process():
+        ref = VideoDiT(config).to(dtype)
+    randomize(ref)
+    par = VideoDiT.from_full_state_dict(config, full_state_dict(ref), dtype=dtype)
+
+    x, t, c, w = inputs(frames, size, cond, dtype)
+    out_ref, out_par = ref(x, t, c), par(x, t, c)
+    (out_ref * w).sum().backward()
+    (out_par * w).sum().backward()
+
+    def rel(a, b):
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    tp, sp = resolve_group("tp"), resolve_group("sp")
+    ref_params = dict(ref.named_parameters())
+    grad_errors = {}
+    for name, p in par.named_parameters():
+        grad = sp.all_reduce(p.grad.clone())  # the dp × sp gradient reduction
+        expect = ref_params[name].grad
+        assert expect.abs().max() > 0, f"{name}: reference gradient is zero"
+        dim = getattr(p, "tensor_parallel_dim", None)
+        if dim is not None:
+            expect = expect.chunk(tp.world_size, dim)[tp.rank_in_group]
+        grad_errors[name] = rel(grad, expect)
+    return {
+        "out": rel(out_par, out_ref),
+        "grad": max(grad_errors.values()),
+        "params": len(grad_errors),
+        "shape_ok": out_par.shape == x.shape,
+    }
+
+
+NUM_PARAMS = len(list(VideoDiT(DiTConfig(**SIZES)).parameters()))
+
+CASES = [
+    # id, world size, layout, frames, latent size (tokens = frames × (size/2)²), cond
+    ("tp2", 2, ParallelConfig(tp=2), 2, 4, "class"),
+    ("ulysses2", 2, ParallelConfig(sp=2), 2, 4, "class"),
+    ("ulysses2-uneven", 2, ParallelConfig(sp=2), 3, 6, "text"),
+    ("ring2", 2, ParallelConfig(ring=2), 2, 4, "text"),
+    ("ring2-uneven", 2, ParallelConfig(ring=2), 3, 6, "class"),
+    ("ulysses2xring2-uneven", 4, ParallelConfig(ulysses=2, ring=2), 3, 6, "text"),
+    ("ring4-padded-block", 4, ParallelConfig(ring=4), 1, 6, "class"),
+    ("tp2xsp2", 4, ParallelConfig(tp=2, sp=2), 2, 4, "class"),
+    ("tp2xsp2-uneven", 4, ParallelConfig(tp=2, sp=2), 3, 6, "text"),
+    ("tp2xring2-uneven", 4, ParallelConfig(tp=2, ring=2), 3, 6, "class"),
+]
+
+
+@pytest.mark.parametrize(
+    ("size", "layout", "frames", "latent", "cond"),
+    [pytest.param(*case[1:], id=case[0]) for case in CASES],
+)
+def test_matches_single_device_model(worlds, size, layout, frames, latent, cond) -> None:
+    """float64: output and every gradient to 1e-10 (relative to each tensor's largest
+    entry). Uneven cases have 27 tokens (9 over ring 4: a shard of pure padding)."""
+    for result in worlds(size).run(dit_errors, frames, latent, cond, layout=layout):
+        assert result["shape_ok"] and result["params"] == NUM_PARAMS - (cond == "text")
+        assert result["out"] <= 1e-10 and result["grad"] <= 1e-10, result
+
+
+def test_float32_matches_to_1e5(worlds) -> None:
+    layout = ParallelConfig(tp=2, ring=2)
+    for result in worlds(4).run(dit_errors, 3, 6, "text", "float32", layout=layout):
+        assert result["out"] <= 1e-5 and result["grad"] <= 1e-5, result
+
+
+def test_single_process_model() -> None:
+    """No layout: runs as one process; nothing is zero that should not be; null class,
+    checkpoints and deep copies behave."""
+    result = dit_errors(2, 4, "class")  # parallel == reference trivially, but all grads live
+    assert result["out"] == 0.0 and result["grad"] == 0.0 and result["params"] == NUM_PARAMS
+    config = DiTConfig(**SIZES)
+    torch.manual_seed(3)
+    model = VideoDiT(config).double()
+    randomize(model, seed=3)
+    x, t, _, _ = inputs(2, 4, "class", torch.float64)
+    with torch.no_grad():
+        out = model(x, t, torch.tensor([1, 2]))
+        null = model(x, t, torch.tensor([5, 5]))
+        assert out.shape == x.shape and not torch.allclose(out, null)
+        assert model(x, t[0], torch.tensor([1, 2])).shape == x.shape  # scalar time
+        again = VideoDiT.from_full_state_dict(config, full_state_dict(model), dtype=torch.float64)
+        assert torch.equal(again(x, t, torch.tensor([1, 2])), out)
+        assert torch.equal(copy.deepcopy(model)(x, t, torch.tensor([1, 2])), out)
+    torch.manual_seed(3)
+    twin = VideoDiT(config)
+    torch.manual_seed(3)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            twin.state_dict().values(), VideoDiT(config).state_dict().values(), strict=True
+        )
+    )
+    text_only = VideoDiT(DiTConfig(**{**SIZES, "num_classes": 0}))
+    with pytest.raises(ValueError, match="num_classes=0"):
+        text_only(x.float(), t.float(), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        model(x[:, :, :, :3], t, torch.tensor([1, 2]))
+
+
+def bad_heads() -> str:
+    try:
+        VideoDiT(DiTConfig(**{**SIZES, "num_heads": 2}))
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_heads_not_divisible_by_ulysses_times_tp_raise(worlds) -> None:
+    for message in worlds(4).run(bad_heads, layout=ParallelConfig(tp=2, sp=2)):
+        assert message.startswith("num_heads(2) is not divisible by ulysses(2) × tp(2) = 4")
+
+
+def test_config_checks_head_dim() -> None:
+    with pytest.raises(ValueError, match=r"hidden_size\(32\) must be num_heads\(3\)"):
+        DiTConfig(hidden_size=32, num_heads=3)
+    assert DiTConfig(patch_size=[1, 2, 2]).patch_size == (1, 2, 2)  # lists from Hydra
+
+
+def test_parallel_state_unused_without_layout() -> None:
+    assert not ps.model_parallel_is_initialized()
+    assert resolve_group("sp").world_size == 1
