@@ -1,1 +1,24 @@
-"""vidpar.executor."""
+"""Worker processes, one per device, driven by RPCs from the caller's process.
+
+:class:`Executor` starts the workers and runs :meth:`Executor.collective_rpc` on them;
+:class:`Worker` is what runs inside each one (subclass it to add RPCs).
+"""
+
+from vidpar.executor.executor import (
+    Executor,
+    ExecutorError,
+    RemoteError,
+    RpcTimeoutError,
+    WorkerDiedError,
+)
+from vidpar.executor.worker import Worker, WorkerSpec
+
+__all__ = [
+    "Executor",
+    "ExecutorError",
+    "RemoteError",
+    "RpcTimeoutError",
+    "Worker",
+    "WorkerDiedError",
+    "WorkerSpec",
+]

@@ -1,0 +1,200 @@
+"""Sharded checkpoints with ``torch.distributed.checkpoint`` (DCP), and their export.
+
+A checkpoint is a directory: DCP's files for the model and optimizer states, plus
+``trainer_state.pt`` with the rest of the training state (for Lightning: loops, callbacks,
+epoch).
+Tensor-parallel shards (parameters carrying ``tensor_parallel_dim``) are saved as DTensors
+over the tp mesh dimension, so a checkpoint loads into any tp/sp layout, a single process
+included. A save is written to a temporary sibling and renamed into place only after
+every rank finished, so an interrupted save never looks complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor, Shard
+
+from vidpar.distributed import parallel_state as ps
+
+TRAINER_STATE = "trainer_state.pt"
+_DCP_METADATA = ".metadata"
+
+
+def is_complete(path: Path) -> bool:
+    """Whether ``path`` holds a finished vidpar checkpoint."""
+    return (path / TRAINER_STATE).is_file() and (path / _DCP_METADATA).is_file()
+
+
+def _tp_dims(module: torch.nn.Module) -> dict[str, int]:
+    return {
+        name: param.tensor_parallel_dim
+        for name, param in module.named_parameters()
+        if getattr(param, "tensor_parallel_dim", None) is not None
+    }
+
+
+def _tp_mesh():
+    return ps.get_device_mesh()["tp"] if ps.get_tp_world_size() > 1 else None
+
+
+def _as_dtensor(tensor: torch.Tensor, dim: int, mesh) -> DTensor:
+    shape = list(tensor.shape)
+    shape[dim] *= mesh.size()
+    return DTensor.from_local(
+        tensor,
+        mesh,
+        [Shard(dim)],
+        run_check=False,
+        shape=torch.Size(shape),
+        stride=torch.empty(shape, device="meta").stride(),
+    )
+
+
+def _model_state(module: torch.nn.Module) -> dict[str, Any]:
+    """The module's state, tp shards wrapped as DTensors (sharing the parameters' storage)."""
+    state = module.state_dict()
+    mesh = _tp_mesh()
+    if mesh is not None:
+        for name, dim in _tp_dims(module).items():
+            state[name] = _as_dtensor(state[name], dim, mesh)
+    return state
+
+
+def _optimizer_state(module: torch.nn.Module, optimizer) -> dict[str, Any]:
+    """FQN-keyed optimizer state; moments of tp shards wrapped as DTensors."""
+    optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer
+    state = get_optimizer_state_dict(module, optimizer, options=StateDictOptions())
+    mesh = _tp_mesh()
+    if mesh is not None:
+        params = dict(module.named_parameters())
+        for name, dim in _tp_dims(module).items():
+            for key, value in state["state"].get(name, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == params[name].shape:
+                    state["state"][name][key] = _as_dtensor(value, dim, mesh)
+    return state
+
+
+def gather_full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state with every tp shard gathered to its full tensor, on CPU.
+
+    Collective over the tp group: every rank of it must call this.
+    """
+    state = module.state_dict()
+    if ps.model_parallel_is_initialized() and ps.get_tp_world_size() > 1:
+        tp = ps.get_tp_group()
+        for name, dim in _tp_dims(module).items():
+            state[name] = tp.all_gather(state[name].contiguous(), dim)
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def _local(tree: Any) -> Any:
+    if isinstance(tree, DTensor):
+        return tree.to_local()
+    if isinstance(tree, dict):
+        return {k: _local(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_local(v) for v in tree]
+    return tree
+
+
+def save_sharded(
+    path: Path, module: torch.nn.Module, optimizers: list, trainer_state: dict[str, Any]
+) -> None:
+    """Write a sharded checkpoint of ``module`` and ``optimizers`` to the directory ``path``."""
+    world = ps.get_world_group()
+    staging = Path(world.broadcast_object(_staging_dir(path) if world.is_first_rank else None))
+    state = {"model": _model_state(module)}
+    for i, optimizer in enumerate(optimizers):
+        state[f"optimizer_{i}"] = _optimizer_state(module, optimizer)
+    dcp.save(state, checkpoint_id=staging, process_group=world.cpu_group)
+    world.barrier()
+    if world.is_first_rank:
+        torch.save(trainer_state, staging / TRAINER_STATE)
+        if path.exists():
+            remove(path)
+        staging.rename(path)
+    world.barrier()
+
+
+def _staging_dir(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent)
+
+
+def load_sharded(path: Path, module: torch.nn.Module, optimizers: list) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_sharded` into ``module`` and ``optimizers``
+    (in place, resharding to this layout); returns the rest of the trainer state."""
+    if not is_complete(path):
+        raise FileNotFoundError(
+            f"{path} is not a complete vidpar checkpoint (missing {TRAINER_STATE} or DCP "
+            "metadata): it does not exist, or its save was interrupted. Pick another "
+            "checkpoint, or start without ckpt_path."
+        )
+    world = ps.get_world_group()
+    state: dict[str, Any] = {"model": _model_state(module)}
+    optimizers = [getattr(o, "_optimizer", o) for o in optimizers]
+    for i, optimizer in enumerate(optimizers):
+        state[f"optimizer_{i}"] = _optimizer_state(module, optimizer)
+    dcp.load(state, checkpoint_id=path, process_group=world.cpu_group)
+    module.load_state_dict(_local(state["model"]))
+    for i, optimizer in enumerate(optimizers):
+        set_optimizer_state_dict(
+            module, optimizer, optim_state_dict=_local(state[f"optimizer_{i}"])
+        )
+    return torch.load(path / TRAINER_STATE, weights_only=False)
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint directory (or a stray file at that path)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def export_full_checkpoint(
+    ckpt_dir: str | Path,
+    out: str | Path,
+    prefix: str = "model.",
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write the model weights of a sharded checkpoint as one safetensors file.
+
+    Runs in one process, no distributed setup needed. Keys starting with ``prefix`` (the
+    LightningModule attribute holding the network) are kept with the prefix removed, so a
+    single-device model loads the file with ``load_state_dict``. ``metadata`` is stored in
+    the file's header.
+    """
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    ckpt_dir, out = Path(ckpt_dir), Path(out)
+    if not is_complete(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir} is not a complete vidpar checkpoint")
+    with tempfile.TemporaryDirectory() as tmp:
+        full_path = Path(tmp) / "full.pt"
+        dcp_to_torch_save(ckpt_dir, full_path)
+        full = torch.load(full_path, weights_only=False)["model"]
+    weights = {
+        k.removeprefix(prefix): v.contiguous()
+        for k, v in full.items()
+        if isinstance(v, torch.Tensor) and k.startswith(prefix)
+    }
+    if not weights:
+        raise ValueError(
+            f"no weights under prefix {prefix!r} in {ckpt_dir}; keys: {sorted(full)[:5]}"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(out), metadata=metadata)
+    return out

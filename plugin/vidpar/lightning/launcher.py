@@ -1,0 +1,136 @@
+"""The strategy's launcher: the Executor starts the Trainer's worker processes.
+
+On one machine, ``fit``/``validate``/``test``/``predict`` run in worker processes started by
+:class:`~vidpar.executor.Executor` (the same code path as inference); results and the
+trained weights come back to the main process as with Lightning's spawn launcher. Under
+torchrun or SLURM the strategy uses no launcher: every process is already a worker.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch.strategies.launchers.multiprocessing import (
+    _check_missing_main_guard,
+    _GlobalStateSnapshot,
+    _MultiProcessingLauncher,
+    _WorkerOutput,
+)
+from lightning.pytorch.trainer.states import TrainerFn
+
+from vidpar.config import ParallelConfig
+from vidpar.distributed.checkpoint import gather_full_state_dict
+from vidpar.executor import Executor, WorkerDiedError
+
+if TYPE_CHECKING:
+    from vidpar.lightning.strategy import VidParStrategy
+
+
+class VidParLauncher(_MultiProcessingLauncher):
+    """Runs the Trainer's function in one Executor worker per device."""
+
+    def __init__(self, strategy: VidParStrategy) -> None:
+        super().__init__(strategy, start_method="spawn")
+
+    def launch(self, function, *args: Any, trainer=None, **kwargs: Any) -> Any:
+        _check_missing_main_guard()
+        if self._already_fit and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            raise NotImplementedError(
+                "Calling trainer.fit() twice on one Trainer with VidParStrategy is not supported: "
+                "create a new Trainer and pass fit(ckpt_path=...)."
+            )
+        strategy = self._strategy
+        port = str(strategy.cluster_environment.main_port)
+        os.environ["MASTER_PORT"] = port
+        world = strategy.num_processes
+        devices = [str(d) for d in strategy.parallel_devices]
+        global_states = _GlobalStateSnapshot.capture()
+        executor = Executor(
+            ParallelConfig(dp=world),
+            devices=devices,
+            env={"MASTER_PORT": port, "MASTER_ADDR": strategy.cluster_environment.main_address},
+            init_distributed=False,
+        )
+        try:
+            with executor:
+                outputs = executor.collective_rpc(
+                    _run_trainer_function, self, trainer, function, args, kwargs, global_states
+                )
+        except WorkerDiedError as err:
+            raise RuntimeError(
+                f"vidpar worker rank {err.rank} died (exit code {err.exitcode}) while the Trainer "
+                f"was running {function.__name__}; the other workers were stopped. Look above for "
+                "its last output (out of memory is a common cause)."
+            ) from err
+        worker_output = outputs[0]
+        if trainer is None:
+            return worker_output
+        self._already_fit |= trainer.state.fn == TrainerFn.FITTING
+        self._recover_results_in_main_process(worker_output, trainer)
+        return worker_output.trainer_results
+
+    def _collect_rank_zero_results(self, trainer, results: Any) -> _WorkerOutput | None:
+        """Like Lightning's, but the weights sent back are full tensors (tp shards gathered),
+        so the main process holds a usable single-device model."""
+        callback = trainer.checkpoint_callback
+        best_model_path = getattr(callback, "best_model_path", None) if callback else None
+        state_dict = gather_full_state_dict(trainer.lightning_module)
+        if self._strategy.global_rank != 0:
+            return None
+        weights_path = None
+        if trainer.state.fn == TrainerFn.FITTING:
+            weights_path = os.path.join(tempfile.mkdtemp(), ".temp.ckpt")
+            torch.save(state_dict, weights_path)
+        extra = self.get_extra_results(trainer)
+        return _WorkerOutput(best_model_path, weights_path, trainer.state, results, extra)
+
+    def _recover_results_in_main_process(self, worker_output: _WorkerOutput, trainer) -> None:
+        module = trainer.lightning_module
+        if worker_output.weights_path is not None:
+            # Layers built in configure_model exist only in the workers so far: build them
+            # here too (no layout in this process, so at full size) and load strictly.
+            precision = self._strategy.precision_plugin
+            with precision.tensor_init_context():
+                module.configure_model()
+            precision.convert_module(module)
+            state = torch.load(worker_output.weights_path, weights_only=True)
+            module.load_state_dict(state, strict=True)
+            os.remove(worker_output.weights_path)
+        callback = trainer.checkpoint_callback
+        if callback is not None and hasattr(callback, "best_model_path"):
+            callback.best_model_path = str(worker_output.best_model_path or "")
+        trainer.state = worker_output.trainer_state
+        self.update_main_process_results(trainer, worker_output.extra)
+
+    def get_extra_results(self, trainer) -> dict[str, Any]:
+        """Lightning's extras plus the fit loop's progress (so ``trainer.global_step`` and
+        ``current_epoch`` are right in the main process)."""
+        return {**super().get_extra_results(trainer), "fit_loop": trainer.fit_loop.state_dict()}
+
+    def update_main_process_results(self, trainer, extra: dict[str, Any]) -> None:
+        super().update_main_process_results(trainer, extra)
+        trainer.fit_loop.load_state_dict(extra["fit_loop"])
+
+
+def _run_trainer_function(
+    worker, launcher: VidParLauncher, trainer, function, args, kwargs, global_states
+) -> Any:
+    """Inside a worker: what Lightning's spawn launcher runs in each process."""
+    from lightning.fabric.strategies.launchers.multiprocessing import _set_num_threads_if_needed
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+    from lightning.pytorch.accelerators import CPUAccelerator
+    from lightning.pytorch.strategies.launchers.multiprocessing import (
+        _disable_module_memory_sharing,
+    )
+
+    global_states.restore()
+    if isinstance(launcher._strategy.accelerator, CPUAccelerator):
+        args, kwargs = _disable_module_memory_sharing((args, kwargs))
+    _set_num_threads_if_needed(num_processes=launcher._strategy.num_processes)
+    results = function(*args, **kwargs)
+    if trainer is not None:
+        results = launcher._collect_rank_zero_results(trainer, results)
+    return move_data_to_device(results, "cpu") if results is not None else None

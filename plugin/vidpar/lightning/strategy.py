@@ -1,0 +1,273 @@
+"""VidParStrategy: tensor, sequence, CFG and data parallelism for Lightning's Trainer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.distributed import _distributed_is_initialized
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.nn.parallel import DistributedDataParallel
+
+from vidpar.config import ParallelConfig
+from vidpar.distributed import checkpoint as vidpar_checkpoint
+from vidpar.distributed import parallel_state as ps
+from vidpar.distributed import telemetry
+from vidpar.lightning.launcher import VidParLauncher
+
+_DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+
+class VidParStrategy(DDPStrategy):
+    """Lightning strategy over vidpar's layout ``dp × cfg × ring × ulysses × tp``.
+
+    ``setup_environment`` joins torch.distributed and builds every group, so
+    ``LightningModule.configure_model`` can build tensor/sequence-parallel layers through
+    :mod:`vidpar.distributed.parallel_state`'s getters and ``self.device_mesh``. Batches
+    are sharded over dp only; gradients are summed over sp and averaged over dp by torch's
+    DDP (``data_parallel="ddp"``) or FSDP2 (``"fsdp"``) on the dp × sp sub-group.
+    Checkpoints are sharded directories written with ``torch.distributed.checkpoint``.
+    """
+
+    strategy_name = "vidpar"
+
+    def __init__(
+        self,
+        tp: int = 1,
+        sp: int | None = None,
+        ulysses: int | None = None,
+        ring: int | None = None,
+        cfg: int = 1,
+        dp: int = -1,
+        data_parallel: Literal["ddp", "fsdp"] = "ddp",
+        communicator: str = "auto",
+        timeout: timedelta | float | None = _DEFAULT_TIMEOUT,
+        telemetry: bool = False,
+        **ddp_kwargs: Any,
+    ) -> None:
+        if data_parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"data_parallel must be 'ddp' or 'fsdp', got {data_parallel!r}")
+        if isinstance(timeout, int | float):
+            timeout = timedelta(seconds=timeout)
+        self.parallel_config = ParallelConfig(
+            tp=tp, sp=sp, ulysses=ulysses, ring=ring, cfg=cfg, dp=dp
+        )
+        self.data_parallel = data_parallel
+        self.communicator = communicator
+        self.telemetry = telemetry
+        super().__init__(timeout=timeout, start_method="spawn", **ddp_kwargs)
+
+    # Layout ------------------------------------------------------------------------
+
+    def _checked_config(self) -> ParallelConfig:
+        """The layout checked against the processes the Trainer will run."""
+        world = self.num_processes * self.num_nodes
+        try:
+            return self.parallel_config.with_world_size(world)
+        except ValueError as err:
+            raise ValueError(
+                f"{err}. The Trainer runs {self.num_nodes} node(s) × {self.num_processes} "
+                f"device(s) = {world} process(es): pass Trainer(devices=N) (and num_nodes) so "
+                f"that N × nodes equals tp × sp × cfg × dp, or change the layout."
+            ) from None
+
+    @property
+    def device_mesh(self):
+        """The ``DeviceMesh`` with dims ``(dp, cfg, ring, ulysses, tp)``."""
+        return ps.get_device_mesh()
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        """Shard data over dp only: every rank of one tp/sp group sees the same batch."""
+        dp_group = ps.get_dp_group()
+        return {"num_replicas": dp_group.world_size, "rank": dp_group.rank_in_group}
+
+    def _configure_launcher(self) -> None:
+        self.parallel_config = self._checked_config()
+        if self.cluster_environment.creates_processes_externally:
+            self._launcher = None  # torchrun / SLURM: every process is already a worker
+        else:
+            self._launcher = VidParLauncher(self)
+
+    def setup_environment(self) -> None:
+        super().setup_environment()  # joins torch.distributed through the cluster environment
+        ps.init_distributed_environment()
+        # In training, cfg ranks are identical replicas; they matter for CFG-parallel sampling.
+        config = self._checked_config()
+        if ps.model_parallel_is_initialized() and ps.get_parallel_config() != config:
+            ps.destroy_model_parallel()
+        if not ps.model_parallel_is_initialized():
+            ps.initialize_model_parallel(config, self.communicator)
+        self.parallel_config = config
+        if self.telemetry:
+            telemetry.start_recording()
+        if self.lightning_module is not None:
+            self.lightning_module._device_mesh = self.device_mesh
+
+    # Model -------------------------------------------------------------------------
+
+    def setup(self, trainer) -> None:
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        self.accelerator.setup(trainer)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        # Unlike DDPStrategy, never broadcast every state from world rank 0: that would
+        # overwrite tensor-parallel shards. Replicas are synchronised per group instead.
+        self._sync_replicas(fitting)
+        if fitting:
+            self.configure_ddp()
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if fitting:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _sync_replicas(self, fitting: bool) -> None:
+        """Make replicas equal: tp-replicated parameters from tp rank 0, and (when not
+        fitting, where DDP would have done it) everything from the first dp × sp replica."""
+        module = self.lightning_module
+        tp_group, replica_group = ps.get_tp_group(), ps.get_dp_sp_group()
+        with torch.no_grad():
+            for param in module.parameters():
+                if getattr(param, "tensor_parallel_dim", None) is None:
+                    tp_group.broadcast(param.data, src=0)
+            if not fitting:
+                for tensor in [*module.parameters(), *module.buffers()]:
+                    replica_group.broadcast(tensor.data, src=0)
+
+    def configure_ddp(self) -> None:
+        replicas = ps.get_dp_sp_group()
+        if replicas.world_size == 1:
+            return  # pure tensor parallelism: no gradient to reduce across replicas
+        if self.data_parallel == "fsdp":
+            self.model = _fully_shard(self.model, replicas, ps.get_dp_world_size())
+            return
+        self.model = self._setup_model(self.model)
+        self.model.register_comm_hook(
+            (replicas.device_group, ps.get_dp_world_size()), _sum_over_sp_mean_over_dp
+        )
+
+    def _setup_model(self, model: torch.nn.Module) -> DistributedDataParallel:
+        device_ids = self.determine_ddp_device_ids()
+        return DistributedDataParallel(
+            module=model,
+            device_ids=device_ids,
+            process_group=ps.get_dp_sp_group().device_group,
+            **self._ddp_kwargs,
+        )
+
+    # Collectives (Lightning's contracts, over the world) ----------------------------
+
+    def barrier(self, name: str | None = None) -> None:
+        if _distributed_is_initialized():
+            ps.get_world_group().barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        return ps.get_world_group().broadcast_object(obj, src=src)
+
+    # Checkpoints -------------------------------------------------------------------
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return False
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError("VidParStrategy.save_checkpoint does not take storage_options")
+        path = Path(self.broadcast(str(filepath)))
+        checkpoint.pop("state_dict", None)
+        checkpoint.pop("optimizer_states", None)
+        vidpar_checkpoint.save_sharded(
+            path, self.lightning_module, [o for o in self.optimizers], checkpoint
+        )
+
+    def load_checkpoint(
+        self, checkpoint_path: str | Path, weights_only: bool | None = None
+    ) -> dict:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        return vidpar_checkpoint.load_sharded(path, self.lightning_module, list(self.optimizers))
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        """Weights were loaded in :meth:`load_checkpoint` already (sharded)."""
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """Optimizer states were loaded in :meth:`load_checkpoint` already (sharded)."""
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return self.lightning_module.state_dict()
+
+    def remove_checkpoint(self, filepath: str | Path) -> None:
+        if self.is_global_zero:
+            vidpar_checkpoint.remove(Path(filepath))
+
+    # Teardown ----------------------------------------------------------------------
+
+    def teardown(self) -> None:
+        """Unwrap the model; the groups stay for later stages (``fit`` then ``test``) and for
+        the launcher, which gathers the full weights after teardown."""
+        if self.telemetry:
+            telemetry.stop_recording()
+        super().teardown()
+
+    @classmethod
+    def register_strategies(cls, strategy_registry) -> None:
+        presets = {
+            "vidpar": {},
+            "vidpar_tp2": {"tp": 2},
+            "vidpar_sp2": {"sp": 2},
+            "vidpar_ring2": {"ring": 2},
+            "vidpar_tp2_sp2": {"tp": 2, "sp": 2},
+            "vidpar_usp_2x2": {"ulysses": 2, "ring": 2},
+            "vidpar_fsdp": {"data_parallel": "fsdp"},
+        }
+        for name, kwargs in presets.items():
+            if name in strategy_registry:
+                continue
+            description = "vidpar " + (", ".join(f"{k}={v}" for k, v in kwargs.items()) or "dp")
+            strategy_registry.register(name, cls, description=description, **kwargs)
+
+
+def _sum_over_sp_mean_over_dp(state: tuple[dist.ProcessGroup, int], bucket):
+    """DDP comm hook: every sp rank holds the gradient of its own tokens, so gradients are
+    summed over sp and averaged over dp (DDP's default would also divide by sp).
+
+    No return annotation: DDP compares it to a type object, and this module's annotations
+    are strings.
+    """
+    group, dp_size = state
+    buffer = bucket.buffer()
+    if dp_size > 1:
+        buffer.div_(dp_size)
+    future = dist.all_reduce(buffer, group=group, async_op=True).get_future()
+    return future.then(lambda fut: fut.value()[0])
+
+
+def _fully_shard(module: torch.nn.Module, replicas: ps.GroupCoordinator, dp_size: int):
+    """FSDP2 over the dp × sp replicas: shard each top-level child, then the root."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = DeviceMesh.from_group(replicas.device_group, replicas.device.type)
+    for child in module.children():
+        if any(p.requires_grad for p in child.parameters()):
+            fully_shard(child, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    # Sum over sp, mean over dp: divide by dp instead of the whole replica group.
+    module.set_gradient_divide_factor(float(dp_size))
+    return module
+
+
+VidParStrategy.register_strategies(StrategyRegistry)
