@@ -100,14 +100,23 @@ def test_tp2_sp2_matches_one_process_and_resumes_identically(reference, tp2_sp2_
 
 @pytest.mark.parametrize(
     ("strategy", "devices"),
-    [(VidParStrategy(sp=2, dp=2), 4), (VidParStrategy(tp=2, dp=2), 4)],
-    ids=["sp2xdp2", "tp2xdp2"],
+    [
+        (VidParStrategy(sp=2, dp=2), 4),
+        (VidParStrategy(tp=2, dp=2), 4),
+        (VidParStrategy(ring=2, dp=2, data_parallel="fsdp"), 4),
+    ],
+    ids=["sp2xdp2", "tp2xdp2", "fsdp_ring2xdp2"],
 )
 def test_data_parallel_layouts_match_one_process(reference, tmp_path, strategy, devices):
     ref_losses, ref_weights = reference
     model, _ = fit(tmp_path, strategy, devices=devices, max_steps=4)
     assert read_losses(tmp_path) == pytest.approx(ref_losses, rel=1e-9)
     assert_weights_close(full_weights(model), ref_weights)
+
+
+def test_fsdp_with_tensor_parallelism_is_refused_clearly():
+    with pytest.raises(NotImplementedError, match=r"data_parallel='fsdp' with tp\(2\) > 1"):
+        VidParStrategy(tp=2, data_parallel="fsdp")
 
 
 def test_tp2_sp2_checkpoint_resumes_in_one_process(reference, tp2_sp2_half, tmp_path):

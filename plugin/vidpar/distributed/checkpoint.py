@@ -86,11 +86,14 @@ def _optimizer_state(module: torch.nn.Module, optimizer) -> dict[str, Any]:
 
 
 def gather_full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The module's state with every tp shard gathered to its full tensor, on CPU.
+    """The module's state with every shard gathered to its full tensor, on CPU: tp shards
+    over the tp group, DTensors (FSDP2) over their mesh.
 
-    Collective over the tp group: every rank of it must call this.
+    Collective: every rank must call this.
     """
-    state = module.state_dict()
+    state = {
+        k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in module.state_dict().items()
+    }
     if ps.model_parallel_is_initialized() and ps.get_tp_world_size() > 1:
         tp = ps.get_tp_group()
         for name, dim in _tp_dims(module).items():

@@ -105,6 +105,10 @@ class CollectiveRecorder:
             seconds = time.perf_counter() - begin
             self._done.append(CollectiveRecord(op, group, dtype, nbytes, group_size, seconds))
 
+    def add(self, record: CollectiveRecord) -> None:
+        """Add a record timed elsewhere (e.g. an asynchronous collective's future)."""
+        self._done.append(record)
+
     def _resolve(self) -> None:
         for p in self._pending:
             p.end.synchronize()

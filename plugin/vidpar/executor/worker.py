@@ -344,7 +344,8 @@ class Worker:
     layout is initialised) and ``model`` (what ``worker_factory(worker)`` returned, or
     ``None``). Public methods are RPCs: ``executor.collective_rpc("name", ...)`` calls them
     on every worker. Subclass it (a module-level class, passed as ``worker_cls``) to add
-    RPCs; the LoRA methods below are the places adapters will plug in.
+    RPCs. LoRA adapters (``set_lora_adapter``, ``merge_lora``, ``unmerge_lora``) work on
+    any payload whose sharded weights follow the ``tensor_parallel_dim`` contract.
     """
 
     def __init__(self, spec: WorkerSpec) -> None:
@@ -427,19 +428,32 @@ class Worker:
             with contextlib.suppress(Exception):
                 ps.destroy_distributed_environment()
 
-    # Extension points (LoRA arrives with the DiT) -------------------------------------
+    # LoRA adapters (vidpar.nn.lora), kept per worker around its model ------------------
 
-    def set_lora_adapter(self, name: str, path_or_state: Any) -> None:
-        """Load (or replace) the LoRA adapter ``name`` into the payload."""
-        raise NotImplementedError(f"{type(self).__name__} does not support LoRA adapters yet")
+    def _lora(self) -> Any:
+        """This worker's :class:`~vidpar.nn.lora.LoraManager`, created on first use (and
+        again if the payload was replaced)."""
+        from vidpar.nn.lora import LoraManager
 
-    def merge_lora(self) -> None:
-        """Fold the active LoRA adapters into the base weights."""
-        raise NotImplementedError(f"{type(self).__name__} does not support LoRA adapters yet")
+        manager = getattr(self, "_lora_manager", None)
+        if manager is None or manager.model is not self._require_model():
+            manager = self._lora_manager = LoraManager(self.model)
+        return manager
 
-    def unmerge_lora(self) -> None:
-        """Undo :meth:`merge_lora`."""
-        raise NotImplementedError(f"{type(self).__name__} does not support LoRA adapters yet")
+    def set_lora_adapter(self, name: str, path_or_state: Any) -> list[str]:
+        """Load (or replace) the LoRA adapter ``name``: a dict of full factors
+        ``"<weight>.lora_A"`` ``[r, in]``, ``"<weight>.lora_B"`` ``[out, r]`` and an optional
+        ``"scale"``, or a ``.safetensors``/torch file of one. Returns the targeted weights."""
+        return self._lora().set_adapter(name, path_or_state)
+
+    def merge_lora(self, name: str | None = None) -> str:
+        """Add adapter ``name`` (default: the only one set) into this rank's weight shards;
+        returns its name."""
+        return self._lora().merge(name)
+
+    def unmerge_lora(self) -> str | None:
+        """Undo :meth:`merge_lora` exactly; returns the adapter that was merged, if any."""
+        return self._lora().unmerge()
 
     # Event loop -----------------------------------------------------------------------
 

@@ -48,6 +48,12 @@ class VidParLauncher(_MultiProcessingLauncher):
         world = strategy.num_processes
         devices = [str(d) for d in strategy.parallel_devices]
         global_states = _GlobalStateSnapshot.capture()
+        if trainer is not None:
+            # Loggers that run a service (W&B) create their run when pickled and attach to
+            # it from the workers, which must therefore start after it: touch them now, as
+            # Lightning's spawn launcher does by pickling before it spawns.
+            for logger in trainer.loggers:
+                _ = logger.experiment
         executor = Executor(
             ParallelConfig(dp=world),
             devices=devices,

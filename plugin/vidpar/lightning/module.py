@@ -15,19 +15,26 @@ from vidpar.pipelines.video_io import to_uint8_frames, write_video
 
 
 def sample_noise_and_time(
-    indices: torch.Tensor, step: int, shape: tuple[int, ...], seed: int = 0
+    indices: torch.Tensor,
+    step: int,
+    shape: tuple[int, ...],
+    seed: int = 0,
+    timestep_sampling: str = "uniform",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise and flow time for each sample, a pure function of (seed, step, sample index).
 
     Every rank of one tp/sp group, and a single-process run of the same global batch,
-    draw exactly the same values, whatever the layout.
+    draw exactly the same values, whatever the layout. ``timestep_sampling`` is
+    ``"uniform"`` or ``"logit_normal"`` (which favours mid-range times).
     """
     noises, times = [], []
     for index in indices.tolist():
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 65_537 + int(index))
         noises.append(torch.randn(shape, generator=gen))
-        # Logit-normal time, as in rectified-flow training of video DiTs.
-        times.append(torch.sigmoid(torch.randn((), generator=gen)))
+        if timestep_sampling == "logit_normal":
+            times.append(torch.sigmoid(torch.randn((), generator=gen)))
+        else:
+            times.append(torch.rand((), generator=gen))
     return torch.stack(noises), torch.stack(times)
 
 
@@ -53,6 +60,7 @@ class VideoDiffusionModule(pl.LightningModule):
         video_dir: str | None = None,
         class_names: list[str] | None = None,
         video_shape: list[int] | None = None,
+        timestep_sampling: str = "uniform",
     ) -> None:
         super().__init__()
         dit = dit if isinstance(dit, DiTConfig) else DiTConfig(**(dit or {}))
@@ -115,21 +123,18 @@ class VideoDiffusionModule(pl.LightningModule):
             self.model.train(was_training)
 
     def _log_samples(self, videos: torch.Tensor) -> None:
+        """Rank 0 writes the samples as GIFs and logs them (as videos with W&B)."""
         if not self.trainer.is_global_zero:
             return
-        frames = [to_uint8_frames(v.float().cpu()) for v in videos]
+        out_dir = Path(self.hparams.video_dir or self.trainer.default_root_dir) / "samples"
+        paths = []
+        for i, video in enumerate(videos):
+            path = out_dir / f"step{self.global_step:06d}_class{i}.gif"
+            write_video(path, to_uint8_frames(video.float().cpu()), fps=4)
+            paths.append(str(path))
         for logger in self.trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
-                # W&B wants [T, C, H, W] uint8.
-                logger.log_video(
-                    "val/samples",
-                    [f.transpose(0, 3, 1, 2) for f in frames],
-                    step=self.global_step,
-                    fps=[4] * len(frames),
-                )
-        out_dir = Path(self.hparams.video_dir or self.trainer.default_root_dir) / "samples"
-        for i, f in enumerate(frames):
-            write_video(out_dir / f"step{self.global_step:06d}_class{i}.gif", f, fps=4)
+                logger.log_video("val/samples", paths, step=self.global_step)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -19,6 +20,7 @@ from vidpar.config import ParallelConfig
 from vidpar.distributed import checkpoint as vidpar_checkpoint
 from vidpar.distributed import parallel_state as ps
 from vidpar.distributed import telemetry
+from vidpar.distributed.telemetry import CollectiveRecord
 from vidpar.lightning.launcher import VidParLauncher
 
 _DEFAULT_TIMEOUT = timedelta(minutes=30)
@@ -58,6 +60,12 @@ class VidParStrategy(DDPStrategy):
         self.parallel_config = ParallelConfig(
             tp=tp, sp=sp, ulysses=ulysses, ring=ring, cfg=cfg, dp=dp
         )
+        if data_parallel == "fsdp" and self.parallel_config.tp > 1:
+            raise NotImplementedError(
+                f"data_parallel='fsdp' with tp({tp}) > 1 is not supported yet: FSDP2 turns the "
+                "tensor-parallel shards into DTensors of the dp × sp mesh and their tp layout "
+                "would be lost in checkpoints. Use data_parallel='ddp' with tp, or fsdp with sp/dp."
+            )
         self.data_parallel = data_parallel
         self.communicator = communicator
         self.telemetry = telemetry
@@ -242,7 +250,9 @@ class VidParStrategy(DDPStrategy):
 
 def _sum_over_sp_mean_over_dp(state: tuple[dist.ProcessGroup, int], bucket):
     """DDP comm hook: every sp rank holds the gradient of its own tokens, so gradients are
-    summed over sp and averaged over dp (DDP's default would also divide by sp).
+    summed over sp and averaged over dp (DDP's default would also divide by sp). Each
+    bucket is recorded as a ``dp_sp`` all-reduce when telemetry is on (host-timed, from
+    issue to completion).
 
     No return annotation: DDP compares it to a type object, and this module's annotations
     are strings.
@@ -251,22 +261,41 @@ def _sum_over_sp_mean_over_dp(state: tuple[dist.ProcessGroup, int], bucket):
     buffer = bucket.buffer()
     if dp_size > 1:
         buffer.div_(dp_size)
+    recorder = telemetry.active_recorder()
+    start = time.perf_counter()
     future = dist.all_reduce(buffer, group=group, async_op=True).get_future()
-    return future.then(lambda fut: fut.value()[0])
+
+    def finish(fut: torch.futures.Future) -> torch.Tensor:
+        if recorder is not None:
+            recorder.add(
+                CollectiveRecord(
+                    "all_reduce",
+                    "dp_sp",
+                    str(buffer.dtype).removeprefix("torch."),
+                    buffer.numel() * buffer.element_size(),
+                    dist.get_world_size(group),
+                    time.perf_counter() - start,
+                )
+            )
+        return fut.value()[0]
+
+    return future.then(finish)
 
 
 def _fully_shard(module: torch.nn.Module, replicas: ps.GroupCoordinator, dp_size: int):
     """FSDP2 over the dp × sp replicas: shard each top-level child, then the root."""
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     mesh = DeviceMesh.from_group(replicas.device_group, replicas.device.type)
     for child in module.children():
         if any(p.requires_grad for p in child.parameters()):
             fully_shard(child, mesh=mesh)
     fully_shard(module, mesh=mesh)
-    # Sum over sp, mean over dp: divide by dp instead of the whole replica group.
-    module.set_gradient_divide_factor(float(dp_size))
+    # Sum over sp, mean over dp: every FSDP unit divides by dp, not the whole replica group.
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.set_gradient_divide_factor(float(dp_size))
     return module
 
 

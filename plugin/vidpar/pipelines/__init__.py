@@ -1,1 +1,44 @@
-"""vidpar.pipelines."""
+"""Flow-matching training and sampling (with cfg parallelism) and video files.
+
+``VideoGenerator``, ``export_weights`` and ``read_model_info`` (which need the model and
+the executor) are imported lazily from :mod:`vidpar.pipelines.generator`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vidpar.pipelines.flow_matching import (
+    FlowMatchEulerSampler,
+    cfg_combine,
+    flow_matching_loss,
+    sample_timesteps,
+    seeded_noise,
+    shift_timesteps,
+)
+from vidpar.pipelines.video_io import read_video, to_uint8_frames, write_video
+
+_LAZY = ("VideoGenerator", "export_weights", "read_model_info")
+
+__all__ = [
+    "FlowMatchEulerSampler",
+    "VideoGenerator",
+    "cfg_combine",
+    "export_weights",
+    "flow_matching_loss",
+    "read_model_info",
+    "read_video",
+    "sample_timesteps",
+    "seeded_noise",
+    "shift_timesteps",
+    "to_uint8_frames",
+    "write_video",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from vidpar.pipelines import generator
+
+        return getattr(generator, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

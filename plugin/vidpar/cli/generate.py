@@ -1,0 +1,87 @@
+"""``vidpar-generate``: sample class-conditioned videos from a trained checkpoint.
+
+With no arguments it takes the newest ``checkpoints/last.ckpt`` under ``outputs/`` (what
+``vidpar-train`` writes), generates one clip per class through the Executor and writes
+them side by side as an ``.mp4`` and a ``.gif``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from vidpar.cli.hydra_setup import CONFIG_DIR, UserError, friendly_errors, parallel_config, register
+from vidpar.distributed.checkpoint import is_complete
+from vidpar.distributed.telemetry import format_summary, summarize
+
+register()
+
+
+def find_checkpoint(checkpoint: str | None, search_dir: str) -> Path:
+    """The checkpoint to use: the one given, or the newest complete one under ``search_dir``."""
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if path.is_file() or is_complete(path):
+            return path
+        raise UserError(
+            f"checkpoint={checkpoint} is neither a .safetensors file nor a complete vidpar "
+            "checkpoint directory. Pass the checkpoints/last.ckpt directory of a vidpar-train "
+            "run, or a file written by vidpar.lightning.export_full_checkpoint."
+        )
+    found = [p for p in Path(search_dir).glob("**/checkpoints/last.ckpt") if is_complete(p)]
+    if not found:
+        raise UserError(
+            f"No checkpoint found under {Path(search_dir).resolve()}: run vidpar-train first "
+            "(it writes outputs/<date>/<time>/checkpoints/last.ckpt), or pass checkpoint=PATH."
+        )
+    return max(found, key=lambda p: (p / "trainer_state.pt").stat().st_mtime)
+
+
+def run(cfg: DictConfig) -> list[Path]:
+    """Generate as ``cfg`` says; returns the written files."""
+    from vidpar.pipelines.generator import VideoGenerator
+    from vidpar.pipelines.video_io import write_video
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    layout = parallel_config(cfg.parallel)
+    checkpoint = find_checkpoint(cfg.checkpoint, cfg.search_dir)
+    print(f"vidpar: generating from {checkpoint} with {layout.describe()}")
+    with VideoGenerator.from_checkpoint(checkpoint, parallel=layout) as generator:
+        _, frames_, height, width = generator.data_info.get("video_shape") or (3, 8, 16, 16)
+        frames = generator.generate(
+            list(cfg.labels),
+            num_frames=cfg.num_frames or frames_,
+            height=cfg.height or height,
+            width=cfg.width or width,
+            steps=cfg.steps,
+            guidance_scale=cfg.guidance_scale,
+            seed=cfg.seed,
+            output=cfg.output,
+        )
+        records = generator.last_records
+    written = [Path(cfg.output)]
+    gif = Path(cfg.output).with_suffix(".gif")
+    if gif != written[0]:
+        import numpy as np
+
+        write_video(gif, np.concatenate(list(frames), axis=2), fps=4)
+        written.append(gif)
+    if cfg.telemetry and records:
+        print("Communication summary (rank 0, generation):\n" + format_summary(summarize(records)))
+    for path in written:
+        print(f"vidpar: wrote {path}")
+    return written
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
+@friendly_errors
+def main(cfg: DictConfig) -> None:
+    """Console entry point."""
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""LoRA adapters for any model whose sharded weights follow vidpar's tp contract.
+
+An adapter is a dict of full (unsharded) low-rank factors keyed by weight name:
+``"<name>.lora_A"`` of shape ``[r, in]`` and ``"<name>.lora_B"`` of shape ``[out, r]``, for a
+weight whose full tensor splits into leading ``out`` and trailing ``in`` dims (a linear
+``[out, in]``; the fused QKV ``[3, heads·dim, in]`` has ``out = 3·heads·dim``; a conv
+``[out, c, kt, kh, kw]`` has ``in = c·kt·kh·kw``), and an optional scalar ``"scale"``
+(default 1). Merging adds ``scale · B @ A`` reshaped to the full weight; on a weight
+sharded over tp (``tensor_parallel_dim``) each rank slices the factor on the sharded side
+first and adds only its own chunk, so nothing full-sized is built and nothing is
+communicated. Unmerging restores the saved base shards bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vidpar.distributed.parallel_state import GroupCoordinator
+from vidpar.nn.linear import _shard_groups
+
+__all__ = ["LoraManager", "adapter_targets", "load_adapter", "shard_delta"]
+
+_A, _B, _SCALE = ".lora_A", ".lora_B", "scale"
+Adapter = dict[str, torch.Tensor]
+
+
+def load_adapter(path_or_state: str | os.PathLike | Mapping[str, torch.Tensor]) -> Adapter:
+    """An adapter from a ``.safetensors`` file, a ``torch.save`` file, or a mapping."""
+    if isinstance(path_or_state, Mapping):
+        state = dict(path_or_state)
+    elif isinstance(path_or_state, str | os.PathLike):
+        path = Path(path_or_state)
+        if not path.is_file():
+            raise FileNotFoundError(f"LoRA adapter {path} does not exist")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, Mapping):
+                raise ValueError(f"{path} holds a {type(state).__name__}, not an adapter dict")
+            state = dict(state)
+    else:
+        raise TypeError(
+            f"a LoRA adapter is a path or a dict of tensors, got {type(path_or_state).__name__}"
+        )
+    if _SCALE in state and not isinstance(state[_SCALE], torch.Tensor):
+        state[_SCALE] = torch.tensor(float(state[_SCALE]), dtype=torch.float64)
+    return state
+
+
+def adapter_targets(adapter: Mapping[str, torch.Tensor]) -> list[str]:
+    """The weight names an adapter changes."""
+    return sorted(k.removesuffix(_A) for k in adapter if k.endswith(_A))
+
+
+def _split_point(full_shape: list[int], out: int, inp: int) -> int | None:
+    """``k`` with ``prod(full_shape[:k]) == out`` and ``prod(full_shape[k:]) == inp``."""
+    for k in range(1, len(full_shape)):
+        if math.prod(full_shape[:k]) == out and math.prod(full_shape[k:]) == inp:
+            return k
+    return None
+
+
+def _full_shape(param: torch.Tensor, group: GroupCoordinator | None) -> list[int]:
+    shape = list(param.shape)
+    dim = getattr(param, "tensor_parallel_dim", None)
+    if dim is not None and group is not None:
+        shape[dim] *= group.world_size
+    return shape
+
+
+def _check_factors(
+    target: str, param: torch.Tensor, full_shape: list[int], a: object, b: object
+) -> None:
+    """Raise ``ValueError`` unless ``B @ A`` fits the full weight ``full_shape``."""
+    where = f"LoRA factors of {target}"
+    for key, factor in (("lora_A", a), ("lora_B", b)):
+        if not isinstance(factor, torch.Tensor) or not factor.is_floating_point():
+            raise ValueError(f"{where}: {key} must be a floating-point tensor, got {factor!r:.80}")
+        if factor.dim() != 2:
+            raise ValueError(f"{where}: {key} must be 2-D, got shape {tuple(factor.shape)}")
+    if a.shape[0] != b.shape[1]:
+        raise ValueError(
+            f"{where}: ranks differ: lora_A {tuple(a.shape)} is [r, in] with r={a.shape[0]} "
+            f"but lora_B {tuple(b.shape)} is [out, r] with r={b.shape[1]}"
+        )
+    if param.dim() < 2 or _split_point(full_shape, b.shape[0], a.shape[1]) is None:
+        raise ValueError(
+            f"{where}: B @ A is [{b.shape[0]}, {a.shape[1]}], which does not fit the full "
+            f"weight of shape {tuple(full_shape)} (factors are full, unsharded tensors: "
+            "lora_A [r, in], lora_B [out, r], with out × in the weight's leading × trailing "
+            "dims)"
+        )
+
+
+def shard_delta(
+    param: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    group: GroupCoordinator | None = None,
+) -> torch.Tensor:
+    """``scale · B @ A`` as this rank's shard of ``param``'s full tensor, in float32 or
+    wider (``param``'s dtype promoted), on ``param``'s device.
+
+    ``group`` is the tp group ``param`` is split over when it has a ``tensor_parallel_dim``
+    (``None``: the whole tensor). The factor on the sharded side (B for output dims, A for
+    input dims) is cut to this rank's chunk before multiplying.
+    """
+    full_shape = _full_shape(param, group)
+    _check_factors("the weight", param, full_shape, lora_a, lora_b)
+    k = _split_point(full_shape, lora_b.shape[0], lora_a.shape[1])
+    dtype = torch.promote_types(param.dtype, torch.float32)
+    a = lora_a.to(param.device, dtype).reshape(-1, *full_shape[k:])  # [r, *in]
+    b = lora_b.to(param.device, dtype).reshape(*full_shape[:k], -1)  # [*out, r]
+    dim = getattr(param, "tensor_parallel_dim", None)
+    if dim is not None and group is not None and group.world_size > 1:
+        if dim < k:
+            b = b.chunk(group.world_size, dim)[group.rank_in_group]
+        else:
+            a = a.chunk(group.world_size, dim - k + 1)[group.rank_in_group]
+    delta = b.reshape(-1, b.shape[-1]) @ a.reshape(a.shape[0], -1)
+    return (delta * scale).reshape(param.shape)
+
+
+class LoraManager:
+    """Named adapters for one model: set them, merge one into the weights, unmerge it.
+
+    Works on any tp layout: every rank of the model holds the same full factors and adds
+    its own chunk of the update. Every method checks everything before it changes a
+    weight, so a rejected adapter leaves the model and the manager as they were.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.adapters: dict[str, Adapter] = {}
+        self.merged: str | None = None
+        self._base: dict[str, torch.Tensor] = {}
+
+    def _params(self) -> dict[str, nn.Parameter]:
+        return dict(self.model.named_parameters())
+
+    def set_adapter(
+        self, name: str, path_or_state: str | os.PathLike | Mapping[str, torch.Tensor]
+    ) -> list[str]:
+        """Register (or replace) adapter ``name``; returns the weights it targets.
+
+        Raises ``ValueError`` for entries that are not ``<weight>.lora_A``,
+        ``<weight>.lora_B`` or ``scale``, unpaired factors, unknown weights and factors
+        that do not fit; ``RuntimeError`` when ``name`` is merged (unmerge it first).
+        """
+        if name == self.merged:
+            raise RuntimeError(f"adapter {name!r} is merged; unmerge it before replacing it")
+        adapter = load_adapter(path_or_state)
+        stray = sorted(k for k in adapter if k != _SCALE and not k.endswith((_A, _B)))
+        if stray:
+            raise ValueError(
+                f"adapter {name!r} has entries that are not '<weight>.lora_A', "
+                f"'<weight>.lora_B' or 'scale': {stray[:5]}"
+            )
+        targets = adapter_targets(adapter)
+        if not targets:
+            raise ValueError(f"adapter {name!r} has no '<weight>.lora_A' entries")
+        b_targets = sorted(k.removesuffix(_B) for k in adapter if k.endswith(_B))
+        if b_targets != targets:
+            only_a = sorted(set(targets) - set(b_targets))
+            only_b = sorted(set(b_targets) - set(targets))
+            raise ValueError(
+                f"adapter {name!r} has unpaired factors: lora_A without lora_B for "
+                f"{only_a[:5]}, lora_B without lora_A for {only_b[:5]}"
+            )
+        params = self._params()
+        unknown = [t for t in targets if t not in params]
+        if unknown:
+            raise ValueError(
+                f"adapter {name!r} targets weights the model does not have: {unknown[:5]} "
+                f"(weight names look like {list(params)[:3]})"
+            )
+        scale = adapter.get(_SCALE)
+        if scale is not None and (scale.numel() != 1 or not torch.isfinite(scale).all()):
+            raise ValueError(f"adapter {name!r}: scale must be one finite number, got {scale}")
+        groups = _shard_groups(self.model, None)
+        for target in targets:
+            param = params[target]
+            full = _full_shape(param, groups.get(id(param)))
+            _check_factors(target, param, full, adapter[target + _A], adapter[target + _B])
+        self.adapters[name] = adapter
+        return targets
+
+    @torch.no_grad()
+    def merge(self, name: str | None = None) -> str:
+        """Add adapter ``name`` (default: the only one set) into the weights; returns its
+        name."""
+        if self.merged is not None:
+            raise RuntimeError(f"adapter {self.merged!r} is merged already; unmerge it first")
+        if name is None:
+            if len(self.adapters) != 1:
+                raise ValueError(
+                    f"name the adapter to merge; set: {sorted(self.adapters) or 'none'}"
+                )
+            name = next(iter(self.adapters))
+        if name not in self.adapters:
+            raise KeyError(f"no adapter {name!r}; set: {sorted(self.adapters) or 'none'}")
+        adapter = self.adapters[name]
+        scale = float(adapter[_SCALE]) if _SCALE in adapter else 1.0
+        params = self._params()
+        groups = _shard_groups(self.model, None)
+        try:
+            for target in adapter_targets(adapter):  # one delta at a time: bounded memory
+                param = params[target]
+                delta = shard_delta(
+                    param, adapter[target + _A], adapter[target + _B], scale, groups.get(id(param))
+                )
+                self._base[target] = param.detach().clone()
+                param.copy_((param.to(delta.dtype) + delta).to(param.dtype))
+                del delta
+        except BaseException:  # e.g. out of memory: leave the model as it was
+            self._restore(params)
+            raise
+        self.merged = name
+        return name
+
+    @torch.no_grad()
+    def unmerge(self) -> str | None:
+        """Restore the base weights exactly; returns the adapter that was merged, if any."""
+        self._restore(self._params())
+        name, self.merged = self.merged, None
+        return name
+
+    def _restore(self, params: dict[str, nn.Parameter]) -> None:
+        for target, base in self._base.items():
+            params[target].copy_(base)
+        self._base.clear()

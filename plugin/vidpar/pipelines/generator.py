@@ -1,0 +1,330 @@
+"""VideoGenerator: sample videos from a VideoDiT on many devices through the Executor."""
+
+from __future__ import annotations
+
+import functools
+import json
+import numbers
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from vidpar.config import ParallelConfig
+from vidpar.distributed import telemetry
+from vidpar.executor import Executor
+from vidpar.nn.dit import DiTConfig, VideoDiT
+from vidpar.pipelines.flow_matching import FlowMatchEulerSampler
+from vidpar.pipelines.video_io import to_uint8_frames, write_video
+
+#: safetensors metadata: the DiT's config, and facts about its training data, as JSON.
+DIT_CONFIG_KEY = "vidpar.dit_config"
+DATA_INFO_KEY = "vidpar.data_info"
+
+
+def _build_dit(worker, config: dict[str, Any]) -> VideoDiT:
+    """Worker factory: the DiT, sharded for the worker's layout, on its device."""
+    return VideoDiT(DiTConfig(**config)).to(worker.device).eval()
+
+
+def _dp_slice(num_items: int, dp_size: int, dp_rank: int) -> slice:
+    """The contiguous share of ``num_items`` videos that data-parallel rank ``dp_rank``
+    generates (the first ``num_items % dp_size`` ranks take one more)."""
+    base, extra = divmod(num_items, dp_size)
+    start = dp_rank * base + min(dp_rank, extra)
+    return slice(start, start + base + (dp_rank < extra))
+
+
+def _generate_on_worker(
+    worker,
+    labels: list[int],
+    shape: tuple[int, ...],
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+    show_progress: bool,
+) -> tuple[torch.Tensor | None, list]:
+    """Runs on every rank. Each dp replica samples its share of the videos; the first rank
+    of each replica returns them (rank 0 also its collective records), the others
+    ``(None, [])``."""
+    model: VideoDiT = worker.model
+    coords = worker.config.coordinates(worker.rank)
+    share = _dp_slice(len(labels), worker.config.dp, coords["dp"])
+    gen = torch.Generator().manual_seed(seed)
+    # All the noise is drawn on every rank, so a video does not depend on the dp layout.
+    noise = torch.randn((len(labels), *shape), generator=gen)[share].to(worker.device)
+    if noise.shape[0] == 0:
+        return None, []
+    cond = torch.tensor(labels[share], device=worker.device)
+    null = torch.full_like(cond, model.config.num_classes)
+    recorder = telemetry.start_recording()
+    try:
+        with torch.no_grad():
+            videos = FlowMatchEulerSampler(num_steps=steps).sample(
+                model, noise, cond, null, guidance_scale, show_progress=show_progress
+            )
+    finally:
+        telemetry.stop_recording()
+    if any(c for dim, c in coords.items() if dim != "dp"):
+        return None, []
+    return videos.float().cpu(), recorder.records if worker.rank == 0 else []
+
+
+class VideoGenerator:
+    """Class-conditioned video generation with the layout of ``parallel``.
+
+    The DiT lives in one worker process per rank (an :class:`~vidpar.executor.Executor`);
+    with ``cfg=2`` the conditional and unconditional passes run on different ranks, with sp
+    and tp the model shards itself, and with ``dp > 1`` each replica samples its share of
+    the videos. The same seed gives the same videos for every layout (up to floating-point
+    summation order). LoRA adapters are set and merged in every worker
+    (:meth:`set_lora_adapter`, :meth:`merge_lora`, :meth:`unmerge_lora`). Use as a context
+    manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        dit_config: DiTConfig,
+        weights: str | Path | None = None,
+        parallel: ParallelConfig | None = None,
+        devices: str | list[str] = "auto",
+        data_info: dict[str, Any] | None = None,
+    ) -> None:
+        _check_generatable(dit_config)
+        self.dit_config = dit_config
+        self.parallel = parallel or ParallelConfig()
+        self.parallel.check_heads(dit_config.num_heads)
+        #: ``class_names`` and ``video_shape`` ``[C, T, H, W]`` of the training data, if known.
+        self.data_info = data_info or {}
+        self.class_names = self.data_info.get("class_names")
+        factory = functools.partial(_build_dit, config=_as_dict(dit_config))
+        self.executor = Executor(self.parallel, worker_factory=factory, devices=devices)
+        try:
+            if weights is not None:
+                self.executor.collective_rpc("load_weights", os.fspath(weights))
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        self.last_records: list = []
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, parallel: ParallelConfig | None = None, **kwargs: Any
+    ) -> VideoGenerator:
+        """From a safetensors file written by :func:`export_weights` or
+        :func:`vidpar.lightning.export_full_checkpoint`, or a vidpar checkpoint directory."""
+        path = Path(path)
+        if path.is_dir():
+            path = _export_from_directory(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"checkpoint {path} does not exist: give a .safetensors file or a vidpar "
+                "checkpoint directory (checkpoints/last.ckpt of a vidpar-train run)"
+            )
+        if path.suffix != ".safetensors":
+            raise ValueError(
+                f"checkpoint {path} is not a .safetensors file: export it with "
+                "vidpar.pipelines.export_weights or vidpar.lightning.export_full_checkpoint"
+            )
+        config, data_info = read_model_info(path)
+        return cls(config, weights=path, parallel=parallel, data_info=data_info, **kwargs)
+
+    def _label(self, prompt_or_class: int | str) -> int:
+        if isinstance(prompt_or_class, numbers.Integral) and not isinstance(prompt_or_class, bool):
+            prompt_or_class = int(prompt_or_class)
+            if not 0 <= prompt_or_class < self.dit_config.num_classes:
+                raise ValueError(
+                    f"class {prompt_or_class} is outside 0..{self.dit_config.num_classes - 1}"
+                )
+            return prompt_or_class
+        names = self.class_names or []
+        if prompt_or_class in names:
+            return names.index(prompt_or_class)
+        raise ValueError(
+            f"{prompt_or_class!r} is not a class this model knows; it is class-conditioned "
+            f"on {names or list(range(self.dit_config.num_classes))}"
+        )
+
+    def generate(
+        self,
+        prompt_or_class: int | str | list[int | str],
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        steps: int = 20,
+        guidance_scale: float = 3.0,
+        seed: int = 0,
+        output: str | Path | None = None,
+        show_progress: bool = True,
+        fps: int = 4,
+        output_type: Literal["uint8", "float"] = "uint8",
+    ) -> np.ndarray | torch.Tensor:
+        """One video per class (index or name) from the noise of ``seed``.
+
+        Sizes left out come from the training data's ``video_shape`` when the checkpoint
+        recorded it. Returns uint8 frames ``[N, T, H, W, 3]``, or with
+        ``output_type="float"`` the sampler's float32 videos ``[N, C, T, H, W]`` (nominally
+        in [-1, 1], not clipped). ``output`` (``.mp4`` or ``.gif``) gets the videos side by
+        side.
+        """
+        if output_type not in ("uint8", "float"):
+            raise ValueError(f"output_type must be 'uint8' or 'float', got {output_type!r}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        items = prompt_or_class if isinstance(prompt_or_class, list) else [prompt_or_class]
+        if not items:
+            raise ValueError("give at least one class to generate")
+        labels = [self._label(p) for p in items]
+        shape = (self.dit_config.in_channels, *self._video_size(num_frames, height, width))
+        results = self.executor.collective_rpc(
+            _generate_on_worker, labels, shape, steps, guidance_scale, seed, show_progress
+        )
+        self.last_records = results[0][1]
+        config = self.executor.config
+        replicas = [results[config.rank({"dp": d})][0] for d in range(config.dp)]
+        videos = torch.cat([v for v in replicas if v is not None])
+        frames = np.stack([to_uint8_frames(v) for v in videos])
+        if output is not None:
+            write_video(output, np.concatenate(list(frames), axis=2), fps=fps)
+        return videos if output_type == "float" else frames
+
+    def _video_size(
+        self, num_frames: int | None, height: int | None, width: int | None
+    ) -> tuple[int, int, int]:
+        """``(T, H, W)``: given, else the training data's; checked against the patch."""
+        known = self.data_info.get("video_shape")
+        size = [num_frames, height, width]
+        for i, (name, value) in enumerate(
+            zip(("num_frames", "height", "width"), size, strict=True)
+        ):
+            if value is None:
+                if not known:
+                    raise ValueError(f"give {name}: the checkpoint does not record a video_shape")
+                size[i] = value = int(known[i + 1])
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        patch = self.dit_config.patch_size
+        if any(s % p for s, p in zip(size, patch, strict=True)):
+            raise ValueError(
+                f"video size (num_frames, height, width) = {tuple(size)} is not divisible by "
+                f"the model's patch_size {tuple(patch)}"
+            )
+        return size[0], size[1], size[2]
+
+    # LoRA -------------------------------------------------------------------------------
+
+    def set_lora_adapter(
+        self, name: str, path_or_state: str | Path | Mapping[str, torch.Tensor]
+    ) -> list[str]:
+        """Load adapter ``name`` (full factors, see :mod:`vidpar.nn.lora`) into every
+        worker; returns the weights it targets."""
+        if isinstance(path_or_state, Path):
+            path_or_state = os.fspath(path_or_state)
+        return self.executor.collective_rpc("set_lora_adapter", name, path_or_state)[0]
+
+    def merge_lora(self, name: str | None = None) -> str:
+        """Fold adapter ``name`` (default: the only one set) into the weights."""
+        return self.executor.collective_rpc("merge_lora", name)[0]
+
+    def unmerge_lora(self) -> str | None:
+        """Restore the base weights exactly; returns the adapter that was merged."""
+        return self.executor.collective_rpc("unmerge_lora")[0]
+
+    def close(self) -> None:
+        self.executor.shutdown()
+
+    def __enter__(self) -> VideoGenerator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_generatable(config: DiTConfig) -> None:
+    """The generator samples pixels of class-conditioned models; say so before starting."""
+    if config.num_classes < 1:
+        raise ValueError(
+            "VideoGenerator needs a class-conditioned DiT (num_classes > 0); this one has "
+            "num_classes=0"
+        )
+    if config.in_channels not in (1, 3) or config.out_channels != config.in_channels:
+        raise ValueError(
+            "VideoGenerator samples pixel videos: in_channels and out_channels must both be 3 "
+            f"(RGB) or 1 (grey), got {config.in_channels} and {config.out_channels}"
+        )
+
+
+def _as_dict(config: DiTConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(config)
+
+
+def export_weights(
+    model: VideoDiT, path: str | Path, data_info: dict[str, Any] | None = None
+) -> Path:
+    """Save a VideoDiT as one full safetensors file with its config (and ``data_info``) in
+    the metadata. A tp-sharded model is gathered first: then every rank of its tp group
+    must call this, and global rank 0 writes."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from vidpar.nn.linear import full_state_dict
+
+    path = Path(path)
+    tensors = {k: v.contiguous().cpu() for k, v in full_state_dict(model).items()}
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata=_metadata(_as_dict(model.config), data_info))
+    return path
+
+
+def _metadata(config: dict[str, Any], data_info: dict[str, Any] | None) -> dict[str, str]:
+    return {DIT_CONFIG_KEY: json.dumps(config), DATA_INFO_KEY: json.dumps(data_info or {})}
+
+
+def read_model_info(path: str | Path) -> tuple[DiTConfig, dict[str, Any]]:
+    """The DiT config and training-data facts stored in a safetensors file's metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if DIT_CONFIG_KEY not in metadata:
+        raise ValueError(
+            f"{path} has no {DIT_CONFIG_KEY} metadata: export it with "
+            "vidpar.pipelines.export_weights or vidpar.lightning.export_full_checkpoint"
+        )
+    data_info = json.loads(metadata.get(DATA_INFO_KEY, "{}"))
+    return DiTConfig(**json.loads(metadata[DIT_CONFIG_KEY])), data_info
+
+
+def _export_from_directory(ckpt_dir: Path) -> Path:
+    """A vidpar checkpoint directory exported to ``<dir>/model.safetensors`` (once: again
+    only when the checkpoint is newer). The file appears atomically."""
+    from vidpar.distributed.checkpoint import TRAINER_STATE, export_full_checkpoint, is_complete
+
+    if not is_complete(ckpt_dir):
+        raise FileNotFoundError(
+            f"{ckpt_dir} is not a complete vidpar checkpoint (no {TRAINER_STATE} or DCP "
+            "metadata; was its save interrupted?): give checkpoints/last.ckpt of a finished "
+            "vidpar-train run, or a .safetensors file"
+        )
+    out = ckpt_dir / "model.safetensors"
+    state_file = ckpt_dir / TRAINER_STATE
+    if not out.is_file() or out.stat().st_mtime < state_file.stat().st_mtime:
+        state = torch.load(state_file, weights_only=False)
+        hparams = state.get("hyper_parameters", {})
+        if "dit" not in hparams:
+            raise ValueError(f"{ckpt_dir} was not written by VideoDiffusionModule (no dit config)")
+        data_info = {k: hparams.get(k) for k in ("class_names", "video_shape")}
+        metadata = _metadata(dict(hparams["dit"]), data_info)
+        partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+        try:
+            export_full_checkpoint(ckpt_dir, partial, metadata=metadata)
+            os.replace(partial, out)
+        finally:
+            partial.unlink(missing_ok=True)
+    return out

@@ -1,0 +1,178 @@
+"""Hydra composition of every config group and recipe, the CLI's errors, and end-to-end
+runs of vidpar-train / vidpar-generate on CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+
+from vidpar.cli.hydra_setup import CONFIG_DIR, UserError, parallel_config, register
+from vidpar.cli.train import check_before_launch
+from vidpar.distributed.checkpoint import is_complete
+from vidpar.pipelines.video_io import read_video
+
+register()
+CONF = Path(CONFIG_DIR)
+GROUPS = ["parallel", "model", "data", "trainer", "logger", "telemetry", "recipe"]
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        # output_dir normally comes from Hydra's run directory, which compose() has not.
+        return compose("train", overrides=["output_dir=/tmp/vidpar-compose", *overrides])
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "override", [f"{g}={o}" for g in GROUPS for o in options(g)], ids=lambda o: o
+)
+def test_every_option_composes_and_names_real_classes(override: str) -> None:
+    cfg = compose_train(override)
+    OmegaConf.resolve(cfg)
+    layout = parallel_config(cfg.parallel)
+    assert cfg.trainer.devices == layout.world_size
+    for node in (cfg.model, cfg.data, cfg.trainer, cfg.strategy, cfg.checkpoint):
+        assert get_class(node._target_)
+    if cfg.logger:
+        assert get_class(cfg.logger._target_)
+
+
+def test_recipes_set_their_layout() -> None:
+    assert parallel_config(compose_train("recipe=tiny_t2v_sp2").parallel).describe() == (
+        "dp1 × cfg1 × ring1 × ulysses2 × tp1 = 2"
+    )
+    big = compose_train("recipe=wan_like_1p3b_sp2")
+    assert big.model.dit.hidden_size == 1536 and big.trainer.accelerator == "gpu"
+    # 21 × 60 × 104 latents with patch 1×2×2: 32,760 tokens, as Wan2.1 at 81 × 480 × 832.
+    assert big.data.num_frames * big.data.height * big.data.width // 4 == 32760
+    # The command line wins over the recipe.
+    assert compose_train("recipe=tiny_t2v_sp2", "parallel=tp2").parallel.tp == 2
+
+
+def test_typos_and_wrong_types_fail_at_compose_time() -> None:
+    with pytest.raises(ConfigCompositionException, match=r"parallel\.tpp"):
+        compose_train("parallel.tpp=2")
+    with pytest.raises(ConfigCompositionException, match=r"parallel\.tp=two"):
+        compose_train("parallel.tp=two")
+    with pytest.raises(MissingConfigException, match="Available options in 'recipe'"):
+        compose_train("recipe=nope")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["parallel.tp=0"], "parallel size tp must be a positive integer, got 0"),
+        (
+            ["model.dit.num_heads=6"],
+            r"num_heads\(6\) is not divisible by ulysses\(2\) × tp\(2\) = 4",
+        ),
+        (["ckpt_path=/no/such/ckpt"], "is not a complete vidpar checkpoint"),
+        (["trainer=gpu"], "needs 4 GPUs, but this machine has 0"),
+    ],
+)
+def test_mistakes_are_explained_before_any_process_starts(overrides, message) -> None:
+    cfg = compose_train(*overrides)
+    with pytest.raises(UserError, match=message):
+        OmegaConf.resolve(cfg.parallel)
+        check_before_launch(cfg)
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_help_and_cfg_show_the_composed_config(tmp_path) -> None:
+    shown = run_cli(
+        "vidpar.cli.train", "--cfg", "job", "parallel=usp_2x2", cwd=tmp_path, timeout=120
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "ulysses: 2" in shown.stdout and "ring: 2" in shown.stdout
+    helped = run_cli("vidpar.cli.train", "--help", cwd=tmp_path, timeout=120)
+    assert "recipe: tiny_t2v_cpu, tiny_t2v_sp2" in helped.stdout
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A short sp2 CPU run of vidpar-train, in a fresh working directory."""
+    cwd = tmp_path_factory.mktemp("cli")
+    result = run_cli(
+        "vidpar.cli.train",
+        "parallel=sp2",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+        "trainer.log_every_n_steps=1",
+        "telemetry.log_every_n_steps=1",
+        "data.num_train=48",
+        "model.sample_steps=2",
+        "hydra.run.dir=run",
+        cwd=cwd,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Communication summary" in result.stdout + result.stderr
+    return cwd
+
+
+def test_train_writes_checkpoint_wandb_run_and_samples(trained: Path) -> None:
+    run = trained / "run"
+    assert is_complete(run / "checkpoints" / "last.ckpt")
+    offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1
+    data = offline[0].read_bytes()
+    for key in (
+        b"comm/ulysses/all_to_all/calls",
+        b"comm/ulysses/all_to_all/busbw_GBps",
+        b"train/loss",
+    ):
+        assert key in data, key
+    assert b"comm/summary" in data  # the wandb.Table logged at the end of fit
+    assert sorted((run / "samples").glob("*.gif"))  # validation sampled videos on every rank
+
+
+def test_workers_do_not_rerun_hydra_or_move(trained: Path) -> None:
+    """Spawned workers must not compose again, make their own output dirs or chdir."""
+    assert sorted(p.name for p in trained.iterdir()) == ["run"]
+    assert len(list(trained.glob("**/.hydra"))) == 1
+
+
+def test_generate_writes_a_video_of_the_latest_checkpoint(trained: Path) -> None:
+    result = run_cli(
+        "vidpar.cli.generate",
+        "search_dir=run",
+        "labels=[0,1]",
+        "steps=3",
+        "parallel=cfg2",
+        "hydra.run.dir=gen",
+        cwd=trained,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    frames = read_video(trained / "gen" / "samples.mp4")
+    gif = read_video(trained / "gen" / "samples.gif")
+    assert frames.shape[0] == gif.shape[0] == 8
+    assert frames.std() > 1.0  # not a blank video
+    assert "Communication summary" in result.stdout
+
+
+def test_generate_without_a_checkpoint_explains_itself(tmp_path) -> None:
+    result = run_cli("vidpar.cli.generate", "hydra.run.dir=gen", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "No checkpoint found" in result.stderr and "run vidpar-train first" in result.stderr
+    assert "Traceback" not in result.stderr
