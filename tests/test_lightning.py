@@ -151,6 +151,18 @@ def test_an_incomplete_checkpoint_is_never_loaded(tp2_sp2_half, tmp_path):
     assert [p.name for p in ckpt_dir.iterdir()] == ["last.ckpt"]
 
 
+def test_strategies_register_when_lightning_is_imported_after_vidpar():
+    code = (
+        "import sys, vidpar; assert 'lightning' not in sys.modules\n"
+        "import lightning.pytorch as pl\n"
+        "t = pl.Trainer(strategy='vidpar_tp2_sp2', accelerator='cpu', devices=4, logger=False)\n"
+        "print(t.strategy.parallel_config.describe())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "dp1 × cfg1 × ring1 × ulysses2 × tp2 = 4" in out.stdout
+
+
 class CrashingModel(BoringModel):
     def training_step(self, batch, batch_idx):
         if batch_idx == 1 and self.global_rank == 1:

@@ -139,8 +139,13 @@ class ParallelConfig:
         return sorted(groups)
 
     def group_of(self, group: str, rank: int) -> list[int]:
-        """The ranks of the ``group`` that ``rank`` belongs to."""
-        return next(g for g in self.group_ranks(group) if rank in g)
+        """The ranks of the ``group`` that ``rank`` belongs to, sorted."""
+        varying = _group_dims(group)
+        base = self.coordinates(rank)
+        return sorted(
+            self.rank(base | dict(zip(varying, c, strict=True)))
+            for c in itertools.product(*(range(self.sizes[d]) for d in varying))
+        )
 
     def check_heads(self, num_heads: int) -> None:
         """Attention heads are split over ulysses × tp: fail early, naming the numbers."""
