@@ -145,6 +145,9 @@ def test_train_writes_checkpoint_wandb_run_and_samples(trained: Path) -> None:
         assert key in data, key
     assert b"comm/summary" in data  # the wandb.Table logged at the end of fit
     assert sorted((run / "samples").glob("*.gif"))  # validation sampled videos on every rank
+    media = offline[0].parent / "files" / "media"
+    assert sorted(media.glob("videos/val/samples_*.gif"))  # logged as W&B videos
+    assert sorted(media.glob("table/comm/summary_*.table.json"))
 
 
 def test_workers_do_not_rerun_hydra_or_move(trained: Path) -> None:
@@ -169,6 +172,15 @@ def test_generate_writes_a_video_of_the_latest_checkpoint(trained: Path) -> None
     assert frames.shape[0] == gif.shape[0] == 8
     assert frames.std() > 1.0  # not a blank video
     assert "Communication summary" in result.stdout
+
+
+def test_a_bad_size_on_the_command_line_is_one_paragraph(tmp_path) -> None:
+    result = run_cli(
+        "vidpar.cli.train", "parallel.tp=0", "hydra.run.dir=run", cwd=tmp_path, timeout=120
+    )
+    assert result.returncode == 2
+    assert "parallel size tp must be a positive integer, got 0" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_generate_without_a_checkpoint_explains_itself(tmp_path) -> None:

@@ -23,7 +23,7 @@ def _register() -> None:
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
     """Finds nothing itself; wraps the real loader of ``lightning.pytorch``."""
 
-    def find_spec(self, fullname: str, path, target=None):  # noqa: ANN001
+    def find_spec(self, fullname: str, path, target=None):
         if fullname != _TARGET:
             return None
         sys.meta_path.remove(self)

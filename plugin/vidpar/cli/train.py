@@ -13,7 +13,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from vidpar.cli.hydra_setup import CONFIG_DIR, UserError, friendly_errors, parallel_config, register
 from vidpar.distributed.checkpoint import is_complete
@@ -88,7 +88,6 @@ def run(cfg: DictConfig) -> Path:
 @friendly_errors
 def main(cfg: DictConfig) -> None:
     """Console entry point."""
-    OmegaConf.resolve(cfg)
     run(cfg)
 
 
