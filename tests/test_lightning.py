@@ -163,6 +163,18 @@ def test_strategies_register_when_lightning_is_imported_after_vidpar():
     assert "dp1 × cfg1 × ring1 × ulysses2 × tp2 = 4" in out.stdout
 
 
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar or summary."""
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
 class CrashingModel(BoringModel):
     def training_step(self, batch, batch_idx):
         if batch_idx == 1 and self.global_rank == 1:
@@ -171,16 +183,7 @@ class CrashingModel(BoringModel):
 
 
 def test_a_worker_crash_names_the_rank_and_does_not_hang():
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="vidpar",
-        max_steps=4,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(devices=2, strategy="vidpar", max_steps=4)
     with pytest.raises(RuntimeError, match="vidpar worker rank 1 died \\(exit code 3\\)"):
         trainer.fit(CrashingModel())
 
@@ -188,16 +191,7 @@ def test_a_worker_crash_names_the_rank_and_does_not_hang():
 def test_boring_model_runs_unchanged_with_vidpar_dp2():
     model = BoringModel()
     before = full_weights(model)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="vidpar",
-        max_steps=5,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(devices=2, strategy="vidpar", max_steps=5)
     trainer.fit(model)
     assert trainer.state.finished and trainer.global_step == 5
     after = full_weights(model)
@@ -227,16 +221,7 @@ class IndexRecorder(BoringModel):
 
 
 def test_batches_are_sharded_over_dp_only(tmp_path):
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=4,
-        strategy=VidParStrategy(sp=2, dp=2),
-        max_steps=3,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(devices=4, strategy=VidParStrategy(sp=2, dp=2), max_steps=3)
     trainer.fit(IndexRecorder(str(tmp_path)))
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
     # Layout dp × sp: ranks 0, 1 form one sp group (dp rank 0), ranks 2, 3 the other.
