@@ -174,6 +174,26 @@ def test_generate_writes_a_video_of_the_latest_checkpoint(trained: Path) -> None
     assert "Communication summary" in result.stdout
 
 
+def test_multirun_sweeps_layouts_to_the_same_loss(tmp_path) -> None:
+    result = run_cli(
+        "vidpar.cli.train",
+        "-m",
+        "parallel=single,sp2",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "data.num_train=24",
+        "model.num_sample_videos=0",
+        "logger=csv",
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for job in ("0", "1"):
+        assert is_complete(tmp_path / "sweep" / job / "checkpoints" / "last.ckpt")
+    losses = [line for line in result.stdout.splitlines() if "final train/loss" in line]
+    assert len(losses) == 2 and losses[0] == losses[1], losses
+
+
 def test_a_bad_size_on_the_command_line_is_one_paragraph(tmp_path) -> None:
     result = run_cli(
         "vidpar.cli.train", "parallel.tp=0", "hydra.run.dir=run", cwd=tmp_path, timeout=120
