@@ -85,22 +85,6 @@ def _optimizer_state(module: torch.nn.Module, optimizer) -> dict[str, Any]:
     return state
 
 
-def gather_full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The module's state with every shard gathered to its full tensor, on CPU: tp shards
-    over the tp group, DTensors (FSDP2) over their mesh.
-
-    Collective: every rank must call this.
-    """
-    state = {
-        k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in module.state_dict().items()
-    }
-    if ps.model_parallel_is_initialized() and ps.get_tp_world_size() > 1:
-        tp = ps.get_tp_group()
-        for name, dim in _tp_dims(module).items():
-            state[name] = tp.all_gather(state[name].contiguous(), dim)
-    return {k: v.detach().cpu() for k, v in state.items()}
-
-
 def _local(tree: Any) -> Any:
     if isinstance(tree, DTensor):
         return tree.to_local()

@@ -20,10 +20,11 @@ from lightning.pytorch.strategies.launchers.multiprocessing import (
     _WorkerOutput,
 )
 from lightning.pytorch.trainer.states import TrainerFn
+from torch.distributed.tensor import DTensor
 
 from vidpar.config import ParallelConfig
-from vidpar.distributed.checkpoint import gather_full_state_dict
 from vidpar.executor import Executor, WorkerDiedError
+from vidpar.nn.linear import full_state_dict
 
 if TYPE_CHECKING:
     from vidpar.lightning.strategy import VidParStrategy
@@ -83,7 +84,11 @@ class VidParLauncher(_MultiProcessingLauncher):
         so the main process holds a usable single-device model."""
         callback = trainer.checkpoint_callback
         best_model_path = getattr(callback, "best_model_path", None) if callback else None
-        state_dict = gather_full_state_dict(trainer.lightning_module)
+        # Collective: tp shards gathered over their groups, FSDP2 DTensors over their mesh.
+        state_dict = {
+            k: (v.full_tensor() if isinstance(v, DTensor) else v).cpu()
+            for k, v in full_state_dict(trainer.lightning_module).items()
+        }
         if self._strategy.global_rank != 0:
             return None
         weights_path = None
