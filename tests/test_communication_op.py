@@ -135,3 +135,21 @@ def tp_all_reduce_sum() -> float:
 
 def test_tensor_parallel_all_reduce(worlds) -> None:
     assert worlds(2).run(tp_all_reduce_sum, layout=ParallelConfig(tp=2)) == [3.0, 3.0]
+
+
+def in_place_reduce_matches_the_copying_one() -> bool:
+    tp = ps.get_tp_group()
+    w = data(6, 0, (4, 3)).requires_grad_()
+    x = data(7, tp.rank_in_group, (2, 4))
+    fresh = x @ w
+    copied = comm.reduce_from_group(fresh, tp)
+    assert not torch.equal(copied, fresh)  # the copying op left its input alone
+    in_place = comm.reduce_from_group(x @ w, tp, in_place=True)
+    assert torch.equal(in_place, copied)
+    in_place.sum().backward()
+    assert torch.equal(w.grad, x.t() @ torch.ones(2, 3, dtype=torch.float64))
+    return True
+
+
+def test_in_place_reduce_matches_the_copying_one(worlds) -> None:
+    assert all(worlds(2).run(in_place_reduce_matches_the_copying_one, layout=ParallelConfig(tp=2)))

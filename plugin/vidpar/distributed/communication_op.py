@@ -38,12 +38,16 @@ class _CopyToGroup(torch.autograd.Function):
 
 class _ReduceFromGroup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: GroupCoordinator) -> torch.Tensor:
-        return group.all_reduce(x.contiguous().clone())
+    def forward(ctx, x: torch.Tensor, group: GroupCoordinator, in_place: bool) -> torch.Tensor:
+        if in_place and x.is_contiguous():
+            ctx.mark_dirty(x)
+        else:
+            x = x.contiguous().clone()
+        return group.all_reduce(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad, None
+        return grad, None, None
 
 
 class _ShardToGroup(torch.autograd.Function):
@@ -92,9 +96,15 @@ def copy_to_group(x: torch.Tensor, group: GroupCoordinator) -> torch.Tensor:
     return x if group.world_size == 1 else _CopyToGroup.apply(x, group)
 
 
-def reduce_from_group(x: torch.Tensor, group: GroupCoordinator) -> torch.Tensor:
-    """Sum over ``group`` forward; identity backward (output of a row-parallel layer)."""
-    return x if group.world_size == 1 else _ReduceFromGroup.apply(x, group)
+def reduce_from_group(
+    x: torch.Tensor, group: GroupCoordinator, *, in_place: bool = False
+) -> torch.Tensor:
+    """Sum over ``group`` forward; identity backward (output of a row-parallel layer).
+
+    ``in_place=True`` reduces ``x`` itself instead of a copy: for a fresh intermediate
+    that nothing else reads, such as a matmul's output (autograd rejects it if a backward
+    still needs ``x``)."""
+    return x if group.world_size == 1 else _ReduceFromGroup.apply(x, group, in_place)
 
 
 def shard_to_group(x: torch.Tensor, group: GroupCoordinator, dim: int) -> torch.Tensor:

@@ -278,7 +278,8 @@ class RowParallelLinear(TensorParallelModule):
         group = self.tp_group
         if not self.input_is_parallel:
             x = shard_to_group(x, group, -1)
-        y = reduce_from_group(F.linear(x, self.weight), group)
+        # The matmul output is fresh and not saved for backward: reduce it without a copy.
+        y = reduce_from_group(F.linear(x, self.weight), group, in_place=True)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
