@@ -19,13 +19,15 @@ GLOBAL_BATCH = 4
 
 
 class RecordingDiT(VideoDiffusionModule):
-    """The tiny DiT on a fixed, unshuffled dataset; writes its per-step global loss.
+    """The tiny DiT (with an EMA copy) on a fixed, unshuffled dataset; writes its per-step
+    global loss.
 
     Each dp rank gets ``GLOBAL_BATCH / dp`` samples, so every step sees the same global
     batch whatever the layout.
     """
 
     def __init__(self, log_dir: str, **kwargs) -> None:
+        kwargs.setdefault("ema_decay", 0.9)  # every layout test checks the EMA copy too
         super().__init__(dit=TINY_DIT, lr=1e-2, num_sample_videos=0, **kwargs)
         self.log_dir = log_dir
         self.losses: list[float] = []

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from vidpar.data import COLOURS, SHAPES, MovingShapesDataset
+from vidpar.data import COLOURS, SHAPES, MovingShapesDataset, fit_shape
 from vidpar.data.moving_shapes import BACKGROUND, bounce, shape_mask
 
 
@@ -168,3 +168,25 @@ def test_data_and_pipelines_import_no_lightning_hydra_or_wandb():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_fit_shape_finds_the_drawn_shape_and_its_path():
+    data = MovingShapesDataset(16, num_classes=8, seed=5)
+    for i in range(16):
+        item = data[i]
+        fit = fit_shape(item["video"], item["label"])
+        assert fit.iou.shape == (8,) and fit.centre.shape == (8, 2)
+        assert fit.iou.mean() > 0.8, (i, fit.iou)
+        assert (fit.centre.double() - torch.from_numpy(data.trajectory(i))).norm(dim=1).max() <= 1.1
+
+
+def test_fit_shape_scores_noise_and_the_wrong_class_low():
+    noise = torch.randn(3, 8, 16, 16, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    assert fit_shape(noise, 0).iou.mean() < 0.3
+    blank = torch.tensor(BACKGROUND).view(3, 1, 1, 1).expand(3, 8, 16, 16) * 2 - 1
+    assert fit_shape(blank, 1).iou.max() == 0
+    square = MovingShapesDataset(64, num_classes=4, seed=0)
+    item = next(square[i] for i in range(64) if square[i]["label"] == 0)
+    assert fit_shape(item["video"], 1).iou.max() == 0  # red pixels are not the green circle
+    with pytest.raises(ValueError, match=r"\[3, T, H, W\]"):
+        fit_shape(item["video"][0], 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from vidpar.distributed.checkpoint import export_full_checkpoint, is_complete, l
 from vidpar.distributed.utils import get_free_port
 from vidpar.lightning import VidParStrategy
 from vidpar.nn.dit import VideoDiT
+from vidpar.pipelines import VideoGenerator
 
 TESTS = Path(__file__).parent
 
@@ -135,8 +137,25 @@ def test_export_full_checkpoint_loads_into_a_single_device_model(tp2_sp2_half, t
 
     model = VideoDiT(TINY_DIT).double()
     model.load_state_dict(load_file(str(out)))
-    expect = {k.removeprefix("model."): v for k, v in weights.items()}
+    expect = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
     assert_weights_close(full_weights(model), expect, tol=0)
+
+
+def test_generation_from_a_checkpoint_directory_uses_the_ema_weights(tp2_sp2_half, tmp_path):
+    log_dir, weights = tp2_sp2_half
+    ckpt = tmp_path / "last.ckpt"
+    shutil.copytree(log_dir / "ckpt" / "last.ckpt", ckpt)
+    VideoGenerator.from_checkpoint(ckpt, devices="cpu").close()
+    from safetensors.torch import load_file
+
+    exported = load_file(str(ckpt / "model.safetensors"))
+    ema = {k.removeprefix("ema_model."): v for k, v in weights.items() if k.startswith("ema_")}
+    assert_weights_close(exported, ema, tol=0)
+    torch.manual_seed(0)
+    init = VideoDiT(TINY_DIT).double().state_dict()
+    for other in (init, {k.removeprefix("model."): v for k, v in weights.items()}):
+        # An average of the weights after steps 1 and 2: neither the start nor the end.
+        assert max((ema[k] - other[k]).abs().max().item() for k in ema) > 1e-4
 
 
 def test_an_incomplete_checkpoint_is_never_loaded(tp2_sp2_half, tmp_path):

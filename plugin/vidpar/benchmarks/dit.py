@@ -42,7 +42,7 @@ PASSES = ("forward", "backward")
 #: conf/model/wan_like_1p3b.yaml (Wan2.1-1.3B sizes) at 480p × 81 frames: 32,760 tokens.
 GPU_MODEL = {"in_channels": 16, "hidden_size": 1536, "num_heads": 12, "depth": 30}
 GPU_LATENT = [21, 60, 104]
-#: conf/model/tiny.yaml at 8 × 32 × 32 latent pixels: 2,048 tokens.
+#: A small CPU DiT (hidden 64, 4 heads, depth 2) at 8 × 32 × 32 latent pixels: 2,048 tokens.
 CPU_MODEL = {"in_channels": 3, "hidden_size": 64, "num_heads": 4, "depth": 2}
 CPU_LATENT = [8, 32, 32]
 

@@ -16,20 +16,28 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from vidpar.benchmarks.common import Common, format_seconds, format_table, median
 
-#: conf/model/tiny.yaml and conf/data/moving_shapes.yaml.
-TINY_DIT = {
-    "in_channels": 3,
-    "patch_size": [1, 2, 2],
-    "hidden_size": 64,
-    "num_heads": 4,
-    "depth": 2,
-}
+
+def tiny_recipe() -> dict[str, Any]:
+    """``VideoDiffusionModule`` arguments of conf/model/tiny.yaml (the default job's model):
+    the DiT sizes and the training options that cost step time, 4 classes."""
+    from omegaconf import OmegaConf
+
+    from vidpar.cli.hydra_setup import CONFIG_DIR
+
+    model = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "model" / "tiny.yaml"))
+    return {
+        "dit": {**model["dit"], "num_classes": 4},
+        **{k: model[k] for k in ("lr", "timestep_sampling", "ema_decay")},
+    }
+
+
 TARGET_PERCENT = 3.0
 _PATTERN = (True, False, False, True)  # TelemetryToggle's
 
@@ -72,7 +80,7 @@ def _fit(worker, mode: str, options: TelemetryOptions) -> dict[str, Any]:
         width=16,
         num_classes=4,
     )
-    module = VideoDiffusionModule(dit={**TINY_DIT, "num_classes": 4}, lr=2e-3, num_sample_videos=0)
+    module = VideoDiffusionModule(**tiny_recipe(), num_sample_videos=0)
     timer = StepTimer()
     callbacks: list[pl.Callback] = []
     toggle = TelemetryToggle() if mode == "interleaved" else None
@@ -218,7 +226,7 @@ def run(options: TelemetryOptions, common: Common) -> dict[str, Any]:
     overhead = 100 * (median(block_ratios) - 1)
     result: dict[str, Any] = {
         "layout": {"tp": options.tp, "sp": options.sp, "world": world},
-        "model": TINY_DIT,
+        "model": tiny_recipe()["dit"],
         "interleaved": {
             "runs": rows,
             "median_step_on_s": median([r["on_s"] for r in rows]),

@@ -8,9 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from vidpar.data.moving_shapes import COLOURS, SHAPES, MovingShapesDataset
+from vidpar.data.moving_shapes import COLOURS, SHAPES, MovingShapesDataset, ShapeFit, fit_shape
 
-__all__ = ["COLOURS", "SHAPES", "MovingShapesDataModule", "MovingShapesDataset"]
+__all__ = [
+    "COLOURS",
+    "SHAPES",
+    "MovingShapesDataModule",
+    "MovingShapesDataset",
+    "ShapeFit",
+    "fit_shape",
+]
 
 
 def __getattr__(name: str) -> Any:

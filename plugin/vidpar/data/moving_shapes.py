@@ -4,9 +4,15 @@ Every clip shows one shape in its own colour gliding over a dark background and
 bouncing off the frame's edges. The label is the shape, so class conditioning is
 visible at a glance. Item ``i`` is a pure function of ``(seed, i)``: nothing is
 downloaded or stored, and any worker or rank can make any item.
+
+:func:`fit_shape` scores a generated clip against the dataset: how well each frame's
+foreground matches the class's shape, and where that shape sits.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,6 +44,8 @@ COLOURS: tuple[tuple[float, float, float], ...] = (
 BACKGROUND: tuple[float, float, float] = (0.04, 0.04, 0.08)
 #: Sub-pixel samples per axis; the coverage of each pixel gives soft edges and smooth motion.
 _SUPERSAMPLE = 4
+#: Shape radius as a fraction of the frame's shorter side: drawn from this range.
+RADIUS_RANGE: tuple[float, float] = (0.2, 0.26)
 
 
 def shape_mask(shape: int, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
@@ -139,7 +147,7 @@ class MovingShapesDataset(Dataset):
         rng = np.random.default_rng([self.seed, index])
         label = int(rng.integers(self.num_classes))
         scale = min(self.height, self.width) / 16.0
-        radius = float(rng.uniform(0.2, 0.26) * min(self.height, self.width))
+        radius = float(rng.uniform(*RADIUS_RANGE) * min(self.height, self.width))
         x0 = float(rng.uniform(radius, self.width - radius))
         y0 = float(rng.uniform(radius, self.height - radius))
         speed = float(rng.uniform(self.min_speed, self.max_speed) * scale)
@@ -184,3 +192,57 @@ class MovingShapesDataset(Dataset):
             f"height={self.height}, width={self.width}, num_classes={self.num_classes}, "
             f"seed={self.seed})"
         )
+
+
+class ShapeFit(NamedTuple):
+    """:func:`fit_shape`'s answer, per frame."""
+
+    #: ``[T]``: the best IoU of the frame's foreground with the class's shape.
+    iou: torch.Tensor
+    #: ``[T, 2]``: ``(x, y)`` centre of that best-matching shape, in pixels.
+    centre: torch.Tensor
+
+
+def fit_shape(video: torch.Tensor, label: int) -> ShapeFit:
+    """How much each frame of ``video`` (``[3, T, H, W]`` in [-1, 1]) shows shape ``label``.
+
+    The foreground is every pixel closer to the class's colour than to the background; it
+    is compared with the shape drawn at every centre (on a half-pixel grid, or coarser for
+    frames over 32 pixels) and at three radii of the dataset's range. Clips of the dataset
+    score about 0.92; noise or scattered speckles score well under 0.5.
+    """
+    if video.dim() != 4 or video.shape[0] != 3:
+        raise ValueError(f"video must be [3, T, H, W], got {tuple(video.shape)}")
+    _, frames, height, width = video.shape
+    rgb = (video.detach().double().clamp(-1, 1) + 1) / 2
+    fg = torch.tensor(COLOURS[label], dtype=torch.float64).view(3, 1, 1, 1)
+    bg = torch.tensor(BACKGROUND, dtype=torch.float64).view(3, 1, 1, 1)
+    mask = ((rgb - fg).norm(dim=0) < (rgb - bg).norm(dim=0)).reshape(frames, -1).double()
+    shapes, centres = _shape_bank(label, height, width)
+    inter = mask @ shapes.T  # [T, M]
+    union = mask.sum(1, keepdim=True) + shapes.sum(1) - inter
+    iou, best = (inter / union.clamp_min(1)).max(1)
+    return ShapeFit(iou.float(), centres[best].float())
+
+
+@lru_cache(maxsize=32)
+def _shape_bank(label: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks ``[M, H·W]`` of shape ``label`` at every candidate centre and radius, and the
+    centres ``[M, 2]``."""
+    side = min(height, width)
+    step = max(0.5, side / 32)
+    offsets = (np.arange(_SUPERSAMPLE) + 0.5) / _SUPERSAMPLE
+    ys = (np.arange(height)[:, None] + offsets[None, :]).reshape(-1)
+    xs = (np.arange(width)[:, None] + offsets[None, :]).reshape(-1)
+    masks, centres = [], []
+    for radius in np.linspace(*RADIUS_RANGE, 3) * side:
+        for cy in np.arange(radius, height - radius + 1e-9, step):
+            for cx in np.arange(radius, width - radius + 1e-9, step):
+                drawn = shape_mask(label, (xs[None, :] - cx) / radius, (ys[:, None] - cy) / radius)
+                cover = drawn.reshape(height, _SUPERSAMPLE, width, _SUPERSAMPLE).mean(axis=(1, 3))
+                masks.append((cover > 0.5).reshape(-1))
+                centres.append((cx, cy))
+    return (
+        torch.from_numpy(np.array(masks, dtype=np.float64)),
+        torch.tensor(centres, dtype=torch.float64),
+    )

@@ -45,6 +45,11 @@ class VideoDiffusionModule(pl.LightningModule):
     groups, so its layers shard themselves for the layout. Labels are dropped to the null
     class with probability ``cfg_dropout`` so classifier-free guidance works at sampling.
     Validation draws sample videos on every rank (sp/tp/cfg-parallel) and logs them.
+
+    ``ema_decay > 0`` keeps an exponential moving average of the weights in ``ema_model``
+    (sharded like ``model``, saved in checkpoints); validation samples and exported weights
+    then come from it. The decay warms up as ``min(ema_decay, (1 + n) / (10 + n))`` after
+    ``n`` optimizer steps, so early averages do not drag the random initialisation along.
     """
 
     def __init__(
@@ -61,17 +66,33 @@ class VideoDiffusionModule(pl.LightningModule):
         class_names: list[str] | None = None,
         video_shape: list[int] | None = None,
         timestep_sampling: str = "uniform",
+        ema_decay: float = 0.0,
     ) -> None:
         super().__init__()
+        if timestep_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(
+                f"timestep_sampling must be 'uniform' or 'logit_normal', got {timestep_sampling!r}"
+            )
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 turns EMA off), got {ema_decay}")
         dit = dit if isinstance(dit, DiTConfig) else DiTConfig(**(dit or {}))
         self.save_hyperparameters({**locals_without_self(locals()), "dit": asdict(dit)})
         self.dit_config = dit
         self.model: VideoDiT | None = None
+        self.ema_model: VideoDiT | None = None
 
     def configure_model(self) -> None:
         if self.model is None:
             torch.manual_seed(self.hparams.seed)
             self.model = VideoDiT(self.dit_config)
+        if self.hparams.ema_decay > 0 and self.ema_model is None:
+            torch.manual_seed(self.hparams.seed)  # the same init and shards as self.model
+            self.ema_model = VideoDiT(self.dit_config).requires_grad_(False)
+
+    @property
+    def sampling_model(self) -> VideoDiT:
+        """The network that draws samples: the EMA copy when there is one."""
+        return self.ema_model if self.ema_model is not None else self.model
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.model(x, t, cond)
@@ -79,7 +100,11 @@ class VideoDiffusionModule(pl.LightningModule):
     def _loss(self, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
         x0, labels, indices = batch["video"], batch["label"], batch["index"]
         noise, t = sample_noise_and_time(
-            indices.cpu(), step, tuple(x0.shape[1:]), self.hparams.seed
+            indices.cpu(),
+            step,
+            tuple(x0.shape[1:]),
+            self.hparams.seed,
+            self.hparams.timestep_sampling,
         )
         noise, t = noise.to(x0), t.to(x0)
         drop = sample_noise_and_time(indices.cpu(), step + 1_000_000, (1,), self.hparams.seed)[1]
@@ -94,6 +119,19 @@ class VideoDiffusionModule(pl.LightningModule):
         loss = self._loss(batch, self.global_step)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema_model is not None:
+            self._update_ema()
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """``ema ← ema + (1 - decay) · (weights - ema)``, shard by shard on every rank."""
+        n = self.global_step  # optimizer steps taken before this one
+        decay = min(self.hparams.ema_decay, (1 + n) / (10 + n))
+        for ema, weight in zip(self.ema_model.parameters(), self.model.parameters(), strict=True):
+            ema.lerp_(weight.detach(), 1.0 - decay)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss = self._loss(batch, step=-1 - batch_idx)  # fixed noise: comparable across epochs
@@ -113,14 +151,15 @@ class VideoDiffusionModule(pl.LightningModule):
         cond = torch.tensor(labels, device=self.device)
         null = torch.full_like(cond, self.dit_config.num_classes)
         sampler = FlowMatchEulerSampler(num_steps=self.hparams.sample_steps)
-        was_training = self.model.training
-        self.model.eval()
+        model = self.sampling_model
+        was_training = model.training
+        model.eval()
         try:
             return sampler.sample(
-                self.model, noise, cond, null, self.hparams.guidance_scale, show_progress=False
+                model, noise, cond, null, self.hparams.guidance_scale, show_progress=False
             )
         finally:
-            self.model.train(was_training)
+            model.train(was_training)
 
     def _log_samples(self, videos: torch.Tensor) -> None:
         """Rank 0 writes the samples as GIFs and logs them (as videos with W&B)."""

@@ -283,13 +283,16 @@ def _sum_over_sp_mean_over_dp(state: tuple[dist.ProcessGroup, int], bucket):
 
 
 def _fully_shard(module: torch.nn.Module, replicas: ps.GroupCoordinator, dp_size: int):
-    """FSDP2 over the dp × sp replicas: shard each top-level child, then the root."""
+    """FSDP2 over the dp × sp replicas: shard each top-level child, then the root.
+
+    Frozen children (an EMA copy, a frozen encoder) are units of their own too, so their
+    weights are gathered when they run, not kept gathered with the root's."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     mesh = DeviceMesh.from_group(replicas.device_group, replicas.device.type)
     for child in module.children():
-        if any(p.requires_grad for p in child.parameters()):
+        if any(True for _ in child.parameters()):
             fully_shard(child, mesh=mesh)
     fully_shard(module, mesh=mesh)
     # Sum over sp, mean over dp: every FSDP unit divides by dp, not the whole replica group.

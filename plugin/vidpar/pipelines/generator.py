@@ -303,7 +303,8 @@ def read_model_info(path: str | Path) -> tuple[DiTConfig, dict[str, Any]]:
 
 def _export_from_directory(ckpt_dir: Path) -> Path:
     """A vidpar checkpoint directory exported to ``<dir>/model.safetensors`` (once: again
-    only when the checkpoint is newer). The file appears atomically."""
+    only when the checkpoint is newer), from the EMA weights when it has them. The file
+    appears atomically."""
     from vidpar.distributed.checkpoint import TRAINER_STATE, export_full_checkpoint, is_complete
 
     if not is_complete(ckpt_dir):
@@ -321,9 +322,10 @@ def _export_from_directory(ckpt_dir: Path) -> Path:
             raise ValueError(f"{ckpt_dir} was not written by VideoDiffusionModule (no dit config)")
         data_info = {k: hparams.get(k) for k in ("class_names", "video_shape")}
         metadata = _metadata(dict(hparams["dit"]), data_info)
+        prefix = "ema_model." if hparams.get("ema_decay", 0.0) > 0 else "model."
         partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
         try:
-            export_full_checkpoint(ckpt_dir, partial, metadata=metadata)
+            export_full_checkpoint(ckpt_dir, partial, prefix=prefix, metadata=metadata)
             os.replace(partial, out)
         finally:
             partial.unlink(missing_ok=True)
