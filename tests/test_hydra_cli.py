@@ -174,6 +174,25 @@ def test_generate_writes_a_video_of_the_latest_checkpoint(trained: Path) -> None
     assert "Communication summary" in result.stdout
 
 
+def test_resuming_into_another_model_names_the_settings_to_use(trained: Path) -> None:
+    ckpt = trained / "run" / "checkpoints" / "last.ckpt"
+    same = compose_train("parallel=sp2", f"ckpt_path={ckpt}")
+    check_before_launch(same)  # the model it was written by: fine
+    other = compose_train(
+        f"ckpt_path={ckpt}",
+        "model.dit.hidden_size=64",
+        "model.dit.patch_size=[1,2,2]",
+        "model.ema_decay=0",
+    )
+    with pytest.raises(UserError) as err:
+        check_before_launch(other)
+    message = str(err.value)
+    assert "was written by a different model" in message
+    for override in ("model.dit.hidden_size=128", "model.dit.patch_size=[1,4,4]"):
+        assert override in message
+    assert "model.ema_decay=0.99" in message
+
+
 def test_multirun_sweeps_layouts_to_the_same_loss(tmp_path) -> None:
     result = run_cli(
         "vidpar.cli.train",

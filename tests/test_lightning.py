@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -168,6 +169,19 @@ def test_an_incomplete_checkpoint_is_never_loaded(tp2_sp2_half, tmp_path):
     # A save's staging directory is a hidden sibling, never the checkpoint's own name.
     ckpt_dir = tp2_sp2_half[0] / "ckpt"
     assert [p.name for p in ckpt_dir.iterdir()] == ["last.ckpt"]
+
+
+def test_a_checkpoint_of_another_model_is_refused_clearly(tp2_sp2_half):
+    ckpt = tp2_sp2_half[0] / "ckpt" / "last.ckpt"
+    wider = replace(TINY_DIT, hidden_size=64)
+    module = torch.nn.ModuleDict({"model": VideoDiT(wider), "extra": torch.nn.Linear(2, 2)})
+    with pytest.raises(ValueError, match="written by a different model") as err:
+        load_sharded(ckpt, module, [])
+    message = str(err.value)
+    assert "2 weights are not in it (extra.weight, extra.bias)" in message
+    assert "model.patch_embed.weight (checkpoint [32, 3, 1, 2, 2], model [64, 3, 1, 2, 2])" in (
+        message
+    )
 
 
 def test_strategies_register_when_lightning_is_imported_after_vidpar():

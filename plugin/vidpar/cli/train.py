@@ -8,15 +8,17 @@ sharded checkpoint under Hydra's output directory.
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vidpar.cli.hydra_setup import CONFIG_DIR, UserError, friendly_errors, parallel_config, register
-from vidpar.distributed.checkpoint import is_complete
+from vidpar.distributed.checkpoint import TRAINER_STATE, is_complete
+from vidpar.nn.dit import DiTConfig
 
 register()
 
@@ -44,6 +46,34 @@ def check_before_launch(cfg: DictConfig) -> None:
             "trainer_state.pt and DCP metadata). Point it at a checkpoints/*.ckpt directory "
             "of an earlier run, or drop ckpt_path to start fresh."
         )
+    if cfg.ckpt_path is not None:
+        check_checkpoint_model(Path(cfg.ckpt_path), cfg.model)
+
+
+def check_checkpoint_model(ckpt: Path, model: DictConfig) -> None:
+    """A checkpoint resumes only into the model it was written by: name the settings that
+    differ (DiT sizes, and whether there is an EMA copy) as command-line overrides."""
+    hparams = torch.load(ckpt / TRAINER_STATE, weights_only=False).get("hyper_parameters", {})
+    if "dit" not in hparams or "dit" not in model:
+        return
+    saved = asdict(DiTConfig(**hparams["dit"]))
+    wanted = asdict(DiTConfig(**OmegaConf.to_container(model.dit, resolve=True)))
+    overrides = [
+        f"model.dit.{key}={_as_override(saved[key])}" for key in saved if saved[key] != wanted[key]
+    ]
+    saved_ema = hparams.get("ema_decay", 0.0)
+    if (saved_ema > 0) != (model.get("ema_decay", 0.0) > 0):
+        overrides.append(f"model.ema_decay={saved_ema}")
+    if overrides:
+        raise UserError(
+            f"ckpt_path={ckpt} was written by a different model than the config describes. "
+            f"Resume with its settings ({' '.join(overrides)}), or drop ckpt_path to start "
+            "fresh."
+        )
+
+
+def _as_override(value: object) -> str:
+    return "[" + ",".join(map(str, value)) + "]" if isinstance(value, tuple | list) else str(value)
 
 
 def build_trainer(cfg: DictConfig):

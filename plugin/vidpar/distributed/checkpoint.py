@@ -128,6 +128,7 @@ def load_sharded(path: Path, module: torch.nn.Module, optimizers: list) -> dict[
             "metadata): it does not exist, or its save was interrupted. Pick another "
             "checkpoint, or start without ckpt_path."
         )
+    check_fits(path, module)
     world = ps.get_world_group()
     state: dict[str, Any] = {"model": _model_state(module)}
     optimizers = [getattr(o, "_optimizer", o) for o in optimizers]
@@ -140,6 +141,40 @@ def load_sharded(path: Path, module: torch.nn.Module, optimizers: list) -> dict[
             module, optimizer, optim_state_dict=_local(state[f"optimizer_{i}"])
         )
     return torch.load(path / TRAINER_STATE, weights_only=False)
+
+
+def check_fits(path: Path, module: torch.nn.Module) -> None:
+    """Raise a ``ValueError`` that names the differences when the checkpoint at ``path``
+    lacks some of ``module``'s weights or holds them in other (full, unsharded) shapes."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    tp = ps.get_tp_world_size() if ps.model_parallel_is_initialized() else 1
+    tp_dims = _tp_dims(module)
+    missing, reshaped = [], []
+    for name, tensor in module.state_dict().items():
+        entry = saved.get(f"model.{name}")
+        shape = list(tensor.shape)
+        if name in tp_dims:
+            shape[tp_dims[name]] *= tp
+        if entry is None:
+            missing.append(name)
+        elif list(getattr(entry, "size", shape)) != shape:
+            reshaped.append(f"{name} (checkpoint {list(entry.size)}, model {shape})")
+    if not missing and not reshaped:
+        return
+    found = []
+    if missing:
+        found.append(f"{len(missing)} weights are not in it ({_first(missing, ', ')})")
+    if reshaped:
+        found.append(f"{len(reshaped)} have other shapes ({_first(reshaped, '; ')})")
+    raise ValueError(
+        f"The checkpoint {path} was written by a different model: {' and '.join(found)}. "
+        f"Resume with the model settings it was trained with (its {TRAINER_STATE} holds "
+        "them under hyper_parameters), or start without a checkpoint."
+    )
+
+
+def _first(items: list[str], sep: str, count: int = 3) -> str:
+    return sep.join(items[:count]) + (f"{sep}..." if len(items) > count else "")
 
 
 def remove(path: Path) -> None:
