@@ -73,6 +73,7 @@ def test_typos_and_wrong_types_fail_at_compose_time() -> None:
     ("overrides", "message"),
     [
         (["parallel.tp=0"], "parallel size tp must be a positive integer, got 0"),
+        (["parallel.ulysses=2", "parallel.ring=2"], r"set parallel\.sp=4 or parallel\.sp=null"),
         (
             ["model.dit.num_heads=6"],
             r"num_heads\(6\) is not divisible by ulysses\(2\) × tp\(2\) = 4",
@@ -111,8 +112,8 @@ def test_help_and_cfg_show_the_composed_config(tmp_path) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A short sp2 CPU run of vidpar-train, in a fresh working directory."""
+def trained_run(tmp_path_factory) -> tuple[Path, str]:
+    """A short sp2 CPU run of vidpar-train in a fresh working directory: it and the console."""
     cwd = tmp_path_factory.mktemp("cli")
     result = run_cli(
         "vidpar.cli.train",
@@ -128,7 +129,19 @@ def trained(tmp_path_factory) -> Path:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Communication summary" in result.stdout + result.stderr
-    return cwd
+    return cwd, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(trained_run) -> Path:
+    return trained_run[0]
+
+
+def test_console_prints_lightning_messages_once_and_the_log_file_keeps_them(trained_run) -> None:
+    cwd, console = trained_run
+    assert console.count("GPU available: False, used: False") == 1
+    assert "LeafSpec" not in console  # Lightning-vs-torch deprecation, silenced in workers
+    assert "GPU available: False" in (cwd / "run" / "train.log").read_text()
 
 
 def test_train_writes_checkpoint_wandb_run_and_samples(trained: Path) -> None:

@@ -51,10 +51,15 @@ def parallel_config(node: DictConfig) -> ParallelConfig:
         return ParallelConfig(**values)
     except ValueError as err:
         given = " ".join(f"parallel.{k}={v}" for k, v in values.items())
+        change = (
+            f"set parallel.sp={values['ulysses'] * values['ring']} or parallel.sp=null "
+            "(presets set sp; give it with ring alone, e.g. parallel.sp=4 parallel.ring=2)"
+            if {"sp", "ulysses", "ring"} <= values.keys()
+            else "pick a preset (parallel=single|tp2|sp2|ring2|tp2_sp2|usp_2x2|cfg2|sp2_dp2|"
+            "tp2_dp2) or set positive sizes whose product matches the devices"
+        )
         raise UserError(
-            f"The parallel layout is invalid: {err}. You gave {given}. Pick a preset "
-            "(parallel=single|tp2|sp2|ring2|tp2_sp2|usp_2x2|cfg2|sp2_dp2|tp2_dp2) or set "
-            "positive sizes whose product matches the devices."
+            f"The parallel layout is invalid: {err}. You gave {given}. To fix it, {change}."
         ) from None
 
 

@@ -7,6 +7,7 @@ sharded checkpoint under Hydra's output directory.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -90,8 +91,18 @@ def build_trainer(cfg: DictConfig):
     return instantiate(cfg.trainer, strategy=strategy, logger=logger, callbacks=callbacks)
 
 
+def log_lightning_once() -> None:
+    """Lightning adds a console handler of its own when imported; where Hydra's root
+    handlers already print (and file) every record, drop it so no line appears twice."""
+    import lightning  # noqa: F401  (the import adds the handler)
+
+    if logging.getLogger().handlers:
+        logging.getLogger("lightning").handlers.clear()
+
+
 def run(cfg: DictConfig) -> Path:
     """Train as ``cfg`` says; returns the last checkpoint's path."""
+    log_lightning_once()
     os.environ.setdefault("WANDB_MODE", "offline")
     if cfg.get("logger") and cfg.logger.get("_target_", "").endswith("WandbLogger"):
         # Workers attach to the run made here; they find its directory only through this.

@@ -1,10 +1,18 @@
 """Lightning integration: VidParStrategy (registered as ``vidpar`` and presets), its
 launcher, the telemetry callback and a ready-made video-diffusion LightningModule."""
 
+import warnings
+
 from vidpar.distributed.checkpoint import export_full_checkpoint
 from vidpar.lightning.callbacks import CollectiveTelemetry
 from vidpar.lightning.module import VideoDiffusionModule
 from vidpar.lightning.strategy import VidParStrategy
+
+# torch 2.13 deprecates pytree's LeafSpec, which Lightning's CombinedLoader still builds once
+# per fit in every worker: Lightning's to change, and nothing a vidpar user can act on.
+warnings.filterwarnings(
+    "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+)
 
 __all__ = [
     "CollectiveTelemetry",
