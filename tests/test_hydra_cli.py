@@ -9,14 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from hydra.utils import get_class
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from vidpar.cli.hydra_setup import CONFIG_DIR, UserError, parallel_config, register
-from vidpar.cli.train import check_before_launch
+from vidpar.cli.train import check_before_launch, check_data_fits_model
 from vidpar.distributed.checkpoint import is_complete
+from vidpar.lightning import VideoDiffusionModule
 from vidpar.pipelines.video_io import read_video
 
 register()
@@ -58,6 +60,32 @@ def test_recipes_set_their_layout() -> None:
     assert big.data.num_frames * big.data.height * big.data.width // 4 == 32760
     # The command line wins over the recipe.
     assert compose_train("recipe=tiny_t2v_sp2", "parallel=tp2").parallel.tp == 2
+
+
+@pytest.mark.parametrize("recipe", options("recipe"))
+def test_every_recipe_feeds_its_data_through_its_model(recipe: str) -> None:
+    """Clip size, channels and patch fit together: one clip goes through the recipe's DiT at
+    its own clip size (width and depth shrunk so that is cheap on a CPU)."""
+    cfg = compose_train(f"recipe={recipe}", "data.num_train=2", "data.num_val=2")
+    datamodule = instantiate(cfg.data)
+    check_data_fits_model(datamodule.video_shape, cfg.model)
+    small = {"hidden_size": 32, "num_heads": 2, "depth": 1}
+    cfg.model.dit.update(small)
+    module = instantiate(cfg.model, video_shape=list(datamodule.video_shape), _convert_="all")
+    module.configure_model()
+    clip = datamodule.train_set[0]
+    video = torch.as_tensor(clip["video"])[None]
+    with torch.no_grad():
+        out = module.model(video, torch.tensor([0.5]), torch.tensor([clip["label"]]))
+    assert out.shape == video.shape and torch.isfinite(out).all()
+
+
+def test_data_and_model_channels_that_disagree_are_explained() -> None:
+    cfg = compose_train("model=wan_like_1p3b")
+    with pytest.raises(UserError, match=r"model\.dit\.in_channels=16\. Set model\.dit\.in"):
+        check_data_fits_model(instantiate(cfg.data).video_shape, cfg.model)
+    with pytest.raises(ValueError, match=r"has 3 channels, but the DiT takes in_channels=16"):
+        VideoDiffusionModule(dit={"in_channels": 16}, video_shape=[3, 8, 16, 16])
 
 
 def test_typos_and_wrong_types_fail_at_compose_time() -> None:

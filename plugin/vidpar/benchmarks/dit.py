@@ -10,14 +10,12 @@ iterations, and a parallel iteration's time is its slowest rank's.
 
 from __future__ import annotations
 
-import functools
 import math
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from vidpar.benchmarks.common import (
     Common,
@@ -113,15 +111,12 @@ def _build(
     from vidpar.nn.dit import DiTConfig, VideoDiT
 
     torch.manual_seed(0)
-    model = VideoDiT(DiTConfig(**model_sizes))
+    model = VideoDiT(DiTConfig(**model_sizes, activation_checkpointing=checkpointing))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if getattr(param, "tensor_parallel_dim", None) is None and not param.any():
                 gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
-    if checkpointing:
-        for block in model.blocks:
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     return model.to(device=device, dtype=dtype)
 
 

@@ -51,6 +51,22 @@ def check_before_launch(cfg: DictConfig) -> None:
         check_checkpoint_model(Path(cfg.ckpt_path), cfg.model)
 
 
+#: DiT settings that change how it runs, not its weights: free to differ on resume.
+RESUMABLE_DIT_CHANGES = frozenset({"activation_checkpointing"})
+
+
+def check_data_fits_model(video_shape: tuple[int, ...], model: DictConfig) -> None:
+    """The clips' channels must be what the DiT's patch embedding takes."""
+    channels, in_channels = video_shape[0], model.dit.in_channels
+    if channels != in_channels:
+        raise UserError(
+            f"The data gives {channels}-channel clips of shape {tuple(video_shape)} (C, T, H, "
+            f"W), but the model takes model.dit.in_channels={in_channels}. Set "
+            f"model.dit.in_channels={channels}, or use data whose clips have {in_channels} "
+            "channels."
+        )
+
+
 def check_checkpoint_model(ckpt: Path, model: DictConfig) -> None:
     """A checkpoint resumes only into the model it was written by: name the settings that
     differ (DiT sizes, and whether there is an EMA copy) as command-line overrides."""
@@ -60,7 +76,9 @@ def check_checkpoint_model(ckpt: Path, model: DictConfig) -> None:
     saved = asdict(DiTConfig(**hparams["dit"]))
     wanted = asdict(DiTConfig(**OmegaConf.to_container(model.dit, resolve=True)))
     overrides = [
-        f"model.dit.{key}={_as_override(saved[key])}" for key in saved if saved[key] != wanted[key]
+        f"model.dit.{key}={_as_override(saved[key])}"
+        for key in saved
+        if saved[key] != wanted[key] and key not in RESUMABLE_DIT_CHANGES
     ]
     saved_ema = hparams.get("ema_decay", 0.0)
     if (saved_ema > 0) != (model.get("ema_decay", 0.0) > 0):
@@ -109,6 +127,7 @@ def run(cfg: DictConfig) -> Path:
         os.environ["WANDB_DIR"] = str(cfg.logger.save_dir)
     check_before_launch(cfg)
     datamodule = instantiate(cfg.data)
+    check_data_fits_model(datamodule.video_shape, cfg.model)
     module = instantiate(
         cfg.model,
         class_names=list(datamodule.train_set.shape_names),

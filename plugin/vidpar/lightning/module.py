@@ -76,6 +76,11 @@ class VideoDiffusionModule(pl.LightningModule):
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0 turns EMA off), got {ema_decay}")
         dit = dit if isinstance(dit, DiTConfig) else DiTConfig(**(dit or {}))
+        if video_shape is not None and video_shape[0] != dit.in_channels:
+            raise ValueError(
+                f"video_shape {tuple(video_shape)} has {video_shape[0]} channels, but the DiT "
+                f"takes in_channels={dit.in_channels}"
+            )
         self.save_hyperparameters({**locals_without_self(locals()), "dit": asdict(dit)})
         self.dit_config = dit
         self.model: VideoDiT | None = None
