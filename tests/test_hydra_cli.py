@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
+import tomllib
+from pathlib import Path, PurePosixPath
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
+import vidpar
 from vidpar.cli.hydra_setup import CONFIG_DIR, UserError, parallel_config, register
 from vidpar.cli.train import check_before_launch, check_data_fits_model
 from vidpar.distributed.checkpoint import is_complete
@@ -60,6 +62,24 @@ def test_recipes_set_their_layout() -> None:
     assert big.data.num_frames * big.data.height * big.data.width // 4 == 32760
     # The command line wins over the recipe.
     assert compose_train("recipe=tiny_t2v_sp2", "parallel=tp2").parallel.tp == 2
+
+
+def test_wheels_carry_every_config() -> None:
+    """The configs live in the package (``vidpar/conf`` links to the checkout's ``conf/``) and
+    pyproject's package-data patterns cover each file, so a non-editable install has them."""
+    package = Path(vidpar.__file__).resolve().parent
+    assert Path(CONFIG_DIR) == package / "conf"
+    patterns = tomllib.loads((package.parents[1] / "pyproject.toml").read_text())["tool"][
+        "setuptools"
+    ]["package-data"]["vidpar"]
+    files = [
+        PurePosixPath(os.path.relpath(Path(root) / name, package))
+        for root, _, names in os.walk(CONFIG_DIR, followlinks=True)
+        for name in names
+    ]
+    assert len(files) >= 25 and PurePosixPath("conf/recipe/tiny_t2v_cpu.yaml") in files
+    for file in files:
+        assert any(file.match(pattern) for pattern in patterns), f"{file} would not ship"
 
 
 @pytest.mark.parametrize("recipe", options("recipe"))

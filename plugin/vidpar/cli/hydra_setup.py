@@ -15,8 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from vidpar.config import ParallelConfig
 
-#: The repository's ``conf/`` folder (vidpar installs in editable mode from its checkout).
-CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+#: The Hydra configs: ``vidpar/conf`` links to the checkout's ``conf/``; wheels carry a copy.
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 class UserError(Exception):
