@@ -213,13 +213,12 @@ class TelemetryToggle(pl.Callback):
 
 
 def quiet_lightning() -> None:
-    """Keep Lightning's per-fit chatter (devices, tips, deprecations) out of the tables."""
+    """Keep Lightning's per-fit chatter (devices, tips) out of the tables; the LeafSpec
+    deprecation is filtered by ``vidpar.lightning``, which every suite's workers import."""
     import logging
-    import warnings
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
 def restore_worker_environment(worker) -> None:
