@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from vidpar.benchmarks import SUITES, options_class
 from vidpar.benchmarks.common import format_table, geometric_sizes, parse_bytes, rank_max
 from vidpar.cli import bench
-from vidpar.cli.hydra_setup import CONFIG_DIR, UserError
+from vidpar.cli.hydra_setup import UserError
+from vidpar.resources import CONFIG_DIR
 
 
 def test_sizes_and_statistics():

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from vidpar.config import ParallelConfig
+from vidpar.distributed.full_weights import full_state_dict, load_full_state_dict
 from vidpar.executor import Executor
 from vidpar.nn.dit import DiTConfig, VideoDiT
-from vidpar.nn.linear import full_state_dict, load_full_state_dict
 
 pytestmark = pytest.mark.gpu
 
