@@ -107,6 +107,23 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
 }
 
 
+def nccl_dtype(dtype: torch.dtype, version: tuple[int, int, int]) -> int | None:
+    """NCCL's ``ncclDataType_t`` for ``dtype`` in NCCL ``version``, or ``None``."""
+    if version < DTYPES_SINCE.get(dtype, (0, 0, 0)):
+        return None
+    return DTYPES.get(dtype)
+
+
+def nccl_reduce_op(op: Any, version: tuple[int, int, int]) -> int | None:
+    """NCCL's ``ncclRedOp_t`` for torch's ``ReduceOp`` ``op`` in ``version``, or ``None``."""
+    try:
+        if version < REDUCE_OPS_SINCE.get(op, (0, 0, 0)):
+            return None
+        return REDUCE_OPS.get(op)
+    except TypeError:  # an unhashable ReduceOp object (e.g. a PREMUL_SUM with its factor)
+        return None
+
+
 def parse_version(code: int) -> tuple[int, int, int]:
     """``NCCL_VERSION_CODE`` -> ``(major, minor, patch)``: ``22809`` is 2.28.9; releases
     before 2.9 were coded ``major·1000 + minor·100 + patch`` (``2804`` is 2.8.4)."""
@@ -187,19 +204,12 @@ class NcclLibrary:
         return message
 
     def dtype(self, dtype: torch.dtype) -> int | None:
-        """NCCL's ``ncclDataType_t`` for ``dtype``, or ``None`` where this NCCL has none."""
-        if self.version < DTYPES_SINCE.get(dtype, (0, 0, 0)):
-            return None
-        return DTYPES.get(dtype)
+        """This NCCL's ``ncclDataType_t`` for ``dtype``, or ``None``."""
+        return nccl_dtype(dtype, self.version)
 
     def reduce_op(self, op: Any) -> int | None:
-        """NCCL's ``ncclRedOp_t`` for torch's ``ReduceOp`` ``op``, or ``None``."""
-        try:
-            if self.version < REDUCE_OPS_SINCE.get(op, (0, 0, 0)):
-                return None
-            return REDUCE_OPS.get(op)
-        except TypeError:  # a ReduceOp object (e.g. PREMUL_SUM) rather than an enum value
-            return None
+        """This NCCL's ``ncclRedOp_t`` for torch's reduce ``op``, or ``None``."""
+        return nccl_reduce_op(op, self.version)
 
     # Communicators ------------------------------------------------------------------
 
@@ -245,8 +255,15 @@ def load_nccl() -> NcclLibrary:
 
 @cache
 def _load(explicit: str | None) -> NcclLibrary:
+    return load_from(candidates(explicit), explicit=bool(explicit))
+
+
+def load_from(places: Sequence[Candidate], explicit: bool) -> NcclLibrary:
+    """The first of ``places`` that loads as NCCL >= :data:`MIN_VERSION` with every
+    function vidpar declares; otherwise :class:`NcclLoadError` naming each place and why
+    it failed (``explicit``: the places came from ``VIDPAR_NCCL_SO``)."""
     tried = []
-    for candidate in candidates(explicit):
+    for candidate in places:
         try:
             library = NcclLibrary(ctypes.CDLL(candidate.path), candidate.path, candidate.source)
         except (OSError, AttributeError, NcclLoadError) as err:
