@@ -176,9 +176,9 @@ def test_create_communicator_on_cuda_for_each_value(one_rank_world, kind: str, c
             return
         assert comm.pynccl is not None, caplog.text
         x = torch.zeros(16, device="cuda")
-        big = torch.zeros(LARGE // 4, device="cuda")
+        big = torch.zeros(2 * SMALL // 4, device="cuda")
         assert comm.path("all_reduce", x, 64) == "pynccl"
-        assert comm.path("all_reduce", big, LARGE) == ("torch" if kind == "auto" else "pynccl")
+        assert comm.path("all_reduce", big, 2 * SMALL) == ("torch" if kind == "auto" else "pynccl")
         assert comm.path("gather", x, 64) == "torch"
         lines = [r.getMessage() for r in caplog.records if r.name == cc.__name__]
         assert len(lines) == 1 and f"communicator for ranks [0] on cuda:0 ({kind})" in lines[0]
@@ -197,16 +197,17 @@ def test_auto_takes_pynccl_under_capture(one_rank_world) -> None:
     device = torch.device("cuda", 0)
     comm = create_communicator("auto", one_rank_world, one_rank_world, [0], 0, device)
     try:
-        x = torch.randn(LARGE // 4, device="cuda")  # large: torch's NCCL when not capturing
-        assert comm.path("all_reduce", x, LARGE) == "torch"
+        x = torch.randn(2 * SMALL // 4, device="cuda")  # large: torch's NCCL unless capturing
+        assert comm.path("all_reduce", x, 2 * SMALL) == "torch"
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             eager = _graph_step(comm, x)
+            comm.pynccl.all_reduce(x.clone())  # pynccl's first call, before the capture
         torch.cuda.current_stream().wait_stream(side)
         graph, seen = torch.cuda.CUDAGraph(), []
         with torch.cuda.graph(graph):
-            seen.append(comm.path("all_reduce", x, LARGE))
+            seen.append(comm.path("all_reduce", x, 2 * SMALL))
             out = _graph_step(comm, x)
         assert seen == ["pynccl"]
         graph.replay()
