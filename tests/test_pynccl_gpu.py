@@ -12,6 +12,7 @@ import torch
 from torch.distributed import ReduceOp
 
 from vidpar.distributed.device_communicators import nccl_library as nl
+from vidpar.distributed.device_communicators import pynccl
 from vidpar.distributed.device_communicators.base import DeviceCommunicator
 from vidpar.distributed.device_communicators.pynccl import PyNcclCommunicator
 
@@ -203,8 +204,11 @@ def test_destroy_abort_and_recreate_in_one_process(one_rank_world) -> None:
     dropped = PyNcclCommunicator(one_rank_world, [0], 0, device)
     dropped.all_reduce(x.clone())
     torch.cuda.synchronize()
-    del dropped  # never closed: its finalizer aborts it
+    assert dropped in pynccl._OPEN  # aborted at interpreter exit if still open then
+    still_open = len(pynccl._OPEN)
+    del dropped  # never closed: destroyed when collected
     gc.collect()
+    assert len(pynccl._OPEN) == still_open - 1
     again = PyNcclCommunicator(one_rank_world, [0], 0, device)
     assert torch.equal(again.all_reduce(x.clone()), x)
     again.close()
@@ -225,3 +229,28 @@ def test_bad_calls_are_refused_before_nccl(comm) -> None:
     assert not comm.supports(torch.zeros(8, dtype=torch.complex64, device="cuda"))
     assert not comm.supports(x, ReduceOp.BAND)
     assert comm.supports(x, ReduceOp.AVG)
+
+
+EXIT_WITH_AN_OPEN_COMMUNICATOR = """
+import torch, torch.distributed as dist
+from vidpar.distributed.device_communicators import pynccl
+dist.init_process_group("cpu:gloo,cuda:nccl", store=dist.HashStore(), rank=0, world_size=1)
+comm = pynccl.PyNcclCommunicator(dist.group.WORLD, [0], 0, torch.device("cuda", 0))
+x = comm.all_reduce(torch.ones(1 << 20, device="cuda"))
+print("open:", len(pynccl._OPEN), float(x.sum()))
+"""
+
+
+def test_a_process_exits_with_a_communicator_left_open() -> None:
+    """The exit path aborts what is still open: the interpreter leaves without hanging."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT_WITH_AN_OPEN_COMMUNICATOR],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "open: 1 1048576.0" in proc.stdout

@@ -7,12 +7,13 @@ sequence of them can be captured in a CUDA graph and replayed. Buffers are flat
 :class:`~vidpar.distributed.device_communicators.cuda.CudaCommunicator`).
 
 :meth:`PyNcclCommunicator.close` destroys the communicator (``abort=True``: aborts it,
-never waiting for peers); one dropped or still open at interpreter exit is aborted, so
-nothing hangs on the way out.
+never waiting for peers); one dropped without ``close()`` is destroyed when collected, and
+one still open when the interpreter exits is aborted, so nothing hangs on the way out.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import weakref
 from collections.abc import Iterator
@@ -52,9 +53,32 @@ def share_unique_id(
     return bytes(box[1:].tolist())
 
 
-def _abort_quietly(library: NcclLibrary, comm: int) -> None:
+def _release(library: NcclLibrary, comm: int, device: torch.device, abort: bool) -> None:
+    """Destroy ``comm`` (waits for its queued work), or abort it when asked or when NCCL
+    reports an asynchronous error on it (cancels its work, waits for no peer)."""
+    if not abort:
+        try:
+            abort = library.async_error(comm) != 0
+        except NcclError:
+            abort = True
+    with torch.cuda.device(device):
+        library.call("ncclCommAbort" if abort else "ncclCommDestroy", comm)
+
+
+def _release_quietly(library: NcclLibrary, comm: int, device: torch.device) -> None:
     with contextlib.suppress(Exception):
-        library.call("ncclCommAbort", comm)
+        _release(library, comm, device, abort=False)
+
+
+#: Communicators not yet closed; the ones still open when the interpreter exits are aborted.
+_OPEN: weakref.WeakSet[PyNcclCommunicator] = weakref.WeakSet()
+
+
+@atexit.register
+def _abort_open_communicators() -> None:
+    for comm in list(_OPEN):
+        with contextlib.suppress(Exception):
+            comm.close(abort=True)
 
 
 class PyNcclCommunicator:
@@ -87,7 +111,12 @@ class PyNcclCommunicator:
             self._comm: int | None = self.library.init_rank(
                 self.world_size, unique_id, rank_in_group
             )
-        self._finalizer = weakref.finalize(self, _abort_quietly, self.library, self._comm)
+        # Dropped without close(): destroyed when collected (at exit: aborted, see _OPEN).
+        self._finalizer = weakref.finalize(
+            self, _release_quietly, self.library, self._comm, self.device
+        )
+        self._finalizer.atexit = False
+        _OPEN.add(self)
 
     def __repr__(self) -> str:
         state = "closed" if self._comm is None else f"NCCL {version_text(self.library.version)}"
@@ -240,13 +269,8 @@ class PyNcclCommunicator:
         if comm is None:
             return
         self._finalizer.detach()
-        if not abort:
-            try:
-                abort = self.library.async_error(comm) != 0
-            except NcclError:
-                abort = True
-        with torch.cuda.device(self.device):
-            self.library.call("ncclCommAbort" if abort else "ncclCommDestroy", comm)
+        _OPEN.discard(self)
+        _release(self.library, comm, self.device, abort)
 
     # Helpers -------------------------------------------------------------------------
 
