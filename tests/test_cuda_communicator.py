@@ -205,6 +205,7 @@ def test_auto_takes_pynccl_under_capture(one_rank_world) -> None:
             eager = _graph_step(comm, x)
             comm.pynccl.all_reduce(x.clone())  # pynccl's first call, before the capture
         torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()  # nothing of torch's NCCL left in flight during capture
         graph, seen = torch.cuda.CUDAGraph(), []
         with torch.cuda.graph(graph):
             seen.append(comm.path("all_reduce", x, 2 * SMALL))

@@ -75,6 +75,7 @@ def _captured(fn: Callable[[], Any], device) -> Callable[[], Any]:
     with torch.cuda.stream(side):
         fn()
     torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)  # nothing of torch's NCCL left in flight during capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
