@@ -32,7 +32,7 @@ def check_every_op_on_every_group() -> list[str]:
         group = ps.get_parallel_state().group(name)
         n, me = group.world_size, group.rank_in_group
         shape = (2 * n, 3 * n, 4)
-        xs = [member_data(r, shape) for r in group.ranks]
+        xs = [member_data(r, shape).to(group.device) for r in group.ranks]
         x = xs[me]
 
         assert torch.allclose(group.all_reduce(x.clone()), sum(xs)), name
