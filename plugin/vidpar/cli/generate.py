@@ -10,13 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from vidpar.cli.hydra_setup import UserError, build_layout, friendly_errors, register
+from vidpar.cli.hydra_setup import UserError, build_layout, console_command, register
 from vidpar.distributed.checkpoint import is_complete
 from vidpar.distributed.telemetry import format_summary, summarize
-from vidpar.resources import CONFIG_DIR
 
 register()
 
@@ -77,12 +75,7 @@ def run(conf: DictConfig) -> list[Path]:
     return written
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
-@friendly_errors
-def main(conf: DictConfig) -> None:
-    """Console entry point."""
-    run(conf)
-
+main = console_command("generate", run)
 
 if __name__ == "__main__":
     main()

@@ -8,13 +8,16 @@ import functools
 import sys
 import typing
 from collections.abc import Callable
+from typing import Any
 
+import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vidpar.config import PRESETS, ParallelConfig
+from vidpar.resources import CONFIG_DIR
 
 
 class UserError(Exception):
@@ -81,3 +84,16 @@ def friendly_errors(main: Callable[..., None]) -> Callable[..., None]:
             raise SystemExit(2) from None
 
     return wrapper
+
+
+def console_command(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[], None]:
+    """The console entry point of a vidpar command: Hydra composes ``config_name`` (its
+    job name, hence ``<name>.log``, is set in that config) and ``run`` gets the config;
+    :class:`UserError` ends it as one paragraph."""
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
+    @friendly_errors
+    def main(conf: DictConfig) -> None:
+        run(conf)
+
+    return main

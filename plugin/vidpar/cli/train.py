@@ -12,16 +12,14 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vidpar.cli.hydra_setup import UserError, build_layout, friendly_errors, register
+from vidpar.cli.hydra_setup import UserError, build_layout, console_command, register
 from vidpar.config import ParallelConfig
 from vidpar.distributed.checkpoint import TRAINER_STATE, is_complete
 from vidpar.nn.dit import DiTConfig
-from vidpar.resources import CONFIG_DIR
 
 register()
 
@@ -150,12 +148,7 @@ def run(conf: DictConfig) -> Path:
     return last
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-@friendly_errors
-def main(conf: DictConfig) -> None:
-    """Console entry point."""
-    run(conf)
-
+main = console_command("train", run)
 
 if __name__ == "__main__":
     main()

@@ -50,6 +50,12 @@ class GroupCoordinator:
             f"GroupCoordinator({self.name}, ranks={self.ranks}, rank_in_group={self.rank_in_group})"
         )
 
+    def close(self, abort: bool = False) -> None:
+        """Release the communicator's own resources (a pynccl communicator); ``abort=True``
+        on a death path, where peers may never answer. The torch groups stay."""
+        if self.communicator is not None:
+            self.communicator.close(abort)
+
     @property
     def is_first_rank(self) -> bool:
         return self.rank_in_group == 0

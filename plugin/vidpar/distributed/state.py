@@ -272,9 +272,14 @@ def single_process() -> Iterator[ParallelState]:
         _SINGLE_DEPTH -= 1
 
 
-def destroy_model_parallel() -> None:
-    """Forget the current layout and destroy the torch groups vidpar created for it."""
+def destroy_model_parallel(abort: bool = False) -> None:
+    """Forget the current layout: close its communicators (``abort=True`` when peers may be
+    gone) and destroy the torch groups vidpar created for it."""
     global _STATE
+    if _STATE is not None:
+        for coordinator in _STATE.groups.values():
+            if coordinator is not _ENV_WORLD:
+                coordinator.close(abort)
     for group in _CREATED:
         with contextlib.suppress(Exception):
             dist.destroy_process_group(group)
@@ -286,6 +291,8 @@ def destroy_distributed_environment() -> None:
     """Leave the torch.distributed world if :func:`init_distributed_environment` joined it."""
     global _ENV_WORLD, _OWNED_PROCESS_GROUP
     destroy_model_parallel()
+    if _ENV_WORLD is not None:
+        _ENV_WORLD.close()
     _ENV_WORLD = None
     _SINGLE.clear()
     if _OWNED_PROCESS_GROUP and dist.is_initialized():
