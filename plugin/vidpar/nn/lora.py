@@ -148,7 +148,8 @@ def peft_to_adapter(
             else float(module_alpha) / (math.sqrt(rank) if rslora else rank)
         )
         adapter[f"{module}.weight{_A}"] = a
-        adapter[f"{module}.weight{_B}"] = b * factor if factor != 1.0 else b
+        # Folded in float64: the scaled factor is as exact as the file's.
+        adapter[f"{module}.weight{_B}"] = b if factor == 1.0 else b.double() * factor
     return adapter
 
 
