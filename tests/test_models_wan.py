@@ -314,3 +314,34 @@ def test_import_vidpar_models_does_not_import_diffusers():
     code = "import sys, vidpar, vidpar.models; print('diffusers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_peft_to_adapter_reads_kohya_names_alphas_and_conv_factors(tmp_path):
+    a, b = torch.randn(2, 8), torch.randn(6, 2)
+    conv_a, conv_b = torch.randn(2, 4, 1, 2, 2), torch.randn(32, 2, 1, 1, 1)
+    state = {
+        "diffusion_model.blocks.0.attn1.to_q.lora_down.weight": a,
+        "diffusion_model.blocks.0.attn1.to_q.lora_up.weight": b,
+        "diffusion_model.blocks.0.attn1.to_q.alpha": torch.tensor(4.0),
+        "diffusion_model.patch_embedding.lora_down.weight": conv_a,
+        "diffusion_model.patch_embedding.lora_up.weight": conv_b,
+    }
+    adapter = peft_to_adapter(state, scale=0.5)
+    assert float(adapter["scale"]) == 0.5
+    assert torch.equal(adapter["blocks.0.attn1.to_q.weight.lora_A"], a)
+    assert torch.allclose(adapter["blocks.0.attn1.to_q.weight.lora_B"], b.double() * 2.0)
+    assert adapter["patch_embedding.weight.lora_A"].shape == (2, 16)
+    assert adapter["patch_embedding.weight.lora_B"].shape == (32, 2)
+
+    path = tmp_path / "rslora.safetensors"
+    metadata = {"transformer.lora_alpha": 8, "transformer.r": 4, "transformer.use_rslora": True}
+    save_file(
+        {"transformer.proj_out.lora_A.weight": a, "transformer.proj_out.lora_B.weight": b},
+        str(path),
+        metadata={"lora_adapter_metadata": json.dumps(metadata)},
+    )
+    rslora = peft_to_adapter(path)  # alpha / √r with the file's own rank, 2
+    assert torch.allclose(rslora["proj_out.weight.lora_B"], b.double() * 8 / 2**0.5)
+
+    with pytest.raises(ValueError, match=r"blocks\.0\.ffn\.net\.2\.diff"):
+        peft_to_adapter({**state, "diffusion_model.blocks.0.ffn.net.2.diff": b})
