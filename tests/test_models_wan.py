@@ -56,12 +56,15 @@ LAYOUTS = {
     "tp2": ParallelConfig(tp=2),
     "tp2_sp2": ParallelConfig(tp=2, sp=2),
 }
-#: Model and input variants: Wan2.1 T2V, Wan2.2 TI2V (a timestep per token), Wan2.1 I2V
-#: (image tokens before 512 text tokens, added K/V projections).
+#: Model and input variants (config overrides, input options, gradient checkpointing):
+#: Wan2.1 T2V, the same with diffusers' gradient checkpointing (the blocks recompute in
+#: the backward), Wan2.2 TI2V (a timestep per token), Wan2.1 I2V (image tokens before 512
+#: text tokens, added K/V projections).
 VARIANTS = {
-    "t2v": ({}, {}),
-    "ti2v": ({}, {"per_token_timestep": True}),
-    "i2v": ({"image_dim": 8, "added_kv_proj_dim": 32}, {"image_tokens": 3, "text": 512}),
+    "t2v": ({}, {}, False),
+    "checkpointed": ({}, {}, True),
+    "ti2v": ({}, {"per_token_timestep": True}, False),
+    "i2v": ({"image_dim": 8, "added_kv_proj_dim": 32}, {"image_tokens": 3, "text": 512}, False),
 }
 
 
@@ -88,9 +91,12 @@ def wan_inputs(
 
 
 def _matches_diffusers(variant: str) -> dict[str, float]:
-    overrides, input_options = VARIANTS[variant]
+    overrides, input_options, checkpointing = VARIANTS[variant]
     reference = tiny_wan(**overrides)
     model = parallelize(copy.deepcopy(reference))
+    if checkpointing:
+        reference.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing()
     inputs = wan_inputs(**input_options)
     expected = reference(**inputs, return_dict=False)[0]
     out = model(**inputs, return_dict=False)[0]
@@ -118,7 +124,8 @@ def check_errors(errors: dict[str, float], model: WanTransformer3DModel, sp: int
 
 @pytest.mark.parametrize(
     ("layout", "variant"),
-    [(name, "t2v") for name in LAYOUTS] + [("sp2", "ti2v"), ("tp2_sp2", "i2v")],
+    [(name, "t2v") for name in LAYOUTS]
+    + [("ulysses2_ring2", "checkpointed"), ("sp2", "ti2v"), ("tp2_sp2", "i2v")],
 )
 def test_outputs_and_gradients_equal_diffusers(worlds, layout, variant):
     config = LAYOUTS[layout]
