@@ -122,6 +122,11 @@ class _WanTokens:
         self.seq_len = 0  # of the forward in flight: set by the rope, read by proj_out
 
     def rope(self, module: nn.Module, args, output) -> TokenShard:
+        if not (isinstance(output, tuple) and len(output) == 2):
+            raise TypeError(
+                "this diffusers' WanRotaryPosEmbed does not return (cos, sin); "
+                "vidpar.models needs a diffusers release whose Wan rope does (0.35 or newer)"
+            )
         cos, sin = output  # [1, S, 1, D], channel pairs repeated
         self.seq_len = cos.shape[1]
         sp = self._sp.group
