@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vidpar.nn.linear import resolve_group, tensor_parallel_shard
+from vidpar.distributed.full_weights import tensor_parallel_shard
+from vidpar.distributed.state import get_parallel_state
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-300) -> float:
@@ -24,7 +25,8 @@ def gradient_errors(reference: nn.Module, model: nn.Module) -> dict[str, float]:
     are zero in exact arithmetic (a key bias shared by all keys: softmax ignores it) are
     measured against a millionth of the whole gradient's norm instead of their own.
     """
-    sp, tp = resolve_group("sp"), resolve_group("tp")
+    state = get_parallel_state()
+    sp, tp = state.group("sp"), state.group("tp")
     expected = dict(reference.named_parameters())
     floor = 1e-6 * float(torch.cat([p.grad.flatten() for p in expected.values()]).norm())
     errors = {}

@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from models_oracle import backward_both, gradient_errors, relative_error, worst
 from vidpar.config import ParallelConfig
+from vidpar.distributed.full_weights import full_state_dict, load_full_weights
+from vidpar.distributed.state import get_parallel_state
 from vidpar.models import parallelize, peft_to_adapter
-from vidpar.nn import full_state_dict, load_full_weights
-from vidpar.nn.linear import resolve_group
 from vidpar.nn.lora import LoraManager
 from vidpar.pipelines.flow_matching import FlowMatchEulerSampler, seeded_noise
 
@@ -253,7 +253,7 @@ def guided_sample(model: WanTransformer3DModel, batches: list[int]) -> torch.Ten
 def _cfg_parallel_sample() -> tuple[torch.Tensor, list[int], int]:
     batches: list[int] = []
     sample = guided_sample(parallelize(tiny_wan()), batches)
-    return sample, batches, resolve_group("cfg").rank_in_group
+    return sample, batches, get_parallel_state().group("cfg").rank_in_group
 
 
 @pytest.mark.parametrize("layout", [ParallelConfig(cfg=2), ParallelConfig(cfg=2, sp=2)])

@@ -19,6 +19,7 @@ from vidpar.benchmarks.common import Common
 #: Suite name -> (module, options class).
 SUITES: dict[str, tuple[str, str]] = {
     "collectives": ("vidpar.benchmarks.collectives", "CollectivesOptions"),
+    "communicators": ("vidpar.benchmarks.communicators", "CommunicatorsOptions"),
     "attention": ("vidpar.benchmarks.attention", "AttentionOptions"),
     "dit": ("vidpar.benchmarks.dit", "DiTOptions"),
     "rpc": ("vidpar.benchmarks.rpc", "RpcOptions"),

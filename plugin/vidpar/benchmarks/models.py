@@ -143,7 +143,7 @@ def _measure(worker, size: dict[str, Any], common: Common) -> dict[str, Any]:
     """In the worker: interleaved plain-diffusers and vidpar iterations, then memory."""
     from diffusers import WanTransformer3DModel
 
-    from vidpar.distributed import parallel_state as ps
+    from vidpar.distributed.state import get_world_group
     from vidpar.models import parallelize
 
     use_layout()
@@ -168,7 +168,7 @@ def _measure(worker, size: dict[str, Any], common: Common) -> dict[str, Any]:
         ),
     }
     inputs = {k: v.to(device=device, dtype=dtype) for k, v in inputs.items()}
-    world = ps.get_world_group()
+    world = get_world_group()
     out: dict[str, Any] = {}
     for pass_name in size["passes"]:
         backward = pass_name == "backward"

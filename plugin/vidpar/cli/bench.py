@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from vidpar.benchmarks import SUITES, options_class, suite_module
 from vidpar.benchmarks.common import Common, host_info, load_average, now, resolve_device
-from vidpar.cli.hydra_setup import CONFIG_DIR, UserError, friendly_errors
+from vidpar.cli.hydra_setup import UserError, friendly_errors
+from vidpar.resources import CONFIG_DIR
 
 
 def _schema() -> type:

@@ -62,7 +62,7 @@ def parallelize(model: ModelT, *, compile: bool | Mapping[str, Any] = False) -> 
     under tp the attention heads and the FFN are split into vidpar's column/row-parallel
     layers holding this rank's shards of the model's own weights, under their original
     names (``blocks.0.attn1.to_q.weight``; sharded ones carry ``tensor_parallel_dim``, so
-    :func:`vidpar.nn.load_full_weights` and :func:`vidpar.nn.full_state_dict` read and
+    :func:`vidpar.distributed.full_weights.load_full_weights` and ``full_state_dict`` read and
     write diffusers checkpoints). The model keeps diffusers' forward signature and its
     output on every rank equals the unparallelised model's. A layout of size 1 installs
     the same path with nothing to communicate. Outside any layout the model is left as it

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidpar.config import check_heads
 from vidpar.distributed.communication_op import gather_sequence
 from vidpar.models.layout import Layout
 from vidpar.models.sequence import TokenShard
@@ -34,7 +35,7 @@ from vidpar.models.tensor_parallel import (
     replace_module,
     row_parallel,
 )
-from vidpar.nn.attention import DistributedAttention, check_heads
+from vidpar.nn.attention import DistributedAttention
 from vidpar.nn.dit import shard_tokens
 from vidpar.nn.linear import GroupRef
 
@@ -176,7 +177,7 @@ def _split_heads(model: nn.Module, layout: Layout) -> None:
 def parallelize_wan(model: nn.Module, layout: Layout) -> None:
     """Prepare a ``WanTransformer3DModel`` for ``layout`` in place (see the module doc)."""
     heads = model.config.num_attention_heads
-    check_heads(heads, layout.tp.world_size, layout.ulysses.world_size)
+    check_heads(heads, ulysses=layout.ulysses.world_size, tp=layout.tp.world_size)
     for block in model.blocks:
         for attn in (block.attn1, block.attn2):
             if getattr(attn, "fused_projections", False):
@@ -186,9 +187,7 @@ def parallelize_wan(model: nn.Module, layout: Layout) -> None:
                 )
     if layout.tp.world_size > 1:
         _split_heads(model, layout)
-    attention = DistributedAttention(
-        heads, ulysses_group=layout.ulysses, ring_group=layout.ring, tp_group=layout.tp
-    )
+    attention = DistributedAttention(heads, ulysses_group=layout.ulysses, ring_group=layout.ring)
     processor = WanAttnProcessor(attention)
     for block in model.blocks:
         block.attn1.set_processor(processor)
