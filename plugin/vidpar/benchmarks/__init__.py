@@ -25,6 +25,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "rpc": ("vidpar.benchmarks.rpc", "RpcOptions"),
     "train": ("vidpar.benchmarks.train", "TrainOptions"),
     "telemetry": ("vidpar.benchmarks.telemetry", "TelemetryOptions"),
+    "models": ("vidpar.benchmarks.models", "ModelsOptions"),
 }
 
 
