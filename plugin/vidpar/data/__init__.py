@@ -9,12 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 from vidpar.data.moving_shapes import COLOURS, SHAPES, MovingShapesDataset, ShapeFit, fit_shape
+from vidpar.data.sampler import DataParallelSampler, ResumableDataLoader
 
 __all__ = [
     "COLOURS",
     "SHAPES",
+    "DataParallelSampler",
     "MovingShapesDataModule",
     "MovingShapesDataset",
+    "ResumableDataLoader",
     "ShapeFit",
     "fit_shape",
 ]
