@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
 from vidpar.cli.hydra_setup import UserError, build_layout, console_command, register
+from vidpar.cli.validation import check_generate_request
+from vidpar.config import ParallelConfig
 from vidpar.distributed.checkpoint import is_complete
 from vidpar.distributed.telemetry import format_summary, summarize
+from vidpar.nn.dit import DiTConfig
 
 register()
 
@@ -39,6 +43,29 @@ def find_checkpoint(checkpoint: str | None, search_dir: str) -> Path:
     return max(found, key=lambda p: (p / "trainer_state.pt").stat().st_mtime)
 
 
+def read_checkpoint_model(
+    checkpoint: Path, layout: ParallelConfig
+) -> tuple[Path, DiTConfig, dict[str, Any]]:
+    """The weights file, DiT config and training-data facts of ``checkpoint``, checked to
+    be a model that ``VideoGenerator`` can sample with ``layout``."""
+    from vidpar.pipelines.generator import check_generatable, checkpoint_weights, read_model_info
+
+    try:
+        weights = checkpoint_weights(checkpoint)
+        dit_config, data_info = read_model_info(weights)
+        check_generatable(dit_config)
+    except (OSError, ValueError) as err:
+        raise UserError(f"checkpoint={checkpoint} cannot be used: {err}.") from None
+    try:
+        layout.check_heads(dit_config.num_heads)
+    except ValueError as err:
+        raise UserError(
+            f"The checkpoint's model does not fit the layout: {err}. Pick a layout that "
+            f"divides its {dit_config.num_heads} heads (e.g. parallel=cfg2 or parallel=single)."
+        ) from None
+    return weights, dit_config, data_info
+
+
 def run(conf: DictConfig) -> list[Path]:
     """Generate as ``conf`` says; returns the written files."""
     from vidpar.pipelines.generator import VideoGenerator
@@ -47,14 +74,16 @@ def run(conf: DictConfig) -> list[Path]:
     os.environ.setdefault("WANDB_MODE", "offline")
     layout = build_layout(conf.parallel)
     checkpoint = find_checkpoint(conf.checkpoint, conf.search_dir)
+    # Everything is checked here, before the generator starts its workers.
+    weights, dit_config, data_info = read_checkpoint_model(checkpoint, layout)
+    labels, (_, num_frames, height, width) = check_generate_request(conf, dit_config, data_info)
     print(f"vidpar: generating from {checkpoint} with {layout.describe()}")
-    with VideoGenerator.from_checkpoint(checkpoint, parallel=layout) as generator:
-        _, frames_, height, width = generator.data_info.get("video_shape") or (3, 8, 16, 16)
+    with VideoGenerator(dit_config, weights, parallel=layout, data_info=data_info) as generator:
         frames = generator.generate(
-            list(conf.labels),
-            num_frames=conf.num_frames or frames_,
-            height=conf.height or height,
-            width=conf.width or width,
+            labels,
+            num_frames=num_frames,
+            height=height,
+            width=width,
             steps=conf.steps,
             guidance_scale=conf.guidance_scale,
             seed=conf.seed,

@@ -16,8 +16,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from vidpar.cli.resolvers import register_resolvers
 from vidpar.config import PRESETS, ParallelConfig
 from vidpar.resources import CONFIG_DIR
+
+register_resolvers()
 
 
 class UserError(Exception):

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vidpar.cli.hydra_setup import UserError, build_layout, console_command, register
+from vidpar.cli.validation import check_train_config
 from vidpar.config import ParallelConfig
 from vidpar.distributed.checkpoint import TRAINER_STATE, is_complete
 from vidpar.nn.dit import DiTConfig
@@ -121,14 +122,15 @@ def log_lightning_once() -> None:
         logging.getLogger("lightning").handlers.clear()
 
 
-def run(conf: DictConfig) -> Path:
-    """Train as ``conf`` says; returns the last checkpoint's path."""
+def run(conf: DictConfig) -> Path | None:
+    """Train as ``conf`` says; returns the path of the last checkpoint it wrote, if any."""
     log_lightning_once()
     os.environ.setdefault("WANDB_MODE", "offline")
     if conf.get("logger") and conf.logger.get("_target_", "").endswith("WandbLogger"):
         # Workers attach to the run made here; they find its directory only through this.
         os.environ["WANDB_DIR"] = str(conf.logger.save_dir)
     layout = build_layout(conf.parallel)  # the one layout of this run
+    check_train_config(conf, layout)
     check_before_launch(conf, layout)
     datamodule = instantiate(conf.data)
     check_data_fits_model(datamodule.video_shape, conf.model)
@@ -141,11 +143,24 @@ def run(conf: DictConfig) -> Path:
     trainer = build_trainer(conf, layout)
     print(f"vidpar: {layout.describe()}; output in {conf.output_dir}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=conf.ckpt_path)
-    last = Path(conf.checkpoint.dirpath) / "last.ckpt"
     loss = trainer.callback_metrics.get("train/loss")
     print(f"vidpar: final train/loss {float(loss):.4f}" if loss is not None else "")
-    print(f"vidpar: checkpoint {last}")
+    last = written_checkpoint(trainer)
+    if last is None:
+        print(
+            f"vidpar: no checkpoint was written (trainer.max_steps={conf.trainer.max_steps}, "
+            f"checkpoint.every_n_train_steps={conf.checkpoint.get('every_n_train_steps')})"
+        )
+    else:
+        print(f"vidpar: checkpoint {last}")
     return last
+
+
+def written_checkpoint(trainer) -> Path | None:
+    """The last checkpoint this run's checkpoint callback wrote (not one an earlier run left
+    in the same directory), if it is there and complete."""
+    path = getattr(trainer.checkpoint_callback, "last_model_path", "")
+    return Path(path) if path and is_complete(Path(path)) else None
 
 
 main = console_command("train", run)

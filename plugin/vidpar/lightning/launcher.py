@@ -120,12 +120,20 @@ class VidParLauncher(_MultiProcessingLauncher):
 
     def get_extra_results(self, trainer) -> dict[str, Any]:
         """Lightning's extras plus the fit loop's progress (so ``trainer.global_step`` and
-        ``current_epoch`` are right in the main process)."""
-        return {**super().get_extra_results(trainer), "fit_loop": trainer.fit_loop.state_dict()}
+        ``current_epoch`` are right in the main process) and the last checkpoint written."""
+        callback = trainer.checkpoint_callback
+        return {
+            **super().get_extra_results(trainer),
+            "fit_loop": trainer.fit_loop.state_dict(),
+            "last_model_path": getattr(callback, "last_model_path", None),
+        }
 
     def update_main_process_results(self, trainer, extra: dict[str, Any]) -> None:
         super().update_main_process_results(trainer, extra)
         trainer.fit_loop.load_state_dict(extra["fit_loop"])
+        callback = trainer.checkpoint_callback
+        if extra["last_model_path"] is not None and hasattr(callback, "last_model_path"):
+            callback.last_model_path = extra["last_model_path"]
 
 
 def _run_trainer_function(

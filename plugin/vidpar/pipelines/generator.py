@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import numbers
 import os
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from vidpar.executor import Executor
 from vidpar.nn.dit import DiTConfig, VideoDiT
 from vidpar.pipelines.flow_matching import FlowMatchEulerSampler
 from vidpar.pipelines.generator_worker import GeneratorWorker
-from vidpar.pipelines.video_io import to_uint8_frames, write_video
+from vidpar.pipelines.video_io import VIDEO_EXTENSIONS, to_uint8_frames, write_video
 
 #: The training-data facts a checkpoint may record beside the DiT config.
 DATA_INFO_FIELDS = ("class_names", "video_shape")
@@ -94,7 +95,7 @@ class VideoGenerator:
         devices: str | list[str] = "auto",
         data_info: dict[str, Any] | None = None,
     ) -> None:
-        _check_generatable(dit_config)
+        check_generatable(dit_config)
         self.dit_config = dit_config
         self.parallel = parallel or ParallelConfig()
         self.parallel.check_heads(dit_config.num_heads)
@@ -121,37 +122,9 @@ class VideoGenerator:
         :func:`vidpar.lightning.export_full_checkpoint`, or a vidpar checkpoint directory
         (``checkpoints/last.ckpt`` of ``vidpar-train``: exported once to
         ``model.safetensors`` beside it)."""
-        path = Path(path)
-        if path.is_dir():
-            path = _export_from_directory(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"checkpoint {path} does not exist: give a .safetensors file or a vidpar "
-                "checkpoint directory (checkpoints/last.ckpt of a vidpar-train run)"
-            )
-        if path.suffix != ".safetensors":
-            raise ValueError(
-                f"checkpoint {path} is not a .safetensors file: export it with "
-                "vidpar.pipelines.export_weights or vidpar.lightning.export_full_checkpoint"
-            )
+        path = checkpoint_weights(path)
         config, data_info = read_model_info(path)
         return cls(config, weights=path, parallel=parallel, data_info=data_info, **kwargs)
-
-    def _label(self, prompt_or_class: int | str) -> int:
-        if isinstance(prompt_or_class, numbers.Integral) and not isinstance(prompt_or_class, bool):
-            prompt_or_class = int(prompt_or_class)
-            if not 0 <= prompt_or_class < self.dit_config.num_classes:
-                raise ValueError(
-                    f"class {prompt_or_class} is outside 0..{self.dit_config.num_classes - 1}"
-                )
-            return prompt_or_class
-        names = self.class_names or []
-        if prompt_or_class in names:
-            return names.index(prompt_or_class)
-        raise ValueError(
-            f"{prompt_or_class!r} is not a class this model knows; it is class-conditioned "
-            f"on {names or list(range(self.dit_config.num_classes))}"
-        )
 
     def generate(
         self,
@@ -177,13 +150,18 @@ class VideoGenerator:
         """
         if output_type not in ("uint8", "float"):
             raise ValueError(f"output_type must be 'uint8' or 'float', got {output_type!r}")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        items = prompt_or_class if isinstance(prompt_or_class, list) else [prompt_or_class]
-        if not items:
-            raise ValueError("give at least one class to generate")
-        labels = [self._label(p) for p in items]
-        shape = (self.dit_config.in_channels, *self._video_size(num_frames, height, width))
+        labels, shape = plan_request(
+            self.dit_config,
+            self.data_info,
+            prompt_or_class,
+            num_frames=num_frames,
+            height=height,
+            width=width,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            output=output,
+        )
         results = self.executor.collective_rpc(
             _generate_on_worker, labels, shape, steps, guidance_scale, seed, show_progress
         )
@@ -195,29 +173,6 @@ class VideoGenerator:
         if output is not None:
             write_video(output, np.concatenate(list(frames), axis=2), fps=fps)
         return videos if output_type == "float" else frames
-
-    def _video_size(
-        self, num_frames: int | None, height: int | None, width: int | None
-    ) -> tuple[int, int, int]:
-        """``(T, H, W)``: given, else the training data's; checked against the patch."""
-        known = self.data_info.get("video_shape")
-        size = [num_frames, height, width]
-        for i, (name, value) in enumerate(
-            zip(("num_frames", "height", "width"), size, strict=True)
-        ):
-            if value is None:
-                if not known:
-                    raise ValueError(f"give {name}: the checkpoint does not record a video_shape")
-                size[i] = value = int(known[i + 1])
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        patch = self.dit_config.patch_size
-        if any(s % p for s, p in zip(size, patch, strict=True)):
-            raise ValueError(
-                f"video size (num_frames, height, width) = {tuple(size)} is not divisible by "
-                f"the model's patch_size {tuple(patch)}"
-            )
-        return size[0], size[1], size[2]
 
     # LoRA -------------------------------------------------------------------------------
 
@@ -248,7 +203,105 @@ class VideoGenerator:
         self.close()
 
 
-def _check_generatable(config: DiTConfig) -> None:
+class RequestError(ValueError):
+    """A generation argument that cannot work; :attr:`argument` names it."""
+
+    def __init__(self, argument: str, message: str) -> None:
+        super().__init__(message)
+        self.argument = argument
+
+
+def plan_request(
+    dit_config: DiTConfig,
+    data_info: Mapping[str, Any],
+    prompt_or_class: int | str | list[int | str],
+    *,
+    num_frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    steps: int = 20,
+    guidance_scale: float = 3.0,
+    seed: int = 0,
+    output: str | Path | None = None,
+) -> tuple[list[int], tuple[int, int, int, int]]:
+    """Check the arguments of :meth:`VideoGenerator.generate` for a model of ``dit_config``
+    trained on ``data_info`` (no worker needed); returns the labels and the videos' shape
+    ``(C, T, H, W)``. Raises :class:`RequestError` naming the first wrong argument."""
+    if not _is_int(steps) or steps < 1:
+        raise RequestError("steps", f"steps must be a positive integer, got {steps!r}")
+    if not isinstance(guidance_scale, numbers.Real) or not math.isfinite(guidance_scale):
+        raise RequestError(
+            "guidance_scale", f"guidance_scale must be a finite number, got {guidance_scale!r}"
+        )
+    if not _is_int(seed):
+        raise RequestError("seed", f"seed must be an integer, got {seed!r}")
+    if output is not None and Path(output).suffix.lower() not in VIDEO_EXTENSIONS:
+        raise RequestError(
+            "output",
+            f"output must end in {' or '.join(VIDEO_EXTENSIONS)} (the video format), got "
+            f"{str(output)!r}",
+        )
+    items = prompt_or_class if isinstance(prompt_or_class, list) else [prompt_or_class]
+    if not items:
+        raise RequestError("prompt_or_class", "give at least one class to generate")
+    labels = [_label(item, dit_config, data_info.get("class_names") or []) for item in items]
+    size = _video_size(dit_config, data_info, num_frames, height, width)
+    return labels, (dit_config.in_channels, *size)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _label(prompt_or_class: int | str, config: DiTConfig, names: list[str]) -> int:
+    """The class index of a class index or name."""
+    if _is_int(prompt_or_class):
+        if not 0 <= prompt_or_class < config.num_classes:
+            raise RequestError(
+                "prompt_or_class",
+                f"class {prompt_or_class} is outside 0..{config.num_classes - 1}",
+            )
+        return int(prompt_or_class)
+    if prompt_or_class in names:
+        return names.index(prompt_or_class)
+    raise RequestError(
+        "prompt_or_class",
+        f"{prompt_or_class!r} is not a class this model knows; it is class-conditioned on "
+        f"{names or list(range(config.num_classes))}",
+    )
+
+
+def _video_size(
+    config: DiTConfig,
+    data_info: Mapping[str, Any],
+    num_frames: int | None,
+    height: int | None,
+    width: int | None,
+) -> tuple[int, int, int]:
+    """``(T, H, W)``: given, else the training data's; checked against the patch."""
+    known = data_info.get("video_shape")
+    size = [num_frames, height, width]
+    names = ("num_frames", "height", "width")
+    for i, (name, value) in enumerate(zip(names, size, strict=True)):
+        if value is None:
+            if not known:
+                raise RequestError(
+                    name, f"give {name}: the checkpoint does not record a video_shape"
+                )
+            size[i] = value = int(known[i + 1])
+        if not _is_int(value) or value < 1:
+            raise RequestError(name, f"{name} must be a positive integer, got {value!r}")
+    for name, value, patch in zip(names, size, config.patch_size, strict=True):
+        if value % patch:
+            raise RequestError(
+                name,
+                f"video size (num_frames, height, width) = {tuple(size)} is not divisible by "
+                f"the model's patch_size {tuple(config.patch_size)} ({name}={value})",
+            )
+    return size[0], size[1], size[2]
+
+
+def check_generatable(config: DiTConfig) -> None:
     """The generator samples pixels of class-conditioned models; say so before starting."""
     if config.num_classes < 1:
         raise ValueError(
@@ -278,6 +331,25 @@ def export_weights(
     and global rank 0 writes."""
     hparams = {"dit": _as_dict(model.config), **(data_info or {})}
     return save_full_weights(model, path, metadata={HPARAMS_KEY: json.dumps(hparams)})
+
+
+def checkpoint_weights(path: str | Path) -> Path:
+    """The safetensors file of a checkpoint: ``path`` itself, or for a vidpar checkpoint
+    directory its export (see :meth:`VideoGenerator.from_checkpoint`)."""
+    path = Path(path)
+    if path.is_dir():
+        path = _export_from_directory(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist: give a .safetensors file or a vidpar "
+            "checkpoint directory (checkpoints/last.ckpt of a vidpar-train run)"
+        )
+    if path.suffix != ".safetensors":
+        raise ValueError(
+            f"checkpoint {path} is not a .safetensors file: export it with "
+            "vidpar.pipelines.export_weights or vidpar.lightning.export_full_checkpoint"
+        )
+    return path
 
 
 def read_model_info(path: str | Path) -> tuple[DiTConfig, dict[str, Any]]:
