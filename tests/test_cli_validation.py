@@ -169,41 +169,47 @@ def test_claiming_a_taken_directory_numbers_it(tmp_path) -> None:
 
 
 def test_runs_started_together_get_their_own_dirs_and_print_what_they_wrote(tmp_path) -> None:
-    """Two real vidpar-train runs start at once in one directory, with Hydra's default
-    (time-stamped) run dir; every time stamp of the next ten minutes is taken already, as if
-    runs had started in each of those seconds."""
+    """Two real vidpar-train runs and a sweep of two jobs start at once in one directory,
+    with Hydra's default (time-stamped) directories; every time stamp of the next ten
+    minutes is taken already, as if runs had started in each of those seconds."""
     now = datetime.datetime.now()
     taken = set()
     for second in range(600):
         stamp = now + datetime.timedelta(seconds=second)
-        path = tmp_path / "outputs" / stamp.strftime("%Y-%m-%d") / stamp.strftime("%H-%M-%S")
-        path.mkdir(parents=True)
-        taken.add(path)
-    common = ["vidpar.cli.train", "parallel=single", "logger=none", "telemetry=off"]
-    common += ["data.num_train=8", "model.num_sample_videos=0", "trainer.val_check_interval=2"]
+        for top in ("outputs", "multirun"):
+            path = tmp_path / top / stamp.strftime("%Y-%m-%d") / stamp.strftime("%H-%M-%S")
+            path.mkdir(parents=True)
+            taken.add(path)
+    common = ["parallel=single", "logger=none", "telemetry=off", "data.num_train=8"]
+    common += ["model.num_sample_videos=0", "trainer.val_check_interval=2"]
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    commands = [["trainer.max_steps=0"], ["trainer.max_steps=2"]]
+    commands.append(["--multirun", "trainer.max_steps=0", "seed=0,1"])
     runs = [
         subprocess.Popen(
-            [sys.executable, "-m", *common, f"trainer.max_steps={steps}"],
+            [sys.executable, "-m", "vidpar.cli.train", *args, *common],
             cwd=tmp_path,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for steps in (0, 2)
+        for args in commands
     ]
-    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
     for run, output in zip(runs, outputs, strict=True):
         assert run.returncode == 0, output[-3000:]
-    dirs = [Path(re.search(r"output in (\S+)", out).group(1)) for out in outputs]
-    assert dirs[0] != dirs[1] and not taken & set(dirs)
-    assert all(d.parent.parent == tmp_path / "outputs" for d in dirs)
-    for d, steps in zip(dirs, (0, 2), strict=True):  # each dir holds one run's files
-        assert (d / "train.log").is_file()
-        assert f"trainer.max_steps={steps}" in (d / ".hydra" / "overrides.yaml").read_text()
+    dirs = [Path(d) for out in outputs for d in re.findall(r"output in (\S+)", out)]
+    assert len(set(dirs)) == 4 and not taken & set(dirs)
+    assert [d.parent.parent for d in dirs[:2]] == [tmp_path / "outputs"] * 2
+    sweep = dirs[2].parent  # the sweep's jobs share its one new directory
+    assert sweep not in taken and sweep.parent.parent == tmp_path / "multirun"
+    assert dirs[2:] == [sweep / "0", sweep / "1"]
+    for d, override in zip(dirs, ["max_steps=0", "max_steps=2", "seed=0", "seed=1"], strict=True):
+        assert (d / "train.log").is_file()  # each dir holds one run's files
+        assert override in (d / ".hydra" / "overrides.yaml").read_text()
     # max_steps=0 trains and saves nothing, and says so; the other names what it wrote.
     assert "vidpar: no checkpoint was written (trainer.max_steps=0" in outputs[0]
-    assert "vidpar: checkpoint" not in outputs[0]
+    assert "vidpar: checkpoint" not in outputs[0] + outputs[2]
     written = Path(re.search(r"vidpar: checkpoint (\S+)", outputs[1]).group(1))
     assert is_complete(written) and written.parent == dirs[1] / "checkpoints"
