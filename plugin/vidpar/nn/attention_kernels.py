@@ -329,12 +329,12 @@ def _cpu_flash_backward(dout, q, k, v, out, lse, scale):
 
 
 def math_chunks(
-    batch_heads: int, q_len: int, k_len: int, budget: int = MATH_CHUNK_ELEMENTS
+    batch_heads: int, q_len: int, k_len: int, budget: int | None = None
 ) -> tuple[int, int]:
     """Query and key chunk lengths whose scores (``batch_heads × q × k``) fit ``budget``
-    elements: all keys at once where that leaves at least 64 queries a chunk, else 64
-    queries (or all, if fewer) and as many keys as fit."""
-    rows = max(1, budget // batch_heads)
+    elements (default :data:`MATH_CHUNK_ELEMENTS`): all keys at once where that leaves at
+    least 64 queries a chunk, else 64 queries (or all, if fewer) and as many keys as fit."""
+    rows = max(1, (budget or MATH_CHUNK_ELEMENTS) // batch_heads)
     min_queries = min(q_len, 64)
     if rows // k_len >= min_queries:
         return min(q_len, rows // k_len), k_len
@@ -347,10 +347,10 @@ def _bshd_empty(like: torch.Tensor, seq: int, dim: int, dtype: torch.dtype) -> t
     return torch.empty(b, seq, h, dim, dtype=dtype, device=like.device).transpose(1, 2)
 
 
-def _math_forward(q, k, v, scale, budget: int = MATH_CHUNK_ELEMENTS):
+def _math_forward(q, k, v, scale):
     dtype = _accumulate_dtype(q.dtype)
     (b, h, q_len, _), k_len = q.shape, k.shape[2]
-    q_step, k_step = math_chunks(b * h, q_len, k_len, budget)
+    q_step, k_step = math_chunks(b * h, q_len, k_len)
     out = _bshd_empty(q, q_len, v.shape[-1], dtype)
     lse = q.new_empty(b, h, q_len, dtype=dtype)
     for i in range(0, q_len, q_step):
@@ -370,10 +370,10 @@ def _math_forward(q, k, v, scale, budget: int = MATH_CHUNK_ELEMENTS):
     return out.to(q.dtype), lse
 
 
-def _math_backward(dout, q, k, v, out, lse, scale, budget: int = MATH_CHUNK_ELEMENTS):
+def _math_backward(dout, q, k, v, out, lse, scale):
     dtype = _accumulate_dtype(q.dtype)
     (b, h, q_len, _), k_len = q.shape, k.shape[2]
-    q_step, k_step = math_chunks(b * h, q_len, k_len, budget)
+    q_step, k_step = math_chunks(b * h, q_len, k_len)
     dq = _bshd_empty(q, q_len, q.shape[-1], dtype).zero_()
     dk = _bshd_empty(k, k_len, k.shape[-1], dtype).zero_()
     dv = _bshd_empty(v, k_len, v.shape[-1], dtype).zero_()
