@@ -191,3 +191,15 @@ def ring_under_autocast() -> float:
 def test_ring_math_stays_float32_under_autocast(worlds) -> None:
     """The ring's block softmax and log-sum-exp merge must not drop to bf16."""
     assert worlds(2).run(ring_under_autocast, layout=ParallelConfig(ring=2)) == [0.0, 0.0]
+
+
+def test_ring_sends_adjacent_k_and_v_without_a_copy() -> None:
+    """After the Ulysses all-to-all, V follows K in one buffer: the ring sends a view."""
+    from vidpar.nn.attention import _stack_kv
+
+    _, k, v = torch.randn(3, 1, 4, 2, 8).unbind(0)
+    kv = _stack_kv(k, v)
+    assert kv.data_ptr() == k.data_ptr() and torch.equal(kv, torch.stack((k, v)))
+    k, v = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8)
+    kv = _stack_kv(k, v)
+    assert kv.data_ptr() != k.data_ptr() and torch.equal(kv, torch.stack((k, v)))

@@ -191,6 +191,21 @@ def ring_attention(
     return _RingAttention.apply(q, k, v, joint_k, joint_v, ring, tuple(valid), scale)
 
 
+def _stack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``[2, B, S, H, D]``: K and V as one tensor to send, a view when V follows K in
+    memory (as after the Ulysses all-to-all), else a copy."""
+    if (
+        k.is_contiguous()
+        and v.is_contiguous()
+        and k.shape == v.shape
+        and k.dtype == v.dtype
+        and k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+        and v.data_ptr() == k.data_ptr() + k.numel() * k.element_size()
+    ):
+        return k.as_strided((2, *k.shape), (k.numel(), *k.stride()))
+    return torch.stack((k, v))
+
+
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
     """``[B, S, H, D] -> [B, H, S, D]``, a view where the last dim is contiguous."""
     return (x if x.stride(-1) == 1 else x.contiguous()).transpose(1, 2)
@@ -279,7 +294,7 @@ class _RingAttention(torch.autograd.Function):
     def _forward(ctx, q, k, v, joint_k, joint_v, ring, valid, scale):
         rank, size = ring.rank, ring.size
         qh = _heads_first(q)
-        kv = torch.stack((k, v))
+        kv = _stack_kv(k, v)
         steps = [s for s in range(size) if valid[(rank - s) % size] > 0]
         last = steps[-1] if joint_k is None else None  # the block that finishes the merge
         merge, result = SoftmaxMerge(), None
@@ -312,7 +327,7 @@ class _RingAttention(torch.autograd.Function):
         dtype = lse.dtype  # float32, or float64 for float64 inputs
         qh, oh, do = _heads_first(q), _heads_first(out), _heads_first(dout.contiguous())
         dq = None
-        kv = torch.stack((k, v))
+        kv = _stack_kv(k, v)
         grads = None  # dK/dV accumulated for the block held, travelling with it
         for step in range(size):
             kv_pending = ring.start(kv, tag=0) if step < size - 1 else None
@@ -321,10 +336,17 @@ class _RingAttention(torch.autograd.Function):
                 kb, vb = (_heads_first(t[:, :n]) for t in kv)
                 dqb, dkb, dvb = attention_backward(do, qh, kb, vb, oh, lse, scale)
                 dq = dqb.to(dtype) if dq is None else dq.add_(dqb)
-            block_grads = kv.new_zeros(kv.shape, dtype=dtype) if grads is None else grads.wait()
-            if n > 0:
-                block_grads[0, :, :n].add_(dkb.transpose(1, 2))
-                block_grads[1, :, :n].add_(dvb.transpose(1, 2))
+            if grads is None:  # the first block: its accumulators start from this rank's share
+                block_grads = kv.new_empty(kv.shape, dtype=dtype)
+                block_grads[:, :, n:].zero_()
+                if n > 0:
+                    block_grads[0, :, :n].copy_(dkb.transpose(1, 2))
+                    block_grads[1, :, :n].copy_(dvb.transpose(1, 2))
+            else:
+                block_grads = grads.wait()
+                if n > 0:
+                    block_grads[0, :, :n].add_(dkb.transpose(1, 2))
+                    block_grads[1, :, :n].add_(dvb.transpose(1, 2))
             grads = ring.start(block_grads, tag=1)
             if kv_pending is not None:
                 kv = kv_pending.wait()
