@@ -278,9 +278,11 @@ CUDA_CASES = [
 )
 @pytest.mark.parametrize("q_len", [100, 256])
 def test_cuda_backend_matches_float64(backend, dtype, q_len):
+    """Two key blocks merged, then each block's backward with the final output and lse:
+    within three times one SDPA's error (same dtype) against float64."""
     got, usual = errors(dtype, "cuda", backend, q_len=q_len, k_len=q_len - 30, head_dim=128)
     assert got[1] <= 1e-4, got  # lse in float32
-    assert max(got) <= 2 * max(usual) + 1e-5, (got, usual)
+    assert max(got) <= 3 * max(usual) + 1e-5, (got, usual)
 
 
 @pytest.mark.gpu

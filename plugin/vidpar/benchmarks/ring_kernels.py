@@ -46,7 +46,8 @@ def run(size: dict[str, Any], rings: list[int], before: bool, common: Common) ->
     device = torch.device("cuda" if common.cuda else "cpu")
     variants = [v for v in VARIANTS if before or v != "matmul"]
     rows = [_measure(size, r, variants, device, common) for r in rings]
-    return {"rows": rows, "backends": attention_kernels.chosen_backends()}
+    threads = torch.get_num_threads() if device.type == "cpu" else None
+    return {"rows": rows, "backends": attention_kernels.chosen_backends(), "threads": threads}
 
 
 def _inputs(size: dict[str, Any], r: int, device: torch.device):
@@ -83,10 +84,13 @@ def _measure(
     q, k, v, dout, blocks, valid = _inputs(size, r, device)
     leaves = [q, k, v, *blocks]
 
-    def step(fn: Callable[[], torch.Tensor], backward: bool) -> torch.Tensor:
+    def reset(backward: bool) -> None:
         for t in leaves:
             t.grad = None
             t.requires_grad_(backward)
+
+    def step(fn: Callable[[], torch.Tensor], backward: bool) -> torch.Tensor:
+        reset(backward)
         with torch.set_grad_enabled(backward):
             out = fn()
             if backward:
@@ -114,11 +118,14 @@ def _measure(
             ratios = [s / t for s, t in zip(per_run["sdpa"], per_run[name], strict=True)]
             cell[name]["sdpa_over_this"] = median(ratios)
             if device.type == "cuda":
+                reset(backward)  # the last iteration's gradients are not "before"
                 cell[name]["peak_bytes"] = _peak_bytes(lambda n=name, b=backward: step(fns[n], b))
+        if device.type == "cuda":
+            for name in variants:
+                cell[name]["peak_over_sdpa"] = cell[name]["peak_bytes"] / cell["sdpa"]["peak_bytes"]
         row[pass_name] = cell
     row["max_rel_diff"] = _differences(fns, step, q)
-    for t in leaves:
-        t.requires_grad_(False).grad = None
+    reset(False)
     return row
 
 
@@ -163,7 +170,11 @@ def table(report: dict[str, Any]) -> str:
                         "variant": LABELS[name],
                         "time": format_seconds(cell["median_s"]),
                         "ratio": f"{cell['sdpa_over_this']:.2f}x",
-                        "peak": format_bytes(cell["peak_bytes"]) if "peak_bytes" in cell else "",
+                        "peak": (
+                            f"{format_bytes(cell['peak_bytes'])} ({cell['peak_over_sdpa']:.2f}x)"
+                            if "peak_bytes" in cell
+                            else ""
+                        ),
                         "diff": f"{diff['out']:.1e} / {diff['dq']:.1e}" if diff else "",
                     }
                 )
@@ -173,11 +184,11 @@ def table(report: dict[str, Any]) -> str:
         ("variant", "variant"),
         ("time", "time"),
         ("ratio", "SDPA time / this"),
-        ("peak", "peak extra memory"),
+        ("peak", "peak extra memory (/ SDPA's)"),
         ("diff", "rel diff out / dq vs SDPA"),
     ]
     if not any(line["peak"] for line in lines):
-        columns.remove(("peak", "peak extra memory"))
+        columns.remove(("peak", "peak extra memory (/ SDPA's)"))
     backends = ", ".join(f"{k}: {v}" for k, v in report["backends"].items())
     return format_table(lines, columns) + f"\nring block kernels: {backends or 'none'}"
 
