@@ -86,28 +86,35 @@ def attention_backward(
 class SoftmaxMerge:
     """Partial attention results of disjoint key blocks, merged by their lse in float32
     (float64 for float64 inputs), in place. :meth:`add` every block but the last, then
-    :meth:`finish` with the last, which writes the result into that block's output."""
+    :meth:`finish` with the last, which writes the result into that block's output.
+    The first block waits as it is for the second, so that the float32 accumulator is
+    born scaled (one pass, not a copy and a rescale)."""
 
     def __init__(self) -> None:
-        self.out: torch.Tensor | None = None
+        self.out: torch.Tensor | None = None  # the first block, then the accumulator
         self.lse: torch.Tensor | None = None
 
     def add(self, out: torch.Tensor, lse: torch.Tensor) -> None:
         if self.out is None:
-            dtype = _accumulate_dtype(out.dtype)
-            self.out, self.lse = out.to(dtype), lse.to(dtype)
+            self.out, self.lse = out, lse
             return
         keep, take, self.lse = _weights(self.lse, lse)
-        self.out.mul_(keep).addcmul_(out, take)
+        self.out = self._rescaled(keep).addcmul_(out, take)
 
     def finish(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The merged output (in ``out``'s dtype and buffer) and lse."""
         if self.out is None:
-            return out, lse.to(_accumulate_dtype(out.dtype))
+            return out, lse
         keep, take, lse = _weights(self.lse, lse)
-        merged = torch.addcmul(self.out.mul_(keep), out, take, out=out)
+        merged = torch.addcmul(self._rescaled(keep), out, take, out=out)
         self.out = self.lse = None
         return merged, lse
+
+    def _rescaled(self, keep: torch.Tensor) -> torch.Tensor:
+        """``out · keep`` in the accumulation dtype: in place once it is ours in it."""
+        if self.out.dtype == keep.dtype:
+            return self.out.mul_(keep)
+        return torch.mul(self.out, keep)
 
 
 def _weights(lse_a: torch.Tensor, lse_b: torch.Tensor):
