@@ -189,6 +189,7 @@ def test_cache_falls_back_once_and_logs(monkeypatch, caplog):
     assert list(ak.chosen_backends().values()) == ["math"]
     assert [r.getMessage() for r in caplog.records] == [
         "attention kernels: forward cpu float32 d8 (aligned) uses math"
+        " (cpu_flash: no kernel for this)"
     ]
     assert rel(out, exact(q, q, q)[0]) <= 1e-6
     with ak.use_backend("cpu_flash"), pytest.raises(RuntimeError, match="no kernel"):

@@ -1,20 +1,19 @@
-"""Attention of one block of queries over one block of keys that also returns the log-sum-exp
+"""Attention of a block of queries over a block of keys that also returns the log-sum-exp
 (lse) per query, forward and backward, on torch's fused kernels; and the float32 merge of
 such partial results.
 
 Ring attention (and USP's ring part) attends over one K/V block at a time and merges the
-partial results by their lse. Its backward calls each block's fused backward kernel with the
+partial results by their lse. Its backward calls each block's fused backward with the
 *final* output and lse (as ring-flash-attn does): the kernel then recomputes the block's
 true probabilities, and the blocks' dq add up to the full dq.
 
-Tensors are ``[B, H, S, D]`` with any strides whose last one is 1: the layers' ``[B, S, H,
-D]`` tensors, transposed, need no copy. Outputs keep that ``[B, S, H, D]`` memory layout;
-lse is ``[B, H, S]`` (float32, float64 for float64 inputs) whatever shape a kernel returns it
-in (cuDNN ``[B, H, S, 1]`` or ``[B, H, S]``, memory-efficient padded along S to a multiple of
-32).
+Tensors are ``[B, H, S, D]`` with any strides whose last one is 1 (the layers' ``[B, S, H,
+D]`` tensors, transposed, need no copy); outputs keep ``[B, S, H, D]`` memory. lse is
+``[B, H, S]``, float32 (float64 for float64), whatever shape a kernel gives (cuDNN
+``[B, H, S, 1]`` or ``[B, H, S]``, memory-efficient padded along S to a multiple of 32).
 
 Backends, tried in this order until one runs; the one that ran is cached per pass, device,
-dtype, head dim and shape class, and logged once:
+dtype, head dim and shape class, and logged once (with why the ones before it did not):
 
 * CUDA, fp16/bf16: ``cudnn``, ``flash``, ``efficient``; fp32: ``efficient``;
 * CPU, fp32/bf16/fp16: ``cpu_flash``;
@@ -22,9 +21,8 @@ dtype, head dim and shape class, and logged once:
   matmul + logsumexp in float32/float64, in query × key chunks of at most
   :data:`MATH_CHUNK_ELEMENTS` scores, so it never holds a full ``[S, S]`` matrix.
 
-Kernel arguments are passed by the names of the op's schema in the running torch, so a
-reordered or extended signature is handled, and a missing argument fails loudly (and that
-backend is skipped).
+Kernel arguments go by the names in the running torch's op schema (a reordered signature
+is handled; a missing argument skips that backend).
 """
 
 from __future__ import annotations
@@ -182,17 +180,21 @@ def _dispatch(pass_name: str, q, k, v, call: Callable[[str], tuple]):
     candidates = _candidates(q.device, q.dtype)
     cached = _choices.get(key)
     start = candidates.index(cached) if cached in candidates else 0
+    skipped = []
     for name in candidates[start:]:
         try:
             result = call(name)
+        except torch.cuda.OutOfMemoryError:
+            raise
         except (RuntimeError, NotImplementedError) as err:
             if name == candidates[-1]:
                 raise
-            _log.debug("attention %s: %s does not apply (%s)", pass_name, name, err)
+            skipped.append(f"{name}: {str(err).strip().splitlines()[0][:200]}")
             continue
         if cached != name:
             _choices[key] = name
-            _log.info("attention kernels: %s uses %s", _describe(key), name)
+            why = f" ({'; '.join(skipped)})" if skipped else ""
+            _log.info("attention kernels: %s uses %s%s", _describe(key), name, why)
         return result
     raise AssertionError("unreachable: the last candidate raises")
 
@@ -226,28 +228,21 @@ def _invoke(packet, **values):
     return op(**kwargs)
 
 
-def _as_bhs(lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """A kernel's lse as ``[B, H, Sq]`` in float32 (float64 for float64; a view where
-    possible)."""
+def _checked(out: torch.Tensor, lse: torch.Tensor, q, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """A kernel's output, checked, and its lse as ``[B, H, Sq]`` (a view where possible)."""
     if lse.dim() == 4 and lse.shape[-1] == 1:
         lse = lse.squeeze(-1)
-    if lse.dim() != 3 or tuple(lse.shape[:2]) != tuple(q.shape[:2]) or lse.shape[2] < q.shape[2]:
-        raise RuntimeError(f"unexpected log-sum-exp shape {tuple(lse.shape)} for q {q.shape}")
-    return lse[:, :, : q.shape[2]].to(_accumulate_dtype(q.dtype))
-
-
-def _checked(out: torch.Tensor, lse: torch.Tensor, q, v) -> tuple[torch.Tensor, torch.Tensor]:
-    if tuple(out.shape) != (*q.shape[:3], v.shape[-1]):
-        raise RuntimeError(f"unexpected attention output shape {tuple(out.shape)}")
-    return out, _as_bhs(lse, q)
+    if tuple(out.shape) != (*q.shape[:3], v.shape[-1]) or (
+        lse.dim() != 3 or lse.shape[:2] != q.shape[:2] or lse.shape[2] < q.shape[2]
+    ):
+        raise RuntimeError(f"unexpected shapes: out {out.shape}, lse {lse.shape}, q {q.shape}")
+    return out, lse[:, :, : q.shape[2]].to(_accumulate_dtype(q.dtype))
 
 
 def _rng_state(name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The seed/offset tensors a backward takes (unused without dropout): those its
-    forward returned on this device, else empty ones."""
+    """The seed/offset a backward takes (unused without dropout): its forward's, or zeros."""
     if (name, device) not in _rng:
-        empty = torch.zeros((), dtype=torch.int64, device=device)
-        return empty, empty
+        _rng[(name, device)] = (torch.zeros((), dtype=torch.int64, device=device),) * 2
     return _rng[(name, device)]
 
 
@@ -270,8 +265,9 @@ def _cudnn_backward(dout, q, k, v, out, lse, scale):
         _aten._scaled_dot_product_cudnn_attention_backward,
         grad_out=dout, query=q, key=k, value=v, out=out,
         logsumexp=lse.unsqueeze(-1) if _cudnn_lse_dims == 4 else lse,
-        philox_seed=seed, philox_offset=offset, attn_bias=None, cum_seq_q=None, cum_seq_k=None, max_q=q.shape[2], max_k=k.shape[2],
-        dropout_p=0.0, is_causal=False, scale=scale,
+        philox_seed=seed, philox_offset=offset, attn_bias=None, cum_seq_q=None,
+        cum_seq_k=None, max_q=q.shape[2], max_k=k.shape[2], dropout_p=0.0, is_causal=False,
+        scale=scale,
     )[:3]  # fmt: skip
 
 
@@ -400,17 +396,5 @@ def _math_backward(dout, q, k, v, out, lse, scale):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-_FORWARD: dict[str, Callable] = {
-    "cudnn": _cudnn_forward,
-    "flash": _flash_forward,
-    "efficient": _efficient_forward,
-    "cpu_flash": _cpu_flash_forward,
-    "math": _math_forward,
-}
-_BACKWARD: dict[str, Callable] = {
-    "cudnn": _cudnn_backward,
-    "flash": _flash_backward,
-    "efficient": _efficient_backward,
-    "cpu_flash": _cpu_flash_backward,
-    "math": _math_backward,
-}
+_FORWARD: dict[str, Callable] = {name: globals()[f"_{name}_forward"] for name in BACKENDS}
+_BACKWARD: dict[str, Callable] = {name: globals()[f"_{name}_backward"] for name in BACKENDS}
