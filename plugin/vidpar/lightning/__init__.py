@@ -3,7 +3,7 @@ launcher, the telemetry callback and a ready-made video-diffusion LightningModul
 
 import warnings
 
-from vidpar.distributed.checkpoint import export_full_checkpoint
+from vidpar.distributed.full_weights import export_full_checkpoint
 from vidpar.lightning.callbacks import CollectiveTelemetry
 from vidpar.lightning.module import VideoDiffusionModule
 from vidpar.lightning.strategy import VidParStrategy
