@@ -1,10 +1,12 @@
 """Lightning integration: VidParStrategy (registered as ``vidpar`` and presets), its
-launcher, the telemetry callback and a ready-made video-diffusion LightningModule."""
+launcher, the telemetry callback, a ready-made video-diffusion LightningModule and one
+for diffusers' video transformers."""
 
 import warnings
 
 from vidpar.distributed.checkpoint import export_full_checkpoint
 from vidpar.lightning.callbacks import CollectiveTelemetry
+from vidpar.lightning.diffusers_module import DiffusersFlowModule, export_diffusers
 from vidpar.lightning.module import VideoDiffusionModule
 from vidpar.lightning.strategy import VidParStrategy
 
@@ -16,7 +18,9 @@ warnings.filterwarnings(
 
 __all__ = [
     "CollectiveTelemetry",
+    "DiffusersFlowModule",
     "VidParStrategy",
     "VideoDiffusionModule",
+    "export_diffusers",
     "export_full_checkpoint",
 ]
