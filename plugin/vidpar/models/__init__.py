@@ -1,0 +1,22 @@
+"""diffusers' video transformers on any vidpar layout.
+
+Public API:
+
+* :func:`parallelize(model, *, compile=False) <vidpar.models.parallelize.parallelize>`:
+  called inside a layout, prepares a diffusers ``WanTransformer3DModel`` or
+  ``CogVideoXTransformer3DModel`` for it in place and returns it (sequence parallel over
+  sp = ulysses × ring, heads and FFN over tp, weights under their diffusers names, the
+  forward signature and the outputs of the single-device model). Outside any layout it
+  changes nothing (``compile`` still compiles the repeated blocks).
+* :data:`SUPPORTED_MODELS`: the class names it knows.
+* :func:`peft_to_adapter <vidpar.nn.lora.peft_to_adapter>` turns a diffusers/PEFT LoRA
+  file into the adapter that :class:`vidpar.nn.lora.LoraManager` merges under any tp.
+
+``import vidpar.models`` does not import diffusers: the adapters work on the model
+objects they are given.
+"""
+
+from vidpar.models.parallelize import SUPPORTED_MODELS, parallelize
+from vidpar.nn.lora import peft_to_adapter
+
+__all__ = ["SUPPORTED_MODELS", "parallelize", "peft_to_adapter"]
