@@ -1,12 +1,13 @@
 """Lightning integration: VidParStrategy (registered as ``vidpar`` and presets), its
 launcher, the telemetry callback, a ready-made video-diffusion LightningModule and one
-for diffusers' video transformers."""
+for diffusers' video transformers (``DiffusersFlowModule`` and ``export_diffusers`` are
+imported lazily: diffusers is an optional extra)."""
 
 import warnings
+from typing import Any
 
 from vidpar.distributed.checkpoint import export_full_checkpoint
 from vidpar.lightning.callbacks import CollectiveTelemetry
-from vidpar.lightning.diffusers_module import DiffusersFlowModule, export_diffusers
 from vidpar.lightning.module import VideoDiffusionModule
 from vidpar.lightning.strategy import VidParStrategy
 
@@ -24,3 +25,11 @@ __all__ = [
     "export_diffusers",
     "export_full_checkpoint",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("DiffusersFlowModule", "export_diffusers"):
+        from vidpar.lightning import diffusers_module
+
+        return getattr(diffusers_module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -125,6 +124,20 @@ def read_prompt_file(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tenso
     if PROMPT not in tensors:
         raise ValueError(f"{path} has no {PROMPT!r} tensor (it has {sorted(tensors)})")
     return tensors[PROMPT], tensors.get(NEGATIVE)
+
+
+def _as_adapter(
+    source: str | os.PathLike | Mapping[str, torch.Tensor], scale: float
+) -> dict[str, torch.Tensor]:
+    """A vidpar LoRA adapter from a diffusers/PEFT LoRA or a vidpar adapter."""
+    from vidpar.nn.lora import load_adapter, peft_to_adapter
+
+    state = load_adapter(source)
+    if any(k.endswith((".lora_A.weight", ".lora_down.weight")) for k in state):
+        return peft_to_adapter(source if not isinstance(source, Mapping) else state, scale=scale)
+    if scale != 1.0:
+        state["scale"] = state.get("scale", torch.tensor(1.0, dtype=torch.float64)) * scale
+    return state
 
 
 def _padded(items: list[torch.Tensor], length: int) -> torch.Tensor:
@@ -279,13 +292,21 @@ class DiffusersVideoGenerator:
     # LoRA -------------------------------------------------------------------------------
 
     def set_lora_adapter(
-        self, name: str, path_or_state: str | os.PathLike | Mapping[str, torch.Tensor]
+        self,
+        name: str,
+        path_or_state: str | os.PathLike | Mapping[str, torch.Tensor],
+        scale: float = 1.0,
     ) -> list[str]:
-        """Load adapter ``name`` into every worker: a vidpar adapter (:mod:`vidpar.nn.lora`)
-        or a diffusers-format Wan LoRA file; returns the weights it targets."""
-        if isinstance(path_or_state, Path):
-            path_or_state = os.fspath(path_or_state)
-        return self.executor.collective_rpc("set_lora_adapter", name, path_or_state)[0]
+        """Load adapter ``name`` into every worker; returns the weights it targets.
+
+        A LoRA in the diffusers/PEFT layout (``<module>.lora_A.weight``, as diffusers'
+        ``save_lora_weights`` and PEFT write Wan LoRAs; kohya's ``lora_down``/``lora_up``
+        too) is converted by :func:`vidpar.nn.lora.peft_to_adapter` (its alpha applied,
+        merged with strength ``scale``); a vidpar adapter (:mod:`vidpar.nn.lora`) is taken
+        as it is. The file is read once, here; the tp-aware merge runs in the workers.
+        """
+        adapter = _as_adapter(path_or_state, scale)
+        return self.executor.collective_rpc("set_lora_adapter", name, adapter)[0]
 
     def merge_lora(self, name: str | None = None) -> str:
         """Fold adapter ``name`` (default: the only one set) into the weights."""
