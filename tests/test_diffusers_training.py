@@ -40,9 +40,11 @@ def fit(log_dir, folders, strategy, devices, max_steps, ckpt_path=None, save=Fal
     module = RecordingDiffusersModule(
         str(log_dir), path=str(model_dir), lr=1e-3, cfg_dropout=0.5, timestep_shift=3.0, **kwargs
     )
+    # Saved after every step: training goes on after a save (a sharded save once swapped the
+    # optimizer's tp moments for DTensors, and the next step failed).
     callbacks = [
         ModelCheckpoint(
-            dirpath=log_dir / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=max_steps
+            dirpath=log_dir / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=1
         )
     ]
     trainer = pl.Trainer(
@@ -74,7 +76,7 @@ def reference(folders, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tp2_sp2(folders, tmp_path_factory):
-    """Two steps at tp2 × sp2 with gradient checkpointing; a checkpoint at the end."""
+    """Two steps at tp2 × sp2 with gradient checkpointing; a checkpoint after each."""
     log_dir = tmp_path_factory.mktemp("tp2sp2")
     strategy = VidParStrategy(tp=2, sp=2)
     module = fit(log_dir, folders, strategy, 4, max_steps=2, save=True, gradient_checkpointing=True)

@@ -72,16 +72,23 @@ def _model_state(module: torch.nn.Module) -> dict[str, Any]:
 
 
 def _optimizer_state(module: torch.nn.Module, optimizer) -> dict[str, Any]:
-    """FQN-keyed optimizer state; moments of tp shards wrapped as DTensors."""
+    """FQN-keyed optimizer state; moments of tp shards wrapped as DTensors (in new dicts:
+    the per-parameter dicts ``get_optimizer_state_dict`` returns are the optimizer's own,
+    and the optimizer must keep its plain tensors to go on training after a save)."""
     optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer
     state = get_optimizer_state_dict(module, optimizer, options=StateDictOptions())
     mesh = _tp_mesh()
     if mesh is not None:
         params = dict(module.named_parameters())
         for name, dim in _tp_dims(module).items():
-            for key, value in state["state"].get(name, {}).items():
-                if isinstance(value, torch.Tensor) and value.shape == params[name].shape:
-                    state["state"][name][key] = _as_dtensor(value, dim, mesh)
+            if name not in state["state"]:
+                continue
+            state["state"][name] = {
+                key: _as_dtensor(value, dim, mesh)
+                if isinstance(value, torch.Tensor) and value.shape == params[name].shape
+                else value
+                for key, value in state["state"][name].items()
+            }
     return state
 
 

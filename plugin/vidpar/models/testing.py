@@ -1,10 +1,11 @@
 """Tiny, randomly initialised diffusers folders to try vidpar on (and to test it with).
 
-``make_tiny_wan("tiny-wan")``, ``make_tiny_wan_vae("tiny-wan-vae")`` and
-``make_tiny_latents("latents", "tiny-wan")`` write, in about a second, folders shaped like the
-real ones: a ``WanTransformer3DModel`` and an ``AutoencoderKLWan`` saved with
-``save_pretrained``, and a latents folder (:mod:`vidpar.data.latents`) that fits the model.
-Nothing is downloaded; the same seed writes the same weights.
+``make_tiny_folders(".")`` writes, in a few seconds, folders shaped like the real ones:
+``tiny-wan/`` (a ``WanTransformer3DModel``) and ``tiny-wan-vae/`` (an ``AutoencoderKLWan``)
+saved with ``save_pretrained``, ``latents/`` (a latents folder, :mod:`vidpar.data.latents`,
+that fits the model) and ``tiny-wan-lora/`` (a LoRA for it, saved by diffusers' Wan LoRA
+saver). Each has its own ``make_tiny_*`` function. Nothing is downloaded; the same seed
+writes the same weights.
 """
 
 from __future__ import annotations
@@ -89,3 +90,38 @@ def make_tiny_latents(
     negative = [torch.randn(2, dim, generator=gen) for _ in range(num_samples)]
     texts = [f"tiny prompt {i}" for i in range(num_samples)]
     return write_latents_folder(path, latents, prompts, negative, prompts=texts)
+
+
+def make_tiny_wan_lora(
+    path: str | os.PathLike, model_path: str | os.PathLike, rank: int = 2, seed: int = 0
+) -> Path:
+    """Save a random LoRA for the attention of the transformer at ``model_path`` in
+    diffusers' format (``pytorch_lora_weights.safetensors``, ``lora_alpha = 2 · rank``);
+    returns the file."""
+    from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
+
+    config = read_config(find_model_folder(model_path))
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    for block in range(config["num_layers"]):
+        for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+            name = f"blocks.{block}.attn1.{proj}"
+            layers[f"{name}.lora_A.weight"] = torch.randn(rank, dim, generator=gen) * 0.1
+            layers[f"{name}.lora_B.weight"] = torch.randn(dim, rank, generator=gen) * 0.1
+    metadata = {"r": rank, "lora_alpha": 2 * rank}
+    WanLoraLoaderMixin.save_lora_weights(
+        str(path), transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata
+    )
+    return Path(path) / "pytorch_lora_weights.safetensors"
+
+
+def make_tiny_folders(root: str | os.PathLike = ".") -> Path:
+    """``tiny-wan/``, ``tiny-wan-vae/``, ``latents/`` and ``tiny-wan-lora/`` under ``root``
+    (the folders the README's examples name); returns ``root``."""
+    root = Path(root)
+    model = make_tiny_wan(root / "tiny-wan")
+    make_tiny_wan_vae(root / "tiny-wan-vae")
+    make_tiny_latents(root / "latents", model)
+    make_tiny_wan_lora(root / "tiny-wan-lora", model)
+    return root

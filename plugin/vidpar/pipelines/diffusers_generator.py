@@ -100,8 +100,13 @@ def _generate_on_worker(
     videos = None
     if decode:
         with torch.no_grad():
-            videos = _decode(worker.vae, latents).float().cpu()
-    return latents.float().cpu(), videos, recorder.records if worker.rank == 0 else []
+            videos = _wide(_decode(worker.vae, latents))
+    return _wide(latents), videos, recorder.records if worker.rank == 0 else []
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """On the CPU in float32 or wider (float64 results stay float64)."""
+    return x.to("cpu", torch.promote_types(x.dtype, torch.float32))
 
 
 def _as_batch(embeds: torch.Tensor | Sequence[torch.Tensor], what: str) -> list[torch.Tensor]:
@@ -250,7 +255,8 @@ class DiffusersVideoGenerator:
         ``num_frames``, ``height``, ``width`` are the video's size with a VAE (Wan: 81, 480,
         832) and the latents' size without. Returns uint8 frames ``[B, F, H, W, 3]`` (or
         float videos ``[B, 3, F, H, W]`` in about [-1, 1] with ``output_type="float"``) with
-        a VAE; the latents ``[B, C, T, H, W]`` without one or with ``output_type="latent"``.
+        a VAE; the latents ``[B, C, T, H, W]`` without one or with ``output_type="latent"``
+        (float tensors in float32, or float64 for a float64 model).
         ``output`` (``.mp4``, ``.gif``; needs a VAE) gets the videos side by side.
         """
         if output_type not in ("uint8", "float", "latent"):
