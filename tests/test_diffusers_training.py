@@ -161,6 +161,8 @@ def test_a_clip_needs_class_names_and_matching_channels(folders):
     with pytest.raises(ValueError, match=r"with 3 channels, but the transformer .* in_channels=16"):
         DiffusersFlowModule(str(folders[0]), video_shape=[3, 2, 8, 8])
     module = DiffusersFlowModule(str(folders[0]))
+    assert (module.num_heads, module.in_channels) == (4, 16)  # read from config.json only
+    assert module.model is None
     batch = {"video": torch.zeros(1, 16, 1, 2, 2), "label": torch.tensor([0])}
     with pytest.raises(ValueError, match="without class_names"):
         module._inputs(batch)

@@ -98,6 +98,16 @@ class DiffusersFlowModule(pl.LightningModule):
             embeds = None
         self.register_buffer("class_embeds", embeds, persistent=False)
 
+    @property
+    def num_heads(self) -> int:
+        """The transformer's attention heads (ulysses × tp must divide them)."""
+        return int(self.transformer_config["num_attention_heads"])
+
+    @property
+    def in_channels(self) -> int:
+        """The channels of the latents (or clips) the transformer takes."""
+        return int(self.transformer_config["in_channels"])
+
     def configure_model(self) -> None:
         if self.model is not None:
             return
