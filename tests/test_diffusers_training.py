@@ -1,6 +1,6 @@
-"""DiffusersFlowModule with real Trainers on a tiny diffusers Wan: tp2 × sp2 equals one
-process on the same global batch, its sharded checkpoint resumes at tp1 and exports to a
-diffusers folder, the moving-shape clips train it, and the Hydra recipe composes and fits."""
+"""DiffusersFlowModule with real Trainers on a tiny diffusers Wan: the Hydra recipe at
+tp2 × sp2 equals one process on the same global batch, its sharded checkpoint resumes at
+tp1 and exports to a diffusers folder, and the moving-shape clips train a 3-channel Wan."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf.errors import MissingMandatoryValue
 
 from diffusers_modules import RecordingDiffusersModule
@@ -32,21 +31,15 @@ def folders(tmp_path_factory):
     return model, make_tiny_latents(root / "latents", model)
 
 
-def fit(log_dir, folders, strategy, devices, max_steps, ckpt_path=None, save=False, **kwargs):
-    """``max_steps`` steps of batch 2 over the 4 latents (2 steps an epoch), in float64."""
+def fit(log_dir, folders, strategy, devices, max_steps, ckpt_path=None):
+    """``max_steps`` steps of batch 2 over the 4 latents (2 steps an epoch), in float64,
+    with the settings the recipe run of :func:`tp2_sp2` overrides."""
     model_dir, latents = folders
     log_dir.mkdir(parents=True, exist_ok=True)
     datamodule = LatentsDataModule(str(latents), batch_size=2, shuffle=False)
     module = RecordingDiffusersModule(
-        str(log_dir), path=str(model_dir), lr=1e-3, cfg_dropout=0.5, timestep_shift=3.0, **kwargs
+        str(log_dir), path=str(model_dir), lr=1e-3, cfg_dropout=0.5, timestep_shift=3.0
     )
-    # Saved after every step: training goes on after a save (a sharded save once swapped the
-    # optimizer's tp moments for DTensors, and the next step failed).
-    callbacks = [
-        ModelCheckpoint(
-            dirpath=log_dir / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=1
-        )
-    ]
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -54,8 +47,7 @@ def fit(log_dir, folders, strategy, devices, max_steps, ckpt_path=None, save=Fal
         max_steps=max_steps,
         precision="64-true",
         logger=False,
-        callbacks=callbacks if save else [],
-        enable_checkpointing=save,
+        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -76,10 +68,45 @@ def reference(folders, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tp2_sp2(folders, tmp_path_factory):
-    """Two steps at tp2 × sp2 with gradient checkpointing; a checkpoint after each."""
+    """Two steps of the wan2_1_t2v_1p3b recipe (gradient checkpointing on) at tp2 × sp2 on
+    CPU processes, built as vidpar-train builds a run (``instantiate(cfg.data)``,
+    ``instantiate(cfg.model, video_shape=...)``, ``build_trainer(cfg)``), with the
+    reference's settings, in float64, and a checkpoint after every step (training goes on
+    after a save: a sharded save once swapped the optimizer's tp moments for DTensors, and
+    the next step failed)."""
+    from vidpar.cli.train import build_trainer
+
     log_dir = tmp_path_factory.mktemp("tp2sp2")
-    strategy = VidParStrategy(tp=2, sp=2)
-    module = fit(log_dir, folders, strategy, 4, max_steps=2, save=True, gradient_checkpointing=True)
+    model_dir, latents = folders
+    cfg = compose_train(
+        "recipe=wan2_1_t2v_1p3b",
+        "parallel=tp2_sp2",
+        "trainer=cpu",
+        f"model.path={model_dir}",
+        f"data.path={latents}",
+        "model._target_=diffusers_modules.RecordingDiffusersModule",
+        f"+model.log_dir={log_dir}",
+        "model.lr=1e-3",
+        "model.cfg_dropout=0.5",
+        "data.batch_size=2",
+        "data.shuffle=false",
+        "data.num_workers=0",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.precision=64-true",
+        "trainer.gradient_clip_val=null",
+        "+trainer.use_distributed_sampler=false",  # dp = 1: every rank reads the same batches
+        "checkpoint.every_n_train_steps=1",
+        "logger=none",
+        "telemetry=off",
+        f"output_dir={log_dir}",
+    )
+    assert cfg.model.gradient_checkpointing and cfg.model.timestep_shift == 3.0
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.model, video_shape=list(datamodule.video_shape), _convert_="all")
+    trainer = build_trainer(cfg)
+    assert trainer.world_size == 4
+    trainer.fit(module, datamodule=datamodule)
     return log_dir, full_weights(module)
 
 
@@ -102,7 +129,7 @@ def test_the_checkpoint_holds_full_diffusers_weights_and_resumes_at_tp1(
     reference, tp2_sp2, folders, tmp_path
 ):
     ref_losses, ref_weights = reference
-    ckpt = tp2_sp2[0] / "ckpt" / "last.ckpt"
+    ckpt = tp2_sp2[0] / "checkpoints" / "last.ckpt"
     from torch.distributed.checkpoint import FileSystemReader
 
     saved = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
@@ -116,7 +143,7 @@ def test_the_checkpoint_holds_full_diffusers_weights_and_resumes_at_tp1(
 
 def test_a_checkpoint_exports_to_a_diffusers_folder(tp2_sp2, folders, tmp_path):
     log_dir, weights = tp2_sp2
-    out = export_diffusers(log_dir / "ckpt" / "last.ckpt", tmp_path / "trained")
+    out = export_diffusers(log_dir / "checkpoints" / "last.ckpt", tmp_path / "trained")
     assert json.loads((out / "config.json").read_text()) == json.loads(
         (folders[0] / "config.json").read_text()
     )
@@ -182,29 +209,3 @@ def test_the_recipe_needs_a_diffusers_folder(tmp_path):
     cfg.model.path = str(tmp_path)
     with pytest.raises(Exception, match=r"is not a diffusers folder: there is no .*config\.json"):
         instantiate(cfg.model)
-
-
-def test_the_recipe_trains_on_a_latents_folder_with_sp2(folders, tmp_path):
-    """The CLI's generic path (vidpar.cli.train.run) with the recipe on CPU processes."""
-    from vidpar.cli.train import build_trainer
-
-    model_dir, latents = folders
-    cfg = compose_train(
-        "recipe=wan2_1_t2v_1p3b",
-        f"model.path={model_dir}",
-        f"data.path={latents}",
-        "data.num_workers=0",
-        "trainer=cpu",
-        "trainer.max_steps=2",
-        "trainer.val_check_interval=2",
-        "logger=none",
-        "telemetry=off",
-        f"output_dir={tmp_path}",
-    )
-    datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.model, video_shape=list(datamodule.video_shape), _convert_="all")
-    trainer = build_trainer(cfg)
-    assert trainer.world_size == 2
-    trainer.fit(module, datamodule=datamodule)
-    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
-    assert (tmp_path / "checkpoints" / "last.ckpt" / "trainer_state.pt").is_file()
