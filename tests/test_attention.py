@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from vidpar.config import ParallelConfig
 from vidpar.distributed import communication_op as comm
-from vidpar.distributed import parallel_state as ps
+from vidpar.distributed import state as ps
 from vidpar.distributed import telemetry
-from vidpar.nn import DistributedAttention, resolve_group
+from vidpar.nn import DistributedAttention
 
 HEADS, HEAD_DIM, BATCH = 4, 8, 2
 
@@ -38,7 +38,7 @@ def reference(q, k, v, joint_k, joint_v, weight):
 
 def attention_errors(seq_len: int, joint_len: int, dtype: torch.dtype = torch.float64) -> float:
     """Largest relative error of the parallel output and gradients on this rank."""
-    tp, sp = resolve_group("tp"), resolve_group("sp")  # groups of one without a layout
+    tp, sp = ps.get_tp_group(), ps.get_sp_group()  # groups of one without a layout
     gen = torch.Generator().manual_seed(7 * seq_len + joint_len)
 
     def randn(*shape):
@@ -143,8 +143,8 @@ def test_communication_per_mode(worlds, size: int, layout: ParallelConfig, expec
 
 def bad_heads() -> list[str]:
     messages = []
-    try:
-        DistributedAttention(num_heads=6)
+    try:  # heads are checked once, where a model meets the layout
+        ps.get_parallel_state().check_heads(6)
     except ValueError as e:
         messages.append(str(e))
     x = torch.randn(1, 2, 3, 4)

@@ -12,9 +12,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from vidpar.benchmarks import SUITES, options_class
-from vidpar.benchmarks.common import format_table, geometric_sizes, parse_bytes, rank_max
+from vidpar.benchmarks.common import format_table, geometric_sizes, median, parse_bytes, rank_max
 from vidpar.cli import bench
-from vidpar.cli.hydra_setup import CONFIG_DIR, UserError
+from vidpar.cli.hydra_setup import UserError
+from vidpar.resources import CONFIG_DIR
 
 
 def test_sizes_and_statistics():
@@ -119,3 +120,24 @@ def test_bad_settings_are_user_errors():
         cfg = compose(config_name="bench", overrides=["suite=dit", "dit.modes=[tp3]"])
         with pytest.raises(UserError, match="unknown dit mode 'tp3'"):
             bench.run(cfg)
+
+
+def test_communicators_suite_needs_cuda_and_summarises_per_path():
+    from vidpar.benchmarks import Common, communicators
+
+    with pytest.raises(ValueError, match="device=cuda"):
+        communicators.run(communicators.CommunicatorsOptions(), Common(device="cpu"))
+    rank = {  # one rank's sweep of one run: per-iteration seconds of each path
+        "library": "NcclLibrary(NCCL 2.28.9 from /x/libnccl.so.2)",
+        "rows": [
+            {"op": "all_reduce", "bytes": 1024, "torch": [4e-5, 6e-5], "pynccl": [2e-5, 2e-5]},
+        ],
+    }
+    slow = {**rank, "rows": [{**rank["rows"][0], "torch": [8e-5, 8e-5]}]}
+    rows = communicators.summarise([[rank, slow], [rank, rank]], world=2)
+    (row,) = rows
+    assert row["torch"]["run_medians_s"] == pytest.approx([8e-5, 5e-5])  # slowest rank
+    assert row["pynccl_over_torch"] == pytest.approx(median([2 / 8, 2 / 5]))
+    text = communicators.table({"results": rows})
+    assert "pynccl/torch" in text and "graph" not in text
+    assert text.splitlines()[2].split()[:3] == ["all_reduce", "1", "KiB"]

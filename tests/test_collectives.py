@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vidpar.config import GROUP_DIMS, ParallelConfig
-from vidpar.distributed import parallel_state as ps
+from vidpar.distributed import state as ps
 
 LAYOUTS = [
     pytest.param(2, ParallelConfig(tp=2), id="tp2"),
@@ -29,10 +29,10 @@ def check_every_op_on_every_group() -> list[str]:
     """Runs on each rank; returns the names of the checks that ran (all must pass)."""
     done = []
     for name in GROUP_DIMS:
-        group = ps._group(name)
+        group = ps.get_parallel_state().group(name)
         n, me = group.world_size, group.rank_in_group
         shape = (2 * n, 3 * n, 4)
-        xs = [member_data(r, shape) for r in group.ranks]
+        xs = [member_data(r, shape).to(group.device) for r in group.ranks]
         x = xs[me]
 
         assert torch.allclose(group.all_reduce(x.clone()), sum(xs)), name
@@ -83,27 +83,35 @@ def test_every_op_matches_single_process_math(worlds, size: int, layout: Paralle
 
 
 def groups_seen_by_this_rank() -> dict[str, list[int]]:
-    return {name: ps._group(name).ranks for name in GROUP_DIMS}
+    return {name: ps.get_parallel_state().group(name).ranks for name in GROUP_DIMS}
 
 
 @pytest.mark.parametrize(("size", "layout"), LAYOUTS)
 def test_groups_match_the_pure_layout(worlds, size: int, layout: ParallelConfig) -> None:
-    config = layout.with_world_size(size)
+    config = layout.resolve(size)
     for rank, groups in enumerate(worlds(size).run(groups_seen_by_this_rank, layout=layout)):
         for name, ranks in groups.items():
             assert ranks == config.group_of(name, rank), (rank, name)
 
 
-def mesh_groups() -> dict[str, list[int]]:
-    mesh = ps.get_device_mesh()
-    return {dim: mesh[dim].mesh.flatten().tolist() for dim in mesh.mesh_dim_names}
+def mesh_groups() -> tuple[dict[str, list[int]], list[str]]:
+    state = ps.get_parallel_state()
+    mesh = state.mesh
+    ranks = {dim: mesh[dim].mesh.flatten().tolist() for dim in mesh.mesh_dim_names}
+    # The mesh holds the layout's own process groups: none was created a second time.
+    same = [dim for dim in mesh.mesh_dim_names if mesh.get_group(dim) is state._mesh_groups[dim]]
+    shared = [
+        d for d in ("tp", "ulysses", "dp") if mesh.get_group(d) is state.group(d).device_group
+    ]
+    return ranks, same + shared
 
 
-def test_device_mesh_has_the_same_layout(worlds) -> None:
+def test_device_mesh_is_made_of_the_layouts_own_groups(worlds) -> None:
     layout = ParallelConfig(tp=2, sp=2, dp=2)
-    config = layout.with_world_size(8)
-    for rank, groups in enumerate(worlds(8).run(mesh_groups, layout=layout)):
+    config = layout.resolve(8)
+    for rank, (groups, same) in enumerate(worlds(8).run(mesh_groups, layout=layout)):
         assert list(groups) == ["dp", "cfg", "ring", "ulysses", "tp"]
+        assert same == ["dp", "cfg", "ring", "ulysses", "tp", "tp", "ulysses", "dp"]
         for dim, ranks in groups.items():
             assert ranks == config.group_of(dim, rank), (rank, dim)
 
@@ -121,28 +129,27 @@ def test_groups_of_one_communicate_nothing(worlds) -> None:
     assert all(worlds(2).run(size_one_groups_do_nothing, layout=ParallelConfig(tp=2)))
 
 
-def getter_after_destroy() -> str:
+def getter_after_destroy() -> tuple[int, list[int], int]:
     ps.initialize_model_parallel(ParallelConfig(tp=2))
     ps.destroy_model_parallel()
-    try:
-        ps.get_tp_group()
-    except RuntimeError as err:
-        return str(err)
-    return "no error"
+    tp = ps.get_tp_group()  # no layout any more: a world of one
+    return tp.world_size, tp.ranks, ps.get_parallel_config().world_size
 
 
-def test_getters_after_destroy_raise_clearly(worlds) -> None:
-    for message in worlds(2).run(getter_after_destroy):
-        assert "the tp group is not initialised" in message
+def test_after_destroy_the_state_is_a_world_of_one(worlds) -> None:
+    assert worlds(2).run(getter_after_destroy) == [(1, [0], 1), (1, [1], 1)]
 
 
-def test_getters_before_init_raise_clearly() -> None:
-    with pytest.raises(RuntimeError, match="the sp group is not initialised"):
-        ps.get_sp_group()
-    with pytest.raises(RuntimeError, match="init_distributed_environment"):
-        ps.get_world_group()
-    with pytest.raises(RuntimeError, match="no parallel layout"):
-        ps.get_parallel_config()
+def test_without_a_layout_every_group_is_a_world_of_one() -> None:
+    state = ps.get_parallel_state()
+    assert state is ps.ParallelState.single() and state.is_single
+    assert {name: g.ranks for name, g in state.groups.items()} == {n: [0] for n in GROUP_DIMS}
+    x = torch.randn(3)
+    assert ps.get_sp_group().all_reduce(x) is x and ps.get_world_group().world_size == 1
+    with pytest.raises(RuntimeError, match="needs initialize_model_parallel"):
+        _ = state.mesh
+    with pytest.raises(ValueError, match="unknown group 'pp'"):
+        state.group("pp")
 
 
 def wrong_world_size() -> str:

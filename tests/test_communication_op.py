@@ -8,7 +8,7 @@ import torch
 
 from vidpar.config import ParallelConfig
 from vidpar.distributed import communication_op as comm
-from vidpar.distributed import parallel_state as ps
+from vidpar.distributed import state as ps
 from vidpar.distributed.utils import pad_to_multiple
 
 GROUPS = ["tp", "sp", "ulysses", "ring", "dp"]
@@ -27,7 +27,7 @@ def local_and_emulated(name: str, op, emulate, shape, replicated_weight: bool, *
     it once; otherwise the total loss is the sum over ranks. ``copy_to_group``'s input is
     replicated by contract: one tensor shared by every rank of the emulation.
     """
-    group = ps._group(name)
+    group = ps.get_parallel_state().group(name)
     n, me = group.world_size, group.rank_in_group
     if op is comm.copy_to_group:
         xs = [data(1, 0, shape).requires_grad_()] * n
@@ -80,7 +80,7 @@ def check_autograd_ops() -> int:
             assert torch.allclose(grad, expect_grad, atol=1e-12, rtol=0), (name, op.__name__)
             checks += 1
         # shard_to_group: the input is replicated (the same on every rank).
-        group = ps._group(name)
+        group = ps.get_parallel_state().group(name)
         full = data(3, 0, (2, 4 * group.world_size, 3)).requires_grad_()
         shard = comm.shard_to_group(full, group, 1)
         w = data(4, group.ranks[group.rank_in_group], shard.shape)
@@ -112,10 +112,10 @@ def ulysses_round_trip(seq_len: int) -> bool:
     x = data(5, 0, (2, seq_len, 4 * n, 3)).requires_grad_()
     local = comm.shard_sequence(x, group, dim=1)
     assert local.shape[1] == -(-seq_len // n)
-    heads = comm.ulysses_seq_to_heads(local, group)
+    heads = comm.all_to_all(local, group, scatter_dim=2, gather_dim=1)  # seq -> heads
     padded, _ = pad_to_multiple(x.detach(), n, 1)
     assert torch.equal(heads, padded.chunk(n, 2)[me])
-    back = comm.ulysses_heads_to_seq(heads * 2.0, group)
+    back = comm.all_to_all(heads * 2.0, group, scatter_dim=1, gather_dim=2)  # and back
     full = comm.gather_sequence(back, group, seq_len, dim=1)
     assert torch.equal(full, 2.0 * x.detach())
     full.sum().backward()
@@ -127,14 +127,6 @@ def ulysses_round_trip(seq_len: int) -> bool:
 @pytest.mark.parametrize("seq_len", [8, 7, 5, 1])
 def test_uneven_sequences_round_trip_exactly(worlds, seq_len: int) -> None:
     assert all(worlds(4).run(ulysses_round_trip, seq_len, layout=ParallelConfig(sp=4)))
-
-
-def tp_all_reduce_sum() -> float:
-    return comm.tensor_parallel_all_reduce(torch.tensor([float(ps.get_tp_rank() + 1)])).item()
-
-
-def test_tensor_parallel_all_reduce(worlds) -> None:
-    assert worlds(2).run(tp_all_reduce_sum, layout=ParallelConfig(tp=2)) == [3.0, 3.0]
 
 
 def in_place_reduce_matches_the_copying_one() -> bool:

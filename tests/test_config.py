@@ -99,10 +99,10 @@ def test_bad_sizes_name_the_numbers(kwargs: dict, message: str) -> None:
 
 
 def test_dp_is_inferred_from_the_world_size() -> None:
-    config = ParallelConfig(tp=2, sp=2).with_world_size(16)
+    config = ParallelConfig(tp=2, sp=2).resolve(16)
     assert (config.dp, config.world_size) == (4, 16)
     with pytest.raises(ValueError, match="but world size is 8"):
-        ParallelConfig(tp=2, dp=1).with_world_size(8)
+        ParallelConfig(tp=2, dp=1).resolve(8)
 
 
 def test_heads_must_divide_over_ulysses_and_tp() -> None:

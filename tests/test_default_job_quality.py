@@ -11,8 +11,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from vidpar.cli.hydra_setup import CONFIG_DIR, register
+from vidpar.cli.hydra_setup import register
 from vidpar.data import fit_shape
+from vidpar.resources import CONFIG_DIR
 
 register()
 

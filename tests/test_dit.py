@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from vidpar.config import ParallelConfig
-from vidpar.distributed import parallel_state as ps
-from vidpar.nn import DiTConfig, VideoDiT, full_state_dict, resolve_group, single_process
+from vidpar.distributed import state as ps
+from vidpar.distributed.full_weights import full_state_dict
+from vidpar.nn import DiTConfig, VideoDiT
 
 SIZES = {
     "in_channels": 3,
@@ -62,7 +63,7 @@ def dit_errors(
     (``recompute``: the parallel model under activation checkpointing)."""
     dtype = getattr(torch, dtype_name)
     config = DiTConfig(**{**SIZES, "num_classes": SIZES["num_classes"] if cond == "class" else 0})
-    with single_process():
+    with ps.single_process():
         ref = VideoDiT(config).to(dtype)
     randomize(ref)
     par_config = DiTConfig(**{**vars(config), "activation_checkpointing": recompute})
@@ -76,7 +77,7 @@ def dit_errors(
     def rel(a, b):
         return ((a - b).abs().max() / b.abs().max()).item()
 
-    tp, sp = resolve_group("tp"), resolve_group("sp")
+    tp, sp = ps.get_tp_group(), ps.get_sp_group()
     ref_params = dict(ref.named_parameters())
     grad_errors = {}
     for name, p in par.named_parameters():
@@ -193,4 +194,4 @@ def test_config_checks_head_dim() -> None:
 
 def test_parallel_state_unused_without_layout() -> None:
     assert not ps.model_parallel_is_initialized()
-    assert resolve_group("sp").world_size == 1
+    assert ps.get_sp_group().world_size == 1

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from vidpar import ParallelConfig
-from vidpar.distributed import parallel_state as ps
+from vidpar.distributed import state as ps
 from vidpar.executor import (
     Executor,
     ExecutorError,
@@ -27,6 +27,7 @@ from vidpar.executor import (
     RpcTimeoutError,
     Worker,
     WorkerDiedError,
+    rpc,
 )
 
 #: Generous: the machine is small and shared; latency is measured separately.
@@ -40,6 +41,7 @@ CALL = 60.0
 class _TestWorker(Worker):
     """A Worker subclass with a stateful RPC."""
 
+    @rpc
     def add(self, amount: int) -> int:
         self.total = getattr(self, "total", 0) + amount
         return self.total

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vidpar.config import ParallelConfig
-from vidpar.distributed import parallel_state as ps
+from vidpar.distributed import state as ps
 from vidpar.pipelines import (
     FlowMatchEulerSampler,
     cfg_combine,

@@ -158,7 +158,7 @@ def test_mistakes_fail_before_any_worker_starts(checkpoint, tmp_path) -> None:
         VideoGenerator.from_checkpoint(checkpoint, parallel=ParallelConfig(sp=8), devices="cpu")
     bare = tmp_path / "bare.safetensors"
     save_file({"w": torch.zeros(1)}, str(bare))
-    with pytest.raises(ValueError, match=r"no vidpar\.dit_config metadata"):
+    with pytest.raises(ValueError, match=r"records no DiT config"):
         VideoGenerator.from_checkpoint(bare)
     pt = tmp_path / "model.pt"
     torch.save({}, pt)

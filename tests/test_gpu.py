@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from vidpar.config import ParallelConfig
+from vidpar.distributed.full_weights import full_state_dict, load_full_state_dict
 from vidpar.executor import Executor
 from vidpar.nn.dit import DiTConfig, VideoDiT
-from vidpar.nn.linear import full_state_dict, load_full_state_dict
 
 pytestmark = pytest.mark.gpu
 
@@ -75,16 +75,21 @@ def test_dit_on_two_gpus_in_bf16_matches_float32_reference(layout: ParallelConfi
     assert (out - ref).norm() / ref.norm() < 2e-2
 
 
-def _all_ops_on_gpu(worker) -> bool:
+def _all_ops_on_gpu(worker, communicator: str) -> bool:
     from test_collectives import check_every_op_on_every_group
+    from vidpar.distributed import state as ps
 
+    tp = ps.get_tp_group().communicator
+    # auto keeps multi-rank pynccl off until validated; pynccl forces it for every op
+    assert (getattr(tp, "pynccl", None) is not None) == (communicator == "pynccl"), tp
     return bool(check_every_op_on_every_group())
 
 
 @needs_gpus(2)
-def test_every_group_op_on_two_gpus() -> None:
-    with Executor(ParallelConfig(tp=2), devices="cuda") as executor:
-        assert all(executor.collective_rpc(_all_ops_on_gpu))
+@pytest.mark.parametrize("communicator", ["auto", "pynccl"])
+def test_every_group_op_on_two_gpus(communicator: str) -> None:
+    with Executor(ParallelConfig(tp=2), devices="cuda", communicator=communicator) as executor:
+        assert all(executor.collective_rpc(_all_ops_on_gpu, communicator))
 
 
 def test_trainer_on_gpu_with_vidpar(tmp_path) -> None:

@@ -19,11 +19,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from lightning_models import TINY_DIT, RecordingDiT, full_weights, read_losses
-from vidpar.distributed.checkpoint import export_full_checkpoint, is_complete, load_sharded
-from vidpar.distributed.utils import get_free_port
+from vidpar.distributed.checkpoint import is_complete, load_sharded
+from vidpar.distributed.full_weights import export_full_checkpoint
 from vidpar.lightning import VidParStrategy
 from vidpar.nn.dit import VideoDiT
 from vidpar.pipelines import VideoGenerator
+from world import get_free_port
 
 TESTS = Path(__file__).parent
 
@@ -133,13 +134,16 @@ def test_tp2_sp2_checkpoint_resumes_in_one_process(reference, tp2_sp2_half, tmp_
 
 def test_export_full_checkpoint_loads_into_a_single_device_model(tp2_sp2_half, tmp_path):
     log_dir, weights = tp2_sp2_half
-    out = export_full_checkpoint(log_dir / "ckpt" / "last.ckpt", tmp_path / "model.safetensors")
     from safetensors.torch import load_file
 
-    model = VideoDiT(TINY_DIT).double()
-    model.load_state_dict(load_file(str(out)))
-    expect = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
-    assert_weights_close(full_weights(model), expect, tol=0)
+    ckpt = log_dir / "ckpt" / "last.ckpt"
+    for prefix, default in (("model.", False), ("ema_model.", True)):
+        out = tmp_path / f"{prefix}safetensors"
+        export_full_checkpoint(ckpt, out, **({} if default else {"prefix": prefix}))
+        model = VideoDiT(TINY_DIT).double()
+        model.load_state_dict(load_file(str(out)))
+        expect = {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
+        assert_weights_close(full_weights(model), expect, tol=0)  # EMA weights by default
 
 
 def test_generation_from_a_checkpoint_directory_uses_the_ema_weights(tp2_sp2_half, tmp_path):

@@ -18,17 +18,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vidpar.config import ParallelConfig
-from vidpar.distributed import parallel_state as ps
-from vidpar.nn import (
-    ColumnParallelLinear,
-    QKVParallelLinear,
-    RowParallelLinear,
+from vidpar.distributed import single_process
+from vidpar.distributed import state as ps
+from vidpar.distributed.full_weights import (
     full_state_dict,
     load_full_state_dict,
     load_full_weights,
     save_full_weights,
-    single_process,
 )
+from vidpar.nn import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 
 
 class Block(nn.Module):

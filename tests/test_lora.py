@@ -12,10 +12,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vidpar.config import ParallelConfig
+from vidpar.distributed import single_process
+from vidpar.distributed.full_weights import full_state_dict
 from vidpar.executor import Executor, RemoteError, Worker
-from vidpar.nn import DiTConfig, VideoDiT, full_state_dict, single_process
+from vidpar.nn import DiTConfig, VideoDiT
 from vidpar.nn.lora import LoraManager, shard_delta
 from vidpar.pipelines import export_weights, read_model_info
+from vidpar.pipelines.generator_worker import GeneratorWorker
 
 CONFIG = DiTConfig(
     in_channels=3,
@@ -263,7 +266,10 @@ def test_lora_rpcs_through_the_executor(tmp_path) -> None:
         expected = merged_reference(ref, adapter)(x, t, c)
         base_out = ref(x, t, c)
     with Executor(
-        ParallelConfig(tp=2), worker_factory=_build_reference_model, devices="cpu"
+        ParallelConfig(tp=2),
+        worker_factory=_build_reference_model,
+        devices="cpu",
+        worker_cls=GeneratorWorker,
     ) as executor:
         assert executor.collective_rpc("set_lora_adapter", "style", str(path)) == [TARGETS] * 2
         before = executor.collective_rpc(_shards)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vidpar.config import ParallelConfig
-from vidpar.distributed import parallel_state as ps
+from vidpar.distributed import state as ps
 from vidpar.distributed import telemetry
 from vidpar.distributed.device_communicators import create_communicator
 from vidpar.distributed.device_communicators.cpu import CpuCommunicator

@@ -1,22 +1,11 @@
-"""Splitting, padding, serialisation and ports."""
+"""Splitting and padding."""
 
 from __future__ import annotations
-
-import socket
 
 import pytest
 import torch
 
-from vidpar.distributed.utils import (
-    deserialize_object,
-    divide,
-    get_free_port,
-    pad_to_multiple,
-    serialize_object,
-    shard_sizes,
-    split_tensor_along_dim,
-    unpad,
-)
+from vidpar.distributed.utils import divide, pad_to_multiple, split_tensor_along_dim, unpad
 
 
 def test_divide() -> None:
@@ -36,30 +25,15 @@ def test_split_along_any_dim(dim: int) -> None:
 
 
 @pytest.mark.parametrize(("length", "parts"), [(8, 4), (7, 4), (5, 2), (1, 4), (9, 8)])
-def test_padding_round_trip_and_shard_sizes(length: int, parts: int) -> None:
+def test_padding_round_trip(length: int, parts: int) -> None:
     x = torch.randn(2, length, 3)
     padded, pad = pad_to_multiple(x, parts, dim=1)
     assert padded.shape[1] % parts == 0 and pad == padded.shape[1] - length
     assert torch.equal(padded[:, length:], torch.zeros(2, pad, 3))
     assert torch.equal(unpad(padded, length, dim=1), x)
-    sizes = shard_sizes(length, parts)
-    assert sum(sizes) == length and len(sizes) == parts
-    assert sizes == sorted(sizes, reverse=True)
 
 
 def test_no_copy_when_already_a_multiple() -> None:
     x = torch.randn(4, 8)
     padded, pad = pad_to_multiple(x, 4, dim=1)
     assert pad == 0 and padded is x
-
-
-def test_object_round_trip() -> None:
-    obj = {"a": [1, 2.5, "x"], "t": torch.arange(3)}
-    back = deserialize_object(serialize_object(obj))
-    assert back["a"] == obj["a"] and torch.equal(back["t"], obj["t"])
-
-
-def test_free_port_is_bindable() -> None:
-    port = get_free_port()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", port))

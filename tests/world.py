@@ -12,16 +12,23 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import socket
 import time
 import traceback
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from vidpar.config import ParallelConfig
-from vidpar.distributed.utils import get_free_port
 
 #: Time a world waits for the other ranks once one rank has failed.
 FAILURE_GRACE_S = 5.0
+
+
+def get_free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago (tests' own rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 class WorldError(AssertionError):
@@ -32,7 +39,7 @@ def _serve(rank: int, size: int, port: int, conn: Connection) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from vidpar.distributed import parallel_state as ps
+    from vidpar.distributed import state as ps
 
     ps.init_distributed_environment(
         world_size=size,

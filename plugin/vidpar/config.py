@@ -28,6 +28,21 @@ GROUP_DIMS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Named layouts, defined once: Hydra's ``parallel=<name>`` presets and Lightning's
+#: ``strategy="vidpar_<name>"`` both read this table (``dp=-1``: the rest of the world).
+PRESETS: dict[str, dict[str, int]] = {
+    "single": {},
+    "tp2": {"tp": 2},
+    "sp2": {"sp": 2},
+    "ring2": {"ring": 2},
+    "cfg2": {"cfg": 2},
+    "tp2_sp2": {"tp": 2, "sp": 2},
+    "usp_2x2": {"ulysses": 2, "ring": 2},
+    "sp2_dp2": {"sp": 2, "dp": 2},
+    "tp2_dp2": {"tp": 2, "dp": 2},
+}
+
+
 def _check_positive(name: str, value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or value < 1):
         raise ValueError(f"parallel size {name} must be a positive integer, got {value!r}")
@@ -96,8 +111,11 @@ class ParallelConfig:
         """Size of every layout dimension, slowest first."""
         return {d: getattr(self, d) for d in DIMS}
 
-    def with_world_size(self, world_size: int) -> ParallelConfig:
-        """The same layout checked against (and with dp inferred from) a real world size."""
+    def resolve(self, world_size: int) -> ParallelConfig:
+        """This layout checked against a real world size: ``self`` when it already has that
+        size, else a copy with dp inferred again (when it was inferred)."""
+        if world_size == self.world_size:
+            return self
         dp = -1 if self._dp_inferred else self.dp
         return replace(self, sp=None, dp=dp, world_size=world_size)
 
@@ -149,18 +167,23 @@ class ParallelConfig:
 
     def check_heads(self, num_heads: int) -> None:
         """Attention heads are split over ulysses × tp: fail early, naming the numbers."""
-        parts = self.sizes["ulysses"] * self.tp
-        if num_heads % parts:
-            raise ValueError(
-                f"num_heads({num_heads}) is not divisible by ulysses({self.sizes['ulysses']})"
-                f" × tp({self.tp}) = {parts}; choose a layout whose ulysses × tp divides "
-                f"{num_heads}, or move sequence parallelism to ring"
-            )
+        check_heads(num_heads, ulysses=self.ulysses, tp=self.tp)
 
     def describe(self) -> str:
         """A one-line summary, e.g. ``dp2 × cfg1 × ring1 × ulysses2 × tp2 = 8``."""
         body = " × ".join(f"{d}{self.sizes[d]}" for d in DIMS)
         return f"{body} = {self.world_size}"
+
+
+def check_heads(num_heads: int, *, ulysses: int, tp: int) -> None:
+    """Raise ``ValueError`` naming the numbers unless ulysses × tp divides ``num_heads``."""
+    parts = ulysses * tp
+    if num_heads % parts:
+        raise ValueError(
+            f"num_heads({num_heads}) is not divisible by ulysses({ulysses}) × tp({tp}) = "
+            f"{parts}; choose a layout whose ulysses × tp divides {num_heads}, or move "
+            "sequence parallelism to ring"
+        )
 
 
 def _group_dims(group: str) -> tuple[str, ...]:

@@ -19,11 +19,13 @@ from vidpar.benchmarks.common import Common
 #: Suite name -> (module, options class).
 SUITES: dict[str, tuple[str, str]] = {
     "collectives": ("vidpar.benchmarks.collectives", "CollectivesOptions"),
+    "communicators": ("vidpar.benchmarks.communicators", "CommunicatorsOptions"),
     "attention": ("vidpar.benchmarks.attention", "AttentionOptions"),
     "dit": ("vidpar.benchmarks.dit", "DiTOptions"),
     "rpc": ("vidpar.benchmarks.rpc", "RpcOptions"),
     "train": ("vidpar.benchmarks.train", "TrainOptions"),
     "telemetry": ("vidpar.benchmarks.telemetry", "TelemetryOptions"),
+    "models": ("vidpar.benchmarks.models", "ModelsOptions"),
 }
 
 

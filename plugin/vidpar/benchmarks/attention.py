@@ -92,7 +92,7 @@ def resolved(options: AttentionOptions, common: Common) -> dict[str, Any]:
 
 class AttentionLayer(nn.Module):
     """QKV projection -> DistributedAttention -> output projection (groups from the
-    current layout, or none inside :func:`vidpar.nn.single_process`)."""
+    current layout, or none inside :func:`vidpar.distributed.single_process`)."""
 
     def __init__(self, heads: int, head_dim: int) -> None:
         super().__init__()
@@ -129,9 +129,10 @@ def _step(
 
 def _measure_mode(worker, size: dict[str, Any], mode: str, common: Common) -> dict[str, Any]:
     """In each worker: interleaved one-process and parallel iterations of one mode."""
-    from vidpar.distributed import parallel_state as ps
+    from vidpar.distributed import single_process
+    from vidpar.distributed import state as ps
     from vidpar.distributed.communication_op import gather_sequence, shard_sequence
-    from vidpar.nn import DistributedAttention, single_process
+    from vidpar.nn import DistributedAttention
 
     use_layout(**layout(mode, worker.world_size))
     device, dtype = worker.device, torch_dtype(size["dtype"])

@@ -67,7 +67,7 @@ def _make_ops(
     op: str, nbytes: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[Callable[[], Any], Callable[[], Any]]:
     """(vidpar call, raw torch.distributed call) for one op and size, sharing tensors."""
-    from vidpar.distributed import parallel_state as ps
+    from vidpar.distributed import state as ps
 
     coord = ps.get_world_group()
     group, n = coord.device_group, coord.world_size
@@ -100,7 +100,7 @@ def _worker_sweep(
     worker, sizes: list[int], ops: list[str], dtype_name: str, common: Common
 ) -> list[dict[str, Any]]:
     """In each worker: every (size, op) of one run; per-iteration times of both paths."""
-    from vidpar.distributed import parallel_state as ps
+    from vidpar.distributed import state as ps
 
     device, dtype = worker.device, torch_dtype(dtype_name)
     coord = ps.get_world_group()

@@ -195,12 +195,12 @@ def use_layout(**sizes: int) -> Any:
     import torch.distributed as dist
 
     from vidpar.config import ParallelConfig
-    from vidpar.distributed import parallel_state as ps
+    from vidpar.distributed import state as ps
 
-    config = ParallelConfig(**sizes).with_world_size(dist.get_world_size())
+    config = ParallelConfig(**sizes).resolve(dist.get_world_size())
     if ps.model_parallel_is_initialized():
         if ps.get_parallel_config() == config:
-            return config
+            return ps.get_parallel_state()
         ps.destroy_model_parallel()
     return ps.initialize_model_parallel(config)
 

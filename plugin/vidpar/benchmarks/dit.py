@@ -130,8 +130,8 @@ def _step(model, inputs: tuple[torch.Tensor, ...], backward: bool) -> torch.Tens
 
 def _measure_mode(worker, size: dict[str, Any], mode: str, common: Common) -> dict[str, Any]:
     """In each worker: interleaved one-process and parallel iterations of one mode."""
-    from vidpar.distributed import parallel_state as ps
-    from vidpar.nn import single_process
+    from vidpar.distributed import single_process
+    from vidpar.distributed import state as ps
 
     use_layout(**MODES[mode])
     device, dtype = worker.device, torch_dtype(size["dtype"])

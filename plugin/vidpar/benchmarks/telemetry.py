@@ -29,7 +29,7 @@ def tiny_recipe() -> dict[str, Any]:
     the DiT sizes and the training options that cost step time, 4 classes."""
     from omegaconf import OmegaConf
 
-    from vidpar.cli.hydra_setup import CONFIG_DIR
+    from vidpar.resources import CONFIG_DIR
 
     model = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "model" / "tiny.yaml"))
     return {
@@ -126,7 +126,7 @@ def hook_costs(calls: int) -> dict[str, float]:
     """Per-call cost (ns) of the telemetry hook off and on, and of a group-of-one
     all_reduce, each minus an empty loop's."""
     from vidpar.distributed import telemetry
-    from vidpar.distributed.parallel_state import GroupCoordinator
+    from vidpar.distributed.group import GroupCoordinator
 
     tensor = torch.zeros(1024)
     measure = telemetry.measure

@@ -20,14 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from vidpar.benchmarks import SUITES, options_class, suite_module
 from vidpar.benchmarks.common import Common, host_info, load_average, now, resolve_device
-from vidpar.cli.hydra_setup import CONFIG_DIR, UserError, friendly_errors
+from vidpar.cli.hydra_setup import UserError, console_command
 
 
 def _schema() -> type:
@@ -108,13 +107,12 @@ def run(cfg: DictConfig, command: str = "vidpar-bench") -> dict[str, Any]:
     return result
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench")
-@friendly_errors
-def main(cfg: DictConfig) -> None:
-    """Console entry point."""
+def _run_with_overrides(conf: DictConfig) -> None:
     overrides = HydraConfig.get().overrides.task
-    run(cfg, command=" ".join(["vidpar-bench", *overrides]))
+    run(conf, command=" ".join(["vidpar-bench", *overrides]))
 
+
+main = console_command("bench", _run_with_overrides)
 
 if __name__ == "__main__":
     main()

@@ -10,10 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from vidpar.cli.hydra_setup import CONFIG_DIR, UserError, friendly_errors, parallel_config, register
+from vidpar.cli.hydra_setup import UserError, build_layout, console_command, register
 from vidpar.distributed.checkpoint import is_complete
 from vidpar.distributed.telemetry import format_summary, summarize
 
@@ -40,48 +39,43 @@ def find_checkpoint(checkpoint: str | None, search_dir: str) -> Path:
     return max(found, key=lambda p: (p / "trainer_state.pt").stat().st_mtime)
 
 
-def run(cfg: DictConfig) -> list[Path]:
-    """Generate as ``cfg`` says; returns the written files."""
+def run(conf: DictConfig) -> list[Path]:
+    """Generate as ``conf`` says; returns the written files."""
     from vidpar.pipelines.generator import VideoGenerator
     from vidpar.pipelines.video_io import write_video
 
     os.environ.setdefault("WANDB_MODE", "offline")
-    layout = parallel_config(cfg.parallel)
-    checkpoint = find_checkpoint(cfg.checkpoint, cfg.search_dir)
+    layout = build_layout(conf.parallel)
+    checkpoint = find_checkpoint(conf.checkpoint, conf.search_dir)
     print(f"vidpar: generating from {checkpoint} with {layout.describe()}")
     with VideoGenerator.from_checkpoint(checkpoint, parallel=layout) as generator:
         _, frames_, height, width = generator.data_info.get("video_shape") or (3, 8, 16, 16)
         frames = generator.generate(
-            list(cfg.labels),
-            num_frames=cfg.num_frames or frames_,
-            height=cfg.height or height,
-            width=cfg.width or width,
-            steps=cfg.steps,
-            guidance_scale=cfg.guidance_scale,
-            seed=cfg.seed,
-            output=cfg.output,
+            list(conf.labels),
+            num_frames=conf.num_frames or frames_,
+            height=conf.height or height,
+            width=conf.width or width,
+            steps=conf.steps,
+            guidance_scale=conf.guidance_scale,
+            seed=conf.seed,
+            output=conf.output,
         )
         records = generator.last_records
-    written = [Path(cfg.output)]
-    gif = Path(cfg.output).with_suffix(".gif")
+    written = [Path(conf.output)]
+    gif = Path(conf.output).with_suffix(".gif")
     if gif != written[0]:
         import numpy as np
 
         write_video(gif, np.concatenate(list(frames), axis=2), fps=4)
         written.append(gif)
-    if cfg.telemetry and records:
+    if conf.telemetry and records:
         print("Communication summary (rank 0, generation):\n" + format_summary(summarize(records)))
     for path in written:
         print(f"vidpar: wrote {path}")
     return written
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
-@friendly_errors
-def main(cfg: DictConfig) -> None:
-    """Console entry point."""
-    run(cfg)
-
+main = console_command("generate", run)
 
 if __name__ == "__main__":
     main()

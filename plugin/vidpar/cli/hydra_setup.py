@@ -1,5 +1,5 @@
-"""What every vidpar Hydra entry point shares: the config folder, the ``parallel`` schema,
-the world-size resolver, and one-paragraph errors instead of deep tracebacks."""
+"""What every vidpar Hydra entry point shares: the ``parallel`` presets and schema, the
+layout built once from them, and one-paragraph errors instead of deep tracebacks."""
 
 from __future__ import annotations
 
@@ -8,58 +8,67 @@ import functools
 import sys
 import typing
 from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
+import hydra
 from hydra.core.config_store import ConfigStore
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vidpar.config import ParallelConfig
-
-#: The Hydra configs: ``vidpar/conf`` links to the checkout's ``conf/``; wheels carry a copy.
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+from vidpar.config import PRESETS, ParallelConfig
+from vidpar.resources import CONFIG_DIR
 
 
 class UserError(Exception):
     """A mistake in the user's configuration or files, explained in one paragraph."""
 
 
-def _world_size(tp, sp, ulysses, ring, cfg, dp) -> int:
-    return parallel_config(
-        OmegaConf.create(dict(tp=tp, sp=sp, ulysses=ulysses, ring=ring, cfg=cfg, dp=dp))
-    ).world_size
-
-
 def _schema() -> type:
-    """A mutable dataclass with :class:`ParallelConfig`'s fields, types and defaults."""
+    """A mutable dataclass with :class:`ParallelConfig`'s size fields, types and defaults
+    and a ``_target_``, so Hydra checks every key at compose time and instantiates the
+    node as a :class:`ParallelConfig`."""
     hints = typing.get_type_hints(ParallelConfig)
-    fields = [(f.name, hints[f.name], f.default) for f in dataclasses.fields(ParallelConfig)]
-    return dataclasses.make_dataclass("ParallelSchema", fields)
+    fields = [
+        (f.name, hints[f.name], f.default)
+        for f in dataclasses.fields(ParallelConfig)
+        if f.name != "world_size"
+    ]
+    target = ("_target_", str, f"{ParallelConfig.__module__}.{ParallelConfig.__qualname__}")
+    return dataclasses.make_dataclass("ParallelSchema", [target, *fields])
+
+
+ParallelSchema = _schema()
 
 
 def register() -> None:
-    """Register the ``parallel`` schema (typos and wrong types fail at compose time) and
-    the ``vidpar_world_size`` resolver."""
-    ConfigStore.instance().store(group="parallel", name="schema", node=_schema())
-    if not OmegaConf.has_resolver("vidpar_world_size"):
-        OmegaConf.register_new_resolver("vidpar_world_size", _world_size)
+    """Offer every layout of :data:`vidpar.config.PRESETS` as ``parallel=<name>``."""
+    store = ConfigStore.instance()
+    for name, sizes in PRESETS.items():
+        store.store(group="parallel", name=name, node=ParallelSchema(**sizes))
 
 
-def parallel_config(node: DictConfig) -> ParallelConfig:
-    """The :class:`ParallelConfig` of a ``parallel`` node, with a clear error if invalid."""
-    values = {k: v for k, v in OmegaConf.to_container(node).items() if v is not None}
+def build_layout(node: DictConfig) -> ParallelConfig:
+    """The one :class:`ParallelConfig` of a command, instantiated from its ``parallel``
+    node, with a clear error if the sizes are invalid."""
     try:
-        return ParallelConfig(**values)
-    except ValueError as err:
+        return instantiate(node)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        if not isinstance(cause, ValueError):
+            raise
+        values = {k: v for k, v in OmegaConf.to_container(node).items() if v is not None}
+        values.pop("_target_", None)
         given = " ".join(f"parallel.{k}={v}" for k, v in values.items())
         change = (
             f"set parallel.sp={values['ulysses'] * values['ring']} or parallel.sp=null "
             "(presets set sp; give it with ring alone, e.g. parallel.sp=4 parallel.ring=2)"
             if {"sp", "ulysses", "ring"} <= values.keys()
-            else "pick a preset (parallel=single|tp2|sp2|ring2|tp2_sp2|usp_2x2|cfg2|sp2_dp2|"
-            "tp2_dp2) or set positive sizes whose product matches the devices"
+            else f"pick a preset (parallel={'|'.join(PRESETS)}) or set positive sizes whose "
+            "product matches the devices"
         )
         raise UserError(
-            f"The parallel layout is invalid: {err}. You gave {given}. To fix it, {change}."
+            f"The parallel layout is invalid: {cause}. You gave {given}. To fix it, {change}."
         ) from None
 
 
@@ -75,3 +84,16 @@ def friendly_errors(main: Callable[..., None]) -> Callable[..., None]:
             raise SystemExit(2) from None
 
     return wrapper
+
+
+def console_command(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[], None]:
+    """The console entry point of a vidpar command: Hydra composes ``config_name`` (its
+    job name, hence ``<name>.log``, is set in that config) and ``run`` gets the config;
+    :class:`UserError` ends it as one paragraph."""
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
+    @friendly_errors
+    def main(conf: DictConfig) -> None:
+        run(conf)
+
+    return main

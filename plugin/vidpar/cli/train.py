@@ -12,43 +12,41 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vidpar.cli.hydra_setup import CONFIG_DIR, UserError, friendly_errors, parallel_config, register
+from vidpar.cli.hydra_setup import UserError, build_layout, console_command, register
+from vidpar.config import ParallelConfig
 from vidpar.distributed.checkpoint import TRAINER_STATE, is_complete
 from vidpar.nn.dit import DiTConfig
 
 register()
 
 
-def check_before_launch(cfg: DictConfig) -> None:
+def check_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:
     """Every mistake we can see from the config fails here, before any process starts."""
-    layout = parallel_config(cfg.parallel)
-    heads = cfg.model.dit.num_heads
+    heads = conf.model.dit.num_heads
     try:
         layout.check_heads(heads)
     except ValueError as err:
         raise UserError(
             f"The model does not fit the layout: {err} (model.dit.num_heads={heads})."
         ) from None
-    devices = cfg.trainer.devices
-    if cfg.trainer.accelerator == "gpu" and torch.cuda.device_count() < devices:
+    if conf.trainer.accelerator == "gpu" and torch.cuda.device_count() < layout.world_size:
         raise UserError(
-            f"The layout {layout.describe()} needs {devices} GPUs, but this machine has "
-            f"{torch.cuda.device_count()}. Use a smaller layout (e.g. parallel=sp2), or "
+            f"The layout {layout.describe()} needs {layout.world_size} GPUs, but this machine "
+            f"has {torch.cuda.device_count()}. Use a smaller layout (e.g. parallel=sp2), or "
             "trainer=cpu to run the same layout with CPU processes."
         )
-    if cfg.ckpt_path is not None and not is_complete(Path(cfg.ckpt_path)):
+    if conf.ckpt_path is not None and not is_complete(Path(conf.ckpt_path)):
         raise UserError(
-            f"ckpt_path={cfg.ckpt_path} is not a complete vidpar checkpoint (a directory with "
+            f"ckpt_path={conf.ckpt_path} is not a complete vidpar checkpoint (a directory with "
             "trainer_state.pt and DCP metadata). Point it at a checkpoints/*.ckpt directory "
             "of an earlier run, or drop ckpt_path to start fresh."
         )
-    if cfg.ckpt_path is not None:
-        check_checkpoint_model(Path(cfg.ckpt_path), cfg.model)
+    if conf.ckpt_path is not None:
+        check_checkpoint_model(Path(conf.ckpt_path), conf.model)
 
 
 #: DiT settings that change how it runs, not its weights: free to differ on resume.
@@ -95,18 +93,23 @@ def _as_override(value: object) -> str:
     return "[" + ",".join(map(str, value)) + "]" if isinstance(value, tuple | list) else str(value)
 
 
-def build_trainer(cfg: DictConfig):
-    """The Trainer with strategy, logger and callbacks of ``cfg``."""
+def build_trainer(conf: DictConfig, layout: ParallelConfig):
+    """The Trainer with strategy (holding ``layout``), logger and callbacks of ``conf``."""
     from lightning.pytorch.callbacks import RichProgressBar
 
     from vidpar.lightning import CollectiveTelemetry
 
-    strategy = instantiate(cfg.strategy)
-    logger = instantiate(cfg.logger) if cfg.get("logger") and "_target_" in cfg.logger else False
-    callbacks = [instantiate(cfg.checkpoint), RichProgressBar()]
-    if cfg.telemetry.enabled:
-        callbacks.append(CollectiveTelemetry(log_every_n_steps=cfg.telemetry.log_every_n_steps))
-    return instantiate(cfg.trainer, strategy=strategy, logger=logger, callbacks=callbacks)
+    # A partial, so the layout arrives as the object itself (OmegaConf would copy a
+    # dataclass passed to instantiate into a config node).
+    strategy = instantiate(conf.strategy, _partial_=True)(parallel=layout)
+    logger = instantiate(conf.logger) if conf.get("logger") and "_target_" in conf.logger else False
+    callbacks = [instantiate(conf.checkpoint), RichProgressBar()]
+    if conf.telemetry.enabled:
+        callbacks.append(CollectiveTelemetry(log_every_n_steps=conf.telemetry.log_every_n_steps))
+    devices = conf.trainer.devices or layout.world_size // conf.trainer.num_nodes
+    return instantiate(
+        conf.trainer, strategy=strategy, logger=logger, callbacks=callbacks, devices=devices
+    )
 
 
 def log_lightning_once() -> None:
@@ -118,38 +121,34 @@ def log_lightning_once() -> None:
         logging.getLogger("lightning").handlers.clear()
 
 
-def run(cfg: DictConfig) -> Path:
-    """Train as ``cfg`` says; returns the last checkpoint's path."""
+def run(conf: DictConfig) -> Path:
+    """Train as ``conf`` says; returns the last checkpoint's path."""
     log_lightning_once()
     os.environ.setdefault("WANDB_MODE", "offline")
-    if cfg.get("logger") and cfg.logger.get("_target_", "").endswith("WandbLogger"):
+    if conf.get("logger") and conf.logger.get("_target_", "").endswith("WandbLogger"):
         # Workers attach to the run made here; they find its directory only through this.
-        os.environ["WANDB_DIR"] = str(cfg.logger.save_dir)
-    check_before_launch(cfg)
-    datamodule = instantiate(cfg.data)
-    check_data_fits_model(datamodule.video_shape, cfg.model)
+        os.environ["WANDB_DIR"] = str(conf.logger.save_dir)
+    layout = build_layout(conf.parallel)  # the one layout of this run
+    check_before_launch(conf, layout)
+    datamodule = instantiate(conf.data)
+    check_data_fits_model(datamodule.video_shape, conf.model)
     module = instantiate(
-        cfg.model,
+        conf.model,
         class_names=list(datamodule.train_set.shape_names),
         video_shape=list(datamodule.video_shape),
         _convert_="all",
     )
-    trainer = build_trainer(cfg)
-    print(f"vidpar: {parallel_config(cfg.parallel).describe()}; output in {cfg.output_dir}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    last = Path(cfg.checkpoint.dirpath) / "last.ckpt"
+    trainer = build_trainer(conf, layout)
+    print(f"vidpar: {layout.describe()}; output in {conf.output_dir}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=conf.ckpt_path)
+    last = Path(conf.checkpoint.dirpath) / "last.ckpt"
     loss = trainer.callback_metrics.get("train/loss")
     print(f"vidpar: final train/loss {float(loss):.4f}" if loss is not None else "")
     print(f"vidpar: checkpoint {last}")
     return last
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-@friendly_errors
-def main(cfg: DictConfig) -> None:
-    """Console entry point."""
-    run(cfg)
-
+main = console_command("train", run)
 
 if __name__ == "__main__":
     main()

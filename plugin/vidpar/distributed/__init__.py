@@ -1,13 +1,17 @@
-"""The plain-torch core: process groups, collectives, communicators, telemetry."""
+"""The plain-torch core: the layout's state and groups, collectives, communicators,
+checkpoints, telemetry."""
 
-from vidpar.distributed.parallel_state import (
-    GroupCoordinator,
+from vidpar.distributed.group import GroupCoordinator
+from vidpar.distributed.state import (
+    ParallelState,
     destroy_distributed_environment,
     destroy_model_parallel,
     get_cfg_group,
     get_device_mesh,
     get_dp_group,
+    get_dp_sp_group,
     get_parallel_config,
+    get_parallel_state,
     get_ring_group,
     get_sp_group,
     get_tp_group,
@@ -15,17 +19,22 @@ from vidpar.distributed.parallel_state import (
     get_world_group,
     init_distributed_environment,
     initialize_model_parallel,
+    model_parallel_is_initialized,
     parallel_context,
+    single_process,
 )
 
 __all__ = [
     "GroupCoordinator",
+    "ParallelState",
     "destroy_distributed_environment",
     "destroy_model_parallel",
     "get_cfg_group",
     "get_device_mesh",
     "get_dp_group",
+    "get_dp_sp_group",
     "get_parallel_config",
+    "get_parallel_state",
     "get_ring_group",
     "get_sp_group",
     "get_tp_group",
@@ -33,5 +42,7 @@ __all__ = [
     "get_world_group",
     "init_distributed_environment",
     "initialize_model_parallel",
+    "model_parallel_is_initialized",
     "parallel_context",
+    "single_process",
 ]

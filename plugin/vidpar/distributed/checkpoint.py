@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, Shard
 
-from vidpar.distributed import parallel_state as ps
+from vidpar.distributed import state as ps
 
 TRAINER_STATE = "trainer_state.pt"
 _DCP_METADATA = ".metadata"
@@ -45,7 +45,8 @@ def _tp_dims(module: torch.nn.Module) -> dict[str, int]:
 
 
 def _tp_mesh():
-    return ps.get_device_mesh()["tp"] if ps.get_tp_world_size() > 1 else None
+    state = ps.get_parallel_state()
+    return state.mesh["tp"] if state.config.tp > 1 else None
 
 
 def _as_dtensor(tensor: torch.Tensor, dim: int, mesh) -> DTensor:
@@ -154,7 +155,7 @@ def check_fits(path: Path, module: torch.nn.Module) -> None:
     """Raise a ``ValueError`` that names the differences when the checkpoint at ``path``
     lacks some of ``module``'s weights or holds them in other (full, unsharded) shapes."""
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    tp = ps.get_tp_world_size() if ps.model_parallel_is_initialized() else 1
+    tp = ps.get_parallel_config().tp
     tp_dims = _tp_dims(module)
     missing, reshaped = [], []
     for name, tensor in module.state_dict().items():
@@ -190,40 +191,3 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
-
-
-def export_full_checkpoint(
-    ckpt_dir: str | Path,
-    out: str | Path,
-    prefix: str = "model.",
-    metadata: dict[str, str] | None = None,
-) -> Path:
-    """Write the model weights of a sharded checkpoint as one safetensors file.
-
-    Runs in one process, no distributed setup needed. Keys starting with ``prefix`` (the
-    LightningModule attribute holding the network) are kept with the prefix removed, so a
-    single-device model loads the file with ``load_state_dict``. ``metadata`` is stored in
-    the file's header.
-    """
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    ckpt_dir, out = Path(ckpt_dir), Path(out)
-    if not is_complete(ckpt_dir):
-        raise FileNotFoundError(f"{ckpt_dir} is not a complete vidpar checkpoint")
-    with tempfile.TemporaryDirectory() as tmp:
-        full_path = Path(tmp) / "full.pt"
-        dcp_to_torch_save(ckpt_dir, full_path)
-        full = torch.load(full_path, weights_only=False)["model"]
-    weights = {
-        k.removeprefix(prefix): v.contiguous()
-        for k, v in full.items()
-        if isinstance(v, torch.Tensor) and k.startswith(prefix)
-    }
-    if not weights:
-        raise ValueError(
-            f"no weights under prefix {prefix!r} in {ckpt_dir}; keys: {sorted(full)[:5]}"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out), metadata=metadata)
-    return out

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from vidpar.distributed.parallel_state import GroupCoordinator, get_tp_group
+from vidpar.distributed.group import GroupCoordinator
 from vidpar.distributed.utils import pad_to_multiple, split_tensor_along_dim, unpad
 
 
@@ -125,16 +125,6 @@ def all_to_all(
     return x if group.world_size == 1 else _AllToAll.apply(x, group, scatter_dim, gather_dim)
 
 
-def ulysses_seq_to_heads(x: torch.Tensor, group: GroupCoordinator) -> torch.Tensor:
-    """``[B, S/P, H, D] -> [B, S, H/P, D]``: trade a sequence shard for a head shard."""
-    return all_to_all(x, group, scatter_dim=2, gather_dim=1)
-
-
-def ulysses_heads_to_seq(x: torch.Tensor, group: GroupCoordinator) -> torch.Tensor:
-    """``[B, S, H/P, D] -> [B, S/P, H, D]``: the inverse of :func:`ulysses_seq_to_heads`."""
-    return all_to_all(x, group, scatter_dim=1, gather_dim=2)
-
-
 def shard_sequence(x: torch.Tensor, group: GroupCoordinator, dim: int = 1) -> torch.Tensor:
     """This rank's shard of a sequence of any length, zero-padded at the end to a multiple
     of the group size. Keep ``x.shape[dim]`` to trim with :func:`gather_sequence`."""
@@ -147,8 +137,3 @@ def gather_sequence(
 ) -> torch.Tensor:
     """The full sequence of ``length`` items from the shards of :func:`shard_sequence`."""
     return unpad(gather_from_group(x, group, dim), length, dim)
-
-
-def tensor_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum over the tp group (backward: identity)."""
-    return reduce_from_group(x, get_tp_group())

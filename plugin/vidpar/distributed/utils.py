@@ -1,10 +1,6 @@
-"""Small helpers shared by the distributed code: sizes, splitting, padding, objects, ports."""
+"""Small helpers shared by the distributed code: sizes, splitting, padding."""
 
 from __future__ import annotations
-
-import pickle
-import socket
-from typing import Any
 
 import torch
 
@@ -25,16 +21,6 @@ def split_tensor_along_dim(
     return tuple(p.contiguous() for p in parts) if contiguous else parts
 
 
-def shard_sizes(length: int, num_partitions: int) -> list[int]:
-    """Lengths of the shards of ``length`` items padded up to a multiple of the parts.
-
-    Every shard has ``ceil(length / num_partitions)`` slots; the padding sits at the end, so
-    the last shards hold fewer real items (possibly none).
-    """
-    per_shard = -(-length // num_partitions)
-    return [max(0, min(per_shard, length - i * per_shard)) for i in range(num_partitions)]
-
-
 def pad_to_multiple(tensor: torch.Tensor, multiple: int, dim: int) -> tuple[torch.Tensor, int]:
     """Zero-pad ``tensor`` at the end of ``dim`` to a multiple of ``multiple``.
 
@@ -51,25 +37,3 @@ def pad_to_multiple(tensor: torch.Tensor, multiple: int, dim: int) -> tuple[torc
 def unpad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     """The first ``length`` entries of ``tensor`` along ``dim`` (a view)."""
     return tensor if tensor.shape[dim] == length else tensor.narrow(dim, 0, length)
-
-
-def serialize_object(obj: Any) -> bytes:
-    """Bytes for a control message (pickle protocol 5, which keeps large buffers flat)."""
-    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def deserialize_object(data: bytes | bytearray | memoryview) -> Any:
-    """Inverse of :func:`serialize_object`."""
-    return pickle.loads(data)
-
-
-def get_free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def tcp_init_method(host: str = "127.0.0.1", port: int | None = None) -> str:
-    """A ``tcp://`` rendezvous address for ``torch.distributed.init_process_group``."""
-    return f"tcp://{host}:{port or get_free_port(host)}"

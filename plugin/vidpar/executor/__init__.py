@@ -1,7 +1,8 @@
 """Worker processes, one per device, driven by RPCs from the caller's process.
 
 :class:`Executor` starts the workers and runs :meth:`Executor.collective_rpc` on them;
-:class:`Worker` is what runs inside each one (subclass it to add RPCs).
+:class:`Worker` is what runs inside each one (subclass it and mark new RPCs with
+:func:`rpc`).
 """
 
 from vidpar.executor.executor import (
@@ -11,7 +12,7 @@ from vidpar.executor.executor import (
     RpcTimeoutError,
     WorkerDiedError,
 )
-from vidpar.executor.worker import Worker, WorkerSpec
+from vidpar.executor.worker import Worker, WorkerSpec, rpc
 
 __all__ = [
     "Executor",
@@ -21,4 +22,5 @@ __all__ = [
     "Worker",
     "WorkerDiedError",
     "WorkerSpec",
+    "rpc",
 ]

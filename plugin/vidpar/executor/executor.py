@@ -1,7 +1,7 @@
 """The Executor: one Worker process per rank, RPCs to all (or some) of them, and no orphans.
 
 The parent keeps one duplex pipe per worker. A call encodes its request once
-(:func:`~vidpar.executor.worker.encode`), writes the same frame to every chosen worker, then
+(:func:`~vidpar.executor.wire.encode`), writes the same frame to every chosen worker, then
 waits with ``poll`` on the chosen workers' pipes together with *every* worker's process
 sentinel, so a worker that dies is noticed at once even while a call is in flight. Failures
 never leave processes behind: a dead worker, a timeout, a stuck rank after an error,
@@ -29,17 +29,8 @@ from typing import Any
 import torch
 
 from vidpar.config import ParallelConfig
-from vidpar.distributed.utils import get_free_port
-from vidpar.executor.worker import (
-    Channel,
-    Worker,
-    WorkerSpec,
-    decode,
-    describe_exception,
-    encode,
-    worker_environment,
-    worker_main,
-)
+from vidpar.executor.wire import Channel, decode, describe_exception, encode
+from vidpar.executor.worker import Worker, WorkerSpec, worker_environment, worker_main
 
 logger = logging.getLogger(__name__)
 
@@ -269,11 +260,14 @@ class Executor:
         devices: ``"auto"`` (``cuda:i`` per rank when GPUs exist, else CPU), ``"cpu"``,
             ``"cuda"`` or one device string per rank.
         env: extra environment variables for every worker (set before it starts).
-        init_distributed: join torch.distributed and build the layout's groups in each
-            worker (gloo on CPU, NCCL on CUDA). ``False``: only export ``MASTER_ADDR``,
-            ``MASTER_PORT``, ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` and set the device,
-            for code (e.g. a Lightning ``Trainer``) that initialises torch.distributed itself.
+        init_distributed: join torch.distributed and build the layout's
+            :class:`~vidpar.distributed.ParallelState` in each worker (gloo on CPU, NCCL on
+            CUDA). ``False``: only export ``MASTER_ADDR``, ``MASTER_PORT`` (the Executor's
+            store, which ``env://`` joins as a client), ``RANK``, ``LOCAL_RANK``,
+            ``WORLD_SIZE`` and set the device, for code that joins torch.distributed itself.
         communicator: passed to ``initialize_model_parallel``.
+        dist_timeout_s: torch.distributed's collective timeout in the workers (``None``:
+            torch's default).
         worker_cls: a :class:`Worker` subclass (module-level) with more RPCs.
         startup_timeout: seconds to wait for every worker to report ready.
         error_grace_s: once a rank has raised, seconds the other ranks of the call get to
@@ -299,8 +293,10 @@ class Executor:
         startup_timeout: float = 300.0,
         error_grace_s: float = 30.0,
         master_addr: str = "127.0.0.1",
+        dist_timeout_s: float | None = None,
     ) -> None:
         self.config = config
+        self.dist_timeout_s = dist_timeout_s
         self.world_size = config.world_size
         self.devices = _resolve_devices(devices, self.world_size)
         self.init_distributed = init_distributed
@@ -313,25 +309,17 @@ class Executor:
         self._lock = threading.RLock()
         self._seq = 0
         self._sentinel_ranks: dict[int, int] = {}
-        launch = (worker_cls, worker_factory, communicator, master_addr)
-        for attempt in range(3):
-            self._workers = _Processes()
-            atexit.register(self._workers.stop)
-            # Stops the workers if the Executor is garbage-collected; at interpreter exit
-            # the atexit hook above runs first (before multiprocessing joins its children).
-            self._finalizer = weakref.finalize(self, self._workers.stop)
-            self._finalizer.atexit = False
-            try:
-                self._start(*launch)
-                return
-            except RemoteError as err:
-                self._finalizer.detach()
-                if "address already in use" not in err.remote_traceback.lower() or attempt == 2:
-                    raise
-                logger.warning("the rendezvous port was taken; starting the workers again")
-            except BaseException:
-                self._finalizer.detach()
-                raise
+        self._workers = _Processes()
+        atexit.register(self._workers.stop)
+        # Stops the workers if the Executor is garbage-collected; at interpreter exit the
+        # atexit hook above runs first (before multiprocessing joins its children).
+        self._finalizer = weakref.finalize(self, self._workers.stop)
+        self._finalizer.atexit = False
+        try:
+            self._start(worker_cls, worker_factory, communicator, master_addr)
+        except BaseException:
+            self._finalizer.detach()
+            raise
 
     # Start-up ------------------------------------------------------------------------
 
@@ -343,7 +331,11 @@ class Executor:
         master_addr: str,
     ) -> None:
         ctx = mp.get_context("spawn")
-        port = get_free_port(master_addr)
+        # The rendezvous store runs here for the Executor's whole life: the OS picks its
+        # port, so no worker can lose a race for one.
+        self._store = torch.distributed.TCPStore(
+            master_addr, 0, is_master=True, wait_for_workers=False
+        )
         main_thread = threading.current_thread() is threading.main_thread()
         workers = self._workers
         try:
@@ -354,10 +346,11 @@ class Executor:
                     world_size=self.world_size,
                     device=device,
                     config=self.config,
-                    master_addr=master_addr,
-                    master_port=port,
+                    store_host=master_addr,
+                    store_port=self._store.port,
                     init_distributed=self.init_distributed,
                     communicator=communicator,
+                    timeout_s=self.dist_timeout_s,
                     env=self._env,
                     parent_pid=os.getpid(),
                     # The death signal fires when the spawning *thread* ends: only trust

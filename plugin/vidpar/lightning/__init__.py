@@ -6,7 +6,7 @@ imported lazily: diffusers is an optional extra)."""
 import warnings
 from typing import Any
 
-from vidpar.distributed.checkpoint import export_full_checkpoint
+from vidpar.distributed.full_weights import export_full_checkpoint
 from vidpar.lightning.callbacks import CollectiveTelemetry
 from vidpar.lightning.module import VideoDiffusionModule
 from vidpar.lightning.strategy import VidParStrategy

@@ -13,6 +13,10 @@ import tempfile
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+# Private Lightning names, on purpose: the launcher must behave exactly like Lightning's
+# spawn launcher (its main-guard check, global-state snapshot, worker output record and
+# the base class whose result hand-over it extends); Lightning has no public launcher API.
 from lightning.pytorch.strategies.launchers.multiprocessing import (
     _check_missing_main_guard,
     _GlobalStateSnapshot,
@@ -22,9 +26,8 @@ from lightning.pytorch.strategies.launchers.multiprocessing import (
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.distributed.tensor import DTensor
 
-from vidpar.config import ParallelConfig
+from vidpar.distributed.full_weights import full_state_dict
 from vidpar.executor import Executor, WorkerDiedError
-from vidpar.nn.linear import full_state_dict
 
 if TYPE_CHECKING:
     from vidpar.lightning.strategy import VidParStrategy
@@ -44,10 +47,6 @@ class VidParLauncher(_MultiProcessingLauncher):
                 "create a new Trainer and pass fit(ckpt_path=...)."
             )
         strategy = self._strategy
-        port = str(strategy.cluster_environment.main_port)
-        os.environ["MASTER_PORT"] = port
-        world = strategy.num_processes
-        devices = [str(d) for d in strategy.parallel_devices]
         global_states = _GlobalStateSnapshot.capture()
         if trainer is not None:
             # Loggers that run a service (W&B) create their run when pickled and attach to
@@ -55,11 +54,14 @@ class VidParLauncher(_MultiProcessingLauncher):
             # Lightning's spawn launcher does by pickling before it spawns.
             for logger in trainer.loggers:
                 _ = logger.experiment
+        # The workers build the real layout's groups before the Trainer runs in them, as
+        # inference workers do; the strategy then finds them in place.
+        timeout = strategy._timeout
         executor = Executor(
-            ParallelConfig(dp=world),
-            devices=devices,
-            env={"MASTER_PORT": port, "MASTER_ADDR": strategy.cluster_environment.main_address},
-            init_distributed=False,
+            strategy.parallel_config,
+            devices=[str(d) for d in strategy.parallel_devices],
+            communicator=strategy.communicator,
+            dist_timeout_s=None if timeout is None else timeout.total_seconds(),
         )
         try:
             with executor:
@@ -130,6 +132,8 @@ def _run_trainer_function(
     worker, launcher: VidParLauncher, trainer, function, args, kwargs, global_states
 ) -> Any:
     """Inside a worker: what Lightning's spawn launcher runs in each process."""
+    # Private Lightning helpers, so a worker starts exactly as a spawned Lightning process:
+    # thread count, and CPU tensors unshared from the parent's memory.
     from lightning.fabric.strategies.launchers.multiprocessing import _set_num_threads_if_needed
     from lightning.fabric.utilities.apply_func import move_data_to_device
     from lightning.pytorch.accelerators import CPUAccelerator

@@ -10,16 +10,20 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+
+# Private Lightning helpers used as DDPStrategy uses them (no public equivalent): the
+# "is torch.distributed up" check, and moving optimizer state to the root device.
 from lightning.fabric.utilities.distributed import _distributed_is_initialized
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn.parallel import DistributedDataParallel
 
-from vidpar.config import ParallelConfig
+from vidpar.config import PRESETS, ParallelConfig
 from vidpar.distributed import checkpoint as vidpar_checkpoint
-from vidpar.distributed import parallel_state as ps
+from vidpar.distributed import state as ps
 from vidpar.distributed import telemetry
+from vidpar.distributed.group import GroupCoordinator
 from vidpar.distributed.telemetry import CollectiveRecord
 from vidpar.lightning.launcher import VidParLauncher
 
@@ -31,7 +35,7 @@ class VidParStrategy(DDPStrategy):
 
     ``setup_environment`` joins torch.distributed and builds every group, so
     ``LightningModule.configure_model`` can build tensor/sequence-parallel layers through
-    :mod:`vidpar.distributed.parallel_state`'s getters and ``self.device_mesh``. Batches
+    :mod:`vidpar.distributed.state`'s getters and ``self.device_mesh``. Batches
     are sharded over dp only; gradients are summed over sp and averaged over dp by torch's
     DDP (``data_parallel="ddp"``) or FSDP2 (``"fsdp"``) on the dp × sp sub-group.
     Checkpoints are sharded directories written with ``torch.distributed.checkpoint``.
@@ -41,12 +45,14 @@ class VidParStrategy(DDPStrategy):
 
     def __init__(
         self,
-        tp: int = 1,
+        parallel: ParallelConfig | None = None,
+        *,
+        tp: int | None = None,
         sp: int | None = None,
         ulysses: int | None = None,
         ring: int | None = None,
-        cfg: int = 1,
-        dp: int = -1,
+        cfg: int | None = None,
+        dp: int | None = None,
         data_parallel: Literal["ddp", "fsdp"] = "ddp",
         communicator: str = "auto",
         timeout: timedelta | float | None = _DEFAULT_TIMEOUT,
@@ -57,14 +63,20 @@ class VidParStrategy(DDPStrategy):
             raise ValueError(f"data_parallel must be 'ddp' or 'fsdp', got {data_parallel!r}")
         if isinstance(timeout, int | float):
             timeout = timedelta(seconds=timeout)
-        self.parallel_config = ParallelConfig(
-            tp=tp, sp=sp, ulysses=ulysses, ring=ring, cfg=cfg, dp=dp
-        )
+        sizes = {"tp": tp, "sp": sp, "ulysses": ulysses, "ring": ring, "cfg": cfg, "dp": dp}
+        sizes = {k: v for k, v in sizes.items() if v is not None}
+        if parallel is not None and sizes:
+            raise ValueError(
+                f"pass the layout either as parallel=ParallelConfig(...) or as sizes "
+                f"({', '.join(f'{k}={v}' for k, v in sizes.items())}), not both"
+            )
+        self.parallel_config = parallel if parallel is not None else ParallelConfig(**sizes)
         if data_parallel == "fsdp" and self.parallel_config.tp > 1:
             raise NotImplementedError(
-                f"data_parallel='fsdp' with tp({tp}) > 1 is not supported yet: FSDP2 turns the "
-                "tensor-parallel shards into DTensors of the dp × sp mesh and their tp layout "
-                "would be lost in checkpoints. Use data_parallel='ddp' with tp, or fsdp with sp/dp."
+                f"data_parallel='fsdp' with tp({self.parallel_config.tp}) > 1 is not supported "
+                "yet: FSDP2 turns the tensor-parallel shards into DTensors of the dp × sp mesh "
+                "and their tp layout would be lost in checkpoints. Use data_parallel='ddp' with "
+                "tp, or fsdp with sp/dp."
             )
         self.data_parallel = data_parallel
         self.communicator = communicator
@@ -74,10 +86,10 @@ class VidParStrategy(DDPStrategy):
     # Layout ------------------------------------------------------------------------
 
     def _checked_config(self) -> ParallelConfig:
-        """The layout checked against the processes the Trainer will run."""
+        """The layout resolved against the processes the Trainer will run."""
         world = self.num_processes * self.num_nodes
         try:
-            return self.parallel_config.with_world_size(world)
+            return self.parallel_config.resolve(world)
         except ValueError as err:
             raise ValueError(
                 f"{err}. The Trainer runs {self.num_nodes} node(s) × {self.num_processes} "
@@ -86,14 +98,20 @@ class VidParStrategy(DDPStrategy):
             ) from None
 
     @property
+    def parallel_state(self) -> ps.ParallelState:
+        """The layout's groups in this process (see :class:`vidpar.distributed.ParallelState`)."""
+        return ps.get_parallel_state()
+
+    @property
     def device_mesh(self):
-        """The ``DeviceMesh`` with dims ``(dp, cfg, ring, ulysses, tp)``."""
-        return ps.get_device_mesh()
+        """The ``DeviceMesh`` with dims ``(dp, cfg, ring, ulysses, tp)``, made from the
+        layout's own process groups."""
+        return self.parallel_state.mesh
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         """Shard data over dp only: every rank of one tp/sp group sees the same batch."""
-        dp_group = ps.get_dp_group()
+        dp_group = self.parallel_state.group("dp")
         return {"num_replicas": dp_group.world_size, "rank": dp_group.rank_in_group}
 
     def _configure_launcher(self) -> None:
@@ -104,9 +122,11 @@ class VidParStrategy(DDPStrategy):
             self._launcher = VidParLauncher(self)
 
     def setup_environment(self) -> None:
-        super().setup_environment()  # joins torch.distributed through the cluster environment
+        """Join torch.distributed and build the layout's state, unless the launcher's
+        workers already did (then Lightning's own join is skipped too); under torchrun or
+        SLURM, Lightning joins and the state is built here."""
+        super().setup_environment()
         ps.init_distributed_environment()
-        # In training, cfg ranks are identical replicas; they matter for CFG-parallel sampling.
         config = self._checked_config()
         if ps.model_parallel_is_initialized() and ps.get_parallel_config() != config:
             ps.destroy_model_parallel()
@@ -139,7 +159,8 @@ class VidParStrategy(DDPStrategy):
         """Make replicas equal: tp-replicated parameters from tp rank 0, and (when not
         fitting, where DDP would have done it) everything from the first dp × sp replica."""
         module = self.lightning_module
-        tp_group, replica_group = ps.get_tp_group(), ps.get_dp_sp_group()
+        state = self.parallel_state
+        tp_group, replica_group = state.group("tp"), state.group("dp_sp")
         with torch.no_grad():
             for param in module.parameters():
                 if getattr(param, "tensor_parallel_dim", None) is None:
@@ -149,23 +170,22 @@ class VidParStrategy(DDPStrategy):
                     replica_group.broadcast(tensor.data, src=0)
 
     def configure_ddp(self) -> None:
-        replicas = ps.get_dp_sp_group()
+        state = self.parallel_state
+        replicas, dp_size = state.group("dp_sp"), state.config.dp
         if replicas.world_size == 1:
             return  # pure tensor parallelism: no gradient to reduce across replicas
         if self.data_parallel == "fsdp":
-            self.model = _fully_shard(self.model, replicas, ps.get_dp_world_size())
+            self.model = _fully_shard(self.model, replicas, dp_size)
             return
         self.model = self._setup_model(self.model)
-        self.model.register_comm_hook(
-            (replicas.device_group, ps.get_dp_world_size()), _sum_over_sp_mean_over_dp
-        )
+        self.model.register_comm_hook((replicas.device_group, dp_size), _sum_over_sp_mean_over_dp)
 
     def _setup_model(self, model: torch.nn.Module) -> DistributedDataParallel:
         device_ids = self.determine_ddp_device_ids()
         return DistributedDataParallel(
             module=model,
             device_ids=device_ids,
-            process_group=ps.get_dp_sp_group().device_group,
+            process_group=self.parallel_state.group("dp_sp").device_group,
             **self._ddp_kwargs,
         )
 
@@ -173,12 +193,12 @@ class VidParStrategy(DDPStrategy):
 
     def barrier(self, name: str | None = None) -> None:
         if _distributed_is_initialized():
-            ps.get_world_group().barrier()
+            self.parallel_state.group("world").barrier()
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         if not _distributed_is_initialized():
             return obj
-        return ps.get_world_group().broadcast_object(obj, src=src)
+        return self.parallel_state.group("world").broadcast_object(obj, src=src)
 
     # Checkpoints -------------------------------------------------------------------
 
@@ -232,16 +252,11 @@ class VidParStrategy(DDPStrategy):
 
     @classmethod
     def register_strategies(cls, strategy_registry) -> None:
-        presets = {
-            "vidpar": {},
-            "vidpar_tp2": {"tp": 2},
-            "vidpar_sp2": {"sp": 2},
-            "vidpar_ring2": {"ring": 2},
-            "vidpar_tp2_sp2": {"tp": 2, "sp": 2},
-            "vidpar_usp_2x2": {"ulysses": 2, "ring": 2},
-            "vidpar_fsdp": {"data_parallel": "fsdp"},
-        }
-        for name, kwargs in presets.items():
+        """``vidpar`` (dp over every device), ``vidpar_<preset>`` for every layout in
+        :data:`vidpar.config.PRESETS`, and ``vidpar_fsdp``."""
+        entries = {"vidpar": {}, "vidpar_fsdp": {"data_parallel": "fsdp"}}
+        entries |= {f"vidpar_{name}": sizes for name, sizes in PRESETS.items() if sizes}
+        for name, kwargs in entries.items():
             if name in strategy_registry:
                 continue
             description = "vidpar " + (", ".join(f"{k}={v}" for k, v in kwargs.items()) or "dp")
@@ -282,7 +297,7 @@ def _sum_over_sp_mean_over_dp(state: tuple[dist.ProcessGroup, int], bucket):
     return future.then(finish)
 
 
-def _fully_shard(module: torch.nn.Module, replicas: ps.GroupCoordinator, dp_size: int):
+def _fully_shard(module: torch.nn.Module, replicas: GroupCoordinator, dp_size: int):
     """FSDP2 over the dp × sp replicas: shard each top-level child, then the root.
 
     Frozen children (an EMA copy, a frozen encoder) are units of their own too, so their

@@ -40,7 +40,7 @@ from vidpar.models.tensor_parallel import (
     replace_module,
     row_parallel,
 )
-from vidpar.nn.attention import DistributedAttention, check_heads
+from vidpar.nn.attention import DistributedAttention
 from vidpar.nn.dit import shard_tokens
 from vidpar.nn.linear import GroupRef
 
@@ -164,18 +164,9 @@ def _split_heads(model: nn.Module, layout: Layout) -> None:
 def parallelize_cogvideox(model: nn.Module, layout: Layout) -> None:
     """Prepare a ``CogVideoXTransformer3DModel`` for ``layout`` in place (module doc)."""
     heads = model.config.num_attention_heads
-    check_heads(heads, layout.tp.world_size, layout.ulysses.world_size)
-    for block in model.transformer_blocks:
-        if getattr(block.attn1, "fused_projections", False):
-            raise ValueError(
-                "the model's attention projections are fused; call "
-                "model.unfuse_qkv_projections() before vidpar.models.parallelize"
-            )
     if layout.tp.world_size > 1:
         _split_heads(model, layout)
-    attention = DistributedAttention(
-        heads, ulysses_group=layout.ulysses, ring_group=layout.ring, tp_group=layout.tp
-    )
+    attention = DistributedAttention(heads, ulysses_group=layout.ulysses, ring_group=layout.ring)
     processor = CogVideoXAttnProcessor(attention, layout)
     for block in model.transformer_blocks:
         block.attn1.set_processor(processor)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vidpar.distributed.parallel_state import GroupCoordinator, model_parallel_is_initialized
-from vidpar.nn.linear import resolve_group
+from vidpar.distributed.group import GroupCoordinator
+from vidpar.distributed.state import get_parallel_state, model_parallel_is_initialized
 
 __all__ = ["Layout"]
 
@@ -36,4 +36,5 @@ def _current_layout() -> Layout | None:
     """The current layout's groups, or ``None`` outside any layout."""
     if not model_parallel_is_initialized():
         return None
-    return Layout(*(resolve_group(name) for name in ("tp", "sp", "ulysses", "ring")))
+    state = get_parallel_state()
+    return Layout(*(state.group(name) for name in ("tp", "sp", "ulysses", "ring")))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from vidpar.distributed.communication_op import copy_to_group, gather_from_group
-from vidpar.distributed.parallel_state import GroupCoordinator
+from vidpar.distributed.group import GroupCoordinator
 
 __all__ = ["TokenShard", "local_length", "replicated_query_attention"]
 

@@ -2,7 +2,7 @@
 
 Each function takes a layer of the single-device model and returns vidpar's tp layer
 holding this rank's chunk of the same weights (``tensor_parallel_dim`` tagged, see
-:mod:`vidpar.nn.linear`); :func:`replace_module` puts it back under the same attribute
+:mod:`vidpar.distributed.full_weights`); :func:`replace_module` puts it back under the same attribute
 path, so parameter names stay those of the single-device model.
 """
 
@@ -13,13 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vidpar.distributed.communication_op import copy_to_group, reduce_from_group
-from vidpar.distributed.parallel_state import GroupCoordinator
-from vidpar.nn.linear import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    TensorParallelModule,
-    tensor_parallel_shard,
-)
+from vidpar.distributed.full_weights import tensor_parallel_shard
+from vidpar.distributed.group import GroupCoordinator
+from vidpar.nn.linear import ColumnParallelLinear, RowParallelLinear, TensorParallelModule
 
 __all__ = [
     "HeadShardedRMSNorm",

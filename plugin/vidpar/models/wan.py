@@ -34,7 +34,7 @@ from vidpar.models.tensor_parallel import (
     replace_module,
     row_parallel,
 )
-from vidpar.nn.attention import DistributedAttention, check_heads
+from vidpar.nn.attention import DistributedAttention
 from vidpar.nn.dit import shard_tokens
 from vidpar.nn.linear import GroupRef
 
@@ -122,6 +122,11 @@ class _WanTokens:
         self.seq_len = 0  # of the forward in flight: set by the rope, read by proj_out
 
     def rope(self, module: nn.Module, args, output) -> TokenShard:
+        if not (isinstance(output, tuple) and len(output) == 2):
+            raise TypeError(
+                "this diffusers' WanRotaryPosEmbed does not return (cos, sin); "
+                "vidpar.models needs a diffusers release whose Wan rope does (0.35 or newer)"
+            )
         cos, sin = output  # [1, S, 1, D], channel pairs repeated
         self.seq_len = cos.shape[1]
         sp = self._sp.group
@@ -171,19 +176,9 @@ def _split_heads(model: nn.Module, layout: Layout) -> None:
 def parallelize_wan(model: nn.Module, layout: Layout) -> None:
     """Prepare a ``WanTransformer3DModel`` for ``layout`` in place (see the module doc)."""
     heads = model.config.num_attention_heads
-    check_heads(heads, layout.tp.world_size, layout.ulysses.world_size)
-    for block in model.blocks:
-        for attn in (block.attn1, block.attn2):
-            if getattr(attn, "fused_projections", False):
-                raise ValueError(
-                    "the model's attention projections are fused; call "
-                    "model.unfuse_qkv_projections() before vidpar.models.parallelize"
-                )
     if layout.tp.world_size > 1:
         _split_heads(model, layout)
-    attention = DistributedAttention(
-        heads, ulysses_group=layout.ulysses, ring_group=layout.ring, tp_group=layout.tp
-    )
+    attention = DistributedAttention(heads, ulysses_group=layout.ulysses, ring_group=layout.ring)
     processor = WanAttnProcessor(attention)
     for block in model.blocks:
         block.attn1.set_processor(processor)

@@ -30,27 +30,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from vidpar.config import ParallelConfig
 from vidpar.distributed import telemetry
 from vidpar.distributed.communication_op import all_to_all
-from vidpar.distributed.parallel_state import GroupCoordinator
-from vidpar.nn.linear import GroupRef, resolve_group
+from vidpar.distributed.group import GroupCoordinator
+from vidpar.distributed.state import get_parallel_state
+from vidpar.nn.linear import GroupRef
 
-__all__ = ["DistributedAttention", "check_heads", "ring_attention"]
-
-
-def check_heads(num_heads: int, tp: int, ulysses: int) -> None:
-    """Heads are split over ulysses × tp: raise ``ValueError`` naming the numbers."""
-    ParallelConfig(tp=tp, ulysses=ulysses, ring=1).check_heads(num_heads)
+__all__ = ["DistributedAttention", "ring_attention"]
 
 
 class DistributedAttention(nn.Module):
     """Softmax attention ``softmax(q kᵀ · scale) v`` over the full sequence while each rank
     holds its sp shard of it.
 
-    ``num_heads`` (total, before tp) is checked against ulysses × tp when given. The
-    groups default to the layout's (a group of one without a layout). The layer has no
-    parameters; put it inside your own attention block between the projections.
+    The groups default to the current layout's (groups of one without a layout); the
+    model that holds the layer checks its heads against the layout
+    (:meth:`~vidpar.distributed.ParallelState.check_heads`). The layer has no parameters;
+    put it inside your own attention block between the projections.
     """
 
     def __init__(
@@ -60,16 +56,13 @@ class DistributedAttention(nn.Module):
         scale: float | None = None,
         ulysses_group: GroupCoordinator | None = None,
         ring_group: GroupCoordinator | None = None,
-        tp_group: GroupCoordinator | None = None,
     ) -> None:
         super().__init__()
-        self._ulysses = GroupRef(resolve_group("ulysses", ulysses_group))
-        self._ring = GroupRef(resolve_group("ring", ring_group))
+        state = get_parallel_state()
+        self._ulysses = GroupRef(ulysses_group or state.group("ulysses"))
+        self._ring = GroupRef(ring_group or state.group("ring"))
         self.scale = scale
         self.num_heads = num_heads
-        if num_heads is not None:
-            tp = resolve_group("tp", tp_group).world_size
-            check_heads(num_heads, tp, self.ulysses_group.world_size)
 
     @property
     def ulysses_group(self) -> GroupCoordinator:

@@ -22,18 +22,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vidpar.distributed.communication_op import gather_sequence
-from vidpar.distributed.parallel_state import GroupCoordinator
+from vidpar.distributed.full_weights import load_full_weights, tensor_parallel_shard
+from vidpar.distributed.group import GroupCoordinator
+from vidpar.distributed.state import get_parallel_state
 from vidpar.distributed.utils import pad_to_multiple, split_tensor_along_dim
-from vidpar.nn.attention import DistributedAttention, check_heads
+from vidpar.nn.attention import DistributedAttention
 from vidpar.nn.linear import (
     ColumnParallelLinear,
     GroupRef,
     QKVParallelLinear,
     RowParallelLinear,
     TensorParallelModule,
-    load_full_weights,
-    resolve_group,
-    tensor_parallel_shard,
 )
 
 __all__ = [
@@ -297,9 +296,9 @@ class VideoDiT(nn.Module):
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
         self.config = cfg = config
-        self._sp = GroupRef(resolve_group("sp"))
-        tp, uly = resolve_group("tp"), resolve_group("ulysses")
-        check_heads(cfg.num_heads, tp.world_size, uly.world_size)
+        state = get_parallel_state()
+        state.check_heads(cfg.num_heads)  # where the model meets the layout
+        self._sp = GroupRef(state.group("sp"))
         h = cfg.hidden_size
         self.patch_embed = nn.Conv3d(
             cfg.in_channels, h, kernel_size=cfg.patch_size, stride=cfg.patch_size

@@ -1,40 +1,35 @@
-"""Tensor-parallel linear layers and full (single-device) checkpoints for them.
+"""Tensor-parallel linear layers.
 
-Contract shared with the rest of vidpar: a parameter sharded over the tp group carries
-``tensor_parallel_dim: int``, meaning "this parameter is the tp-rank-th equal chunk of the
-full single-device tensor along that dim". Parameters without it are replicated.
-Parameter names are those of the single-device model, so a full state dict fits any tp
-size: :func:`load_full_state_dict` slices it, :func:`full_state_dict` gathers it back.
+Every sharded parameter follows vidpar's tp contract (:mod:`vidpar.distributed.full_weights`):
+it carries ``tensor_parallel_dim`` and keeps its single-device name, so full checkpoints
+load into any tp size and gather back.
 
-Layers find their group when they are built: an explicit ``group``, else the layout's
-(:func:`vidpar.distributed.get_tp_group`), else (no layout initialised, or inside
-:func:`single_process`) a group of one rank that never communicates. Initialisation draws
-the full single-device tensor and keeps this rank's chunk, so a model built under any
-layout after ``torch.manual_seed(s)`` holds exactly the weights of the single-device
-model built after the same seed.
+Layers find their group when they are built: an explicit ``group``, else the current
+layout's (:func:`vidpar.distributed.get_parallel_state`; a world of one without a layout
+or inside :func:`vidpar.distributed.single_process`). Initialisation draws the full
+single-device tensor and keeps this rank's chunk, so a model built under any layout after
+``torch.manual_seed(s)`` holds exactly the weights of the single-device model built after
+the same seed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import math
-import os
-from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from vidpar.distributed import parallel_state as ps
 from vidpar.distributed.communication_op import (
     copy_to_group,
     gather_from_group,
     reduce_from_group,
     shard_to_group,
 )
-from vidpar.distributed.parallel_state import GroupCoordinator
+from vidpar.distributed.full_weights import mark_tensor_parallel, tensor_parallel_shard
+from vidpar.distributed.group import GroupCoordinator
+from vidpar.distributed.state import get_parallel_state
 
 __all__ = [
     "ColumnParallelLinear",
@@ -42,61 +37,7 @@ __all__ = [
     "QKVParallelLinear",
     "RowParallelLinear",
     "TensorParallelModule",
-    "full_state_dict",
-    "load_full_state_dict",
-    "load_full_weights",
-    "mark_tensor_parallel",
-    "resolve_group",
-    "save_full_weights",
-    "single_process",
-    "tensor_parallel_shard",
 ]
-
-# Groups --------------------------------------------------------------------------
-
-_single_process_depth = 0
-_SINGLE: dict[str, GroupCoordinator] = {}
-_GETTERS = {
-    "tp": ps.get_tp_group,
-    "sp": ps.get_sp_group,
-    "ulysses": ps.get_ulysses_group,
-    "ring": ps.get_ring_group,
-    "cfg": ps.get_cfg_group,
-    "dp": ps.get_dp_group,
-    "dp_sp": ps.get_dp_sp_group,
-}
-
-
-@contextlib.contextmanager
-def single_process() -> Iterator[None]:
-    """Layers built inside behave as if no layout were initialised: tp = sp = 1, no
-    communication (a single-device reference model, an unsharded EMA copy, ...)."""
-    global _single_process_depth
-    _single_process_depth += 1
-    try:
-        yield
-    finally:
-        _single_process_depth -= 1
-
-
-def _group_of_one(name: str) -> GroupCoordinator:
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    key = f"{name}:{rank}"
-    if key not in _SINGLE:
-        _SINGLE[key] = GroupCoordinator(name, [rank], None, None, torch.device("cpu"))
-    return _SINGLE[key]
-
-
-def resolve_group(name: str, group: GroupCoordinator | None = None) -> GroupCoordinator:
-    """``group`` if given; else the layout's group ``name`` (``"tp"``, ``"ulysses"``, ...);
-    else, with no layout initialised or inside :func:`single_process`, a group of one."""
-    if group is not None:
-        return group
-    if name not in _GETTERS:
-        raise ValueError(f"unknown group {name!r}; known groups: {sorted(_GETTERS)}")
-    if _single_process_depth or not ps.model_parallel_is_initialized():
-        return _group_of_one(name)
-    return _GETTERS[name]()
 
 
 class GroupRef:
@@ -112,23 +53,6 @@ class GroupRef:
         return self
 
 
-# Sharded parameters --------------------------------------------------------------
-
-
-def mark_tensor_parallel(param: nn.Parameter, dim: int) -> nn.Parameter:
-    """Tag ``param`` as the tp-rank-th equal chunk of the full tensor along ``dim``."""
-    param.tensor_parallel_dim = dim
-    return param
-
-
-def tensor_parallel_shard(full: torch.Tensor, dim: int, group: GroupCoordinator) -> torch.Tensor:
-    """This rank's equal chunk of ``full`` along ``dim`` (a view)."""
-    n = group.world_size
-    if full.shape[dim] % n:
-        raise ValueError(f"dimension {dim} of size {full.shape[dim]} does not split into tp({n})")
-    return full.chunk(n, dim)[group.rank_in_group]
-
-
 def _divide(name: str, value: int, group: GroupCoordinator) -> int:
     if value % group.world_size:
         raise ValueError(
@@ -141,8 +65,7 @@ def _divide(name: str, value: int, group: GroupCoordinator) -> int:
 class TensorParallelModule(nn.Module):
     """Base of modules with tp-sharded parameters.
 
-    Holds the tp group (:attr:`tp_group`: ``group``, else resolved by
-    :func:`resolve_group`), registers sharded parameters with
+    Holds the tp group (:attr:`tp_group`: ``group``, else the current layout's), registers sharded parameters with
     :meth:`register_sharded`, initialises them chunk-wise (:meth:`init_sharded`), and
     keeps their ``tensor_parallel_dim`` tags through ``.to()``, ``.to_empty()`` and
     ``copy.deepcopy``, which may replace the Parameter objects.
@@ -150,7 +73,7 @@ class TensorParallelModule(nn.Module):
 
     def __init__(self, group: GroupCoordinator | None = None) -> None:
         super().__init__()
-        self._tp = GroupRef(resolve_group("tp", group))
+        self._tp = GroupRef(group or get_parallel_state().group("tp"))
         self._tp_dims: dict[str, int] = {}
 
     @property
@@ -194,10 +117,11 @@ class TensorParallelModule(nn.Module):
         param.copy_(full if dim is None else tensor_parallel_shard(full, dim, self.tp_group))
 
 
-class ColumnParallelLinear(TensorParallelModule):
-    """``y = x Wᵀ + b`` with W's output rows split over tp: each rank computes its slice
-    of the features. ``gather_output`` concatenates the slices (every rank gets all of
-    ``y``); otherwise the output stays split, ready for a :class:`RowParallelLinear`."""
+class _ParallelLinear(TensorParallelModule):
+    """``y = x Wᵀ + b`` with W split over tp along :attr:`split_dim` (0: output rows, 1:
+    input columns); the bias is split with the output rows or else replicated."""
+
+    split_dim: int
 
     def __init__(
         self,
@@ -205,19 +129,23 @@ class ColumnParallelLinear(TensorParallelModule):
         out_features: int,
         bias: bool = True,
         *,
-        gather_output: bool = False,
         group: GroupCoordinator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(group)
-        group = self.tp_group
         self.in_features, self.out_features = in_features, out_features
-        self.gather_output = gather_output
-        local = _divide("out_features", out_features, group)
+        split = self.split_dim
+        shape = [out_features, in_features]
+        shape[split] = _divide(("out_features", "in_features")[split], shape[split], self.tp_group)
         kw = {"device": device, "dtype": dtype}
-        self.register_sharded("weight", torch.empty(local, in_features, **kw), 0)
-        self.register_sharded("bias", torch.empty(local, **kw) if bias else None, 0)
+        self.register_sharded("weight", torch.empty(shape, **kw), split)
+        if not bias:
+            self.register_parameter("bias", None)
+        elif split == 0:
+            self.register_sharded("bias", torch.empty(shape[0], **kw), 0)
+        else:
+            self.bias = nn.Parameter(torch.empty(out_features, **kw))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -226,53 +154,45 @@ class ColumnParallelLinear(TensorParallelModule):
         bound = 1 / math.sqrt(self.in_features)
         self.init_sharded(self.weight, (self.out_features, self.in_features), bound)
         self.init_sharded(self.bias, (self.out_features,), bound)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"tp={self.tp_group.world_size}"
+        )
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """``y = x Wᵀ + b`` with W's output rows split over tp: each rank computes its slice
+    of the features. ``gather_output`` concatenates the slices (every rank gets all of
+    ``y``); otherwise the output stays split, ready for a :class:`RowParallelLinear`.
+    Other arguments as :class:`torch.nn.Linear`, plus ``group`` (default: the layout's)."""
+
+    split_dim = 0
+
+    def __init__(self, *args: Any, gather_output: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gather_output = gather_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.tp_group
         y = F.linear(copy_to_group(x, group), self.weight, self.bias)
         return gather_from_group(y, group, -1) if self.gather_output else y
 
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"tp={self.tp_group.world_size}, gather_output={self.gather_output}"
-        )
 
-
-class RowParallelLinear(TensorParallelModule):
+class RowParallelLinear(_ParallelLinear):
     """``y = x Wᵀ + b`` with W's input columns split over tp: each rank multiplies its
     slice of the features and the partial products are summed over tp. With
     ``input_is_parallel`` (the default) ``x`` is already this rank's feature slice (the
     output of a :class:`ColumnParallelLinear`); otherwise the layer takes it. The bias is
-    replicated and added once, after the sum."""
+    replicated and added once, after the sum. Other arguments as
+    :class:`ColumnParallelLinear`."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        input_is_parallel: bool = True,
-        group: GroupCoordinator | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(group)
-        group = self.tp_group
-        self.in_features, self.out_features = in_features, out_features
+    split_dim = 1
+
+    def __init__(self, *args: Any, input_is_parallel: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.input_is_parallel = input_is_parallel
-        local = _divide("in_features", in_features, group)
-        kw = {"device": device, "dtype": dtype}
-        self.register_sharded("weight", torch.empty(out_features, local, **kw), 1)
-        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """``nn.Linear``'s distribution, U(±1/sqrt(in_features)), drawn for the full
-        tensor."""
-        bound = 1 / math.sqrt(self.in_features)
-        self.init_sharded(self.weight, (self.out_features, self.in_features), bound)
-        self.init_sharded(self.bias, (self.out_features,), bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.tp_group
@@ -281,12 +201,6 @@ class RowParallelLinear(TensorParallelModule):
         # The matmul output is fresh and not saved for backward: reduce it without a copy.
         y = reduce_from_group(F.linear(x, self.weight), group, in_place=True)
         return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"tp={self.tp_group.world_size}, input_is_parallel={self.input_is_parallel}"
-        )
 
 
 class QKVParallelLinear(TensorParallelModule):
@@ -345,110 +259,3 @@ class QKVParallelLinear(TensorParallelModule):
             f"hidden_size={self.in_features}, num_heads={self.num_heads}, "
             f"head_dim={self.head_dim}, tp={self.tp_group.world_size}"
         )
-
-
-# Full checkpoints ----------------------------------------------------------------
-
-
-def _shard_groups(model: nn.Module, group: GroupCoordinator | None) -> dict[int, GroupCoordinator]:
-    """The tp group of every sharded parameter (or buffer): its owning module's
-    ``tp_group`` if that module has one, else ``group`` (default: the layout's tp group)."""
-    default = resolve_group("tp", group)
-    groups: dict[int, GroupCoordinator] = {}
-    for module in model.modules():
-        owner = getattr(module, "_tp", None)
-        owner = owner.group if isinstance(owner, GroupRef) else default
-        for tensor in itertools.chain(module.parameters(False), module.buffers(False)):
-            if getattr(tensor, "tensor_parallel_dim", None) is not None:
-                groups[id(tensor)] = owner
-    return groups
-
-
-def load_full_state_dict(
-    model: nn.Module,
-    full_state_dict: Mapping[str, torch.Tensor],
-    *,
-    strict: bool = True,
-    group: GroupCoordinator | None = None,
-) -> tuple[list[str], list[str]]:
-    """Copy a single-device state dict into ``model``: each rank takes its chunk of every
-    tp-sharded parameter (``tensor_parallel_dim``) and all of every other entry.
-
-    No communication. Returns ``(missing, unexpected)`` keys; with ``strict`` either
-    raises ``KeyError``. ``group`` is the tp group for sharded parameters whose module
-    does not name one (default: the layout's).
-    """
-    own = model.state_dict(keep_vars=True)
-    missing = [k for k in own if k not in full_state_dict]
-    unexpected = [k for k in full_state_dict if k not in own]
-    if strict and (missing or unexpected):
-        raise KeyError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
-    groups = _shard_groups(model, group)
-    with torch.no_grad():
-        for name, target in own.items():
-            if name not in full_state_dict:
-                continue
-            source = full_state_dict[name]
-            dim = getattr(target, "tensor_parallel_dim", None)
-            if dim is not None:
-                tp = groups[id(target)]
-                expected = list(target.shape)
-                expected[dim] *= tp.world_size
-                if list(source.shape) != expected:
-                    raise ValueError(
-                        f"{name}: full shape {tuple(source.shape)} is not tp({tp.world_size}) "
-                        f"shards of {tuple(target.shape)} along dim {dim}"
-                    )
-                source = tensor_parallel_shard(source, dim, tp)
-            elif source.shape != target.shape:
-                raise ValueError(
-                    f"{name}: shape {tuple(source.shape)} does not match {tuple(target.shape)}"
-                )
-            target.copy_(source)
-    return missing, unexpected
-
-
-def full_state_dict(
-    model: nn.Module, *, group: GroupCoordinator | None = None
-) -> dict[str, torch.Tensor]:
-    """The single-device state dict of ``model``: tp-sharded entries are all-gathered over
-    their tp group, the rest copied. Every rank of the tp group must call it."""
-    groups = _shard_groups(model, group)
-    out = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        dim = getattr(tensor, "tensor_parallel_dim", None)
-        if dim is None:
-            out[name] = tensor.detach().clone()
-        else:
-            tp = groups[id(tensor)]
-            gathered = tp.all_gather(tensor.detach().contiguous(), dim)
-            out[name] = gathered.clone() if tp.world_size == 1 else gathered
-    return out
-
-
-def load_full_weights(
-    model: nn.Module,
-    source: str | os.PathLike | Mapping[str, torch.Tensor],
-    *,
-    strict: bool = True,
-    group: GroupCoordinator | None = None,
-) -> tuple[list[str], list[str]]:
-    """:func:`load_full_state_dict` from a state dict or a ``.safetensors`` file path."""
-    if isinstance(source, str | os.PathLike):
-        from safetensors.torch import load_file
-
-        source = load_file(os.fspath(source))
-    return load_full_state_dict(model, source, strict=strict, group=group)
-
-
-def save_full_weights(
-    model: nn.Module, path: str | os.PathLike, *, group: GroupCoordinator | None = None
-) -> dict[str, torch.Tensor]:
-    """Gather :func:`full_state_dict` (every rank of the tp group calls this) and write it
-    as one ``.safetensors`` file from global rank 0. Returns the full state dict."""
-    from safetensors.torch import save_file
-
-    state = full_state_dict(model, group=group)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        save_file({k: v.cpu().contiguous() for k, v in state.items()}, os.fspath(path))
-    return state

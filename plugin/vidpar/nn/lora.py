@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vidpar.distributed.parallel_state import GroupCoordinator
-from vidpar.nn.linear import _shard_groups
+from vidpar.distributed.full_weights import shard_groups
+from vidpar.distributed.group import GroupCoordinator
 
 __all__ = ["LoraManager", "adapter_targets", "load_adapter", "peft_to_adapter", "shard_delta"]
 
@@ -148,7 +148,8 @@ def peft_to_adapter(
             else float(module_alpha) / (math.sqrt(rank) if rslora else rank)
         )
         adapter[f"{module}.weight{_A}"] = a
-        adapter[f"{module}.weight{_B}"] = b * factor if factor != 1.0 else b
+        # Folded in float64: the scaled factor is as exact as the file's.
+        adapter[f"{module}.weight{_B}"] = b if factor == 1.0 else b.double() * factor
     return adapter
 
 
@@ -283,7 +284,7 @@ class LoraManager:
         scale = adapter.get(_SCALE)
         if scale is not None and (scale.numel() != 1 or not torch.isfinite(scale).all()):
             raise ValueError(f"adapter {name!r}: scale must be one finite number, got {scale}")
-        groups = _shard_groups(self.model, None)
+        groups = shard_groups(self.model)
         for target in targets:
             param = params[target]
             full = _full_shape(param, groups.get(id(param)))
@@ -308,7 +309,7 @@ class LoraManager:
         adapter = self.adapters[name]
         scale = float(adapter[_SCALE]) if _SCALE in adapter else 1.0
         params = self._params()
-        groups = _shard_groups(self.model, None)
+        groups = shard_groups(self.model)
         try:
             for target in adapter_targets(adapter):  # one delta at a time: bounded memory
                 param = params[target]

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from vidpar.distributed.parallel_state import get_cfg_group, model_parallel_is_initialized
+from vidpar.distributed.state import get_cfg_group, model_parallel_is_initialized
 
 #: ``velocity_fn(x_t, t, cond) -> v``: ``x_t`` ``[B, ...]``, ``t`` ``[B]`` in ``[0, 1]``.
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]

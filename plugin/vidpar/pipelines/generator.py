@@ -15,14 +15,15 @@ import torch
 
 from vidpar.config import ParallelConfig
 from vidpar.distributed import telemetry
+from vidpar.distributed.full_weights import HPARAMS_KEY, read_hyper_parameters, save_full_weights
 from vidpar.executor import Executor
 from vidpar.nn.dit import DiTConfig, VideoDiT
 from vidpar.pipelines.flow_matching import FlowMatchEulerSampler
+from vidpar.pipelines.generator_worker import GeneratorWorker
 from vidpar.pipelines.video_io import to_uint8_frames, write_video
 
-#: safetensors metadata: the DiT's config, and facts about its training data, as JSON.
-DIT_CONFIG_KEY = "vidpar.dit_config"
-DATA_INFO_KEY = "vidpar.data_info"
+#: The training-data facts a checkpoint may record beside the DiT config.
+DATA_INFO_FIELDS = ("class_names", "video_shape")
 
 
 def _build_dit(worker, config: dict[str, Any]) -> VideoDiT:
@@ -101,7 +102,9 @@ class VideoGenerator:
         self.data_info = data_info or {}
         self.class_names = self.data_info.get("class_names")
         factory = functools.partial(_build_dit, config=_as_dict(dit_config))
-        self.executor = Executor(self.parallel, worker_factory=factory, devices=devices)
+        self.executor = Executor(
+            self.parallel, worker_factory=factory, devices=devices, worker_cls=GeneratorWorker
+        )
         try:
             if weights is not None:
                 self.executor.collective_rpc("load_weights", os.fspath(weights))
@@ -115,7 +118,9 @@ class VideoGenerator:
         cls, path: str | Path, parallel: ParallelConfig | None = None, **kwargs: Any
     ) -> VideoGenerator:
         """From a safetensors file written by :func:`export_weights` or
-        :func:`vidpar.lightning.export_full_checkpoint`, or a vidpar checkpoint directory."""
+        :func:`vidpar.lightning.export_full_checkpoint`, or a vidpar checkpoint directory
+        (``checkpoints/last.ckpt`` of ``vidpar-train``: exported once to
+        ``model.safetensors`` beside it)."""
         path = Path(path)
         if path.is_dir():
             path = _export_from_directory(path)
@@ -266,46 +271,33 @@ def _as_dict(config: DiTConfig) -> dict[str, Any]:
 def export_weights(
     model: VideoDiT, path: str | Path, data_info: dict[str, Any] | None = None
 ) -> Path:
-    """Save a VideoDiT as one full safetensors file with its config (and ``data_info``) in
-    the metadata. A tp-sharded model is gathered first: then every rank of its tp group
-    must call this, and global rank 0 writes."""
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-
-    from vidpar.nn.linear import full_state_dict
-
-    path = Path(path)
-    tensors = {k: v.contiguous().cpu() for k, v in full_state_dict(model).items()}
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata=_metadata(_as_dict(model.config), data_info))
-    return path
-
-
-def _metadata(config: dict[str, Any], data_info: dict[str, Any] | None) -> dict[str, str]:
-    return {DIT_CONFIG_KEY: json.dumps(config), DATA_INFO_KEY: json.dumps(data_info or {})}
+    """Save a VideoDiT as one full safetensors file with its config (and ``data_info``:
+    ``class_names``, ``video_shape``) in the header, as :func:`export_full_checkpoint
+    <vidpar.distributed.full_weights.export_full_checkpoint>` writes a trained run's. A
+    tp-sharded model is gathered first: then every rank of its tp group must call this,
+    and global rank 0 writes."""
+    hparams = {"dit": _as_dict(model.config), **(data_info or {})}
+    return save_full_weights(model, path, metadata={HPARAMS_KEY: json.dumps(hparams)})
 
 
 def read_model_info(path: str | Path) -> tuple[DiTConfig, dict[str, Any]]:
-    """The DiT config and training-data facts stored in a safetensors file's metadata."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if DIT_CONFIG_KEY not in metadata:
+    """The DiT config and training-data facts stored in a safetensors file's header."""
+    hparams = read_hyper_parameters(path)
+    if hparams is None or "dit" not in hparams:
         raise ValueError(
-            f"{path} has no {DIT_CONFIG_KEY} metadata: export it with "
-            "vidpar.pipelines.export_weights or vidpar.lightning.export_full_checkpoint"
+            f"{path} records no DiT config: write it with vidpar.pipelines.export_weights or "
+            "vidpar.lightning.export_full_checkpoint (a checkpoint of VideoDiffusionModule), "
+            "or pass the checkpoints/last.ckpt directory of a vidpar-train run"
         )
-    data_info = json.loads(metadata.get(DATA_INFO_KEY, "{}"))
-    return DiTConfig(**json.loads(metadata[DIT_CONFIG_KEY])), data_info
+    data_info = {k: hparams[k] for k in DATA_INFO_FIELDS if hparams.get(k) is not None}
+    return DiTConfig(**hparams["dit"]), data_info
 
 
 def _export_from_directory(ckpt_dir: Path) -> Path:
     """A vidpar checkpoint directory exported to ``<dir>/model.safetensors`` (once: again
-    only when the checkpoint is newer), from the EMA weights when it has them. The file
-    appears atomically."""
-    from vidpar.distributed.checkpoint import TRAINER_STATE, export_full_checkpoint, is_complete
+    only when the checkpoint is newer), from the EMA weights when it has them."""
+    from vidpar.distributed.checkpoint import TRAINER_STATE, is_complete
+    from vidpar.distributed.full_weights import export_full_checkpoint
 
     if not is_complete(ckpt_dir):
         raise FileNotFoundError(
@@ -316,17 +308,5 @@ def _export_from_directory(ckpt_dir: Path) -> Path:
     out = ckpt_dir / "model.safetensors"
     state_file = ckpt_dir / TRAINER_STATE
     if not out.is_file() or out.stat().st_mtime < state_file.stat().st_mtime:
-        state = torch.load(state_file, weights_only=False)
-        hparams = state.get("hyper_parameters", {})
-        if "dit" not in hparams:
-            raise ValueError(f"{ckpt_dir} was not written by VideoDiffusionModule (no dit config)")
-        data_info = {k: hparams.get(k) for k in ("class_names", "video_shape")}
-        metadata = _metadata(dict(hparams["dit"]), data_info)
-        prefix = "ema_model." if hparams.get("ema_decay", 0.0) > 0 else "model."
-        partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
-        try:
-            export_full_checkpoint(ckpt_dir, partial, prefix=prefix, metadata=metadata)
-            os.replace(partial, out)
-        finally:
-            partial.unlink(missing_ok=True)
+        export_full_checkpoint(ckpt_dir, out)
     return out

@@ -7,16 +7,17 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup, ReduceOp
 
 # torch 2.13 renamed the flat-buffer collectives; older releases have only the old names.
-_all_gather_flat = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+_dist_all_gather_flat = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_dist_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 
 class DeviceCommunicator:
     """Moves tensors among the ranks of one group on its device group.
 
-    Subclasses replace individual operations with faster paths; every method keeps the
-    same contract. ``rank_in_group`` indexes ``ranks``; sources and destinations are
-    given as ranks in the group, not global ranks.
+    The public methods shape tensors and call the flat primitives below them
+    (``_all_reduce``, ``_all_gather_into``...), which move contiguous buffers; subclasses
+    replace primitives with faster paths and keep every contract. ``rank_in_group``
+    indexes ``ranks``; sources and destinations are ranks in the group, not global ranks.
     """
 
     name = "torch"
@@ -40,7 +41,7 @@ class DeviceCommunicator:
         self, tensor: torch.Tensor, op: ReduceOp.RedOpType = ReduceOp.SUM
     ) -> torch.Tensor:
         """Reduce in place across the group; returns ``tensor``."""
-        dist.all_reduce(tensor, op=op, group=self.device_group)
+        self._all_reduce(tensor, op)
         return tensor
 
     def all_gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -48,7 +49,7 @@ class DeviceCommunicator:
         dim = dim % tensor.dim()
         tensor = tensor.contiguous()
         out = tensor.new_empty((self.world_size * tensor.shape[0], *tensor.shape[1:]))
-        _all_gather_flat(out, tensor, group=self.device_group)
+        self._all_gather_into(out, tensor)
         if dim == 0:
             return out
         return _merge_leading(out.view(self.world_size, *tensor.shape), dim)
@@ -74,7 +75,7 @@ class DeviceCommunicator:
         tensor = tensor.contiguous()
         out_shape = (tensor.shape[0] // self.world_size, *tensor.shape[1:])
         out = tensor.new_empty(out_shape)
-        _reduce_scatter_flat(out, tensor, op=op, group=self.device_group)
+        self._reduce_scatter_into(out, tensor, op)
         if dim != 0:
             return out.squeeze(0)
         return out
@@ -87,23 +88,52 @@ class DeviceCommunicator:
         gather_dim %= tensor.dim()
         send = _split_leading(tensor, n, scatter_dim).contiguous()
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.device_group)
+        self._all_to_all_into(recv, send)
         # recv[j] is rank j's chunk, shaped like the input with scatter_dim divided by n.
         return _merge_leading(recv, gather_dim)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Copy rank ``src``'s ``tensor`` into every rank's ``tensor``; returns it."""
-        dist.broadcast(tensor, group=self.device_group, group_src=src)
+        self._broadcast(tensor, src)
         return tensor
 
     def send(self, tensor: torch.Tensor, dst: int) -> None:
         """Send ``tensor`` to rank ``dst`` of the group."""
-        dist.send(tensor.contiguous(), group=self.device_group, group_dst=dst)
+        self._send(tensor.contiguous(), dst)
 
     def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         """Receive into ``tensor`` from rank ``src`` of the group; returns it."""
-        dist.recv(tensor, group=self.device_group, group_src=src)
+        self._recv(tensor, src)
         return tensor
+
+    def close(self, abort: bool = False) -> None:
+        """Release what this communicator holds beyond torch's groups (idempotent);
+        ``abort=True`` on a death path: never wait for peers. Nothing to release here."""
+
+    # Flat primitives on contiguous buffers: what subclasses replace ------------------
+
+    def _all_reduce(self, tensor: torch.Tensor, op: ReduceOp.RedOpType) -> None:
+        dist.all_reduce(tensor, op=op, group=self.device_group)
+
+    def _all_gather_into(self, out: torch.Tensor, tensor: torch.Tensor) -> None:
+        _dist_all_gather_flat(out, tensor, group=self.device_group)
+
+    def _reduce_scatter_into(
+        self, out: torch.Tensor, tensor: torch.Tensor, op: ReduceOp.RedOpType
+    ) -> None:
+        _dist_reduce_scatter_flat(out, tensor, op=op, group=self.device_group)
+
+    def _all_to_all_into(self, out: torch.Tensor, tensor: torch.Tensor) -> None:
+        dist.all_to_all_single(out, tensor, group=self.device_group)
+
+    def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        dist.broadcast(tensor, group=self.device_group, group_src=src)
+
+    def _send(self, tensor: torch.Tensor, dst: int) -> None:
+        dist.send(tensor, group=self.device_group, group_dst=dst)
+
+    def _recv(self, tensor: torch.Tensor, src: int) -> None:
+        dist.recv(tensor, group=self.device_group, group_src=src)
 
 
 def _split_leading(tensor: torch.Tensor, parts: int, dim: int) -> torch.Tensor:

@@ -1,0 +1,231 @@
+"""The Executor's wire format: frames over a pipe, bulk data through shared memory.
+
+Every message is one ``Connection.send_bytes`` frame. Its first byte holds flags. Without
+``_FLAG_FD`` the rest is a pickle. With it, a segment table follows and one file descriptor
+(a ``memfd``) is passed right after the frame over the same Unix socket; large buffers
+(tensors, numpy arrays; and the pickle itself when it is large) live in that shared memory,
+written once by the sender and mapped copy-on-write by each receiver. A request broadcast
+to N workers is therefore encoded once and the same bytes and the same memory go to every
+worker. Nothing is named in the file system, so nothing leaks when a process is killed.
+(Without ``memfd_create``, i.e. off Linux, everything goes through the pipe.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copyreg
+import io
+import math
+import mmap
+import os
+import pickle
+import socket
+import struct
+import sys
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any, ClassVar
+
+import torch
+
+#: Buffers of at least this many bytes travel through shared memory, not the pipe.
+OOB_MIN_BYTES = 1 << 16
+#: Pickles longer than this travel through shared memory too, so pipe frames stay small.
+INLINE_MAX_BYTES = 1 << 16
+_ALIGN = 64
+_FLAG_FD = 1
+_FLAG_BODY_IN_SHM = 2
+_COUNT = struct.Struct("<I")
+_SEGMENT = struct.Struct("<QQ")
+_HAS_MEMFD = hasattr(os, "memfd_create") and sys.platform.startswith("linux")
+
+
+def _rebuild_tensor(
+    data: Any, dtype: torch.dtype, shape: tuple[int, ...], requires_grad: bool, parameter: bool
+) -> torch.Tensor:
+    """Inverse of :func:`_reduce_tensor`: a tensor over ``data`` without a copy."""
+    if math.prod(shape) == 0:
+        tensor = torch.empty(shape, dtype=dtype)
+    else:
+        tensor = torch.frombuffer(data, dtype=torch.uint8).view(dtype).view(shape)
+    if parameter:
+        return torch.nn.Parameter(tensor, requires_grad=requires_grad)
+    return tensor.requires_grad_(requires_grad) if requires_grad else tensor
+
+
+def _reduce_tensor(tensor: torch.Tensor) -> tuple:
+    """Dense tensors as raw bytes (a :class:`pickle.PickleBuffer`, so big ones go out of
+    band); anything exotic (sparse, quantized, nested, meta, subclasses) the default way."""
+    if (
+        tensor.layout != torch.strided
+        or tensor.is_quantized
+        or tensor.is_nested
+        or tensor.device.type == "meta"
+    ):
+        return tensor.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+    data = tensor.detach()
+    if data.device.type != "cpu":
+        data = data.cpu()
+    data = data.resolve_conj().resolve_neg().contiguous()
+    raw = data.reshape(-1).view(torch.uint8).numpy()
+    return _rebuild_tensor, (
+        pickle.PickleBuffer(raw),
+        data.dtype,
+        tuple(data.shape),
+        tensor.requires_grad,
+        type(tensor) is torch.nn.Parameter,
+    )
+
+
+class _Pickler(pickle.Pickler):
+    dispatch_table: ClassVar[dict] = {
+        **copyreg.dispatch_table,
+        torch.Tensor: _reduce_tensor,
+        torch.nn.Parameter: _reduce_tensor,
+    }
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    while data.nbytes:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+
+
+def encode(obj: Any) -> tuple[bytes, int | None]:
+    """One frame for ``obj`` and, when it carries bulk data, the memfd that holds it.
+
+    The caller sends the frame, then the descriptor (:meth:`Channel.send_encoded`) to as
+    many receivers as it likes, and closes the descriptor afterwards.
+
+    Tensors cross as contiguous CPU tensors holding just their own elements (a slice of a
+    big tensor does not drag the whole storage along); the same tensor object twice is
+    sent once, but distinct tensors that view one storage arrive as independent copies.
+    """
+    out = io.BytesIO()
+    out.write(b"\x00")
+    buffers: list[memoryview] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: keep it in the pickle
+            return True
+        if raw.nbytes < OOB_MIN_BYTES:
+            return True
+        buffers.append(raw)
+        return False
+
+    _Pickler(
+        out, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=out_of_band if _HAS_MEMFD else None
+    ).dump(obj)
+    if not buffers and (out.tell() <= INLINE_MAX_BYTES + 1 or not _HAS_MEMFD):
+        return out.getvalue(), None
+
+    flags = _FLAG_FD
+    body = out.getbuffer()[1:]
+    segments = buffers
+    if body.nbytes > INLINE_MAX_BYTES:
+        flags |= _FLAG_BODY_IN_SHM
+        segments = [body, *buffers]
+    table, offset = [], 0
+    for segment in segments:
+        table.append((offset, segment.nbytes))
+        offset += -(-segment.nbytes // _ALIGN) * _ALIGN
+    fd = os.memfd_create("vidpar-rpc", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, max(offset, 1))
+        for (start, _), segment in zip(table, segments, strict=True):
+            _write_all(fd, segment, start)
+    except BaseException:
+        os.close(fd)
+        raise
+    header = [bytes([flags]), _COUNT.pack(len(table))]
+    header += [_SEGMENT.pack(start, size) for start, size in table]
+    if not flags & _FLAG_BODY_IN_SHM:
+        header.append(body)
+    return b"".join(header), fd
+
+
+def _recv_fd(sock: socket.socket) -> int:
+    _, fds, msg_flags, _ = socket.recv_fds(sock, 1, 4)
+    if not fds:
+        raise EOFError("the connection closed while passing shared memory")
+    for extra in fds[1:]:
+        os.close(extra)
+    if msg_flags & socket.MSG_CTRUNC:
+        os.close(fds[0])
+        raise OSError("shared memory descriptor was truncated in transit")
+    return fds[0]
+
+
+def decode(frame: bytes, sock: socket.socket) -> Any:
+    """Inverse of :func:`encode`; reads the descriptor from ``sock`` when the frame says so.
+
+    Shared memory is mapped copy-on-write: tensors are views of it (no copy), writes to
+    them stay private to this process, and the memory is freed with the last view.
+    """
+    view = memoryview(frame)
+    flags = view[0]
+    if not flags & _FLAG_FD:
+        return pickle.loads(view[1:])
+    fd = _recv_fd(sock)
+    try:
+        (count,) = _COUNT.unpack_from(view, 1)
+        table = [_SEGMENT.unpack_from(view, 5 + i * _SEGMENT.size) for i in range(count)]
+        size = max((start + length for start, length in table), default=1)
+        shm = mmap.mmap(
+            fd, max(size, 1), flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+        )
+    finally:
+        os.close(fd)
+    memory = memoryview(shm)
+    segments = [memory[start : start + length] for start, length in table]
+    in_shm = flags & _FLAG_BODY_IN_SHM
+    body = segments.pop(0) if in_shm else view[5 + count * _SEGMENT.size :]
+    return pickle.loads(body, buffers=segments)
+
+
+class Channel:
+    """One end of a control connection: frames over the pipe, bulk data over memfds."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        # A second handle on the same Unix socket, for passing descriptors.
+        self.sock = socket.socket(fileno=os.dup(conn.fileno()))
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    def send_encoded(self, frame: bytes, fd: int | None) -> None:
+        """Send a frame made by :func:`encode` (the caller still owns and closes ``fd``)."""
+        self.conn.send_bytes(frame)
+        if fd is not None:
+            socket.send_fds(self.sock, [b"\x00"], [fd])
+
+    def send(self, obj: Any) -> None:
+        frame, fd = encode(obj)
+        try:
+            self.send_encoded(frame, fd)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def recv(self) -> Any:
+        """The next object; ``EOFError`` when the other end has gone."""
+        return decode(self.conn.recv_bytes(), self.sock)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        with contextlib.suppress(OSError):
+            self.conn.close()
+
+
+def describe_exception(exc: BaseException) -> tuple[str, str, str, bytes | None]:
+    """``(type name, message, traceback text, pickled exception or None)``."""
+    try:
+        pickled = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        pickled = None
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return type(exc).__name__, str(exc), text, pickled

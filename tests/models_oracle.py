@@ -1,0 +1,55 @@
+"""Comparing a parallelised diffusers model with the unparallelised one (rank-side helpers
+of tests/test_models_*.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vidpar.distributed.full_weights import tensor_parallel_shard
+from vidpar.distributed.state import get_parallel_state
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-300) -> float:
+    """``‖actual - expected‖ / max(‖expected‖, floor)``."""
+    actual, expected = actual.detach(), expected.detach()
+    return float((actual - expected).norm() / expected.norm().clamp_min(floor))
+
+
+def gradient_errors(reference: nn.Module, model: nn.Module) -> dict[str, float]:
+    """Relative error of every parameter gradient of ``model`` against ``reference``'s.
+
+    Gradients are partial per sp rank (each holds its tokens' share), so they are summed
+    over the sp group first, as the strategy's gradient reduction does; a tp-sharded
+    parameter is compared with the matching slice of the full gradient. Gradients that
+    are zero in exact arithmetic (a key bias shared by all keys: softmax ignores it) are
+    measured against a millionth of the whole gradient's norm instead of their own.
+    """
+    state = get_parallel_state()
+    sp, tp = state.group("sp"), state.group("tp")
+    expected = dict(reference.named_parameters())
+    floor = 1e-6 * float(torch.cat([p.grad.flatten() for p in expected.values()]).norm())
+    errors = {}
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            raise AssertionError(f"{name} got no gradient")
+        grad = sp.all_reduce(param.grad.clone())
+        full = expected[name].grad
+        dim = getattr(param, "tensor_parallel_dim", None)
+        if dim is not None:
+            full = tensor_parallel_shard(full, dim, tp)
+        errors[name] = relative_error(grad, full, floor)
+    return errors
+
+
+def backward_both(reference_out: torch.Tensor, out: torch.Tensor, seed: int = 7) -> None:
+    """Backpropagate the same random cotangent through both outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    cotangent = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    (reference_out * cotangent).sum().backward()
+    (out * cotangent).sum().backward()
+
+
+def worst(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """The largest error of each entry over the ranks."""
+    return {name: max(errors[name] for errors in per_rank) for name in per_rank[0]}
