@@ -15,11 +15,12 @@ from omegaconf.errors import MissingMandatoryValue
 
 from diffusers_modules import RecordingDiffusersModule
 from lightning_models import full_weights, read_losses
-from vidpar.cli.hydra_setup import CONFIG_DIR, register
+from vidpar.cli.hydra_setup import register
 from vidpar.data import LatentsDataModule, MovingShapesDataModule
 from vidpar.lightning import DiffusersFlowModule, VidParStrategy, export_diffusers
 from vidpar.models.pretrained import load_pretrained
 from vidpar.models.testing import make_tiny_latents, make_tiny_wan
+from vidpar.resources import CONFIG_DIR
 
 register()
 
@@ -74,6 +75,7 @@ def tp2_sp2(folders, tmp_path_factory):
     reference's settings, in float64, and a checkpoint after every step (training goes on
     after a save: a sharded save once swapped the optimizer's tp moments for DTensors, and
     the next step failed)."""
+    from vidpar.cli.hydra_setup import build_layout
     from vidpar.cli.train import build_trainer
 
     log_dir = tmp_path_factory.mktemp("tp2sp2")
@@ -104,7 +106,7 @@ def tp2_sp2(folders, tmp_path_factory):
     assert cfg.model.gradient_checkpointing and cfg.model.timestep_shift == 3.0
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model, video_shape=list(datamodule.video_shape), _convert_="all")
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, build_layout(cfg.parallel))
     assert trainer.world_size == 4
     trainer.fit(module, datamodule=datamodule)
     return log_dir, full_weights(module)

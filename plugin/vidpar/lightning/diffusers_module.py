@@ -172,7 +172,8 @@ def export_diffusers(
 
     ``base`` is the folder trained from (default: the module's ``path`` and ``subfolder``
     as recorded in the checkpoint). Runs in one process."""
-    from vidpar.distributed.checkpoint import TRAINER_STATE, export_full_checkpoint, is_complete
+    from vidpar.distributed.checkpoint import TRAINER_STATE, is_complete
+    from vidpar.distributed.full_weights import export_full_checkpoint
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     if not is_complete(ckpt_dir):

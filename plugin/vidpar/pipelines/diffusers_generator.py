@@ -22,6 +22,7 @@ from vidpar.models.pretrained import (
 )
 from vidpar.pipelines.flow_matching import FlowMatchEulerSampler
 from vidpar.pipelines.generator import _dp_slice
+from vidpar.pipelines.generator_worker import GeneratorWorker
 from vidpar.pipelines.video_io import to_uint8_frames, write_video
 
 PROMPT, NEGATIVE = "prompt_embeds", "negative_prompt_embeds"
@@ -188,7 +189,9 @@ class DiffusersVideoGenerator:
             vae_folder=None if self.vae_folder is None else str(self.vae_folder),
             dtype=dtype,
         )
-        self.executor = Executor(self.parallel, worker_factory=factory, devices=devices)
+        self.executor = Executor(
+            self.parallel, worker_factory=factory, devices=devices, worker_cls=GeneratorWorker
+        )
         self.last_records: list = []
 
     def _embeds(self, prompt: Embeds, negative: Embeds | None) -> tuple[torch.Tensor, torch.Tensor]:
