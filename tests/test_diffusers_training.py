@@ -127,6 +127,13 @@ def test_tp2_sp2_matches_one_process(reference, tp2_sp2):
     assert len(set(ref_losses)) == 4  # the steps differ: a real comparison
 
 
+def test_fsdp2_over_ring2_matches_one_process(reference, folders, tmp_path):
+    """FSDP2 shards the diffusers model over the dp × sp replicas (here ring 2)."""
+    ref_losses, _ = reference
+    fit(tmp_path, folders, VidParStrategy(ring=2, data_parallel="fsdp"), 2, max_steps=2)
+    assert read_losses(tmp_path) == pytest.approx(ref_losses[:2], rel=1e-9)
+
+
 def test_the_checkpoint_holds_full_diffusers_weights_and_resumes_at_tp1(
     reference, tp2_sp2, folders, tmp_path
 ):
