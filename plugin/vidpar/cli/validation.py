@@ -15,8 +15,9 @@ from vidpar.config import ParallelConfig
 from vidpar.data.moving_shapes import SHAPES
 from vidpar.nn.dit import DiTConfig
 
-#: The data module whose keys :func:`check_data` knows.
+#: The data modules whose keys :func:`check_data` knows.
 BUILT_IN_DATA = "vidpar.data.MovingShapesDataModule"
+LATENTS_DATA = "vidpar.data.LatentsDataModule"
 
 
 def is_int(value: object) -> bool:
@@ -105,14 +106,12 @@ def check_checkpoint_cadence(checkpoint: DictConfig, max_steps: int) -> None:
 def check_data(data: DictConfig, model: DictConfig | None, layout: ParallelConfig) -> None:
     """The built-in data's sizes: a batch for every dp replica, clips the dataset can draw
     and the model's patch divides."""
-    if data.get("_target_") != BUILT_IN_DATA:
+    target = data.get("_target_")
+    if target == LATENTS_DATA:
+        _check_at_least(data, (("batch_size", 1), ("num_workers", 0), ("num_val", 0)))
+    if target != BUILT_IN_DATA:
         return
-    for key, low in (("batch_size", 1), ("num_workers", 0), ("num_val", 1)):
-        value = data.get(key)
-        if not is_int(value) or value < low:
-            raise UserError(
-                f"data.{key}={value} must be an integer of at least {low}. Set data.{key}."
-            )
+    _check_at_least(data, (("batch_size", 1), ("num_workers", 0), ("num_val", 1)))
     batch, dp = data.batch_size, layout.dp
     if not is_int(data.num_train) or data.num_train < batch * dp:
         raise UserError(
@@ -136,6 +135,15 @@ def check_data(data: DictConfig, model: DictConfig | None, layout: ParallelConfi
                 f"data.{key}={value} is not divisible by the model's patch size "
                 f"model.dit.patch_size={list(patch)} (axis {axis}). Set data.{key} to a "
                 f"multiple of {patch[axis]}, or change model.dit.patch_size."
+            )
+
+
+def _check_at_least(data: DictConfig, bounds: tuple[tuple[str, int], ...]) -> None:
+    for key, low in bounds:
+        value = data.get(key)
+        if not is_int(value) or value < low:
+            raise UserError(
+                f"data.{key}={value} must be an integer of at least {low}. Set data.{key}."
             )
 
 

@@ -1,6 +1,7 @@
-"""Synthetic video datasets.
+"""Synthetic video datasets, folders of precomputed latents (:mod:`vidpar.data.latents`),
+and resumable data-parallel loading (:mod:`vidpar.data.sampler`).
 
-``MovingShapesDataModule`` (Lightning) is imported lazily from
+``MovingShapesDataModule`` and ``LatentsDataModule`` (Lightning) are imported lazily from
 :mod:`vidpar.data.datamodule`, so ``import vidpar.data`` stays free of Lightning.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vidpar.data.latents import LatentsDataset, write_latents_folder
 from vidpar.data.moving_shapes import COLOURS, SHAPES, MovingShapesDataset, ShapeFit, fit_shape
 from vidpar.data.sampler import DataParallelSampler, ResumableDataLoader
 
@@ -15,17 +17,20 @@ __all__ = [
     "COLOURS",
     "SHAPES",
     "DataParallelSampler",
+    "LatentsDataModule",
+    "LatentsDataset",
     "MovingShapesDataModule",
     "MovingShapesDataset",
     "ResumableDataLoader",
     "ShapeFit",
     "fit_shape",
+    "write_latents_folder",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "MovingShapesDataModule":
-        from vidpar.data.datamodule import MovingShapesDataModule
+    if name in ("MovingShapesDataModule", "LatentsDataModule"):
+        from vidpar.data import datamodule
 
-        return MovingShapesDataModule
+        return getattr(datamodule, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
