@@ -16,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from test_hydra_cli import compose_train, run_cli
+from test_hydra_cli import GROUPS, NEEDS, compose_train, options, run_cli
 from vidpar.cli.hydra_setup import UserError, build_layout
 from vidpar.cli.run_dirs import claim_unique_dir
 from vidpar.cli.validation import check_generate_request, check_train_config
@@ -60,6 +60,11 @@ def check_train(*overrides: str) -> None:
 def test_bad_training_values_are_explained(overrides, message) -> None:
     with pytest.raises(UserError, match=message):
         check_train(*overrides)
+
+
+@pytest.mark.parametrize("override", [f"{g}={o}" for g in GROUPS for o in options(g)])
+def test_every_shipped_option_passes_the_checks(override: str) -> None:
+    check_train(override, *NEEDS.get(override, []))
 
 
 def test_good_training_values_pass_and_minus_one_steps_means_epochs() -> None:
