@@ -1,5 +1,6 @@
 """Lightning integration: VidParStrategy (registered as ``vidpar`` and presets), its
-launcher, the telemetry callback and a ready-made video-diffusion LightningModule."""
+launcher, the telemetry callback, the run supervisor (activity, save on interrupt) and a
+ready-made video-diffusion LightningModule."""
 
 import warnings
 
@@ -7,6 +8,7 @@ from vidpar.distributed.full_weights import export_full_checkpoint
 from vidpar.lightning.callbacks import CollectiveTelemetry
 from vidpar.lightning.module import VideoDiffusionModule
 from vidpar.lightning.strategy import VidParStrategy
+from vidpar.lightning.supervision import RunSupervisor, TrainingInterrupted
 
 # torch 2.13 deprecates pytree's LeafSpec, which Lightning's CombinedLoader still builds once
 # per fit in every worker: Lightning's to change, and nothing a vidpar user can act on.
@@ -16,6 +18,8 @@ warnings.filterwarnings(
 
 __all__ = [
     "CollectiveTelemetry",
+    "RunSupervisor",
+    "TrainingInterrupted",
     "VidParStrategy",
     "VideoDiffusionModule",
     "export_full_checkpoint",
