@@ -63,7 +63,9 @@ def wait_gone(pids: list[int], timeout: float = GONE_WITHIN) -> list[int]:
 
 @pytest.fixture
 def executor():
-    ex = Executor(ParallelConfig(dp=2), init_distributed=False, devices="cpu", startup_timeout=START)
+    ex = Executor(
+        ParallelConfig(dp=2), init_distributed=False, devices="cpu", startup_timeout=START
+    )
     yield ex
     ex.shutdown()
 
