@@ -16,8 +16,10 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
+from test_interrupts import TRAIN, start_train, wait_for
 from vidpar import ParallelConfig
 from vidpar.distributed import state as ps
+from vidpar.distributed.checkpoint import is_complete
 from vidpar.executor import (
     Executor,
     RemoteError,
@@ -160,6 +162,41 @@ def test_a_worker_busy_holding_the_gil_is_not_stuck():
     assert held[0] >= 2.0
 
 
+def _sleep(worker: Worker, seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def test_a_starved_worker_is_not_stuck():
+    """A worker that only runs a third of the time (stopped 1 s, running 0.5 s, as on a
+    badly overloaded machine) still beats within the timeout: no false alarm."""
+    with Executor(
+        ParallelConfig(),
+        init_distributed=False,
+        devices="cpu",
+        startup_timeout=START,
+        heartbeat_timeout_s=HEARTBEAT,
+    ) as ex:
+        pid = ex.pids[0]
+        done = threading.Event()
+
+        def starve() -> None:
+            while not done.is_set():
+                os.kill(pid, signal.SIGSTOP)
+                time.sleep(1.0)
+                os.kill(pid, signal.SIGCONT)
+                time.sleep(0.5)
+
+        starver = threading.Thread(target=starve, daemon=True)
+        starver.start()
+        try:
+            assert ex.collective_rpc(_sleep, 4 * HEARTBEAT, timeout=120.0) == [4 * HEARTBEAT]
+        finally:
+            done.set()
+            starver.join()
+            os.kill(pid, signal.SIGCONT)
+
+
 def test_a_rank_that_raises_stops_the_others_within_the_default_grace():
     """The other rank waits in a collective for the failed one; it used to get 30 s."""
     ex = Executor(ParallelConfig(dp=2), devices="cpu", startup_timeout=START)
@@ -227,3 +264,54 @@ def test_a_stuck_training_worker_names_its_rank_and_step(tmp_path):
     assert "training_step" in err.stacks
     assert "training: global step" in err.others  # rank 0, waiting in the all-reduce
     assert _gone(int((tmp_path / "started-1").read_text()))
+
+
+def test_a_stopped_vidpar_train_worker_fails_the_run_with_its_rank_and_step(tmp_path):
+    """The issue's hang: a SIGSTOPped worker of vidpar-train used to leave the run silent
+    for the 30 min collective timeout."""
+    overrides = [*TRAIN, f"strategy.heartbeat_timeout_s={HEARTBEAT}", "hydra.run.dir=run"]
+    proc, log = start_train(tmp_path, *overrides)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    wait_for(lambda: is_complete(last), 300, "a first checkpoint", proc, log)
+    workers = [
+        c
+        for c in psutil.Process(proc.pid).children()
+        if any("multiprocessing.spawn" in part for part in c.cmdline())
+    ]
+    assert len(workers) == 2
+    workers[1].suspend()  # SIGSTOP
+    stopped_at = time.monotonic()
+    code = proc.wait(timeout=DETECT_WITHIN + 60)
+    console = log.read_text()
+    assert code != 0, console[-4000:]
+    assert time.monotonic() - stopped_at < DETECT_WITHIN + 30
+    assert f"(pid {workers[1].pid}) is stuck" in console, console[-4000:]
+    assert "training: global step" in console and "Python stacks of rank" in console
+    assert _gone(workers[0].pid) and _gone(workers[1].pid)
+
+
+# GPU ---------------------------------------------------------------------------------
+
+
+def _matmuls_on_cuda(worker: Worker, seconds: float, marker_dir: str | None = None) -> float:
+    """Matmuls on this worker's GPU for ``seconds`` (synchronising each time)."""
+    x = torch.randn(2048, 2048, device=worker.device)
+    if marker_dir is not None:
+        Path(marker_dir, f"started-{worker.rank}").write_text(str(os.getpid()))
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        x = (x @ x).tanh_()
+        torch.cuda.synchronize(worker.device)
+    return time.monotonic() - started
+
+
+@pytest.mark.gpu
+def test_gpu_worker_busy_is_not_stuck_and_stopped_is_named(tmp_path):
+    with Executor(ParallelConfig(), startup_timeout=START, heartbeat_timeout_s=HEARTBEAT) as ex:
+        assert ex.collective_rpc(_matmuls_on_cuda, 3 * HEARTBEAT, timeout=120.0)[0] > HEARTBEAT
+        stopped: list = []
+        stopper = _stop_when_started(tmp_path, 1, 0, stopped)
+        with pytest.raises(WorkerStuckError) as info:
+            ex.collective_rpc(_matmuls_on_cuda, 600.0, str(tmp_path))
+        stopper.join()
+    assert info.value.rank == 0 and "_matmuls_on_cuda" in info.value.stacks

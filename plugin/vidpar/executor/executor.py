@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -340,8 +340,7 @@ class Executor:
         return replies
 
     def _timed_out(self, missing: list[int], timeout: float | None, what: str) -> None:
-        """Stop every worker and raise :class:`RpcTimeoutError`, naming the ranks that
-        stopped responding when that can be told."""
+        """Stop everything; raise :class:`RpcTimeoutError` naming the ranks gone silent."""
         named, detail = self._workers.monitor.timeout_report(missing, self.pids)
         self._workers.kill()
         waiting = [r for r in missing if r not in named]
@@ -356,11 +355,9 @@ class Executor:
 
     def _receive(self, rank: int, what: str) -> tuple:
         reply = self._workers.receive(rank)
-        if reply is None:
-            self._died(rank, f"during {what}")
-        return reply
+        return reply if reply is not None else self._died(rank, f"during {what}")
 
-    def _died(self, rank: int, detail: str) -> None:
+    def _died(self, rank: int, detail: str) -> NoReturn:
         """Stop every worker and raise :class:`WorkerDiedError` (or a shut-down error)."""
         closing = self._workers.closed
         proc = self._workers.procs[rank] if rank < len(self._workers.procs) else None

@@ -83,22 +83,17 @@ def lead_own_group() -> None:
 
 def kill_own_group() -> None:
     """SIGKILL every other member of this process's group, if it leads one (the children
-    it leaves behind), and reap those that are its own children."""
+    it leaves behind). They are not reaped here: their owners (multiprocessing, a
+    ``Popen``) still hold their pids and reap them, or the system does after we exit."""
     import psutil
 
     me = os.getpid()
     if os.getpgid(0) != me:
         return
-    children = set()
-    with contextlib.suppress(psutil.Error):
-        children = {c.pid for c in psutil.Process(me).children()}
     for pid in psutil.pids():
         with contextlib.suppress(OSError):
             if pid != me and os.getpgid(pid) == me:
                 os.kill(pid, signal.SIGKILL)
-    for pid in children:
-        with contextlib.suppress(OSError):
-            os.waitpid(pid, 0)
 
 
 def kill_group(leader: int) -> None:
