@@ -54,8 +54,8 @@ def _hold_the_gil(worker: Worker, seconds: float) -> float:
     """Busy for ``seconds`` inside one C call that never releases the GIL (the heartbeat
     thread cannot run meanwhile)."""
     started = time.monotonic()
-    sum(range(100_000))
-    per_item = (time.monotonic() - started) / 100_000
+    sum(range(2_000_000))
+    per_item = (time.monotonic() - started) / 2_000_000
     started = time.monotonic()
     sum(range(int(seconds / max(per_item, 1e-9))))
     return time.monotonic() - started
@@ -158,7 +158,7 @@ def test_a_worker_busy_holding_the_gil_is_not_stuck():
         startup_timeout=START,
         heartbeat_timeout_s=1.0,
     ) as ex:
-        held = ex.collective_rpc(_hold_the_gil, 2.5, ranks=[1], timeout=120.0)
+        held = ex.collective_rpc(_hold_the_gil, 4.0, ranks=[1], timeout=120.0)
     assert held[0] >= 2.0
 
 
