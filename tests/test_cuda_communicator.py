@@ -223,5 +223,7 @@ def test_auto_takes_pynccl_under_capture(one_rank_world) -> None:
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, _graph_step(comm, x))
+        del graph  # NCCL waits for the graphs that captured a communicator's work
+        torch.cuda.synchronize()
     finally:
         comm.close()
