@@ -1,7 +1,8 @@
 """Lightning integration: VidParStrategy (registered as ``vidpar`` and presets), its
-launcher, the telemetry callback, a ready-made video-diffusion LightningModule and one
-for diffusers' video transformers (``DiffusersFlowModule`` and ``export_diffusers`` are
-imported lazily: diffusers is an optional extra)."""
+launcher, the telemetry callback, the run supervisor (activity, save on interrupt), a
+ready-made video-diffusion LightningModule and one for diffusers' video transformers
+(``DiffusersFlowModule`` and ``export_diffusers`` are imported lazily: diffusers is an
+optional extra)."""
 
 import warnings
 from typing import Any
@@ -10,6 +11,7 @@ from vidpar.distributed.full_weights import export_full_checkpoint
 from vidpar.lightning.callbacks import CollectiveTelemetry
 from vidpar.lightning.module import VideoDiffusionModule
 from vidpar.lightning.strategy import VidParStrategy
+from vidpar.lightning.supervision import RunSupervisor, TrainingInterrupted
 
 # torch 2.13 deprecates pytree's LeafSpec, which Lightning's CombinedLoader still builds once
 # per fit in every worker: Lightning's to change, and nothing a vidpar user can act on.
@@ -20,6 +22,8 @@ warnings.filterwarnings(
 __all__ = [
     "CollectiveTelemetry",
     "DiffusersFlowModule",
+    "RunSupervisor",
+    "TrainingInterrupted",
     "VidParStrategy",
     "VideoDiffusionModule",
     "export_diffusers",

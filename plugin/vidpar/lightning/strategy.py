@@ -26,7 +26,9 @@ from vidpar.distributed import telemetry
 from vidpar.distributed.grad_clip import clip_grad_norm_
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.distributed.telemetry import CollectiveRecord
+from vidpar.executor.executor import HEARTBEAT_TIMEOUT_S
 from vidpar.lightning.launcher import VidParLauncher
+from vidpar.lightning.supervision import RunSupervisor
 
 _DEFAULT_TIMEOUT = timedelta(minutes=30)
 
@@ -40,6 +42,14 @@ class VidParStrategy(DDPStrategy):
     are sharded over dp only; gradients are summed over sp and averaged over dp by torch's
     DDP (``data_parallel="ddp"``) or FSDP2 (``"fsdp"``) on the dp × sp sub-group.
     Checkpoints are sharded directories written with ``torch.distributed.checkpoint``.
+
+    Liveness and interrupts (on one machine, where the launcher's Executor runs the
+    workers): a worker silent for ``heartbeat_timeout_s`` seconds (``None``: never) fails the
+    run with :class:`~vidpar.executor.WorkerStuckError`, naming its rank, training step and
+    Python stacks; ``timeout`` is torch.distributed's collective timeout. With
+    ``checkpoint_on_interrupt``, ``SIGTERM`` (in any process) and the first Ctrl-C save
+    ``last.ckpt`` at the current step and make ``fit`` raise
+    :class:`~vidpar.lightning.TrainingInterrupted`; a second Ctrl-C stops at once.
     """
 
     strategy_name = "vidpar"
@@ -58,6 +68,8 @@ class VidParStrategy(DDPStrategy):
         communicator: str = "auto",
         timeout: timedelta | float | None = _DEFAULT_TIMEOUT,
         telemetry: bool = False,
+        heartbeat_timeout_s: float | None = HEARTBEAT_TIMEOUT_S,
+        checkpoint_on_interrupt: bool = True,
         **ddp_kwargs: Any,
     ) -> None:
         if data_parallel not in ("ddp", "fsdp"):
@@ -82,6 +94,12 @@ class VidParStrategy(DDPStrategy):
         self.data_parallel = data_parallel
         self.communicator = communicator
         self.telemetry = telemetry
+        if heartbeat_timeout_s is not None and not heartbeat_timeout_s > 0:
+            raise ValueError(
+                f"heartbeat_timeout_s must be positive or None, got {heartbeat_timeout_s}"
+            )
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.checkpoint_on_interrupt = checkpoint_on_interrupt
         super().__init__(timeout=timeout, start_method="spawn", **ddp_kwargs)
 
     # Layout ------------------------------------------------------------------------
@@ -143,6 +161,8 @@ class VidParStrategy(DDPStrategy):
 
     def setup(self, trainer) -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING
+        if not any(isinstance(c, RunSupervisor) for c in trainer.callbacks):
+            trainer.callbacks.append(RunSupervisor(self.checkpoint_on_interrupt))
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
