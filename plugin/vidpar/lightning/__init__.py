@@ -1,11 +1,14 @@
 """Lightning integration: VidParStrategy (registered as ``vidpar`` and presets), its
-launcher, the telemetry callback and a ready-made video-diffusion LightningModule."""
+launcher, callbacks (telemetry, checkpoints with versions kept, the non-finite guard) and
+a ready-made video-diffusion LightningModule."""
 
 import warnings
 
 from vidpar.distributed.full_weights import export_full_checkpoint
 from vidpar.lightning.callbacks import CollectiveTelemetry
+from vidpar.lightning.model_checkpoint import VidParModelCheckpoint
 from vidpar.lightning.module import VideoDiffusionModule
+from vidpar.lightning.nonfinite import NonFiniteError, NonFiniteGuard
 from vidpar.lightning.strategy import VidParStrategy
 
 # torch 2.13 deprecates pytree's LeafSpec, which Lightning's CombinedLoader still builds once
@@ -16,6 +19,9 @@ warnings.filterwarnings(
 
 __all__ = [
     "CollectiveTelemetry",
+    "NonFiniteError",
+    "NonFiniteGuard",
+    "VidParModelCheckpoint",
     "VidParStrategy",
     "VideoDiffusionModule",
     "export_full_checkpoint",
