@@ -107,14 +107,19 @@ def _optimizer_state(module: torch.nn.Module, optimizer) -> dict[str, Any]:
     return state
 
 
-def _local(tree: Any) -> Any:
-    if isinstance(tree, DTensor):
-        return tree.to_local()
-    if isinstance(tree, dict):
-        return {k: _local(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_local(v) for v in tree]
-    return tree
+def _unwrap_tp(entries: dict[str, Any], tp_names: dict[str, int]) -> dict[str, Any]:
+    """``entries`` with the tp DTensors of :func:`_model_state`/:func:`_optimizer_state`
+    back to the local shards the module holds; other DTensors (FSDP2's) stay."""
+
+    def local(value: Any) -> Any:
+        return value.to_local() if isinstance(value, DTensor) else value
+
+    return {
+        name: ({k: local(v) for k, v in value.items()} if isinstance(value, dict) else local(value))
+        if name in tp_names
+        else value
+        for name, value in entries.items()
+    }
 
 
 def save_sharded(
@@ -242,11 +247,12 @@ def load_sharded(path: Path, module: torch.nn.Module, optimizers: list) -> dict[
     for i, optimizer in enumerate(optimizers):
         state[f"optimizer_{i}"] = _optimizer_state(module, optimizer)
     dcp.load(state, checkpoint_id=path, process_group=world.cpu_group)
-    module.load_state_dict(_local(state["model"]))
+    tp_names = _tp_dims(module)
+    module.load_state_dict(_unwrap_tp(state["model"], tp_names))
     for i, optimizer in enumerate(optimizers):
-        set_optimizer_state_dict(
-            module, optimizer, optim_state_dict=_local(state[f"optimizer_{i}"])
-        )
+        saved = state[f"optimizer_{i}"]
+        saved = {**saved, "state": _unwrap_tp(saved["state"], tp_names)}
+        set_optimizer_state_dict(module, optimizer, optim_state_dict=saved)
     return torch.load(path / TRAINER_STATE, weights_only=False)
 
 
