@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "vidpar_manifest.json"
 _CHUNK = 16 << 20
+_PARALLEL_BYTES = 256 << 20
 
 
 class CorruptCheckpointError(ValueError):
@@ -48,9 +49,9 @@ class CorruptCheckpointError(ValueError):
 def crc32_of(path: Path) -> str:
     """The CRC-32 of a file's contents, as 8 hex digits."""
     crc = 0
-    buffer = bytearray(_CHUNK)
-    view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
+        buffer = bytearray(max(1, min(_CHUNK, os.fstat(f.fileno()).st_size)))
+        view = memoryview(buffer)
         while n := f.readinto(buffer):
             crc = zlib.crc32(view[:n], crc)
     return f"{crc:08x}"
@@ -59,8 +60,7 @@ def crc32_of(path: Path) -> str:
 def describe(directory: Path, names: Iterable[str]) -> dict[str, dict[str, int | str]]:
     """``{name: {"size", "crc32"}}`` of the files ``names`` in ``directory``."""
     names = sorted(set(names))
-    with _pool(len(names)) as pool:
-        sums = list(pool.map(lambda name: crc32_of(directory / name), names))
+    sums = _checksums(directory, names)
     return {
         name: {"size": (directory / name).stat().st_size, "crc32": crc}
         for name, crc in zip(names, sums, strict=True)
@@ -116,8 +116,7 @@ def find_damage(directory: Path, share: tuple[int, int] = (0, 1)) -> list[str] |
         return damaged
     index, count = share
     names = sorted(table)[index::count]
-    with _pool(len(names)) as pool:
-        sums = list(pool.map(lambda name: crc32_of(directory / name), names))
+    sums = _checksums(directory, names)
     return [
         f"{directory / name} has other contents than the save wrote (CRC-32 {crc}, "
         f"recorded {table[name]['crc32']})"
@@ -170,5 +169,11 @@ def _table_crc(table: dict) -> str:
     return f"{zlib.crc32(json.dumps(table, sort_keys=True).encode()):08x}"
 
 
-def _pool(jobs: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=max(1, min(jobs, 8, os.cpu_count() or 1)))
+def _checksums(directory: Path, names: list[str]) -> list[str]:
+    """:func:`crc32_of` each file, in parallel threads when there is much to read."""
+    paths = [directory / name for name in names]
+    if len(paths) < 2 or sum(p.stat().st_size for p in paths) < _PARALLEL_BYTES:
+        return [crc32_of(p) for p in paths]
+    workers = min(len(paths), 8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(crc32_of, paths))
