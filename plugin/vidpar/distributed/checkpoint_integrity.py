@@ -145,6 +145,7 @@ def verify(directory: Path, warn: bool = True) -> None:
 
 
 _VERIFIED: dict[Path, tuple] = {}
+_WARNED: set[Path] = set()
 
 
 def _signature(directory: Path) -> tuple | None:
@@ -158,6 +159,10 @@ def _signature(directory: Path) -> tuple | None:
 
 
 def warn_unverified(directory: Path) -> None:
+    """Say (once per directory and process) that ``directory`` cannot be checked."""
+    if directory in _WARNED:
+        return
+    _WARNED.add(directory)
     logger.warning(
         "vidpar: %s has no %s (written by an older vidpar): loading it without checking its files",
         directory,
