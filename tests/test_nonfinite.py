@@ -35,18 +35,30 @@ class NaNData(RecordingDiT):
         return super().training_step(batch, batch_idx)
 
 
-def fit(log_dir: Path, model: RecordingDiT, devices: int, max_steps: int) -> pl.Trainer:
-    """A float64 CPU fit with VidParStrategy(dp=devices), saving after every step."""
+def fit(
+    log_dir: Path,
+    model: RecordingDiT,
+    devices: int,
+    max_steps: int,
+    accelerator: str = "cpu",
+    precision: str = "64-true",
+    keep_last: int = 1,
+) -> pl.Trainer:
+    """A fit with VidParStrategy(dp=devices) (float64 on CPU), saving after every step."""
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=devices,
         strategy=VidParStrategy(dp=devices),
         max_steps=max_steps,
-        precision="64-true",
+        precision=precision,
         logger=False,
         callbacks=[
             VidParModelCheckpoint(
-                dirpath=log_dir / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=1
+                dirpath=log_dir / "ckpt",
+                save_last=True,
+                save_top_k=0,
+                every_n_train_steps=1,
+                keep_last=keep_last,
             )
         ],
         enable_progress_bar=False,
@@ -133,3 +145,24 @@ def test_vidpar_train_wires_on_nonfinite_and_keep_last():
         NonFiniteGuard("ignore")
     with pytest.raises(ValueError, match="keep_last must be a positive integer, got 0"):
         VidParModelCheckpoint(keep_last=0)
+
+
+@pytest.mark.gpu
+def test_on_gpu_the_guard_checks_device_gradients_and_cuda_checkpoints_verify(tmp_path):
+    from vidpar.lightning.nonfinite import _any_non_finite
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        grads = [torch.ones(64, device="cuda", dtype=dtype) for _ in range(3)]
+        assert _any_non_finite(grads).device.type == "cuda" and not _any_non_finite(grads)
+        grads[1][7] = math.inf
+        assert bool(_any_non_finite(grads)), dtype
+    model = NaNData(str(tmp_path), nan_step=2, nan_rank=0, on_nonfinite="raise")
+    with pytest.raises(Exception, match=r"Non-finite loss \(NaN or inf\) at training step 2"):
+        fit(tmp_path, model, 1, 4, accelerator="gpu", precision="bf16-mixed", keep_last=2)
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    versions = store.versions(ckpt)
+    assert [torch.load(v / store.TRAINER_STATE)["global_step"] for v in versions] == [1, 2]
+    for version in versions:
+        verify(version)
+    checkpoint = saved(ckpt, tmp_path)
+    assert checkpoint["global_step"] == 2 and all_finite(checkpoint["model"])
