@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.distributed import ReduceOp
 
-from vidpar.distributed import parallel_state as ps
+from vidpar.distributed import state as ps
 from vidpar.distributed.device_communicators import (
     KINDS,
     CudaCommunicator,
@@ -116,7 +116,12 @@ def _every_op_through(prefer: str) -> list[str]:
     """CudaCommunicator's routing, with CPU tensors (gloo), against single-process math."""
     group = ps.get_world_group()
     comm = CudaCommunicator(
-        group.cpu_group, group.device_group, group.ranks, group.rank_in_group, group.device, prefer
+        group.cpu_group,
+        group.device_group,
+        group.ranks,
+        group.rank_in_group,
+        group.device,
+        prefer=prefer,
     )
     assert comm.pynccl is None
     n, me = comm.world_size, comm.rank_in_group
@@ -218,5 +223,7 @@ def test_auto_takes_pynccl_under_capture(one_rank_world) -> None:
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, _graph_step(comm, x))
+        del graph  # NCCL waits for the graphs that captured a communicator's work
+        torch.cuda.synchronize()
     finally:
         comm.close()

@@ -77,7 +77,7 @@ def test_dit_on_two_gpus_in_bf16_matches_float32_reference(layout: ParallelConfi
 
 def _all_ops_on_gpu(worker, communicator: str) -> bool:
     from test_collectives import check_every_op_on_every_group
-    from vidpar.distributed import parallel_state as ps
+    from vidpar.distributed import state as ps
 
     tp = ps.get_tp_group().communicator
     # auto keeps multi-rank pynccl off until validated; pynccl forces it for every op

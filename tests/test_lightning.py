@@ -29,7 +29,9 @@ from world import get_free_port
 TESTS = Path(__file__).parent
 
 
-def fit(log_dir: Path, strategy, devices: int, max_steps: int, ckpt_path=None, save=False):
+def fit(
+    log_dir: Path, strategy, devices: int, max_steps: int, ckpt_path=None, save=False, **kw
+):
     log_dir.mkdir(parents=True, exist_ok=True)
     model = RecordingDiT(str(log_dir))
     callbacks = []
@@ -57,6 +59,7 @@ def fit(log_dir: Path, strategy, devices: int, max_steps: int, ckpt_path=None, s
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
         default_root_dir=log_dir,
+        **kw,
     )
     trainer.fit(model, ckpt_path=ckpt_path)
     return model, trainer
@@ -116,6 +119,16 @@ def test_data_parallel_layouts_match_one_process(reference, tmp_path, strategy, 
     model, _ = fit(tmp_path, strategy, devices=devices, max_steps=4)
     assert read_losses(tmp_path) == pytest.approx(ref_losses, rel=1e-9)
     assert_weights_close(full_weights(model), ref_weights)
+
+
+def test_gradient_clipping_sees_the_whole_gradient_under_tp(tmp_path):
+    """Norm clipping that bites (0.05) clips every tp rank by the global norm, as one
+    process does; each rank's shard norm alone would clip them differently."""
+    clip = {"gradient_clip_val": 0.05, "gradient_clip_algorithm": "norm"}
+    one, _ = fit(tmp_path / "one", "auto", devices=1, max_steps=3, **clip)
+    model, _ = fit(tmp_path / "tp2", VidParStrategy(tp=2), devices=2, max_steps=3, **clip)
+    assert read_losses(tmp_path / "tp2") == pytest.approx(read_losses(tmp_path / "one"), rel=1e-9)
+    assert_weights_close(full_weights(model), full_weights(one))
 
 
 def test_fsdp_with_tensor_parallelism_is_refused_clearly():

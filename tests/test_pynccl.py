@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ReduceOp
 
-from vidpar.distributed import parallel_state as ps
+from vidpar.distributed import state as ps
 from vidpar.distributed.device_communicators import nccl_library as nl
 from vidpar.distributed.device_communicators.nccl_library import (
     Candidate,

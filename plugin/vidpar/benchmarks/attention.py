@@ -8,6 +8,10 @@ workers (one device, or on CPU one worker's share of the cores) while the others
 interleaved with the parallel iterations so that both see the same load. A parallel
 iteration's time is its slowest rank's. The output of every mode is checked against the
 reference (``max_abs_diff``).
+
+The ``kernels`` rows (:mod:`vidpar.benchmarks.ring_kernels`) time one ring rank's kernel
+work on one device against one SDPA, for the ring sizes in ``kernels``; they need no
+world, so ``modes=[]`` runs them alone (e.g. on one GPU).
 """
 
 from __future__ import annotations
@@ -54,10 +58,13 @@ def layout(mode: str, world: int) -> dict[str, int]:
 class AttentionOptions:
     """Sizes left ``None`` take :data:`GPU_SIZE` on CUDA and :data:`CPU_SIZE` on CPU.
     Every mode shards the sequence over all ``world`` ranks; ``modes`` default to
-    ulysses and ring (and usp from world 4)."""
+    ulysses and ring (and usp from world 4), ``[]`` runs none. ``kernels``: ring sizes of
+    the kernel rows (``[]``: none); ``kernels_before``: include the pre-#16 matmul ring."""
 
     world: int = 2
     modes: list[str] | None = None
+    kernels: list[int] = field(default_factory=lambda: [2, 4])
+    kernels_before: bool = True
     layer: str = "projections"
     passes: list[str] = field(default_factory=lambda: list(PASSES))
     batch: int = 1
@@ -69,12 +76,15 @@ class AttentionOptions:
 
 def resolved(options: AttentionOptions, common: Common) -> dict[str, Any]:
     """The sizes and modes this run uses."""
-    check_world("attention", options.world)
     defaults = GPU_SIZE if common.cuda else CPU_SIZE
     size = {k: getattr(options, k) or v for k, v in defaults.items()}
-    modes = options.modes or (
-        ["ulysses", "ring", "usp"] if options.world >= 4 else ["ulysses", "ring"]
-    )
+    modes = options.modes
+    if modes is None:
+        modes = ["ulysses", "ring", "usp"] if options.world >= 4 else ["ulysses", "ring"]
+    if modes:
+        check_world("attention", options.world)
+    if any(r < 2 for r in options.kernels):
+        raise ValueError(f"attention.kernels are ring sizes of at least 2, got {options.kernels}")
     for mode in modes:
         uly = layout(mode, options.world)["ulysses"]
         if size["heads"] % uly:
@@ -190,20 +200,24 @@ class _Core(nn.Module):
 
 def run(options: AttentionOptions, common: Common) -> dict[str, Any]:
     """Every mode of ``options`` in one world, each against the one-process layer."""
+    from vidpar.benchmarks import ring_kernels
     from vidpar.config import ParallelConfig
     from vidpar.executor import Executor
 
     size = resolved(options, common)
     size["passes"] = list(options.passes)
     results = []
-    with Executor(ParallelConfig(dp=options.world), devices=common.device) as ex:
-        for mode in size["modes"]:
-            per_rank = ex.collective_rpc(_measure_mode, size, mode, common)
-            row = {"mode": mode, "world": options.world, **layout(mode, options.world)}
-            results.append(summarise_speedup(per_rank, size["passes"], row))
+    if size["modes"]:
+        with Executor(ParallelConfig(dp=options.world), devices=common.device) as ex:
+            for mode in size["modes"]:
+                per_rank = ex.collective_rpc(_measure_mode, size, mode, common)
+                row = {"mode": mode, "world": options.world, **layout(mode, options.world)}
+                results.append(summarise_speedup(per_rank, size["passes"], row))
+    kernels = ring_kernels.run(size, options.kernels, options.kernels_before, common)
     return {
         "size": {k: size[k] for k in ("batch", "tokens", "heads", "head_dim", "dtype", "layer")},
         "results": results,
+        "kernels": kernels,
         "notes": [
             "speedup = one-process time / parallel time, the median over runs of each run's"
             " ratio; ideal = world size",
@@ -213,14 +227,26 @@ def run(options: AttentionOptions, common: Common) -> dict[str, Any]:
             " one worker's threads) interleaved with the parallel iterations",
             "backward = forward + backward with a gradient of ones; parameter gradients are"
             " not reduced over sp (a training step's DDP does that)",
+            "kernels: one ring rank's block work on one device (ring_attention on a"
+            " LocalRing: r blocks of tokens/r queries x tokens/r keys and the merges, no"
+            " communication) vs one SDPA of the same queries over all tokens; ratio ="
+            " SDPA time / ring-rank time (1.00 = as fast), median over runs of per-run"
+            " ratios; peak = CUDA memory above what was allocated before one call",
         ],
     }
 
 
 def table(report: dict[str, Any]) -> str:
+    from vidpar.benchmarks import ring_kernels
+
     size = report["size"]
     head = (
         f"attention: batch {size['batch']} × {size['tokens']} tokens × {size['heads']} heads "
-        f"× {size['head_dim']}, {size['dtype']}, layer={size['layer']}\n"
+        f"× {size['head_dim']}, {size['dtype']}"
     )
-    return head + speedup_table(report["results"])
+    parts = []
+    if report["results"]:
+        parts.append(f"{head}, layer={size['layer']}\n" + speedup_table(report["results"]))
+    if report["kernels"]["rows"]:
+        parts.append(f"kernels, {head}\n" + ring_kernels.table(report["kernels"]))
+    return "\n\n".join(parts)

@@ -86,7 +86,7 @@ def _worker_sweep(
     worker, sizes: list[int], ops: list[str], dtype_name: str, graph: bool, common: Common
 ) -> dict[str, Any]:
     """In each worker: every (size, op) of one run; per-iteration times of every path."""
-    from vidpar.distributed import parallel_state as ps
+    from vidpar.distributed import state as ps
     from vidpar.distributed.device_communicators import CudaCommunicator, DeviceCommunicator
 
     device, dtype = worker.device, torch_dtype(dtype_name)

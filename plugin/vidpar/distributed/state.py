@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -322,33 +322,22 @@ def get_world_group() -> GroupCoordinator:
     return get_parallel_state().group("world")
 
 
-def get_tp_group() -> GroupCoordinator:
-    return get_parallel_state().group("tp")
+def _group_getter(name: str, doc: str) -> Callable[[], GroupCoordinator]:
+    def getter() -> GroupCoordinator:
+        return get_parallel_state().group(name)
+
+    getter.__name__ = getter.__qualname__ = f"get_{name}_group"
+    getter.__doc__ = f"The current layout's {doc} group."
+    return getter
 
 
-def get_sp_group() -> GroupCoordinator:
-    return get_parallel_state().group("sp")
-
-
-def get_ulysses_group() -> GroupCoordinator:
-    return get_parallel_state().group("ulysses")
-
-
-def get_ring_group() -> GroupCoordinator:
-    return get_parallel_state().group("ring")
-
-
-def get_cfg_group() -> GroupCoordinator:
-    return get_parallel_state().group("cfg")
-
-
-def get_dp_group() -> GroupCoordinator:
-    return get_parallel_state().group("dp")
-
-
-def get_dp_sp_group() -> GroupCoordinator:
-    """The ranks holding replicas of one tp shard (gradients are reduced over them)."""
-    return get_parallel_state().group("dp_sp")
+get_tp_group = _group_getter("tp", "tensor-parallel")
+get_sp_group = _group_getter("sp", "sequence-parallel (ulysses × ring)")
+get_ulysses_group = _group_getter("ulysses", "Ulysses")
+get_ring_group = _group_getter("ring", "ring")
+get_cfg_group = _group_getter("cfg", "classifier-free-guidance")
+get_dp_group = _group_getter("dp", "data-parallel")
+get_dp_sp_group = _group_getter("dp_sp", "replica (dp × sp: gradients are reduced over it)")
 
 
 def get_parallel_config() -> ParallelConfig:

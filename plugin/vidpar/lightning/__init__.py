@@ -1,8 +1,11 @@
 """Lightning integration: VidParStrategy (registered as ``vidpar`` and presets), its
-launcher, callbacks (telemetry, checkpoints with versions kept, the non-finite guard) and
-a ready-made video-diffusion LightningModule."""
+launcher, callbacks (telemetry, checkpoints with versions kept, the non-finite guard), a
+ready-made video-diffusion LightningModule and one for diffusers' video transformers
+(``DiffusersFlowModule`` and ``export_diffusers`` are imported lazily: diffusers is an
+optional extra)."""
 
 import warnings
+from typing import Any
 
 from vidpar.distributed.full_weights import export_full_checkpoint
 from vidpar.lightning.callbacks import CollectiveTelemetry
@@ -19,10 +22,20 @@ warnings.filterwarnings(
 
 __all__ = [
     "CollectiveTelemetry",
+    "DiffusersFlowModule",
     "NonFiniteError",
     "NonFiniteGuard",
     "VidParModelCheckpoint",
     "VidParStrategy",
     "VideoDiffusionModule",
+    "export_diffusers",
     "export_full_checkpoint",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("DiffusersFlowModule", "export_diffusers"):
+        from vidpar.lightning import diffusers_module
+
+        return getattr(diffusers_module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

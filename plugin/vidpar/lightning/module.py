@@ -39,6 +39,14 @@ def sample_noise_and_time(
     return torch.stack(noises), torch.stack(times)
 
 
+def sample_cfg_dropout(
+    indices: torch.Tensor, step: int, probability: float, seed: int = 0
+) -> torch.Tensor:
+    """Which samples train unconditionally (``[B]`` bool), a pure function of (seed, step,
+    sample index) like :func:`sample_noise_and_time`."""
+    return sample_noise_and_time(indices, step + 1_000_000, (1,), seed)[1] < probability
+
+
 class VideoDiffusionModule(pl.LightningModule):
     """Trains :class:`~vidpar.nn.dit.VideoDiT` with the rectified-flow objective.
 
@@ -118,9 +126,9 @@ class VideoDiffusionModule(pl.LightningModule):
             self.hparams.timestep_sampling,
         )
         noise, t = noise.to(x0), t.to(x0)
-        drop = sample_noise_and_time(indices.cpu(), step + 1_000_000, (1,), self.hparams.seed)[1]
+        drop = sample_cfg_dropout(indices.cpu(), step, self.hparams.cfg_dropout, self.hparams.seed)
         cond = torch.where(
-            drop.to(labels.device) < self.hparams.cfg_dropout,
+            drop.to(labels.device),
             torch.full_like(labels, self.dit_config.num_classes),
             labels,
         )

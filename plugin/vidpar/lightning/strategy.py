@@ -23,6 +23,7 @@ from vidpar.config import PRESETS, ParallelConfig
 from vidpar.distributed import checkpoint as vidpar_checkpoint
 from vidpar.distributed import state as ps
 from vidpar.distributed import telemetry
+from vidpar.distributed.grad_clip import clip_grad_norm_
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.distributed.telemetry import CollectiveRecord
 from vidpar.lightning.launcher import VidParLauncher
@@ -159,6 +160,22 @@ class VidParStrategy(DDPStrategy):
         self.setup_precision_plugin()
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
+            self._clip_with_tp_shards()
+
+    def _clip_with_tp_shards(self) -> None:
+        """Under tp, Lightning's norm clipping would see each rank's shards alone, and tp
+        ranks would clip by different factors: the precision plugin's norm clipping is
+        replaced (on this strategy's own plugin instance; Lightning has no hook for it)
+        by one over the global norm. FSDP2's DTensor gradients keep torch's clipping."""
+        if self.parallel_state.config.tp == 1:
+            return
+        module = self.lightning_module
+
+        def clip_grad_by_norm(optimizer, clip_val: float) -> None:
+            parameters = list(self.precision_plugin.main_params(optimizer))
+            clip_grad_norm_(module, parameters, float(clip_val))
+
+        self.precision_plugin.clip_grad_by_norm = clip_grad_by_norm
 
     def _sync_replicas(self, fitting: bool) -> None:
         """Make replicas equal: tp-replicated parameters from tp rank 0, and (when not
@@ -307,7 +324,9 @@ def _sum_over_sp_mean_over_dp(state: tuple[dist.ProcessGroup, int], bucket):
 
 
 def _fully_shard(module: torch.nn.Module, replicas: GroupCoordinator, dp_size: int):
-    """FSDP2 over the dp × sp replicas: shard each top-level child, then the root.
+    """FSDP2 over the dp × sp replicas: shard each repeated block (the classes a model
+    names in ``_no_split_modules``, as diffusers models do), each top-level child, then
+    the root, so one block's weights are gathered at a time.
 
     Frozen children (an EMA copy, a frozen encoder) are units of their own too, so their
     weights are gathered when they run, not kept gathered with the root's."""
@@ -315,6 +334,10 @@ def _fully_shard(module: torch.nn.Module, replicas: GroupCoordinator, dp_size: i
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     mesh = DeviceMesh.from_group(replicas.device_group, replicas.device.type)
+    blocks = {n for m in module.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
+    for block in module.modules():
+        if type(block).__name__ in blocks and any(True for _ in block.parameters()):
+            fully_shard(block, mesh=mesh)
     for child in module.children():
         if any(True for _ in child.parameters()):
             fully_shard(child, mesh=mesh)

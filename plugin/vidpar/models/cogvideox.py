@@ -31,7 +31,6 @@ import inspect
 import torch
 from torch import nn
 
-from vidpar.config import check_heads
 from vidpar.distributed.communication_op import gather_sequence
 from vidpar.models.layout import Layout
 from vidpar.models.sequence import TokenShard, replicated_query_attention
@@ -165,13 +164,6 @@ def _split_heads(model: nn.Module, layout: Layout) -> None:
 def parallelize_cogvideox(model: nn.Module, layout: Layout) -> None:
     """Prepare a ``CogVideoXTransformer3DModel`` for ``layout`` in place (module doc)."""
     heads = model.config.num_attention_heads
-    check_heads(heads, ulysses=layout.ulysses.world_size, tp=layout.tp.world_size)
-    for block in model.transformer_blocks:
-        if getattr(block.attn1, "fused_projections", False):
-            raise ValueError(
-                "the model's attention projections are fused; call "
-                "model.unfuse_qkv_projections() before vidpar.models.parallelize"
-            )
     if layout.tp.world_size > 1:
         _split_heads(model, layout)
     attention = DistributedAttention(heads, ulysses_group=layout.ulysses, ring_group=layout.ring)

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from vidpar.distributed.state import get_parallel_state
 from vidpar.models.cogvideox import parallelize_cogvideox
 from vidpar.models.layout import Layout, _current_layout
 from vidpar.models.wan import parallelize_wan
@@ -83,6 +84,13 @@ def parallelize(model: ModelT, *, compile: bool | Mapping[str, Any] = False) -> 
             raise RuntimeError(
                 f"this {name} is parallelised already (for {model._vidpar_layout}); "
                 "parallelize a fresh copy of the model"
+            )
+        # Checked once, where the model meets the layout.
+        get_parallel_state().check_heads(model.config.num_attention_heads)
+        if any(getattr(m, "fused_projections", False) for m in model.modules()):
+            raise ValueError(
+                "the model's attention projections are fused; call "
+                "model.unfuse_qkv_projections() before vidpar.models.parallelize"
             )
         family.adapt(model, layout)
         model._vidpar_layout = layout.describe()

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidpar.config import check_heads
 from vidpar.distributed.communication_op import gather_sequence
 from vidpar.models.layout import Layout
 from vidpar.models.sequence import TokenShard
@@ -177,14 +176,6 @@ def _split_heads(model: nn.Module, layout: Layout) -> None:
 def parallelize_wan(model: nn.Module, layout: Layout) -> None:
     """Prepare a ``WanTransformer3DModel`` for ``layout`` in place (see the module doc)."""
     heads = model.config.num_attention_heads
-    check_heads(heads, ulysses=layout.ulysses.world_size, tp=layout.tp.world_size)
-    for block in model.blocks:
-        for attn in (block.attn1, block.attn2):
-            if getattr(attn, "fused_projections", False):
-                raise ValueError(
-                    "the model's attention projections are fused; call "
-                    "model.unfuse_qkv_projections() before vidpar.models.parallelize"
-                )
     if layout.tp.world_size > 1:
         _split_heads(model, layout)
     attention = DistributedAttention(heads, ulysses_group=layout.ulysses, ring_group=layout.ring)

@@ -6,9 +6,11 @@ tp-local heads. The layout picks the mode:
 
 * **Ulysses** (ulysses > 1): an all-to-all trades the sequence shard for a head shard, so
   every rank attends over the whole sequence with ``heads/ulysses`` heads, and back.
-* **Ring** (ring > 1): queries stay put while K/V blocks travel around the ring group;
-  block results are merged with their log-sum-exp (online softmax). Its backward passes
-  K/V and the dK/dV accumulators around the ring the same way.
+* **Ring** (ring > 1): queries stay put while K/V blocks travel around the ring group,
+  each exchange overlapped with the previous block's compute; block results come from
+  fused kernels that return the log-sum-exp (:mod:`vidpar.nn.attention_kernels`) and are
+  merged by it in float32. Its backward passes K/V and the dK/dV accumulators around the
+  ring the same way.
 * **USP** (both): Ulysses inside, ring outside. The sp rank is ``ring × ulysses_size +
   ulysses``, so after the Ulysses exchange the ulysses group holds ring block ``ring``.
 
@@ -34,9 +36,10 @@ from vidpar.distributed import telemetry
 from vidpar.distributed.communication_op import all_to_all
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.distributed.state import get_parallel_state
+from vidpar.nn.attention_kernels import SoftmaxMerge, attention_backward, attention_forward
 from vidpar.nn.linear import GroupRef
 
-__all__ = ["DistributedAttention", "ring_attention"]
+__all__ = ["DistributedAttention", "LocalRing", "ring_attention"]
 
 
 class DistributedAttention(nn.Module):
@@ -162,7 +165,7 @@ def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    group: GroupCoordinator,
+    group: GroupCoordinator | LocalRing,
     valid: list[int],
     joint_k: torch.Tensor | None = None,
     joint_v: torch.Tensor | None = None,
@@ -173,57 +176,32 @@ def ring_attention(
     ``q, k, v``: ``[B, S_block, H, D]``, rank ``i`` of ``group`` holding block ``i``;
     ``valid[j]``: the number of real (unpadded) tokens at the start of block ``j``.
     ``joint_k/joint_v``: ``[B, L, H, D]`` local extra keys attended by every query.
+    ``group`` may be a :class:`LocalRing`: rank 0's work with the blocks on one device.
+    Each block runs on a fused kernel of :mod:`vidpar.nn.attention_kernels`.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _RingAttention.apply(q, k, v, joint_k, joint_v, group, tuple(valid), scale)
+    ring = group if isinstance(group, LocalRing) else _RingExchange(group)
+    return _RingAttention.apply(q, k, v, joint_k, joint_v, ring, tuple(valid), scale)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _stack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``[2, B, S, H, D]``: K and V as one tensor to send, a view when V follows K in
+    memory (as after the Ulysses all-to-all), else a copy."""
+    if (
+        k.is_contiguous()
+        and v.is_contiguous()
+        and k.shape == v.shape
+        and k.dtype == v.dtype
+        and k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+        and v.data_ptr() == k.data_ptr() + k.numel() * k.element_size()
+    ):
+        return k.as_strided((2, *k.shape), (k.numel(), *k.stride()))
+    return torch.stack((k, v))
 
 
-def _heads_first(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[B, S, H, D] -> [B, H, S, D]`` in the compute dtype."""
-    return x.transpose(1, 2).to(dtype)
-
-
-def _block_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One block of attention (``[B, H, S, D]``): its output and log-sum-exp per query."""
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
-    lse = torch.logsumexp(scores, dim=-1)
-    return torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v), lse
-
-
-def _block_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    lse: torch.Tensor,
-    delta: torch.Tensor,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv of one block, given the final log-sum-exp and ``delta = rowsum(dout·out)``."""
-    p = torch.exp(torch.matmul(q, k.transpose(-2, -1)) * scale - lse.unsqueeze(-1))
-    dv = torch.matmul(p.transpose(-2, -1), dout)
-    ds = p * (torch.matmul(dout, v.transpose(-2, -1)) - delta.unsqueeze(-1))
-    return torch.matmul(ds, k) * scale, torch.matmul(ds.transpose(-2, -1), q) * scale, dv
-
-
-def _merge(
-    out: torch.Tensor | None,
-    lse: torch.Tensor | None,
-    block_out: torch.Tensor,
-    block_lse: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine two partial softmax results by their log-sum-exps."""
-    if out is None:
-        return block_out, block_lse
-    new_lse = torch.logaddexp(lse, block_lse)
-    out = out * torch.exp(lse - new_lse).unsqueeze(-1)
-    return out + block_out * torch.exp(block_lse - new_lse).unsqueeze(-1), new_lse
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """``[B, S, H, D] -> [B, H, S, D]``, a view where the last dim is contiguous."""
+    return (x if x.stride(-1) == 1 else x.contiguous()).transpose(1, 2)
 
 
 class _RingExchange:
@@ -232,6 +210,7 @@ class _RingExchange:
 
     def __init__(self, group: GroupCoordinator) -> None:
         self.group = group
+        self.rank, self.size = group.rank_in_group, group.world_size
         self.next = group.ranks[group.next_rank]
         self.prev = group.ranks[group.prev_rank]
 
@@ -259,11 +238,45 @@ class _Pending:
         return self.received
 
 
+class LocalRing:
+    """Rank 0 of a ring of ``len(kv_blocks)`` ranks on one device, with no communication:
+    what one ring rank computes, for benchmarks and single-device tests. ``kv_blocks[j]``
+    (``[2, B, S_block, H, D]``, K and V stacked) is block ``j``; the rank holding block ``j``
+    receives block ``j - 1``. The dK/dV accumulators handed on are appended to
+    ``sent_grads`` when ``keep_grads`` (the ``s``-th of a backward carries block ``-s mod
+    size``) and zeros come back."""
+
+    def __init__(self, kv_blocks: list[torch.Tensor], keep_grads: bool = False) -> None:
+        self.rank, self.size = 0, len(kv_blocks)
+        self.kv_blocks, self.keep_grads = kv_blocks, keep_grads
+        self.sent_grads: list[torch.Tensor] = []
+
+    def start(self, tensor: torch.Tensor, tag: int) -> _Ready:
+        if tag == 0:  # a block this class handed out, or else rank 0's own
+            held = next((j for j, b in enumerate(self.kv_blocks) if b is tensor), 0)
+            return _Ready(self.kv_blocks[(held - 1) % self.size])
+        if self.keep_grads:
+            self.sent_grads.append(tensor)
+        return _Ready(torch.zeros_like(tensor))
+
+
+class _Ready:
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def wait(self) -> torch.Tensor:
+        return self.tensor
+
+
 class _RingAttention(torch.autograd.Function):
+    """Forward: the merge of every block's attention by log-sum-exp. Backward: each block's
+    fused backward with the final output and log-sum-exp; dK/dV accumulators (float32, or
+    float64) travel around the ring with their K/V block and come home complete."""
+
     @staticmethod
-    def forward(ctx, q, k, v, joint_k, joint_v, group: GroupCoordinator, valid, scale):
-        with torch.autocast(q.device.type, enabled=False):  # the math is float32/64 on purpose
-            return _RingAttention._forward(ctx, q, k, v, joint_k, joint_v, group, valid, scale)
+    def forward(ctx, q, k, v, joint_k, joint_v, ring, valid, scale):
+        with torch.autocast(q.device.type, enabled=False):  # kernels in the input dtype
+            return _RingAttention._forward(ctx, q, k, v, joint_k, joint_v, ring, valid, scale)
 
     @staticmethod
     def backward(ctx, dout):
@@ -271,60 +284,70 @@ class _RingAttention(torch.autograd.Function):
             return _RingAttention._backward(ctx, dout)
 
     @staticmethod
-    def _forward(ctx, q, k, v, joint_k, joint_v, group: GroupCoordinator, valid, scale):
-        rank, size = group.rank_in_group, group.world_size
-        dtype = _compute_dtype(q.dtype)
-        qh = _heads_first(q, dtype)
-        kv = torch.stack((k, v))
-        exchange = _RingExchange(group)
-        out = lse = None
+    def _forward(ctx, q, k, v, joint_k, joint_v, ring, valid, scale):
+        rank, size = ring.rank, ring.size
+        qh = _heads_first(q)
+        kv = _stack_kv(k, v)
+        steps = [s for s in range(size) if valid[(rank - s) % size] > 0]
+        last = steps[-1] if joint_k is None else None  # the block that finishes the merge
+        merge, result = SoftmaxMerge(), None
         for step in range(size):
-            pending = exchange.start(kv, tag=0) if step < size - 1 else None
+            pending = ring.start(kv, tag=0) if step < size - 1 else None
             n = valid[(rank - step) % size]  # this step's block came from rank - step
             if n > 0:
-                kb, vb = (_heads_first(t[:, :n], dtype) for t in kv)
-                out, lse = _merge(out, lse, *_block_forward(qh, kb, vb, scale))
+                kb, vb = (_heads_first(t[:, :n]) for t in kv)
+                part = attention_forward(qh, kb, vb, scale)
+                if step == last:
+                    result = merge.finish(*part)
+                else:
+                    merge.add(*part)
             if pending is not None:
                 kv = pending.wait()
         if joint_k is not None:
-            jk, jv = _heads_first(joint_k, dtype), _heads_first(joint_v, dtype)
-            out, lse = _merge(out, lse, *_block_forward(qh, jk, jv, scale))
+            jk, jv = _heads_first(joint_k), _heads_first(joint_v)
+            result = merge.finish(*attention_forward(qh, jk, jv, scale))
+        out, lse = result
+        out = out.transpose(1, 2).contiguous()
         ctx.save_for_backward(q, k, v, joint_k, joint_v, out, lse)
-        ctx.group, ctx.valid, ctx.scale = group, valid, scale
-        return out.transpose(1, 2).to(q.dtype).contiguous()
+        ctx.ring, ctx.valid, ctx.scale = ring, valid, scale
+        return out
 
     @staticmethod
     def _backward(ctx, dout):
         q, k, v, joint_k, joint_v, out, lse = ctx.saved_tensors
-        group, valid, scale = ctx.group, ctx.valid, ctx.scale
-        rank, size = group.rank_in_group, group.world_size
-        dtype = out.dtype
-        qh, do = _heads_first(q, dtype), _heads_first(dout, dtype)
-        delta = (do * out).sum(-1)
-        dq = torch.zeros_like(qh)
-        kv = torch.stack((k, v))
-        exchange = _RingExchange(group)
+        ring, valid, scale = ctx.ring, ctx.valid, ctx.scale
+        rank, size = ring.rank, ring.size
+        dtype = lse.dtype  # float32, or float64 for float64 inputs
+        qh, oh, do = _heads_first(q), _heads_first(out), _heads_first(dout.contiguous())
+        dq = None
+        kv = _stack_kv(k, v)
         grads = None  # dK/dV accumulated for the block held, travelling with it
         for step in range(size):
-            kv_pending = exchange.start(kv, tag=0) if step < size - 1 else None
+            kv_pending = ring.start(kv, tag=0) if step < size - 1 else None
             n = valid[(rank - step) % size]
-            block_grads = kv.new_zeros(kv.shape, dtype=dtype)  # [2, B, S, H, D]
             if n > 0:
-                kb, vb = (_heads_first(t[:, :n], dtype) for t in kv)
-                dqb, dkb, dvb = _block_backward(do, qh, kb, vb, lse, delta, scale)
-                dq += dqb
-                block_grads[0, :, :n] = dkb.transpose(1, 2)
-                block_grads[1, :, :n] = dvb.transpose(1, 2)
-            if grads is not None:
-                block_grads += grads.wait()
-            grads = exchange.start(block_grads, tag=1)
+                kb, vb = (_heads_first(t[:, :n]) for t in kv)
+                dqb, dkb, dvb = attention_backward(do, qh, kb, vb, oh, lse, scale)
+                dq = dqb.to(dtype) if dq is None else dq.add_(dqb)
+            if grads is None:  # the first block: its accumulators start from this rank's share
+                block_grads = kv.new_empty(kv.shape, dtype=dtype)
+                block_grads[:, :, n:].zero_()
+                if n > 0:
+                    block_grads[0, :, :n].copy_(dkb.transpose(1, 2))
+                    block_grads[1, :, :n].copy_(dvb.transpose(1, 2))
+            else:
+                block_grads = grads.wait()
+                if n > 0:
+                    block_grads[0, :, :n].add_(dkb.transpose(1, 2))
+                    block_grads[1, :, :n].add_(dvb.transpose(1, 2))
+            grads = ring.start(block_grads, tag=1)
             if kv_pending is not None:
                 kv = kv_pending.wait()
         dk, dv = grads.wait().to(k.dtype).unbind(0)  # this rank's own block, complete
         djk = djv = None
         if joint_k is not None:
-            jk, jv = _heads_first(joint_k, dtype), _heads_first(joint_v, dtype)
-            dqj, djk, djv = _block_backward(do, qh, jk, jv, lse, delta, scale)
-            dq += dqj
+            jk, jv = _heads_first(joint_k), _heads_first(joint_v)
+            dqj, djk, djv = attention_backward(do, qh, jk, jv, oh, lse, scale)
+            dq = dqj.to(dtype) if dq is None else dq.add_(dqj)
             djk, djv = djk.transpose(1, 2).to(joint_k.dtype), djv.transpose(1, 2).to(joint_v.dtype)
         return dq.transpose(1, 2).to(q.dtype), dk, dv, djk, djv, None, None, None

@@ -15,6 +15,7 @@ the same seed.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -117,29 +118,31 @@ class TensorParallelModule(nn.Module):
 
 
 class _ParallelLinear(TensorParallelModule):
-    """``y = x Wᵀ + b`` with W split over tp along ``split_dim`` (0: output rows, 1: input
-    columns); the bias is split with the output rows or else replicated."""
+    """``y = x Wᵀ + b`` with W split over tp along :attr:`split_dim` (0: output rows, 1:
+    input columns); the bias is split with the output rows or else replicated."""
+
+    split_dim: int
 
     def __init__(
         self,
         in_features: int,
         out_features: int,
-        bias: bool,
-        split_dim: int,
-        group: GroupCoordinator | None,
-        device: torch.device | str | None,
-        dtype: torch.dtype | None,
+        bias: bool = True,
+        *,
+        group: GroupCoordinator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(group)
         self.in_features, self.out_features = in_features, out_features
+        split = self.split_dim
         shape = [out_features, in_features]
-        name = ("out_features", "in_features")[split_dim]
-        shape[split_dim] = _divide(name, shape[split_dim], self.tp_group)
+        shape[split] = _divide(("out_features", "in_features")[split], shape[split], self.tp_group)
         kw = {"device": device, "dtype": dtype}
-        self.register_sharded("weight", torch.empty(shape, **kw), split_dim)
+        self.register_sharded("weight", torch.empty(shape, **kw), split)
         if not bias:
             self.register_parameter("bias", None)
-        elif split_dim == 0:
+        elif split == 0:
             self.register_sharded("bias", torch.empty(shape[0], **kw), 0)
         else:
             self.bias = nn.Parameter(torch.empty(out_features, **kw))
@@ -162,20 +165,13 @@ class _ParallelLinear(TensorParallelModule):
 class ColumnParallelLinear(_ParallelLinear):
     """``y = x Wᵀ + b`` with W's output rows split over tp: each rank computes its slice
     of the features. ``gather_output`` concatenates the slices (every rank gets all of
-    ``y``); otherwise the output stays split, ready for a :class:`RowParallelLinear`."""
+    ``y``); otherwise the output stays split, ready for a :class:`RowParallelLinear`.
+    Other arguments as :class:`torch.nn.Linear`, plus ``group`` (default: the layout's)."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        gather_output: bool = False,
-        group: GroupCoordinator | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(in_features, out_features, bias, 0, group, device, dtype)
+    split_dim = 0
+
+    def __init__(self, *args: Any, gather_output: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.gather_output = gather_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,20 +185,13 @@ class RowParallelLinear(_ParallelLinear):
     slice of the features and the partial products are summed over tp. With
     ``input_is_parallel`` (the default) ``x`` is already this rank's feature slice (the
     output of a :class:`ColumnParallelLinear`); otherwise the layer takes it. The bias is
-    replicated and added once, after the sum."""
+    replicated and added once, after the sum. Other arguments as
+    :class:`ColumnParallelLinear`."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        input_is_parallel: bool = True,
-        group: GroupCoordinator | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(in_features, out_features, bias, 1, group, device, dtype)
+    split_dim = 1
+
+    def __init__(self, *args: Any, input_is_parallel: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.input_is_parallel = input_is_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Flow-matching training and sampling (with cfg parallelism) and video files.
 
 ``VideoGenerator``, ``export_weights`` and ``read_model_info`` (which need the model and
-the executor) are imported lazily from :mod:`vidpar.pipelines.generator`.
+the executor) are imported lazily from :mod:`vidpar.pipelines.generator`, and
+``DiffusersVideoGenerator`` from :mod:`vidpar.pipelines.diffusers_generator`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from vidpar.pipelines.video_io import read_video, to_uint8_frames, write_video
 _LAZY = ("VideoGenerator", "export_weights", "read_model_info")
 
 __all__ = [
+    "DiffusersVideoGenerator",
     "FlowMatchEulerSampler",
     "VideoGenerator",
     "cfg_combine",
@@ -37,6 +39,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "DiffusersVideoGenerator":
+        from vidpar.pipelines.diffusers_generator import DiffusersVideoGenerator
+
+        return DiffusersVideoGenerator
     if name in _LAZY:
         from vidpar.pipelines import generator
 

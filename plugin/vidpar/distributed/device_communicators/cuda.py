@@ -164,28 +164,23 @@ class CudaCommunicator(DeviceCommunicator):
 
     name = "cuda"
 
-    def __init__(
-        self,
-        cpu_group: ProcessGroup,
-        device_group: ProcessGroup,
-        ranks: list[int],
-        rank_in_group: int,
-        device: torch.device,
-        prefer: str = "auto",
-    ) -> None:
+    def __init__(self, *args: Any, prefer: str = "auto") -> None:
+        """``args`` as :class:`DeviceCommunicator`'s."""
         if prefer not in PREFERENCES:
             raise ValueError(f"prefer must be one of {PREFERENCES}, got {prefer!r}")
-        super().__init__(cpu_group, device_group, ranks, rank_in_group, device)
+        super().__init__(*args)
         self.prefer = prefer
         self.pynccl: PyNcclCommunicator | None = None
         problem = None
         if wants_pynccl(prefer, self.world_size):
-            self.pynccl, problem = build_pynccl(cpu_group, ranks, rank_in_group, device)
+            self.pynccl, problem = build_pynccl(
+                self.cpu_group, self.ranks, self.rank_in_group, self.device
+            )
         plan = describe_plan(prefer, self.world_size, self.pynccl is not None)
         if problem is not None:
             plan += f"; pynccl unavailable: {problem}"
         log = logger.warning if prefer == "pynccl" and self.pynccl is None else logger.info
-        log("communicator for ranks %s on %s (%s): %s", ranks, device, prefer, plan)
+        log("communicator for ranks %s on %s (%s): %s", self.ranks, self.device, prefer, plan)
 
     def path(self, op: str, tensor: torch.Tensor, nbytes: int, reduce_op: Any = None) -> str:
         """The path this call takes (``torch`` or ``pynccl``)."""

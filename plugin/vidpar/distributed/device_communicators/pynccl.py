@@ -264,7 +264,9 @@ class PyNcclCommunicator:
     def close(self, abort: bool = False) -> None:
         """Destroy the communicator (idempotent). ``abort=True``, or an asynchronous error
         on it, aborts instead: outstanding operations are cancelled and nothing waits for
-        peers (the path for a rank that is dying or whose peers are gone)."""
+        peers (the path for a rank that is dying or whose peers are gone). NCCL's destroy
+        waits for CUDA graphs that captured this communicator's work: release them first
+        (seen on one H200: a destroy with such a graph alive never returned)."""
         comm, self._comm = self._comm, None
         if comm is None:
             return

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One call of the lent GPU machine: the GPU tests and the suites whose numbers are in
+# BENCHMARKS.md, each step with its own time limit, logs and JSON under $OUT.
+#   bash benchmarks/gpu_session.sh tests kernels comm          # steps, in order
+# Steps: tests (pytest -m gpu), kernels (attention kernels rows), comm (pynccl vs torch's
+# NCCL on one GPU), models (diffusers' Wan through parallelize at world 1), dit (VideoDiT
+# eager/compiled vs diffusers' Wan), train (the Wan-sized diffusers training step).
+# Wheels the machine lacks travel in .whl (see the device tool's README).
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline
+OUT=${OUT:-/tmp/vidpar-gpu}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=$PWD/plugin:/tmp/site
+else
+  export PYTHONPATH=$PWD/plugin
+fi
+python3 - <<'PY' 2>&1 | tee "$OUT/env.txt"
+import torch, lightning, diffusers, sys
+print(sys.version.split()[0], "torch", torch.__version__, "lightning", lightning.__version__,
+      "diffusers", diffusers.__version__, torch.cuda.get_device_name(0),
+      "cudnn", torch.backends.cudnn.version())
+PY
+bench() {  # bench NAME TIMEOUT OVERRIDES...
+  local name=$1 limit=$2
+  shift 2
+  timeout "$limit" python3 -m vidpar.cli.bench device=cuda output="$OUT/$name.json" \
+    hydra.run.dir="$OUT/hydra-$name" "$@" 2>&1 | tee "$OUT/$name.txt"
+}
+for step in "$@"; do
+  echo "=== $step $(date +%T)"
+  case $step in
+    tests)
+      timeout 150 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_pynccl.py \
+        tests/test_pynccl_gpu.py tests/test_cuda_communicator.py 2>&1 | tee "$OUT/tests_pynccl.txt"
+      timeout 300 python3 -m pytest -q -rs -m gpu -p no:cacheprovider --ignore=tests/test_pynccl.py \
+        --ignore=tests/test_pynccl_gpu.py --ignore=tests/test_cuda_communicator.py \
+        --ignore=tests/test_diffusers_gpu.py tests 2>&1 | tee "$OUT/tests_gpu.txt" ;;
+    kernels) bench attention_kernels 240 suite=attention attention.modes=[] repeats=10 ;;
+    comm) bench communicators 150 suite=communicators ;;
+    models) bench models 240 suite=models repeats=4 warmup=1 runs=3 ;;
+    dit) bench dit 330 suite=dit ${DIT_ARGS:-} ;;
+    train) timeout 300 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_diffusers_gpu.py \
+        2>&1 | tee "$OUT/train.txt" ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
+echo "=== done $(date +%T)"

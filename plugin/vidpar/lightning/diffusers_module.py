@@ -1,0 +1,188 @@
+"""DiffusersFlowModule: flow-matching training of a diffusers video transformer (Wan) under
+any vidpar layout, and the export of its checkpoints back to a diffusers folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from vidpar.data.latents import LATENTS, NEGATIVE, PROMPT
+from vidpar.lightning.module import sample_cfg_dropout, sample_noise_and_time
+from vidpar.models.pretrained import (
+    TIMESTEP_SCALE,
+    WEIGHTS,
+    DiffusersVelocity,
+    find_model_folder,
+    load_pretrained,
+    read_config,
+)
+from vidpar.pipelines.flow_matching import flow_matching_loss, shift_timesteps
+
+
+def class_prompt_embeds(
+    num_classes: int, text_len: int, text_dim: int, seed: int = 0
+) -> torch.Tensor:
+    """Stand-in prompts for class-labelled clips: ``[num_classes + 1, text_len, text_dim]``,
+    class ``k`` a fixed standard-normal embedding drawn from ``seed``, and the last row
+    (the null class, for guidance) zeros. The transformer's own text projection learns to
+    read them, so they need no training of their own."""
+    gen = torch.Generator().manual_seed(seed)
+    embeds = torch.randn((num_classes, text_len, text_dim), generator=gen)
+    return torch.cat([embeds, torch.zeros(1, text_len, text_dim)])
+
+
+class DiffusersFlowModule(pl.LightningModule):
+    """Trains a diffusers video transformer from a local folder with the rectified-flow
+    objective of :mod:`vidpar.pipelines.flow_matching` (diffusers' Wan convention:
+    ``x_t = (1 - t) x0 + t noise``, timestep ``1000 t``, target ``noise - x0``).
+
+    ``path`` is a diffusers model folder, or a pipeline folder whose ``subfolder`` (default
+    ``transformer``) is one; only its config is read here. :meth:`configure_model` loads the
+    weights under the strategy's layout and calls :func:`vidpar.models.parallelize`, so each
+    rank keeps its tp shards under diffusers' parameter names (checkpoints reshard, and
+    :func:`export_diffusers` writes a folder diffusers loads).
+
+    Batches are a latents folder's (:class:`~vidpar.data.LatentsDataset`: ``latents``,
+    ``prompt_embeds``, ``negative_prompt_embeds``) or the moving-shape clips (``video``,
+    ``label``), whose classes are prompted by :func:`class_prompt_embeds` (``class_text_len``
+    tokens, seeded by ``seed``; ``class_names`` says how many classes). With probability
+    ``cfg_dropout`` a sample trains on its negative prompt (zeros when it has none; the
+    null class for clips) so classifier-free guidance works. Flow times follow
+    ``timestep_sampling`` (``uniform`` or ``logit_normal``), then ``timestep_shift``
+    (:func:`~vidpar.pipelines.shift_timesteps`). Noise, times and dropout are functions of
+    (seed, step, sample index): every layout trains on the same values.
+    ``gradient_checkpointing`` recomputes each block in the backward pass.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        subfolder: str | None = None,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        cfg_dropout: float = 0.1,
+        seed: int = 0,
+        timestep_sampling: str = "uniform",
+        timestep_shift: float = 1.0,
+        gradient_checkpointing: bool = False,
+        class_text_len: int = 8,
+        class_names: list[str] | None = None,
+        video_shape: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if timestep_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(
+                f"timestep_sampling must be 'uniform' or 'logit_normal', got {timestep_sampling!r}"
+            )
+        self.folder = find_model_folder(path, subfolder)
+        self.transformer_config = read_config(self.folder)
+        channels = self.transformer_config.get("in_channels")
+        if video_shape is not None and channels is not None and video_shape[0] != channels:
+            raise ValueError(
+                f"the data gives samples of shape {tuple(video_shape)} (C, T, H, W) with "
+                f"{video_shape[0]} channels, but the transformer in {self.folder} takes "
+                f"in_channels={channels}: use latents of that model (or, for the moving-shape "
+                f"clips, a transformer with in_channels={video_shape[0]})"
+            )
+        self.save_hyperparameters()
+        self.model: torch.nn.Module | None = None
+        if class_names:
+            text_dim = self.transformer_config["text_dim"]
+            embeds = class_prompt_embeds(len(class_names), class_text_len, text_dim, seed)
+        else:
+            embeds = None
+        self.register_buffer("class_embeds", embeds, persistent=False)
+
+    @property
+    def num_heads(self) -> int:
+        """The transformer's attention heads (ulysses × tp must divide them)."""
+        return int(self.transformer_config["num_attention_heads"])
+
+    @property
+    def in_channels(self) -> int:
+        """The channels of the latents (or clips) the transformer takes."""
+        return int(self.transformer_config["in_channels"])
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from vidpar.models import parallelize
+
+        model = parallelize(load_pretrained(self.folder))
+        if self.hparams.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The velocity at flow time ``t`` (``[B]`` in [0, 1]) for prompt embeddings
+        ``cond`` ``[B, L, D]``."""
+        return DiffusersVelocity(self.model, TIMESTEP_SCALE)(x, t, cond)
+
+    def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x0, prompt, unconditional prompt)`` of a latents or a clips batch."""
+        if LATENTS in batch:
+            return batch[LATENTS], batch[PROMPT], batch[NEGATIVE]
+        if self.class_embeds is None:
+            raise ValueError(
+                "this batch holds class-labelled clips, but the module was built without "
+                "class_names: pass class_names (one per class) to prompt the classes"
+            )
+        x0, labels = batch["video"], batch["label"]
+        cond = self.class_embeds[labels]
+        return x0, cond, self.class_embeds[-1].expand_as(cond)
+
+    def _loss(self, batch: dict[str, Any], step: int) -> torch.Tensor:
+        x0, cond, null = self._inputs(batch)
+        hp, indices = self.hparams, batch["index"].cpu()
+        noise, t = sample_noise_and_time(
+            indices, step, tuple(x0.shape[1:]), hp.seed, hp.timestep_sampling
+        )
+        t = shift_timesteps(t, hp.timestep_shift)
+        drop = sample_cfg_dropout(indices, step, hp.cfg_dropout, hp.seed).to(cond.device)
+        cond = torch.where(drop[:, None, None], null.to(cond), cond)
+        velocity = DiffusersVelocity(self.model, TIMESTEP_SCALE)
+        return flow_matching_loss(velocity, x0, cond, t=t.to(x0), noise=noise.to(x0))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch, self.global_step)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss = self._loss(batch, step=-1 - batch_idx)  # fixed noise: comparable across epochs
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+
+
+def export_diffusers(
+    ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, base: str | os.PathLike | None = None
+) -> Path:
+    """Write the transformer of a :class:`DiffusersFlowModule` checkpoint as a diffusers
+    model folder (the base model's ``config.json`` and the trained weights) that
+    ``from_pretrained`` and :class:`~vidpar.pipelines.DiffusersVideoGenerator` load.
+
+    ``base`` is the folder trained from (default: the module's ``path`` and ``subfolder``
+    as recorded in the checkpoint). Runs in one process."""
+    from vidpar.distributed.checkpoint import TRAINER_STATE, is_complete
+    from vidpar.distributed.full_weights import export_full_checkpoint
+
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    if not is_complete(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir} is not a complete vidpar checkpoint")
+    hparams = torch.load(ckpt_dir / TRAINER_STATE, weights_only=False).get("hyper_parameters", {})
+    if "path" not in hparams:
+        raise ValueError(f"{ckpt_dir} was not written by DiffusersFlowModule (no model path)")
+    base = find_model_folder(base or hparams["path"], None if base else hparams.get("subfolder"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(base / "config.json", out_dir / "config.json")
+    export_full_checkpoint(ckpt_dir, out_dir / WEIGHTS, prefix="model.", metadata={"format": "pt"})
+    return out_dir

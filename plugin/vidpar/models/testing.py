@@ -1,0 +1,127 @@
+"""Tiny, randomly initialised diffusers folders to try vidpar on (and to test it with).
+
+``make_tiny_folders(".")`` writes, in a few seconds, folders shaped like the real ones:
+``tiny-wan/`` (a ``WanTransformer3DModel``) and ``tiny-wan-vae/`` (an ``AutoencoderKLWan``)
+saved with ``save_pretrained``, ``latents/`` (a latents folder, :mod:`vidpar.data.latents`,
+that fits the model) and ``tiny-wan-lora/`` (a LoRA for it, saved by diffusers' Wan LoRA
+saver). Each has its own ``make_tiny_*`` function. Nothing is downloaded; the same seed
+writes the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vidpar.models.pretrained import find_model_folder, read_config
+
+#: A two-block Wan with 4 heads (so tp2 × sp2 splits them) and Wan's 16 latent channels.
+TINY_WAN: dict[str, Any] = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 4,
+    "attention_head_dim": 8,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 32,
+    "freq_dim": 32,
+    "ffn_dim": 64,
+    "num_layers": 2,
+    "rope_max_seq_len": 64,
+}
+#: A one-level Wan VAE: latents of 16 channels, frames ``1 + 2 (T - 1)``, pixels ``2×``.
+TINY_WAN_VAE: dict[str, Any] = {
+    "base_dim": 8,
+    "z_dim": 16,
+    "dim_mult": [1, 1],
+    "num_res_blocks": 1,
+    "attn_scales": [],
+    "temperal_downsample": [True],
+    "scale_factor_temporal": 2,
+    "scale_factor_spatial": 2,
+}
+
+
+def make_tiny_wan(path: str | os.PathLike, seed: int = 0, **config: Any) -> Path:
+    """Save a tiny ``WanTransformer3DModel`` (``TINY_WAN`` updated with ``config``, e.g.
+    ``in_channels=3, out_channels=3`` for pixel clips) to ``path``; returns ``path``."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(**{**TINY_WAN, **config})
+    model.save_pretrained(str(path))
+    return Path(path)
+
+
+def make_tiny_wan_vae(path: str | os.PathLike, seed: int = 0, **config: Any) -> Path:
+    """Save a tiny ``AutoencoderKLWan`` (``TINY_WAN_VAE`` updated with ``config``) to
+    ``path``; returns ``path``."""
+    from diffusers import AutoencoderKLWan
+
+    config = {**TINY_WAN_VAE, **config}
+    if config["z_dim"] != 16:  # the default statistics are Wan's 16 channels'
+        config.setdefault("latents_mean", [0.0] * config["z_dim"])
+        config.setdefault("latents_std", [1.0] * config["z_dim"])
+    torch.manual_seed(seed)
+    AutoencoderKLWan(**config).save_pretrained(str(path))
+    return Path(path)
+
+
+def make_tiny_latents(
+    path: str | os.PathLike,
+    model_path: str | os.PathLike,
+    num_samples: int = 4,
+    size: tuple[int, int, int] = (3, 6, 6),
+    seed: int = 0,
+) -> Path:
+    """Write a latents folder of ``num_samples`` random samples that fit the transformer at
+    ``model_path``: latents ``[in_channels, *size]`` (the default 3 × 6 × 6 makes 27 tokens
+    with patch 1×2×2: no sp size divides it) and prompts of 3 to 6 tokens of its
+    ``text_dim`` (with negative prompts of 2 tokens)."""
+    from vidpar.data.latents import write_latents_folder
+
+    config = read_config(find_model_folder(model_path))
+    gen = torch.Generator().manual_seed(seed)
+    channels, dim = config["in_channels"], config["text_dim"]
+    latents = torch.randn((num_samples, channels, *size), generator=gen)
+    prompts = [torch.randn(3 + i % 4, dim, generator=gen) for i in range(num_samples)]
+    negative = [torch.randn(2, dim, generator=gen) for _ in range(num_samples)]
+    texts = [f"tiny prompt {i}" for i in range(num_samples)]
+    return write_latents_folder(path, latents, prompts, negative, prompts=texts)
+
+
+def make_tiny_wan_lora(
+    path: str | os.PathLike, model_path: str | os.PathLike, rank: int = 2, seed: int = 0
+) -> Path:
+    """Save a random LoRA for the attention of the transformer at ``model_path`` in
+    diffusers' format (``pytorch_lora_weights.safetensors``, ``lora_alpha = 2 · rank``);
+    returns the file."""
+    from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
+
+    config = read_config(find_model_folder(model_path))
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    for block in range(config["num_layers"]):
+        for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+            name = f"blocks.{block}.attn1.{proj}"
+            layers[f"{name}.lora_A.weight"] = torch.randn(rank, dim, generator=gen) * 0.1
+            layers[f"{name}.lora_B.weight"] = torch.randn(dim, rank, generator=gen) * 0.1
+    metadata = {"r": rank, "lora_alpha": 2 * rank}
+    WanLoraLoaderMixin.save_lora_weights(
+        str(path), transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata
+    )
+    return Path(path) / "pytorch_lora_weights.safetensors"
+
+
+def make_tiny_folders(root: str | os.PathLike = ".") -> Path:
+    """``tiny-wan/``, ``tiny-wan-vae/``, ``latents/`` and ``tiny-wan-lora/`` under ``root``
+    (the folders the README's examples name); returns ``root``."""
+    root = Path(root)
+    model = make_tiny_wan(root / "tiny-wan")
+    make_tiny_wan_vae(root / "tiny-wan-vae")
+    make_tiny_latents(root / "latents", model)
+    make_tiny_wan_lora(root / "tiny-wan-lora", model)
+    return root

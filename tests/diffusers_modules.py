@@ -1,0 +1,28 @@
+"""A DiffusersFlowModule that records its losses (importable by spawned workers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vidpar.lightning import DiffusersFlowModule
+
+
+class RecordingDiffusersModule(DiffusersFlowModule):
+    """Appends each step's global loss to ``<log_dir>/losses.json`` (global rank 0)."""
+
+    def __init__(self, log_dir: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.log_dir = log_dir
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch, self.global_step)
+        self.losses.append(float(self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")))
+        return loss
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            path = Path(self.log_dir) / "losses.json"
+            previous = json.loads(path.read_text()) if path.exists() else []
+            path.write_text(json.dumps(previous + self.losses))
