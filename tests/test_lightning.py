@@ -29,9 +29,7 @@ from world import get_free_port
 TESTS = Path(__file__).parent
 
 
-def fit(
-    log_dir: Path, strategy, devices: int, max_steps: int, ckpt_path=None, save=False, **kw
-):
+def fit(log_dir: Path, strategy, devices: int, max_steps: int, ckpt_path=None, save=False, **kw):
     log_dir.mkdir(parents=True, exist_ok=True)
     model = RecordingDiT(str(log_dir))
     callbacks = []

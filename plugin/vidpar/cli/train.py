@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -129,7 +130,11 @@ def log_lightning_once() -> None:
 
 
 def run(conf: DictConfig) -> Path:
-    """Train as ``conf`` says; returns the last checkpoint's path."""
+    """Train as ``conf`` says; returns the last checkpoint's path. ``SIGTERM`` or Ctrl-C
+    save a checkpoint at the current step and exit with status 128 + the signal's number
+    (``strategy.checkpoint_on_interrupt=false``: no save)."""
+    from vidpar.lightning import TrainingInterrupted
+
     log_lightning_once()
     os.environ.setdefault("WANDB_MODE", "offline")
     if conf.get("logger") and conf.logger.get("_target_", "").endswith("WandbLogger"):
@@ -147,7 +152,11 @@ def run(conf: DictConfig) -> Path:
     )
     trainer = build_trainer(conf, layout)
     print(f"vidpar: {layout.describe()}; output in {conf.output_dir}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=conf.ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=conf.ckpt_path)
+    except TrainingInterrupted as stop:  # SIGTERM / Ctrl-C: saved at this step, then 128+N
+        print(f"\nvidpar: {stop}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + stop.signum) from None
     last = Path(conf.checkpoint.dirpath) / "last.ckpt"
     loss = trainer.callback_metrics.get("train/loss")
     print(f"vidpar: final train/loss {float(loss):.4f}" if loss is not None else "")

@@ -3,250 +3,52 @@
 The parent keeps one duplex pipe per worker. A call encodes its request once
 (:func:`~vidpar.executor.wire.encode`), writes the same frame to every chosen worker, then
 waits with ``poll`` on the chosen workers' pipes together with *every* worker's process
-sentinel, so a worker that dies is noticed at once even while a call is in flight. Failures
-never leave processes behind: a dead worker, a timeout, a stuck rank after an error,
-``KeyboardInterrupt`` in the caller, ``shutdown()``, garbage collection and interpreter exit
-all stop every worker (politely where they can still listen, by ``SIGKILL`` otherwise).
+sentinel, so a worker that dies is noticed at once even while a call is in flight, and
+reads the workers' heartbeats (:mod:`~vidpar.executor.liveness`) every second or so, so a
+worker that stops making progress is named (with its Python stacks) within
+``heartbeat_timeout_s``. Failures never leave processes behind: a dead or stuck worker, a
+timeout, a rank still busy after another one raised, ``KeyboardInterrupt`` in the caller,
+``shutdown()``, garbage collection and interpreter exit all stop every worker and the
+processes they started (politely where they can still listen, by ``SIGKILL`` otherwise).
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
-import multiprocessing as mp
 import os
-import pickle
 import select
-import signal
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from multiprocessing.connection import wait
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from vidpar.config import ParallelConfig
-from vidpar.executor.wire import Channel, decode, describe_exception, encode
-from vidpar.executor.worker import Worker, WorkerSpec, worker_environment, worker_main
+from vidpar.executor.errors import (
+    ExecutorError,
+    RpcTimeoutError,
+    WorkerDiedError,
+    remote_error,
+)
+from vidpar.executor.liveness import Stall
+from vidpar.executor.orphans import kill_group
+from vidpar.executor.processes import SHUTDOWN_GRACE_S, WorkerProcesses, resolve_devices
+from vidpar.executor.wire import encode
+from vidpar.executor.worker import Worker, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
-#: Time workers get to leave on their own at ``shutdown()`` before they are killed.
-SHUTDOWN_GRACE_S = 10.0
-_ENV_LOCK = threading.Lock()
+#: Seconds the other ranks of a call get to answer once one rank has raised.
+ERROR_GRACE_S = 1.5
+#: Seconds without a heartbeat after which an idle (not CPU-busy) worker is stuck.
+HEARTBEAT_TIMEOUT_S = 60.0
 _STARTUP_HINT = (
     " (its output above says why; a script that starts an Executor needs an "
     "`if __name__ == '__main__':` guard)"
 )
-
-
-class ExecutorError(RuntimeError):
-    """Base class of the Executor's errors."""
-
-
-class RemoteError(ExecutorError):
-    """An exception raised inside a worker.
-
-    ``rank``, ``exc_type`` (the exception's type name), ``remote_traceback`` (its formatted
-    traceback), ``exception`` (the original exception when it could be unpickled here, else
-    ``None``) and ``errors`` (every failing rank's :class:`RemoteError` of the same call).
-    """
-
-    def __init__(
-        self,
-        rank: int,
-        exc_type: str,
-        message: str,
-        remote_traceback: str,
-        exception: BaseException | None = None,
-        note: str = "",
-    ) -> None:
-        self.rank = rank
-        self.exc_type = exc_type
-        self.message = message
-        self.remote_traceback = remote_traceback
-        self.exception = exception
-        self.note = note
-        self.errors: dict[int, RemoteError] = {rank: self}
-        text = f"rank {rank} raised {exc_type}: {message}"
-        if note:
-            text += f"\n{note}"
-        super().__init__(f"{text}\n--- remote traceback (rank {rank}) ---\n{remote_traceback}")
-
-    def __reduce__(self):
-        return (
-            type(self),
-            (self.rank, self.exc_type, self.message, self.remote_traceback, None, self.note),
-        )
-
-
-class WorkerDiedError(ExecutorError):
-    """A worker process ended unexpectedly; the Executor has stopped the others."""
-
-    def __init__(self, rank: int, exitcode: int | None, detail: str = "") -> None:
-        self.rank = rank
-        self.exitcode = exitcode
-        self.detail = detail
-        super().__init__(_death_message(rank, exitcode, detail))
-
-    def __reduce__(self):
-        return (type(self), (self.rank, self.exitcode, self.detail))
-
-
-class RpcTimeoutError(ExecutorError, TimeoutError):
-    """Some workers did not answer in time; the Executor has been shut down."""
-
-    def __init__(self, ranks: Sequence[int], timeout: float, what: str) -> None:
-        self.ranks = list(ranks)
-        self.timeout = timeout
-        self.what = what
-        super().__init__(
-            f"{what}: ranks {self.ranks} did not answer within {timeout:g} s; they are "
-            "considered stuck and every worker has been stopped"
-        )
-
-    def __reduce__(self):
-        return (type(self), (self.ranks, self.timeout, self.what))
-
-
-def _death_message(rank: int, exitcode: int | None, detail: str) -> str:
-    if exitcode is None:
-        how = "its connection closed"
-    elif exitcode < 0:
-        name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else "?"
-        how = f"killed by signal {-exitcode} ({name})"
-        if -exitcode == signal.SIGKILL:
-            how += "; out of memory, or killed by hand?"
-    else:
-        how = f"exit code {exitcode}"
-    text = f"worker rank {rank} died ({how})"
-    return f"{text} {detail}" if detail else text
-
-
-def _resolve_devices(devices: str | Sequence[str] | None, world_size: int) -> list[str]:
-    if devices is None:
-        devices = "auto"
-    if isinstance(devices, str):
-        if devices == "auto":
-            devices = "cuda" if torch.cuda.is_available() else "cpu"
-        if devices == "cpu":
-            return ["cpu"] * world_size
-        if devices == "cuda":
-            count = torch.cuda.device_count()
-            if count < world_size:
-                raise ValueError(
-                    f"world size {world_size} needs {world_size} GPUs, but {count} are "
-                    "visible; pass devices='cpu' or a list of devices"
-                )
-            return [f"cuda:{i}" for i in range(world_size)]
-        raise ValueError(f"devices must be 'auto', 'cpu', 'cuda' or a list, got {devices!r}")
-    devices = [str(torch.device(d)) for d in devices]
-    if len(devices) != world_size:
-        raise ValueError(f"{len(devices)} devices given for a world of size {world_size}")
-    return devices
-
-
-@contextlib.contextmanager
-def _spawn_environment(env: dict[str, str]):
-    """``os.environ`` updated while a child is spawned (spawn copies it at exec time), so
-    variables read when libraries load (``OMP_NUM_THREADS``...) take effect."""
-    with _ENV_LOCK:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-
-
-def _descendants(procs: Sequence[mp.process.BaseProcess]) -> list[int]:
-    """Pids of every process below ``procs`` (they would outlive a SIGKILLed worker)."""
-    try:
-        import psutil
-    except ImportError:
-        return []
-    pids = []
-    for proc in procs:
-        with contextlib.suppress(psutil.Error, ValueError):
-            pids += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-    return pids
-
-
-class _Processes:
-    """The worker processes and their channels; knows how to stop them. It holds no
-    reference to the Executor, so it can serve as the Executor's finaliser."""
-
-    def __init__(self) -> None:
-        self.procs: list[mp.process.BaseProcess] = []
-        self.channels: list[Channel] = []
-        self.closed = False
-        self._lock = threading.Lock()
-        self._reap_lock = threading.Lock()
-
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
-
-    def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
-        """Ask every worker to leave, wait up to ``grace`` s, then kill what remains.
-        Idempotent."""
-        with self._lock:
-            if self.closed:
-                return
-            self.closed = True
-        atexit.unregister(self.stop)
-        if grace > 0:
-            frame, fd = encode((0, "shutdown", (), {}))
-            for proc, channel in zip(self.procs, self.channels, strict=True):
-                if proc.is_alive():
-                    with contextlib.suppress(OSError, ValueError):
-                        channel.send_encoded(frame, fd)
-        self._reap(grace)
-
-    def kill(self) -> None:
-        """Stop every worker now (SIGKILL). Idempotent."""
-        with self._lock:
-            if self.closed and not self.procs:
-                return
-            self.closed = True
-        atexit.unregister(self.stop)
-        self._reap(0.0)
-
-    def _reap(self, grace: float) -> None:
-        with self._reap_lock:
-            self._reap_locked(grace)
-
-    def _reap_locked(self, grace: float) -> None:
-        deadline = time.monotonic() + grace
-        alive = [p for p in self.procs if p.exitcode is None]
-        while alive and grace > 0:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            wait([p.sentinel for p in alive], timeout=remaining)
-            alive = [p for p in alive if p.exitcode is None]
-        for pid in _descendants(alive):  # e.g. data loader processes of a killed worker
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        for proc in alive:
-            with contextlib.suppress(OSError, ValueError):
-                proc.kill()
-        for proc in self.procs:
-            proc.join(timeout=30)
-            if proc.exitcode is None:  # cannot happen after SIGKILL, but never hang here
-                logger.error("worker pid %s did not exit after SIGKILL", proc.pid)
-        for channel in self.channels:
-            channel.close()
-        for proc in self.procs:
-            with contextlib.suppress(ValueError):
-                proc.close()
-        self.procs, self.channels = [], []
 
 
 class Executor:
@@ -274,10 +76,20 @@ class Executor:
             answer; ranks still busy after that are taken as stuck (e.g. in a collective
             with the failed rank) and the Executor is shut down.
         master_addr: rendezvous host.
+        heartbeat_timeout_s: a worker whose heartbeat thread has been silent this long
+            during a call, and that is not busy on a CPU, is stuck (stopped, blocked in the
+            kernel or waiting with the GIL held): :class:`WorkerStuckError` names it, with
+            its activity and Python stacks, and every worker is stopped. ``None``: never.
+            Not applied during start-up (``startup_timeout`` is).
+        catch_sigterm: workers turn ``SIGTERM`` into a stop request
+            (:func:`vidpar.executor.liveness.stop_requested`) instead of dying, so a
+            training loop can save and stop (SLURM signals every process of a job).
 
     Start-up failures raise :class:`RemoteError` (the failing rank's traceback),
     :class:`WorkerDiedError` or :class:`RpcTimeoutError` and leave no process behind. Unless
-    ``OMP_NUM_THREADS`` is set, each worker gets ``cpu_count // world_size`` threads.
+    ``OMP_NUM_THREADS`` is set, each worker gets ``cpu_count // world_size`` threads. Each
+    worker leads a process group of its own: what it starts dies with it, and with this
+    process.
     """
 
     def __init__(
@@ -291,16 +103,20 @@ class Executor:
         *,
         worker_cls: type[Worker] = Worker,
         startup_timeout: float = 300.0,
-        error_grace_s: float = 30.0,
+        error_grace_s: float = ERROR_GRACE_S,
         master_addr: str = "127.0.0.1",
         dist_timeout_s: float | None = None,
+        heartbeat_timeout_s: float | None = HEARTBEAT_TIMEOUT_S,
+        catch_sigterm: bool = False,
     ) -> None:
         self.config = config
         self.dist_timeout_s = dist_timeout_s
         self.world_size = config.world_size
-        self.devices = _resolve_devices(devices, self.world_size)
+        self.devices = resolve_devices(devices, self.world_size)
         self.init_distributed = init_distributed
         self.error_grace_s = error_grace_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.catch_sigterm = catch_sigterm
         self._env = {str(k): str(v) for k, v in (env or {}).items()}
         if "OMP_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in self._env:
             self._env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.world_size))
@@ -309,7 +125,7 @@ class Executor:
         self._lock = threading.RLock()
         self._seq = 0
         self._sentinel_ranks: dict[int, int] = {}
-        self._workers = _Processes()
+        self._workers = WorkerProcesses()
         atexit.register(self._workers.stop)
         # Stops the workers if the Executor is garbage-collected; at interpreter exit the
         # atexit hook above runs first (before multiprocessing joins its children).
@@ -330,56 +146,46 @@ class Executor:
         communicator: str,
         master_addr: str,
     ) -> None:
-        ctx = mp.get_context("spawn")
         # The rendezvous store runs here for the Executor's whole life: the OS picks its
         # port, so no worker can lose a race for one.
         self._store = torch.distributed.TCPStore(
             master_addr, 0, is_master=True, wait_for_workers=False
         )
+        # The death signal fires when the spawning *thread* ends: only trust the main
+        # thread; elsewhere the worker's watchdog (and the reaper's poll) does the job.
         main_thread = threading.current_thread() is threading.main_thread()
+        base = WorkerSpec(
+            rank=0,
+            local_rank=0,
+            world_size=self.world_size,
+            device="cpu",
+            config=self.config,
+            store_host=master_addr,
+            store_port=self._store.port,
+            init_distributed=self.init_distributed,
+            communicator=communicator,
+            timeout_s=self.dist_timeout_s,
+            env=self._env,
+            parent_pid=os.getpid(),
+            use_death_signal=main_thread,
+            catch_sigterm=self.catch_sigterm,
+        )
         workers = self._workers
         try:
-            for rank, device in enumerate(self.devices):
-                spec = WorkerSpec(
-                    rank=rank,
-                    local_rank=rank,
-                    world_size=self.world_size,
-                    device=device,
-                    config=self.config,
-                    store_host=master_addr,
-                    store_port=self._store.port,
-                    init_distributed=self.init_distributed,
-                    communicator=communicator,
-                    timeout_s=self.dist_timeout_s,
-                    env=self._env,
-                    parent_pid=os.getpid(),
-                    # The death signal fires when the spawning *thread* ends: only trust
-                    # the main thread; elsewhere the worker's watchdog does the job.
-                    use_death_signal=main_thread,
-                )
-                parent_end, child_end = ctx.Pipe(duplex=True)
-                proc = ctx.Process(
-                    target=worker_main,
-                    args=(spec, child_end, worker_cls, worker_factory),
-                    name=f"vidpar-worker-{rank}",
-                    daemon=False,  # workers may start processes of their own (data loaders)
-                )
-                with _spawn_environment(worker_environment(spec)):
-                    proc.start()
-                child_end.close()
-                workers.procs.append(proc)
-                workers.channels.append(Channel(parent_end))
+            workers.spawn(base, self.devices, worker_cls, worker_factory, self.heartbeat_timeout_s)
             self._sentinel_ranks = {p.sentinel: r for r, p in enumerate(workers.procs)}
             # One failed rank fails the start at once: the others may wait for it forever.
             everyone = list(range(self.world_size))
-            replies = self._gather(everyone, self.startup_timeout, "start-up", error_grace=0.0)
+            replies = self._gather(
+                everyone, self.startup_timeout, "start-up", error_grace=0.0, watch=False
+            )
         except BaseException:
             workers.kill()
             raise
         failures = {r: m for r, m in replies.items() if m[0] == "error"}
         if failures:
             workers.kill()
-            raise self._remote_error(failures, "failed to start")
+            raise remote_error(failures, "failed to start")
         self.pids = [m[2]["pid"] for _, m in sorted(replies.items())]
 
     # Calls ---------------------------------------------------------------------------
@@ -435,7 +241,7 @@ class Executor:
                 raise
         failures = {r: m for r, m in replies.items() if m[0] == "error"}
         if failures:
-            raise self._remote_error(failures, f"in {what}")
+            raise remote_error(failures, f"in {what}")
         return [replies[r][2] for r in targets]
 
     def _targets(self, ranks: Iterable[int] | None) -> list[int]:
@@ -461,22 +267,29 @@ class Executor:
         what: str,
         error_grace: float | None = None,
         seq: int = -1,
+        watch: bool = True,
     ) -> dict[int, tuple]:
-        """One reply from each of ``ranks``, watching every worker's sentinel meanwhile.
+        """One reply from each of ``ranks``, watching every worker's sentinel and (with
+        ``watch``) the pending ranks' heartbeats meanwhile.
 
         After the first error reply the others get ``error_grace`` s (default
         ``self.error_grace_s``); if some are still silent then, every worker is stopped.
         """
         error_grace = self.error_grace_s if error_grace is None else error_grace
         channels = self._workers.channels
+        monitor = self._workers.monitor
         pending = {channels[r].fileno(): r for r in ranks}
         sentinels = self._sentinel_ranks
         poller = select.poll()
         for fd in (*pending, *sentinels):
             poller.register(fd, select.POLLIN)
         replies: dict[int, tuple] = {}
-        deadline = None if timeout is None else time.monotonic() + timeout
+        now = time.monotonic()
+        deadline = None if timeout is None else now + timeout
         error_deadline = None
+        watch = watch and monitor.timeout is not None
+        next_look = now + monitor.interval if watch else None
+        monitor.watch(ranks)
         while pending:
             limits = [d for d in (deadline, error_deadline) if d is not None]
             wait_ms = -1
@@ -485,6 +298,9 @@ class Executor:
                 if remaining <= 0:
                     break
                 wait_ms = max(1, int(remaining * 1000) + 1)
+            if next_look is not None:
+                look_ms = max(1, int((next_look - time.monotonic()) * 1000) + 1)
+                wait_ms = look_ms if wait_ms < 0 else min(wait_ms, look_ms)
             for fd, _ in poller.poll(wait_ms):
                 if fd in sentinels:
                     hint = _STARTUP_HINT if what == "start-up" else ""
@@ -502,11 +318,16 @@ class Executor:
                     )
                 if reply[0] == "error" and error_deadline is None:
                     error_deadline = time.monotonic() + error_grace
+            if next_look is not None and time.monotonic() >= next_look and pending:
+                next_look = time.monotonic() + monitor.interval
+                stall = monitor.find_stuck(sorted(pending.values()), self.pids)
+                if stall is not None:
+                    self._stuck(stall, sorted(pending.values()))
         if pending:
             missing = sorted(pending.values())
-            self._workers.kill()
             failures = {r: m for r, m in replies.items() if m[0] == "error"}
             if failures:
+                self._workers.kill()
                 if error_grace > 0:
                     note = (
                         f"ranks {missing} were still busy {error_grace:g} s later (stuck "
@@ -514,32 +335,34 @@ class Executor:
                     )
                 else:
                     note = f"ranks {missing} had not answered yet"
-                raise self._remote_error(
-                    failures, f"in {what}; {note}, so every worker was stopped"
-                )
-            raise RpcTimeoutError(missing, timeout, what)
+                raise remote_error(failures, f"in {what}; {note}, so every worker was stopped")
+            self._timed_out(missing, timeout, what)
         return replies
 
-    def _receive(self, rank: int, what: str) -> tuple:
-        channel = self._workers.channels[rank]
-        try:
-            frame = channel.conn.recv_bytes()
-        except (EOFError, OSError):
-            self._died(rank, f"during {what}")
-        try:
-            return decode(frame, channel.sock)
-        except (EOFError, ConnectionError):
-            self._died(rank, f"during {what}")
-        except Exception as exc:  # e.g. the result's class cannot be imported here
-            name, message, text, _ = describe_exception(exc)
-            text = f"(the reply arrived but could not be unpickled in the caller)\n{text}"
-            return ("error", -1, name, message, text, None)
+    def _timed_out(self, missing: list[int], timeout: float | None, what: str) -> None:
+        """Stop everything; raise :class:`RpcTimeoutError` naming the ranks gone silent."""
+        named, detail = self._workers.monitor.timeout_report(missing, self.pids)
+        self._workers.kill()
+        waiting = [r for r in missing if r not in named]
+        raise RpcTimeoutError(named, timeout, what, waiting, detail)
 
-    def _died(self, rank: int, detail: str) -> None:
+    def _stuck(self, stall: Stall, pending: list[int]) -> None:
+        """Stop every worker and raise the stuck rank's :class:`WorkerStuckError`."""
+        error = self._workers.monitor.stuck_error(stall, pending, self.pids)
+        self._workers.kill()
+        logger.error("%s", error)
+        raise error
+
+    def _receive(self, rank: int, what: str) -> tuple:
+        reply = self._workers.receive(rank)
+        return reply if reply is not None else self._died(rank, f"during {what}")
+
+    def _died(self, rank: int, detail: str) -> NoReturn:
         """Stop every worker and raise :class:`WorkerDiedError` (or a shut-down error)."""
         closing = self._workers.closed
         proc = self._workers.procs[rank] if rank < len(self._workers.procs) else None
         if proc is not None:
+            kill_group(proc.pid)  # what it started; before join, so its pid is still ours
             proc.join(timeout=1.0)
         exitcode = proc.exitcode if proc is not None else None
         self._workers.kill()
@@ -547,29 +370,13 @@ class Executor:
             raise ExecutorError(f"the Executor was shut down {detail}")
         raise WorkerDiedError(rank, exitcode, f"{detail}; every other worker has been stopped")
 
-    def _remote_error(self, failures: dict[int, tuple], context: str) -> RemoteError:
-        errors = {}
-        for rank, (_, _, exc_type, message, text, pickled) in sorted(failures.items()):
-            exception = None
-            if pickled is not None:
-                with contextlib.suppress(Exception):
-                    exception = pickle.loads(pickled)
-            errors[rank] = RemoteError(rank, exc_type, message, text, exception, context)
-        first = next(iter(errors.values()))
-        if len(errors) > 1:
-            others = ", ".join(f"{r} ({e.exc_type})" for r, e in errors.items() if e is not first)
-            first = RemoteError(
-                first.rank,
-                first.exc_type,
-                first.message,
-                first.remote_traceback,
-                first.exception,
-                f"{context}; ranks {others} failed too (see .errors)",
-            )
-        first.errors = errors
-        return first
-
     # Life cycle ----------------------------------------------------------------------
+
+    def request_stop(self, signum: int) -> None:
+        """Set a stop request (a signal number) that code in every worker reads through
+        :func:`vidpar.executor.liveness.stop_requested`, e.g. to save and stop training."""
+        if self._workers.monitor is not None:
+            self._workers.monitor.request_stop(signum)
 
     @property
     def is_alive(self) -> bool:

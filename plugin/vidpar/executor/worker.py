@@ -1,7 +1,9 @@
 """The worker side of the Executor: one process per device, serving RPCs in a tight loop.
 
 A worker is started by :class:`~vidpar.executor.Executor` with the spawn start method. It
-guards against becoming an orphan (:mod:`~vidpar.executor.orphans`), sets its device,
+guards against becoming an orphan and leads a process group of its own
+(:mod:`~vidpar.executor.orphans`), starts its heartbeat (:mod:`~vidpar.executor.liveness`),
+sets its device,
 joins the world through the Executor's rendezvous store, builds the layout's
 :class:`~vidpar.distributed.ParallelState`, builds its payload through
 ``worker_factory(worker)`` and then answers requests (:mod:`~vidpar.executor.wire`) until
@@ -26,7 +28,8 @@ from typing import Any, TypeVar
 import torch
 
 from vidpar.config import ParallelConfig
-from vidpar.executor.orphans import guard_against_orphaning
+from vidpar.executor import liveness
+from vidpar.executor.orphans import guard_against_orphaning, kill_own_group, lead_own_group
 from vidpar.executor.wire import Channel, decode, describe_exception, encode
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -63,6 +66,7 @@ class WorkerSpec:
     env: dict[str, str] = field(default_factory=dict)
     parent_pid: int = 0
     use_death_signal: bool = True
+    catch_sigterm: bool = False
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
@@ -224,9 +228,13 @@ class Worker:
         seq, method = -1, "?"
         try:
             seq, method, args, kwargs = decode(frame, sock)
+            name = method if isinstance(method, str) else getattr(method, "__qualname__", "?")
+            liveness.begin_rpc(name)
             result = self._resolve(method)(*args, **kwargs)
         except BaseException as exc:
             return encode(("error", seq, *describe_exception(exc)))
+        finally:
+            liveness.begin_rpc("")
         del args, kwargs
         try:
             return encode(("ok", seq, result))
@@ -262,13 +270,18 @@ def worker_environment(spec: WorkerSpec) -> dict[str, str]:
 def worker_main(
     spec: WorkerSpec,
     conn: Connection,
+    link: liveness.LivenessLink,
     worker_cls: type[Worker],
     worker_factory: Callable[[Worker], Any] | None,
 ) -> None:
     """Entry point of a worker process (the target the Executor spawns)."""
     guard_against_orphaning(spec.parent_pid, conn, spec.use_death_signal)
-    # Ctrl-C reaches the whole foreground process group: the parent handles it and stops us.
+    lead_own_group()
+    link.start()
+    # Ctrl-C is the parent's to handle (it stops us), and SIGTERM too unless we catch it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if spec.catch_sigterm:
+        liveness.catch_sigterm()
     os.environ.update(worker_environment(spec))
     channel = Channel(conn)
     worker = None
@@ -292,3 +305,4 @@ def worker_main(
             with contextlib.suppress(Exception):
                 worker.shutdown()
         channel.close()
+        kill_own_group()  # what this worker started and left running

@@ -1,5 +1,6 @@
 """Lightning integration: VidParStrategy (registered as ``vidpar`` and presets), its
-launcher, callbacks (telemetry, checkpoints with versions kept, the non-finite guard), a
+launcher, callbacks (telemetry, checkpoints with versions kept, the non-finite guard, the
+run supervisor: activity, save on interrupt), a
 ready-made video-diffusion LightningModule and one for diffusers' video transformers
 (``DiffusersFlowModule`` and ``export_diffusers`` are imported lazily: diffusers is an
 optional extra)."""
@@ -13,6 +14,7 @@ from vidpar.lightning.model_checkpoint import VidParModelCheckpoint
 from vidpar.lightning.module import VideoDiffusionModule
 from vidpar.lightning.nonfinite import NonFiniteError, NonFiniteGuard
 from vidpar.lightning.strategy import VidParStrategy
+from vidpar.lightning.supervision import RunSupervisor, TrainingInterrupted
 
 # torch 2.13 deprecates pytree's LeafSpec, which Lightning's CombinedLoader still builds once
 # per fit in every worker: Lightning's to change, and nothing a vidpar user can act on.
@@ -25,6 +27,8 @@ __all__ = [
     "DiffusersFlowModule",
     "NonFiniteError",
     "NonFiniteGuard",
+    "RunSupervisor",
+    "TrainingInterrupted",
     "VidParModelCheckpoint",
     "VidParStrategy",
     "VideoDiffusionModule",

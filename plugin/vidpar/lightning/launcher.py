@@ -4,12 +4,20 @@ On one machine, ``fit``/``validate``/``test``/``predict`` run in worker processe
 :class:`~vidpar.executor.Executor` (the same code path as inference); results and the
 trained weights come back to the main process as with Lightning's spawn launcher. Under
 torchrun or SLURM the strategy uses no launcher: every process is already a worker.
+
+While ``fit`` runs (with the strategy's ``checkpoint_on_interrupt``), ``SIGTERM`` and the
+first Ctrl-C in this process become a stop request to every worker, which saves a
+checkpoint at the end of the current step (:mod:`vidpar.lightning.supervision`); a second
+Ctrl-C stops every worker at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
+import threading
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,7 +35,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.distributed.tensor import DTensor
 
 from vidpar.distributed.full_weights import full_state_dict
-from vidpar.executor import Executor, WorkerDiedError
+from vidpar.executor import Executor, RemoteError, WorkerDiedError
+from vidpar.lightning.supervision import TrainingInterrupted, signal_name
 
 if TYPE_CHECKING:
     from vidpar.lightning.strategy import VidParStrategy
@@ -57,17 +66,27 @@ class VidParLauncher(_MultiProcessingLauncher):
         # The workers build the real layout's groups before the Trainer runs in them, as
         # inference workers do; the strategy then finds them in place.
         timeout = strategy._timeout
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        graceful = fitting and strategy.checkpoint_on_interrupt
         executor = Executor(
             strategy.parallel_config,
             devices=[str(d) for d in strategy.parallel_devices],
             communicator=strategy.communicator,
             dist_timeout_s=None if timeout is None else timeout.total_seconds(),
+            heartbeat_timeout_s=strategy.heartbeat_timeout_s,
+            catch_sigterm=graceful,
         )
         try:
-            with executor:
+            with executor, _stop_requests_on_signals(executor, graceful):
                 outputs = executor.collective_rpc(
                     _run_trainer_function, self, trainer, function, args, kwargs, global_states
                 )
+        except RemoteError as err:
+            interrupted = [e.exception for e in err.errors.values()]
+            interrupted = [e for e in interrupted if isinstance(e, TrainingInterrupted)]
+            if interrupted:
+                raise interrupted[0] from None
+            raise
         except WorkerDiedError as err:
             raise RuntimeError(
                 f"vidpar worker rank {err.rank} died (exit code {err.exitcode}) while the Trainer "
@@ -126,6 +145,38 @@ class VidParLauncher(_MultiProcessingLauncher):
     def update_main_process_results(self, trainer, extra: dict[str, Any]) -> None:
         super().update_main_process_results(trainer, extra)
         trainer.fit_loop.load_state_dict(extra["fit_loop"])
+
+
+@contextlib.contextmanager
+def _stop_requests_on_signals(executor: Executor, enabled: bool):
+    """While active (main thread only): the first ``SIGTERM`` or ``SIGINT`` asks every
+    worker to save and stop; a later ``SIGINT`` raises ``KeyboardInterrupt`` (the Executor
+    then kills the workers)."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if received:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        received.append(signum)
+        executor.request_stop(signum)
+        os.write(
+            2,
+            f"\nvidpar: {signal_name(signum)} received: saving a checkpoint at the end of "
+            "this training step, then stopping (Ctrl-C again stops at once, without "
+            "saving)\n".encode(),
+        )
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _run_trainer_function(

@@ -26,7 +26,9 @@ from vidpar.distributed import telemetry
 from vidpar.distributed.grad_clip import clip_grad_norm_
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.distributed.telemetry import CollectiveRecord
+from vidpar.executor.executor import HEARTBEAT_TIMEOUT_S
 from vidpar.lightning.launcher import VidParLauncher
+from vidpar.lightning.supervision import RunSupervisor
 
 _DEFAULT_TIMEOUT = timedelta(minutes=30)
 
@@ -43,6 +45,14 @@ class VidParStrategy(DDPStrategy):
     save a new version that replaces the previous one atomically
     (:mod:`vidpar.distributed.checkpoint_store`); ``checkpoint_keep_last`` versions of every
     checkpoint are kept (set by :class:`~vidpar.lightning.VidParModelCheckpoint`).
+
+    Liveness and interrupts (on one machine, where the launcher's Executor runs the
+    workers): a worker silent for ``heartbeat_timeout_s`` seconds (``None``: never) fails the
+    run with :class:`~vidpar.executor.WorkerStuckError`, naming its rank, training step and
+    Python stacks; ``timeout`` is torch.distributed's collective timeout. With
+    ``checkpoint_on_interrupt``, ``SIGTERM`` (in any process) and the first Ctrl-C save
+    ``last.ckpt`` at the current step and make ``fit`` raise
+    :class:`~vidpar.lightning.TrainingInterrupted`; a second Ctrl-C stops at once.
     """
 
     strategy_name = "vidpar"
@@ -61,6 +71,8 @@ class VidParStrategy(DDPStrategy):
         communicator: str = "auto",
         timeout: timedelta | float | None = _DEFAULT_TIMEOUT,
         telemetry: bool = False,
+        heartbeat_timeout_s: float | None = HEARTBEAT_TIMEOUT_S,
+        checkpoint_on_interrupt: bool = True,
         **ddp_kwargs: Any,
     ) -> None:
         if data_parallel not in ("ddp", "fsdp"):
@@ -87,6 +99,12 @@ class VidParStrategy(DDPStrategy):
         self.telemetry = telemetry
         #: Versions of every checkpoint kept on disk (the current one included).
         self.checkpoint_keep_last = 1
+        if heartbeat_timeout_s is not None and not heartbeat_timeout_s > 0:
+            raise ValueError(
+                f"heartbeat_timeout_s must be positive or None, got {heartbeat_timeout_s}"
+            )
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.checkpoint_on_interrupt = checkpoint_on_interrupt
         super().__init__(timeout=timeout, start_method="spawn", **ddp_kwargs)
 
     # Layout ------------------------------------------------------------------------
@@ -148,6 +166,8 @@ class VidParStrategy(DDPStrategy):
 
     def setup(self, trainer) -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING
+        if not any(isinstance(c, RunSupervisor) for c in trainer.callbacks):
+            trainer.callbacks.append(RunSupervisor(self.checkpoint_on_interrupt))
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()

@@ -1,0 +1,201 @@
+"""The Executor's worker processes and how they are stopped, children and all."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import wait
+from typing import Any
+
+import torch
+
+from vidpar.executor.liveness import Monitor
+from vidpar.executor.orphans import kill_group, start_reaper
+from vidpar.executor.wire import Channel, decode, describe_exception, encode
+from vidpar.executor.worker import Worker, WorkerSpec, worker_environment, worker_main
+
+logger = logging.getLogger(__name__)
+
+#: Time workers get to leave on their own at ``shutdown()`` before they are killed.
+SHUTDOWN_GRACE_S = 10.0
+_ENV_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def spawn_environment(env: dict[str, str]):
+    """``os.environ`` updated while a child is spawned (spawn copies it at exec time), so
+    variables read when libraries load (``OMP_NUM_THREADS``...) take effect."""
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def descendants(procs: Sequence[mp.process.BaseProcess]) -> list[int]:
+    """Pids of every process below ``procs`` (some may have left the workers' groups)."""
+    import psutil
+
+    pids = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error, ValueError):
+            pids += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    return pids
+
+
+def resolve_devices(devices: str | Sequence[str] | None, world_size: int) -> list[str]:
+    if devices is None:
+        devices = "auto"
+    if isinstance(devices, str):
+        if devices == "auto":
+            devices = "cuda" if torch.cuda.is_available() else "cpu"
+        if devices == "cpu":
+            return ["cpu"] * world_size
+        if devices == "cuda":
+            count = torch.cuda.device_count()
+            if count < world_size:
+                raise ValueError(
+                    f"world size {world_size} needs {world_size} GPUs, but {count} are "
+                    "visible; pass devices='cpu' or a list of devices"
+                )
+            return [f"cuda:{i}" for i in range(world_size)]
+        raise ValueError(f"devices must be 'auto', 'cpu', 'cuda' or a list, got {devices!r}")
+    devices = [str(torch.device(d)) for d in devices]
+    if len(devices) != world_size:
+        raise ValueError(f"{len(devices)} devices given for a world of size {world_size}")
+    return devices
+
+
+class WorkerProcesses:
+    """The worker processes, their channels, their liveness monitor and their reaper;
+    knows how to stop them. It holds no reference to the Executor, so it can serve as the
+    Executor's finaliser."""
+
+    def __init__(self) -> None:
+        self.procs: list[mp.process.BaseProcess] = []
+        self.channels: list[Channel] = []
+        self.monitor: Monitor | None = None
+        self.reaper: subprocess.Popen | None = None
+        self.closed = False
+        self._lock = threading.Lock()
+        self._reap_lock = threading.Lock()
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def spawn(
+        self,
+        base: WorkerSpec,
+        devices: list[str],
+        worker_cls: type[Worker],
+        worker_factory: Callable[[Worker], Any] | None,
+        heartbeat_timeout_s: float | None,
+    ) -> None:
+        """Start one worker per device (rank ``i`` on ``devices[i]``, the rest of its spec
+        from ``base``) with its liveness link, then the reaper."""
+        ctx = mp.get_context("spawn")
+        self.monitor = Monitor(ctx, len(devices), heartbeat_timeout_s)
+        for rank, device in enumerate(devices):
+            spec = dataclasses.replace(base, rank=rank, local_rank=rank, device=device)
+            parent_end, child_end = ctx.Pipe(duplex=True)
+            proc = ctx.Process(
+                target=worker_main,
+                args=(spec, child_end, self.monitor.link(spec.rank), worker_cls, worker_factory),
+                name=f"vidpar-worker-{spec.rank}",
+                daemon=False,  # workers may start processes of their own (data loaders)
+            )
+            with spawn_environment(worker_environment(spec)):
+                proc.start()
+            child_end.close()
+            self.procs.append(proc)
+            self.channels.append(Channel(parent_end))
+        self.reaper = start_reaper(self.pids(), use_death_signal=base.use_death_signal)
+
+    def receive(self, rank: int) -> tuple | None:
+        """The next reply of ``rank`` (an error reply if it cannot be unpickled here);
+        ``None`` if its connection broke (it died)."""
+        channel = self.channels[rank]
+        try:
+            return decode(channel.conn.recv_bytes(), channel.sock)
+        except (EOFError, OSError):
+            return None
+        except Exception as exc:  # e.g. the result's class cannot be imported here
+            name, message, text, _ = describe_exception(exc)
+            text = f"(the reply arrived but could not be unpickled in the caller)\n{text}"
+            return ("error", -1, name, message, text, None)
+
+    def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
+        """Ask every worker to leave, wait up to ``grace`` s, then kill what remains.
+        Idempotent."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        atexit.unregister(self.stop)
+        if grace > 0:
+            frame, fd = encode((0, "shutdown", (), {}))
+            for proc, channel in zip(self.procs, self.channels, strict=True):
+                if proc.is_alive():
+                    with contextlib.suppress(OSError, ValueError):
+                        channel.send_encoded(frame, fd)
+        self._reap(grace)
+
+    def kill(self) -> None:
+        """Stop every worker now (SIGKILL, with their process groups). Idempotent."""
+        with self._lock:
+            if self.closed and not self.procs:
+                return
+            self.closed = True
+        atexit.unregister(self.stop)
+        self._reap(0.0)
+
+    def _reap(self, grace: float) -> None:
+        with self._reap_lock:
+            self._reap_locked(grace)
+
+    def _reap_locked(self, grace: float) -> None:
+        deadline = time.monotonic() + grace
+        alive = [p for p in self.procs if p.exitcode is None]
+        while alive and grace > 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            wait([p.sentinel for p in alive], timeout=remaining)
+            alive = [p for p in alive if p.exitcode is None]
+        for pid in descendants(alive):  # children that left their worker's group
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        for proc in alive:
+            kill_group(proc.pid)  # the worker and what it started
+            with contextlib.suppress(OSError, ValueError):
+                proc.kill()
+        for proc in self.procs:
+            proc.join(timeout=30)
+            if proc.exitcode is None:  # cannot happen after SIGKILL, but never hang here
+                logger.error("worker pid %s did not exit after SIGKILL", proc.pid)
+        for channel in self.channels:
+            channel.close()
+        for proc in self.procs:
+            with contextlib.suppress(ValueError):
+                proc.close()
+        if self.reaper is not None:
+            self.reaper.kill()
+            self.reaper.wait()
+        if self.monitor is not None:
+            self.monitor.close()
+        self.procs, self.channels, self.reaper = [], [], None
