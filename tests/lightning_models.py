@@ -50,7 +50,9 @@ class RecordingDiT(VideoDiffusionModule):
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch, self.global_step)
-        self.losses.append(float(self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")))
+        # A copy: the strategy's reduce all-reduces in place.
+        mean = self.trainer.strategy.reduce(loss.detach().clone(), reduce_op="mean")
+        self.losses.append(float(mean))
         return loss
 
     def on_train_end(self) -> None:

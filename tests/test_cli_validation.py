@@ -45,6 +45,7 @@ def check_train(*overrides: str) -> None:
         (["trainer.val_check_interval=0.5"], r"set trainer\.check_val_every_n_epoch=1"),
         (["checkpoint.every_n_train_steps=-2"], r"every_n_train_steps=-2 is not a checkpoint"),
         (["checkpoint.every_n_train_steps=5000"], r"more than trainer\.max_steps=1200"),
+        (["checkpoint.keep_last=0"], r"checkpoint\.keep_last=0 is not a number of checkpoint"),
         (["data.batch_size=0"], r"data\.batch_size=0 must be an integer of at least 1"),
         (["data.num_val=0"], r"data\.num_val=0 must be an integer of at least 1"),
         (["data.num_train=7"], r"one global batch of data\.batch_size=8 per replica × dp=1"),

@@ -181,9 +181,10 @@ def test_an_incomplete_checkpoint_is_never_loaded(tp2_sp2_half, tmp_path):
     assert not is_complete(broken)
     with pytest.raises(FileNotFoundError, match="not a complete vidpar checkpoint"):
         load_sharded(broken, torch.nn.Linear(2, 2), [])
-    # A save's staging directory is a hidden sibling, never the checkpoint's own name.
+    # A save's staging directory is a hidden sibling, never the checkpoint's own name, and
+    # none is left behind: only the name and the version it points to.
     ckpt_dir = tp2_sp2_half[0] / "ckpt"
-    assert [p.name for p in ckpt_dir.iterdir()] == ["last.ckpt"]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [".last.ckpt.v000001", "last.ckpt"]
 
 
 def test_a_checkpoint_of_another_model_is_refused_clearly(tp2_sp2_half):

@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 from vidpar.cli.hydra_setup import UserError, build_layout, console_command, register
 from vidpar.cli.validation import check_generate_request
 from vidpar.config import ParallelConfig
-from vidpar.distributed.checkpoint import is_complete
+from vidpar.distributed.checkpoint_integrity import CorruptCheckpointError, verify
+from vidpar.distributed.checkpoint_store import TRAINER_STATE, resolve
 from vidpar.distributed.telemetry import format_summary, summarize
 from vidpar.nn.dit import DiTConfig
 
@@ -24,23 +25,36 @@ register()
 
 
 def find_checkpoint(checkpoint: str | None, search_dir: str) -> Path:
-    """The checkpoint to use: the one given, or the newest complete one under ``search_dir``."""
+    """The checkpoint to use: the one given, or the newest complete one under ``search_dir``
+    (a checkpoint directory resolved to its current version, so it cannot change while it
+    is read, and its files checked against the manifest of its save)."""
     if checkpoint is not None:
         path = Path(checkpoint)
-        if path.is_file() or is_complete(path):
+        if path.is_file():
             return path
+        if (resolved := resolve(path)) is not None:
+            return _verified(resolved)
         raise UserError(
             f"checkpoint={checkpoint} is neither a .safetensors file nor a complete vidpar "
             "checkpoint directory. Pass the checkpoints/last.ckpt directory of a vidpar-train "
             "run, or a file written by vidpar.lightning.export_full_checkpoint."
         )
-    found = [p for p in Path(search_dir).glob("**/checkpoints/last.ckpt") if is_complete(p)]
+    candidates = (resolve(d / "last.ckpt") for d in Path(search_dir).glob("**/checkpoints"))
+    found = [p for p in candidates if p is not None]
     if not found:
         raise UserError(
             f"No checkpoint found under {Path(search_dir).resolve()}: run vidpar-train first "
             "(it writes outputs/<date>/<time>/checkpoints/last.ckpt), or pass checkpoint=PATH."
         )
-    return max(found, key=lambda p: (p / "trainer_state.pt").stat().st_mtime)
+    return _verified(max(found, key=lambda p: (p / TRAINER_STATE).stat().st_mtime))
+
+
+def _verified(ckpt: Path) -> Path:
+    try:
+        verify(ckpt)
+    except CorruptCheckpointError as err:
+        raise UserError(str(err)) from None
+    return ckpt
 
 
 def read_checkpoint_model(

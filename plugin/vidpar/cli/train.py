@@ -21,6 +21,8 @@ from vidpar.cli.hydra_setup import UserError, build_layout, console_command, reg
 from vidpar.cli.validation import check_train_config
 from vidpar.config import ParallelConfig
 from vidpar.distributed.checkpoint import TRAINER_STATE, is_complete
+from vidpar.distributed.checkpoint_integrity import CorruptCheckpointError, verify
+from vidpar.distributed.checkpoint_store import resolve
 from vidpar.nn.dit import DiTConfig
 
 register()
@@ -48,7 +50,12 @@ def check_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:
             "of an earlier run, or drop ckpt_path to start fresh."
         )
     if conf.ckpt_path is not None:
-        check_checkpoint_model(Path(conf.ckpt_path), conf.model)
+        ckpt = resolve(conf.ckpt_path)
+        try:
+            verify(ckpt)  # every file's size and checksum, before any worker starts
+        except CorruptCheckpointError as err:
+            raise UserError(str(err)) from None
+        check_checkpoint_model(ckpt, conf.model)
 
 
 #: DiT settings that change how it runs, not its weights: free to differ on resume.

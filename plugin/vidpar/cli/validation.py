@@ -84,8 +84,14 @@ def _check_val_check_interval(trainer: DictConfig) -> None:
 
 
 def check_checkpoint_cadence(checkpoint: DictConfig, max_steps: int) -> None:
-    """``checkpoint.every_n_train_steps``: null (after every epoch), 0 (never) or a positive
-    number of steps that the run reaches."""
+    """``checkpoint.keep_last`` (at least 1), and ``checkpoint.every_n_train_steps``: null
+    (after every epoch), 0 (never) or a positive number of steps that the run reaches."""
+    keep = checkpoint.get("keep_last", 1)
+    if not is_int(keep) or keep < 1:
+        raise UserError(
+            f"checkpoint.keep_last={keep} is not a number of checkpoint versions to keep. Set "
+            "checkpoint.keep_last to 1 (only the newest) or more."
+        )
     every = checkpoint.get("every_n_train_steps")
     if every is None:
         return

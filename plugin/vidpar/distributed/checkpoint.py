@@ -1,22 +1,24 @@
-"""Sharded checkpoints with ``torch.distributed.checkpoint`` (DCP), and their export.
+"""Sharded checkpoints with ``torch.distributed.checkpoint`` (DCP): save, check, load.
 
-A checkpoint is a directory: DCP's files for the model and optimizer states, plus
+A checkpoint is a directory: DCP's files for the model and optimizer states,
 ``trainer_state.pt`` with the rest of the training state (for Lightning: loops, callbacks,
-epoch).
-Tensor-parallel shards (parameters carrying ``tensor_parallel_dim``) are saved as DTensors
-over the tp mesh dimension, so a checkpoint loads into any tp/sp layout, a single process
-included. A save is written to a temporary sibling and renamed into place only after
-every rank finished, so an interrupted save never looks complete.
+epoch) and a manifest of every file's size and checksum
+(:mod:`~vidpar.distributed.checkpoint_integrity`). Tensor-parallel shards (parameters
+carrying ``tensor_parallel_dim``) are saved as DTensors over the tp mesh dimension, so a
+checkpoint loads into any tp/sp layout, a single process included. A save never touches
+the previous checkpoint: it writes a new version beside it and switches a pointer
+atomically (:mod:`~vidpar.distributed.checkpoint_store`), and it refuses to run when a
+weight is not finite, so a diverged model never replaces a good checkpoint. A load checks
+sizes and checksums first and names any damaged file.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -25,15 +27,27 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, Shard
 
+from vidpar.distributed import checkpoint_integrity as integrity
+from vidpar.distributed import checkpoint_store as store
 from vidpar.distributed import state as ps
+from vidpar.distributed.checkpoint_integrity import CorruptCheckpointError
+from vidpar.distributed.checkpoint_store import DCP_METADATA, TRAINER_STATE, is_complete
+from vidpar.distributed.group import GroupCoordinator
 
-TRAINER_STATE = "trainer_state.pt"
-_DCP_METADATA = ".metadata"
+__all__ = [
+    "TRAINER_STATE",
+    "CorruptCheckpointError",
+    "NonFiniteWeightsError",
+    "check_fits",
+    "is_complete",
+    "load_sharded",
+    "remove",
+    "save_sharded",
+]
 
 
-def is_complete(path: Path) -> bool:
-    """Whether ``path`` holds a finished vidpar checkpoint."""
-    return (path / TRAINER_STATE).is_file() and (path / _DCP_METADATA).is_file()
+class NonFiniteWeightsError(ValueError):
+    """A save was refused: some weights are NaN or infinite."""
 
 
 def _tp_dims(module: torch.nn.Module) -> dict[str, int]:
@@ -93,62 +107,170 @@ def _optimizer_state(module: torch.nn.Module, optimizer) -> dict[str, Any]:
     return state
 
 
-def _local(tree: Any) -> Any:
-    if isinstance(tree, DTensor):
-        return tree.to_local()
-    if isinstance(tree, dict):
-        return {k: _local(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_local(v) for v in tree]
-    return tree
+def _unwrap_tp(entries: dict[str, Any], tp_names: dict[str, int]) -> dict[str, Any]:
+    """``entries`` with the tp DTensors of :func:`_model_state`/:func:`_optimizer_state`
+    back to the local shards the module holds; other DTensors (FSDP2's) stay."""
+
+    def local(value: Any) -> Any:
+        return value.to_local() if isinstance(value, DTensor) else value
+
+    return {
+        name: ({k: local(v) for k, v in value.items()} if isinstance(value, dict) else local(value))
+        if name in tp_names
+        else value
+        for name, value in entries.items()
+    }
 
 
 def save_sharded(
-    path: Path, module: torch.nn.Module, optimizers: list, trainer_state: dict[str, Any]
+    path: Path,
+    module: torch.nn.Module,
+    optimizers: list,
+    trainer_state: dict[str, Any],
+    keep_last: int = 1,
 ) -> None:
-    """Write a sharded checkpoint of ``module`` and ``optimizers`` to the directory ``path``."""
+    """Write a sharded checkpoint of ``module`` and ``optimizers`` as the new version of
+    ``path`` (keeping ``keep_last`` versions); every rank of the world calls it.
+
+    Raises :class:`NonFiniteWeightsError` on every rank, before writing anything, when a
+    weight of ``module`` is not finite on any rank."""
     world = ps.get_world_group()
-    staging = Path(world.broadcast_object(_staging_dir(path) if world.is_first_rank else None))
     state = {"model": _model_state(module)}
+    _refuse_non_finite(state["model"], path, world)
     for i, optimizer in enumerate(optimizers):
         state[f"optimizer_{i}"] = _optimizer_state(module, optimizer)
-    dcp.save(state, checkpoint_id=staging, process_group=world.cpu_group)
-    world.barrier()
-    if world.is_first_rank:
-        torch.save(trainer_state, staging / TRAINER_STATE)
-        if path.exists():
-            remove(path)
-        staging.rename(path)
-    world.barrier()
+    staging = Path(_on_first_rank(lambda: str(store.prepare(path)), world))
+    try:
+        metadata = dcp.save(state, checkpoint_id=staging, process_group=world.cpu_group)
+        files = {info.relative_path for info in metadata.storage_data.values()}
+        mine = _written_by(world.rank_in_group, world.world_size, files)
+        described = _all_gather(_outcome(lambda: integrity.describe(staging, mine)), world)
+        _raise_first(described)
+
+        def finish() -> None:
+            torch.save(trainer_state, staging / TRAINER_STATE)
+            store.fsync_file(staging / TRAINER_STATE)
+            table = integrity.describe(staging, [DCP_METADATA, TRAINER_STATE])
+            for entries in described:
+                table |= entries
+            integrity.write_manifest(staging, table)
+            store.commit(path, staging, keep_last)
+
+        _on_first_rank(finish, world)
+    except BaseException:
+        if world.is_first_rank:
+            store.discard(staging)
+        raise
 
 
-def _staging_dir(path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent)
+def _outcome(fn) -> Any:
+    """``fn()``, or the exception it raised (to be sent to the other ranks)."""
+    try:
+        return fn()
+    except Exception as err:  # re-raised on every rank by _raise_first
+        return err
+
+
+def _raise_first(results: list[Any]) -> None:
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+
+
+def _on_first_rank(fn, world: GroupCoordinator) -> Any:
+    """``fn()`` on the world's first rank, its result (or its exception, raised) on all."""
+    result = world.broadcast_object(_outcome(fn) if world.is_first_rank else None)
+    _raise_first([result])
+    return result
+
+
+def _written_by(rank: int, world_size: int, files: set[str]) -> list[str]:
+    """The files a rank checksums: those DCP named after it (``__<rank>_*``, so read from
+    its own page cache); rank 0 also takes any other."""
+    owners = {name: r for name in files for r in range(world_size) if name.startswith(f"__{r}_")}
+    return sorted(name for name in files if owners.get(name, 0) == rank)
+
+
+def _all_gather(obj: Any, world: GroupCoordinator) -> list[Any]:
+    if world.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * world.world_size
+    dist.all_gather_object(out, obj, group=world.cpu_group)
+    return out
+
+
+def _refuse_non_finite(model_state: dict[str, Any], path: Path, world: GroupCoordinator) -> None:
+    """Every rank raises the same :class:`NonFiniteWeightsError` when any rank holds a
+    non-finite floating-point weight."""
+    tensors = {
+        name: value.to_local() if isinstance(value, DTensor) else value
+        for name, value in model_state.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point()
+    }
+    finite = (
+        torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist() if tensors else []
+    )
+    bad = [name for name, ok in zip(tensors, finite, strict=True) if not ok]
+    reports = _all_gather((world.rank, bad), world)
+    ranks = [rank for rank, names in reports if names]
+    if not ranks:
+        return
+    names = next(names for _, names in reports if names)
+    raise NonFiniteWeightsError(
+        f"Refusing to save the checkpoint {path}: weights are NaN or infinite on rank(s) "
+        f"{ranks} ({_first(names, ', ')}; {len(names)} tensors on rank {ranks[0]}). The "
+        "training diverged; no checkpoint was written, the previous one is untouched. "
+        "Resume from it with a lower learning rate, or stop at the first bad step with "
+        "on_nonfinite=raise."
+    )
 
 
 def load_sharded(path: Path, module: torch.nn.Module, optimizers: list) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_sharded` into ``module`` and ``optimizers``
-    (in place, resharding to this layout); returns the rest of the trainer state."""
-    if not is_complete(path):
+    (in place, resharding to this layout); returns the rest of the trainer state.
+
+    Every file's size and checksum is checked first (the reading shared between ranks);
+    a damaged file raises :class:`CorruptCheckpointError` naming it, on every rank."""
+    resolved = store.resolve(path)
+    if resolved is None:
         raise FileNotFoundError(
             f"{path} is not a complete vidpar checkpoint (missing {TRAINER_STATE} or DCP "
             "metadata): it does not exist, or its save was interrupted. Pick another "
             "checkpoint, or start without ckpt_path."
         )
-    check_fits(path, module)
+    path = resolved
     world = ps.get_world_group()
+    _verify_shared(path, world)
+    check_fits(path, module)
     state: dict[str, Any] = {"model": _model_state(module)}
     optimizers = [getattr(o, "_optimizer", o) for o in optimizers]
     for i, optimizer in enumerate(optimizers):
         state[f"optimizer_{i}"] = _optimizer_state(module, optimizer)
     dcp.load(state, checkpoint_id=path, process_group=world.cpu_group)
-    module.load_state_dict(_local(state["model"]))
+    tp_names = _tp_dims(module)
+    module.load_state_dict(_unwrap_tp(state["model"], tp_names))
     for i, optimizer in enumerate(optimizers):
-        set_optimizer_state_dict(
-            module, optimizer, optim_state_dict=_local(state[f"optimizer_{i}"])
-        )
+        saved = state[f"optimizer_{i}"]
+        saved = {**saved, "state": _unwrap_tp(saved["state"], tp_names)}
+        set_optimizer_state_dict(module, optimizer, optim_state_dict=saved)
     return torch.load(path / TRAINER_STATE, weights_only=False)
+
+
+def _verify_shared(path: Path, world: GroupCoordinator) -> None:
+    """:func:`~vidpar.distributed.checkpoint_integrity.verify` with the checksums split
+    between the world's ranks; every rank raises the same error."""
+    try:
+        damaged = integrity.find_damage(path, share=(world.rank_in_group, world.world_size))
+    except CorruptCheckpointError as err:
+        damaged = err.damaged
+    reports = _all_gather(damaged, world)
+    if any(report is None for report in reports):
+        if world.is_first_rank:
+            integrity.warn_unverified(path)
+        return
+    everything = sorted({line for report in reports for line in report})
+    if everything:
+        raise CorruptCheckpointError(path, everything)
 
 
 def check_fits(path: Path, module: torch.nn.Module) -> None:
@@ -186,8 +308,6 @@ def _first(items: list[str], sep: str, count: int = 3) -> str:
 
 
 def remove(path: Path) -> None:
-    """Delete a checkpoint directory (or a stray file at that path)."""
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
+    """Delete a checkpoint: every version, then its name (see
+    :func:`~vidpar.distributed.checkpoint_store.remove`)."""
+    store.remove(path)

@@ -192,15 +192,20 @@ def export_full_checkpoint(
     single-device model loads the file with ``load_state_dict``. The checkpoint's
     hyper-parameters go into the header (``vidpar.hyper_parameters``, JSON), so
     :meth:`vidpar.pipelines.VideoGenerator.from_checkpoint` can rebuild the model from
-    the file alone; ``metadata`` adds more entries.
+    the file alone; ``metadata`` adds more entries. The checkpoint's files are checked
+    against the manifest of its save first (a damaged one raises
+    :class:`~vidpar.distributed.checkpoint_integrity.CorruptCheckpointError` naming it).
     """
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from vidpar.distributed.checkpoint import TRAINER_STATE, is_complete
+    from vidpar.distributed.checkpoint_integrity import verify
+    from vidpar.distributed.checkpoint_store import TRAINER_STATE, resolve
 
-    ckpt_dir = Path(ckpt_dir)
-    if not is_complete(ckpt_dir):
+    resolved = resolve(ckpt_dir)
+    if resolved is None:
         raise FileNotFoundError(f"{ckpt_dir} is not a complete vidpar checkpoint")
+    ckpt_dir = resolved
+    verify(ckpt_dir)
     with tempfile.TemporaryDirectory() as tmp:
         full_path = Path(tmp) / "full.pt"
         dcp_to_torch_save(ckpt_dir, full_path)

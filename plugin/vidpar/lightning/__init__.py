@@ -1,5 +1,6 @@
 """Lightning integration: VidParStrategy (registered as ``vidpar`` and presets), its
-launcher, the telemetry callback, the run supervisor (activity, save on interrupt), a
+launcher, callbacks (telemetry, checkpoints with versions kept, the non-finite guard, the
+run supervisor: activity, save on interrupt), a
 ready-made video-diffusion LightningModule and one for diffusers' video transformers
 (``DiffusersFlowModule`` and ``export_diffusers`` are imported lazily: diffusers is an
 optional extra)."""
@@ -9,7 +10,9 @@ from typing import Any
 
 from vidpar.distributed.full_weights import export_full_checkpoint
 from vidpar.lightning.callbacks import CollectiveTelemetry
+from vidpar.lightning.model_checkpoint import VidParModelCheckpoint
 from vidpar.lightning.module import VideoDiffusionModule
+from vidpar.lightning.nonfinite import NonFiniteError, NonFiniteGuard
 from vidpar.lightning.strategy import VidParStrategy
 from vidpar.lightning.supervision import RunSupervisor, TrainingInterrupted
 
@@ -22,8 +25,11 @@ warnings.filterwarnings(
 __all__ = [
     "CollectiveTelemetry",
     "DiffusersFlowModule",
+    "NonFiniteError",
+    "NonFiniteGuard",
     "RunSupervisor",
     "TrainingInterrupted",
+    "VidParModelCheckpoint",
     "VidParStrategy",
     "VideoDiffusionModule",
     "export_diffusers",

@@ -13,6 +13,7 @@ import torch
 
 from vidpar.data.latents import LATENTS, NEGATIVE, PROMPT
 from vidpar.lightning.module import sample_cfg_dropout, sample_noise_and_time
+from vidpar.lightning.nonfinite import NonFiniteGuard, OnNonFinite, check_on_nonfinite
 from vidpar.models.pretrained import (
     TIMESTEP_SCALE,
     WEIGHTS,
@@ -56,7 +57,8 @@ class DiffusersFlowModule(pl.LightningModule):
     ``timestep_sampling`` (``uniform`` or ``logit_normal``), then ``timestep_shift``
     (:func:`~vidpar.pipelines.shift_timesteps`). Noise, times and dropout are functions of
     (seed, step, sample index): every layout trains on the same values.
-    ``gradient_checkpointing`` recomputes each block in the backward pass.
+    ``gradient_checkpointing`` recomputes each block in the backward pass; ``on_nonfinite``
+    is what a NaN or infinite loss or gradient does (:class:`~vidpar.lightning.NonFiniteGuard`).
     """
 
     def __init__(
@@ -73,8 +75,10 @@ class DiffusersFlowModule(pl.LightningModule):
         class_text_len: int = 8,
         class_names: list[str] | None = None,
         video_shape: list[int] | None = None,
+        on_nonfinite: OnNonFinite = "raise",
     ) -> None:
         super().__init__()
+        check_on_nonfinite(on_nonfinite)
         if timestep_sampling not in ("uniform", "logit_normal"):
             raise ValueError(
                 f"timestep_sampling must be 'uniform' or 'logit_normal', got {timestep_sampling!r}"
@@ -156,6 +160,10 @@ class DiffusersFlowModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss = self._loss(batch, step=-1 - batch_idx)  # fixed noise: comparable across epochs
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The non-finite guard (``on_nonfinite``: raise, skip_step or warn)."""
+        return [NonFiniteGuard(self.hparams.on_nonfinite)]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(

@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from vidpar.lightning.nonfinite import NonFiniteGuard, OnNonFinite, check_on_nonfinite
 from vidpar.nn.dit import DiTConfig, VideoDiT
 from vidpar.pipelines.flow_matching import FlowMatchEulerSampler, flow_matching_loss
 from vidpar.pipelines.video_io import to_uint8_frames, write_video
@@ -58,6 +59,9 @@ class VideoDiffusionModule(pl.LightningModule):
     (sharded like ``model``, saved in checkpoints); validation samples and exported weights
     then come from it. The decay warms up as ``min(ema_decay, (1 + n) / (10 + n))`` after
     ``n`` optimizer steps, so early averages do not drag the random initialisation along.
+
+    ``on_nonfinite`` (``"raise"``, ``"skip_step"`` or ``"warn"``) is what a NaN or
+    infinite loss or gradient does (:class:`~vidpar.lightning.NonFiniteGuard`).
     """
 
     def __init__(
@@ -75,8 +79,10 @@ class VideoDiffusionModule(pl.LightningModule):
         video_shape: list[int] | None = None,
         timestep_sampling: str = "uniform",
         ema_decay: float = 0.0,
+        on_nonfinite: OnNonFinite = "raise",
     ) -> None:
         super().__init__()
+        check_on_nonfinite(on_nonfinite)
         if timestep_sampling not in ("uniform", "logit_normal"):
             raise ValueError(
                 f"timestep_sampling must be 'uniform' or 'logit_normal', got {timestep_sampling!r}"
@@ -187,6 +193,9 @@ class VideoDiffusionModule(pl.LightningModule):
         for logger in self.trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.log_video("val/samples", paths, step=self.global_step)
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [NonFiniteGuard(self.hparams.on_nonfinite)]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(

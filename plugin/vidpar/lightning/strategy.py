@@ -41,7 +41,10 @@ class VidParStrategy(DDPStrategy):
     :mod:`vidpar.distributed.state`'s getters and ``self.device_mesh``. Batches
     are sharded over dp only; gradients are summed over sp and averaged over dp by torch's
     DDP (``data_parallel="ddp"``) or FSDP2 (``"fsdp"``) on the dp × sp sub-group.
-    Checkpoints are sharded directories written with ``torch.distributed.checkpoint``.
+    Checkpoints are sharded directories written with ``torch.distributed.checkpoint``, each
+    save a new version that replaces the previous one atomically
+    (:mod:`vidpar.distributed.checkpoint_store`); ``checkpoint_keep_last`` versions of every
+    checkpoint are kept (set by :class:`~vidpar.lightning.VidParModelCheckpoint`).
 
     Liveness and interrupts (on one machine, where the launcher's Executor runs the
     workers): a worker silent for ``heartbeat_timeout_s`` seconds (``None``: never) fails the
@@ -94,6 +97,8 @@ class VidParStrategy(DDPStrategy):
         self.data_parallel = data_parallel
         self.communicator = communicator
         self.telemetry = telemetry
+        #: Versions of every checkpoint kept on disk (the current one included).
+        self.checkpoint_keep_last = 1
         if heartbeat_timeout_s is not None and not heartbeat_timeout_s > 0:
             raise ValueError(
                 f"heartbeat_timeout_s must be positive or None, got {heartbeat_timeout_s}"
@@ -256,7 +261,11 @@ class VidParStrategy(DDPStrategy):
         checkpoint.pop("state_dict", None)
         checkpoint.pop("optimizer_states", None)
         vidpar_checkpoint.save_sharded(
-            path, self.lightning_module, [o for o in self.optimizers], checkpoint
+            path,
+            self.lightning_module,
+            list(self.optimizers),
+            checkpoint,
+            keep_last=self.checkpoint_keep_last,
         )
 
     def load_checkpoint(

@@ -366,19 +366,23 @@ def read_model_info(path: str | Path) -> tuple[DiTConfig, dict[str, Any]]:
 
 
 def _export_from_directory(ckpt_dir: Path) -> Path:
-    """A vidpar checkpoint directory exported to ``<dir>/model.safetensors`` (once: again
-    only when the checkpoint is newer), from the EMA weights when it has them."""
-    from vidpar.distributed.checkpoint import TRAINER_STATE, is_complete
+    """A vidpar checkpoint directory (resolved to its current version, its files checked
+    against the manifest of its save) exported to ``<version>/model.safetensors`` (once:
+    again only when the checkpoint is newer), from the EMA weights when it has them."""
+    from vidpar.distributed.checkpoint_integrity import verify
+    from vidpar.distributed.checkpoint_store import TRAINER_STATE, resolve
     from vidpar.distributed.full_weights import export_full_checkpoint
 
-    if not is_complete(ckpt_dir):
+    resolved = resolve(ckpt_dir)
+    if resolved is None:
         raise FileNotFoundError(
             f"{ckpt_dir} is not a complete vidpar checkpoint (no {TRAINER_STATE} or DCP "
             "metadata; was its save interrupted?): give checkpoints/last.ckpt of a finished "
             "vidpar-train run, or a .safetensors file"
         )
-    out = ckpt_dir / "model.safetensors"
-    state_file = ckpt_dir / TRAINER_STATE
-    if not out.is_file() or out.stat().st_mtime < state_file.stat().st_mtime:
-        export_full_checkpoint(ckpt_dir, out)
+    out = resolved / "model.safetensors"
+    if not out.is_file() or out.stat().st_mtime < (resolved / TRAINER_STATE).stat().st_mtime:
+        export_full_checkpoint(resolved, out)  # checks the files first
+    else:
+        verify(resolved)
     return out
