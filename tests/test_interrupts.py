@@ -97,7 +97,7 @@ def test_sigterm_to_every_process_saves_the_step_and_the_run_resumes(tmp_path):
     step = int(line.split("at global step ")[1].split(";")[0])
     assert f"checkpoint saved to {last}" in line
     assert is_complete(last) and saved_step(last) == step
-    assert 3 <= step < 100000
+    assert 2 <= step < 100000  # the step of the first save, or a later one
     deadline = time.monotonic() + 30
     while alive(processes) and time.monotonic() < deadline:
         time.sleep(0.1)
