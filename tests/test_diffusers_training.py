@@ -218,3 +218,33 @@ def test_the_recipe_needs_a_diffusers_folder(tmp_path):
     cfg.model.path = str(tmp_path)
     with pytest.raises(Exception, match=r"is not a diffusers folder: there is no .*config\.json"):
         instantiate(cfg.model)
+
+
+def test_vidpar_train_checks_the_diffusers_recipe_before_any_process(folders, tmp_path):
+    """The CLI's checks read heads and channels from the folder's config.json and name
+    missing folders, before anything starts."""
+    from vidpar.cli.hydra_setup import UserError, build_layout
+    from vidpar.cli.train import check_before_launch, check_data_fits_model
+    from vidpar.cli.validation import check_train_config
+
+    model_dir, latents = folders
+    good = compose_train(
+        "recipe=wan2_1_t2v_1p3b", "trainer=cpu", f"model.path={model_dir}", f"data.path={latents}"
+    )
+    layout = build_layout(good.parallel)
+    check_train_config(good, layout)
+    check_before_launch(good, layout)
+    check_data_fits_model(instantiate(good.data).video_shape, good.model)
+    heads = compose_train(
+        "recipe=wan2_1_t2v_1p3b", "parallel.sp=3", f"model.path={model_dir}", f"data.path={latents}"
+    )
+    with pytest.raises(UserError, match=r"num_heads\(4\) is not divisible by ulysses\(3\)"):
+        check_before_launch(heads, build_layout(heads.parallel))
+    with pytest.raises(UserError, match=r"model\.path: no model path given"):
+        check_before_launch(compose_train("recipe=wan2_1_t2v_1p3b"), layout)
+    no_data = compose_train("recipe=wan2_1_t2v_1p3b", f"model.path={model_dir}")
+    with pytest.raises(UserError, match=r"no data\.path: the latents data trains on a folder"):
+        check_train_config(no_data, layout)
+    rgb = compose_train("recipe=wan2_1_t2v_1p3b", "data=moving_shapes", f"model.path={model_dir}")
+    with pytest.raises(UserError, match=r"3-channel clips .* but the model takes 16"):
+        check_data_fits_model(instantiate(rgb.data).video_shape, rgb.model)

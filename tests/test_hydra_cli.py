@@ -116,7 +116,7 @@ def test_every_recipe_feeds_its_data_through_its_model(recipe: str) -> None:
 
 def test_data_and_model_channels_that_disagree_are_explained() -> None:
     cfg = compose_train("model=wan_like_1p3b")
-    with pytest.raises(UserError, match=r"model\.dit\.in_channels=16\. Set model\.dit\.in"):
+    with pytest.raises(UserError, match=r"model takes 16 \(model\.dit\)\. Set model\.dit\.in_chan"):
         check_data_fits_model(instantiate(cfg.data).video_shape, cfg.model)
     with pytest.raises(ValueError, match=r"has 3 channels, but the DiT takes in_channels=16"):
         VideoDiffusionModule(dit={"in_channels": 16}, video_shape=[3, 8, 16, 16])

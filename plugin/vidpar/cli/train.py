@@ -28,15 +28,33 @@ from vidpar.nn.dit import DiTConfig
 register()
 
 
+def model_facts(model: DictConfig) -> tuple[int, int, str]:
+    """``(heads, in_channels, where they come from)`` of the configured network: the DiT's
+    config, or a diffusers model folder's ``config.json`` (``model.path``)."""
+    if "dit" in model:
+        return model.dit.num_heads, model.dit.in_channels, "model.dit"
+    from vidpar.models.pretrained import find_model_folder, read_config
+
+    path = None if OmegaConf.is_missing(model, "path") else model.get("path")
+    try:
+        folder = find_model_folder(path, model.get("subfolder"))
+        config = read_config(folder)
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"model.path: {err}. Give the local diffusers folder of the transformer (a "
+            "pipeline folder with transformer/, or the model folder itself): nothing is "
+            "downloaded."
+        ) from None
+    return config["num_attention_heads"], config["in_channels"], f"{folder}/config.json"
+
+
 def check_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:
     """Every mistake we can see from the config fails here, before any process starts."""
-    heads = conf.model.dit.num_heads
+    heads, _, source = model_facts(conf.model)
     try:
         layout.check_heads(heads)
     except ValueError as err:
-        raise UserError(
-            f"The model does not fit the layout: {err} (model.dit.num_heads={heads})."
-        ) from None
+        raise UserError(f"The model does not fit the layout: {err} (from {source}).") from None
     if conf.trainer.accelerator == "gpu" and torch.cuda.device_count() < layout.world_size:
         raise UserError(
             f"The layout {layout.describe()} needs {layout.world_size} GPUs, but this machine "
@@ -63,14 +81,19 @@ RESUMABLE_DIT_CHANGES = frozenset({"activation_checkpointing"})
 
 
 def check_data_fits_model(video_shape: tuple[int, ...], model: DictConfig) -> None:
-    """The clips' channels must be what the DiT's patch embedding takes."""
-    channels, in_channels = video_shape[0], model.dit.in_channels
+    """The clips' (or latents') channels must be what the model's patch embedding takes."""
+    channels = video_shape[0]
+    _, in_channels, source = model_facts(model)
     if channels != in_channels:
+        fix = (
+            f"Set model.dit.in_channels={channels}"
+            if "dit" in model
+            else f"Use a model folder whose transformer takes {channels} channels"
+        )
         raise UserError(
             f"The data gives {channels}-channel clips of shape {tuple(video_shape)} (C, T, H, "
-            f"W), but the model takes model.dit.in_channels={in_channels}. Set "
-            f"model.dit.in_channels={channels}, or use data whose clips have {in_channels} "
-            "channels."
+            f"W), but the model takes {in_channels} ({source}). {fix}, or use data whose "
+            f"clips have {in_channels} channels."
         )
 
 
@@ -146,9 +169,10 @@ def run(conf: DictConfig) -> Path | None:
     check_before_launch(conf, layout)
     datamodule = instantiate(conf.data)
     check_data_fits_model(datamodule.video_shape, conf.model)
+    names = getattr(datamodule.train_set, "shape_names", None)  # latents have no classes
     module = instantiate(
         conf.model,
-        class_names=list(datamodule.train_set.shape_names),
+        class_names=None if names is None else list(names),
         video_shape=list(datamodule.video_shape),
         _convert_="all",
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -114,6 +115,7 @@ def check_data(data: DictConfig, model: DictConfig | None, layout: ParallelConfi
     and the model's patch divides."""
     target = data.get("_target_")
     if target == LATENTS_DATA:
+        _check_latents_folder(data)
         _check_at_least(data, (("batch_size", 1), ("num_workers", 0), ("num_val", 0)))
     if target != BUILT_IN_DATA:
         return
@@ -142,6 +144,17 @@ def check_data(data: DictConfig, model: DictConfig | None, layout: ParallelConfi
                 f"model.dit.patch_size={list(patch)} (axis {axis}). Set data.{key} to a "
                 f"multiple of {patch[axis]}, or change model.dit.patch_size."
             )
+
+
+def _check_latents_folder(data: DictConfig) -> None:
+    path = None if OmegaConf.is_missing(data, "path") else data.path
+    if path is None or not Path(path).expanduser().is_dir():
+        given = "no data.path" if path is None else f"data.path={path} is not a folder"
+        raise UserError(
+            f"{given}: the latents data trains on a folder of precomputed latents and text "
+            "embeddings (vidpar.data.write_latents_folder writes one). Set "
+            "data.path=/path/to/latents, or data=moving_shapes for the built-in clips."
+        )
 
 
 def _check_at_least(data: DictConfig, bounds: tuple[tuple[str, int], ...]) -> None:
