@@ -21,6 +21,7 @@ from vidpar.cli.hydra_setup import UserError, build_layout
 from vidpar.cli.run_dirs import claim_unique_dir
 from vidpar.cli.validation import check_generate_request, check_train_config
 from vidpar.distributed.checkpoint import is_complete
+from vidpar.models.testing import make_tiny_latents, make_tiny_wan
 from vidpar.nn.dit import DiTConfig, VideoDiT
 from vidpar.pipelines.generator import export_weights
 from vidpar.resources import CONFIG_DIR
@@ -63,9 +64,18 @@ def test_bad_training_values_are_explained(overrides, message) -> None:
         check_train(*overrides)
 
 
+@pytest.fixture(scope="module")
+def diffusers_folders(tmp_path_factory) -> list[str]:
+    """The model and latents folders the diffusers options train on."""
+    root = tmp_path_factory.mktemp("diffusers")
+    model = make_tiny_wan(root / "tiny-wan")
+    return [f"model.path={model}", f"data.path={make_tiny_latents(root / 'latents', model)}"]
+
+
 @pytest.mark.parametrize("override", [f"{g}={o}" for g in GROUPS for o in options(g)])
-def test_every_shipped_option_passes_the_checks(override: str) -> None:
-    check_train(override, *NEEDS.get(override, []))
+def test_every_shipped_option_passes_the_checks(override: str, diffusers_folders) -> None:
+    folders = diffusers_folders if override in ("data=latents", "recipe=wan2_1_t2v_1p3b") else []
+    check_train(override, *NEEDS.get(override, []), *folders)
 
 
 def test_good_training_values_pass_and_minus_one_steps_means_epochs() -> None:
