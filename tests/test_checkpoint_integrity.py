@@ -4,6 +4,7 @@ manifest still loads with a warning, and a save refuses non-finite weights."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from vidpar.distributed import checkpoint_store as store
 from vidpar.distributed.checkpoint import (
     CorruptCheckpointError,
     NonFiniteWeightsError,
+    _written_files,
     load_sharded,
     save_sharded,
 )
@@ -194,3 +196,11 @@ def test_vidpar_generate_names_the_damaged_file_and_exits_2(ckpt, tmp_path):
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert f"{shard.resolve()} has other contents than the save wrote" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_written_files_are_read_back_when_the_save_returns_no_storage_data(tmp_path):
+    """torch 2.11's ``dcp.save`` returns its metadata without ``storage_data``."""
+    metadata = dcp.save({"w": torch.ones(3), "b": torch.zeros(2)}, checkpoint_id=tmp_path)
+    files = _written_files(metadata, tmp_path)
+    assert files and all((tmp_path / name).is_file() for name in files)
+    assert _written_files(dataclasses.replace(metadata, storage_data=None), tmp_path) == files

@@ -142,8 +142,7 @@ def save_sharded(
     staging = Path(_on_first_rank(lambda: str(store.prepare(path)), world))
     try:
         metadata = dcp.save(state, checkpoint_id=staging, process_group=world.cpu_group)
-        files = {info.relative_path for info in metadata.storage_data.values()}
-        mine = _written_by(world.rank_in_group, world.world_size, files)
+        mine = _written_by(world.rank_in_group, world.world_size, _written_files(metadata, staging))
         described = _all_gather(_outcome(lambda: integrity.describe(staging, mine)), world)
         _raise_first(described)
 
@@ -161,6 +160,13 @@ def save_sharded(
         if world.is_first_rank:
             store.discard(staging)
         raise
+
+
+def _written_files(metadata: Any, staging: Path) -> set[str]:
+    """The data files ``dcp.save`` wrote; torch 2.11 returns its metadata without them, so
+    they are then read back from the metadata file the save wrote."""
+    storage = metadata.storage_data or dcp.FileSystemReader(staging).read_metadata().storage_data
+    return {info.relative_path for info in storage.values()}
 
 
 def _outcome(fn) -> Any:
