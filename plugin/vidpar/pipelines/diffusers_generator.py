@@ -24,6 +24,7 @@ from vidpar.pipelines.flow_matching import FlowMatchEulerSampler
 from vidpar.pipelines.generator import _dp_slice
 from vidpar.pipelines.generator_worker import GeneratorWorker
 from vidpar.pipelines.video_io import to_uint8_frames, write_video
+from vidpar.pipelines.worker_session import WorkerSession
 
 PROMPT, NEGATIVE = "prompt_embeds", "negative_prompt_embeds"
 #: Prompt embeddings: ``[L, D]``, ``[B, L, D]``, a list of ``[L_i, D]``, or a safetensors file.
@@ -153,7 +154,7 @@ def _padded(items: list[torch.Tensor], length: int) -> torch.Tensor:
     return out
 
 
-class DiffusersVideoGenerator:
+class DiffusersVideoGenerator(WorkerSession):
     """Text-to-video with a diffusers video transformer from a local folder, with the
     layout of ``parallel``, through an :class:`~vidpar.executor.Executor`.
 
@@ -316,20 +317,3 @@ class DiffusersVideoGenerator:
         """
         adapter = _as_adapter(path_or_state, scale)
         return self.executor.collective_rpc("set_lora_adapter", name, adapter)[0]
-
-    def merge_lora(self, name: str | None = None) -> str:
-        """Fold adapter ``name`` (default: the only one set) into the weights."""
-        return self.executor.collective_rpc("merge_lora", name)[0]
-
-    def unmerge_lora(self) -> str | None:
-        """Restore the base weights exactly; returns the adapter that was merged."""
-        return self.executor.collective_rpc("unmerge_lora")[0]
-
-    def close(self) -> None:
-        self.executor.shutdown()
-
-    def __enter__(self) -> DiffusersVideoGenerator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -22,6 +22,7 @@ from vidpar.nn.dit import DiTConfig, VideoDiT
 from vidpar.pipelines.flow_matching import FlowMatchEulerSampler
 from vidpar.pipelines.generator_worker import GeneratorWorker
 from vidpar.pipelines.video_io import VIDEO_EXTENSIONS, to_uint8_frames, write_video
+from vidpar.pipelines.worker_session import WorkerSession
 
 #: The training-data facts a checkpoint may record beside the DiT config.
 DATA_INFO_FIELDS = ("class_names", "video_shape")
@@ -75,7 +76,7 @@ def _generate_on_worker(
     return videos.float().cpu(), recorder.records if worker.rank == 0 else []
 
 
-class VideoGenerator:
+class VideoGenerator(WorkerSession):
     """Class-conditioned video generation with the layout of ``parallel``.
 
     The DiT lives in one worker process per rank (an :class:`~vidpar.executor.Executor`);
@@ -184,23 +185,6 @@ class VideoGenerator:
         if isinstance(path_or_state, Path):
             path_or_state = os.fspath(path_or_state)
         return self.executor.collective_rpc("set_lora_adapter", name, path_or_state)[0]
-
-    def merge_lora(self, name: str | None = None) -> str:
-        """Fold adapter ``name`` (default: the only one set) into the weights."""
-        return self.executor.collective_rpc("merge_lora", name)[0]
-
-    def unmerge_lora(self) -> str | None:
-        """Restore the base weights exactly; returns the adapter that was merged."""
-        return self.executor.collective_rpc("unmerge_lora")[0]
-
-    def close(self) -> None:
-        self.executor.shutdown()
-
-    def __enter__(self) -> VideoGenerator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class RequestError(ValueError):
