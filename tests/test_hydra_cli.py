@@ -62,7 +62,7 @@ def test_every_option_composes_and_names_real_classes(override: str) -> None:
 
 
 def test_recipes_set_their_layout() -> None:
-    assert build_layout(compose_train("recipe=tiny_t2v_sp2").parallel).describe() == (
+    assert build_layout(compose_train("recipe=tiny_c2v_sp2").parallel).describe() == (
         "dp1 × cfg1 × ring1 × ulysses2 × tp1 = 2"
     )
     big = compose_train("recipe=wan_like_1p3b_sp2")
@@ -70,7 +70,7 @@ def test_recipes_set_their_layout() -> None:
     # 21 × 60 × 104 latents with patch 1×2×2: 32,760 tokens, as Wan2.1 at 81 × 480 × 832.
     assert big.data.num_frames * big.data.height * big.data.width // 4 == 32760
     # The command line wins over the recipe.
-    assert compose_train("recipe=tiny_t2v_sp2", "parallel=tp2").parallel.tp == 2
+    assert compose_train("recipe=tiny_c2v_sp2", "parallel=tp2").parallel.tp == 2
 
 
 def test_wheels_carry_every_config() -> None:
@@ -169,7 +169,7 @@ def test_help_and_cfg_show_the_composed_config(tmp_path) -> None:
     assert shown.returncode == 0, shown.stderr
     assert "ulysses: 2" in shown.stdout and "ring: 2" in shown.stdout
     helped = run_cli("vidpar.cli.train", "--help", cwd=tmp_path, timeout=120)
-    assert "recipe: tiny_t2v_cpu, tiny_t2v_sp2" in helped.stdout
+    assert "recipe: tiny_t2v_cpu, tiny_c2v_sp2" in helped.stdout
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,16 @@ def at_max_steps(max_steps: int) -> int | None:
     return None if max_steps == -1 else max_steps
 
 
+def none_if_empty(text: str) -> str | None:
+    """``text``, or null for an empty one (e.g. a run without overrides has no name)."""
+    return text or None
+
+
 def register_resolvers() -> None:
-    """``${vidpar.at_max_steps:N}``."""
+    """``${vidpar.at_max_steps:N}``, ``${vidpar.none_if_empty:TEXT}``, and
+    ``${vidpar.usage:COMMAND}`` (the start of a command's ``--help``)."""
+    from vidpar.cli.usage import usage
+
     OmegaConf.register_new_resolver("vidpar.at_max_steps", at_max_steps, replace=True)
+    OmegaConf.register_new_resolver("vidpar.none_if_empty", none_if_empty, replace=True)
+    OmegaConf.register_new_resolver("vidpar.usage", usage, replace=True)
