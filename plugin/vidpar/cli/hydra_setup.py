@@ -108,6 +108,7 @@ def console_command(config_name: str, run: Callable[[DictConfig], Any]) -> Calla
             try:
                 friendly_errors(run)(conf)
             except Exception:
+                transcript.sync()  # the console's lines first
                 transcript.write(traceback.format_exc().encode())
                 raise
 
