@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -120,9 +121,9 @@ def test_generate_takes_the_last_training_run_of_its_search_dir(sweep, tmp_path)
     first, last = tmp_path / "a", tmp_path / "b"
     shutil.copytree(root / "0", first, symlinks=True)
     shutil.copytree(root / "1", last, symlinks=True)
+    now = time.time()
     for age, run in ((200, last), (100, first)):  # `first` started last, though older
-        started = run / ".hydra" / "hydra.yaml"
-        os.utime(started, (started.stat().st_mtime - age,) * 2)
+        os.utime(run / ".hydra" / "hydra.yaml", (now - age, now - age))
     os.utime(first / "checkpoints", (0, 0))  # whatever the checkpoints' own ages
     assert find_checkpoint(None, str(tmp_path)) == resolve(first / "checkpoints" / "last.ckpt")
     stopped = tmp_path / "c"  # a newer run that saved nothing: named, not passed over
