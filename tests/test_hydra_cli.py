@@ -4,6 +4,7 @@ runs of vidpar-train / vidpar-generate on CPU."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -19,7 +20,8 @@ from omegaconf import OmegaConf
 import vidpar
 from vidpar.cli.hydra_setup import UserError, build_layout, register
 from vidpar.cli.train import check_before_launch, check_data_fits_model
-from vidpar.config import PRESETS
+from vidpar.cli.usage import COMMANDS, recipe_summary, usage
+from vidpar.config import PRESETS, ParallelConfig
 from vidpar.distributed.checkpoint import is_complete
 from vidpar.lightning import VideoDiffusionModule
 from vidpar.pipelines.video_io import read_video
@@ -28,6 +30,11 @@ from vidpar.resources import CONFIG_DIR
 register()
 CONF = Path(CONFIG_DIR)
 GROUPS = ["parallel", "model", "data", "trainer", "logger", "telemetry", "recipe"]
+
+
+def compose_generate(*overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("generate", overrides=["output=/tmp/vidpar-compose.mp4", *overrides])
 
 
 def compose_train(*overrides: str):
@@ -62,7 +69,7 @@ def test_every_option_composes_and_names_real_classes(override: str) -> None:
 
 
 def test_recipes_set_their_layout() -> None:
-    assert build_layout(compose_train("recipe=tiny_t2v_sp2").parallel).describe() == (
+    assert build_layout(compose_train("recipe=tiny_c2v_sp2").parallel).describe() == (
         "dp1 × cfg1 × ring1 × ulysses2 × tp1 = 2"
     )
     big = compose_train("recipe=wan_like_1p3b_sp2")
@@ -70,7 +77,7 @@ def test_recipes_set_their_layout() -> None:
     # 21 × 60 × 104 latents with patch 1×2×2: 32,760 tokens, as Wan2.1 at 81 × 480 × 832.
     assert big.data.num_frames * big.data.height * big.data.width // 4 == 32760
     # The command line wins over the recipe.
-    assert compose_train("recipe=tiny_t2v_sp2", "parallel=tp2").parallel.tp == 2
+    assert compose_train("recipe=tiny_c2v_sp2", "parallel=tp2").parallel.tp == 2
 
 
 def test_wheels_carry_every_config() -> None:
@@ -168,8 +175,35 @@ def test_help_and_cfg_show_the_composed_config(tmp_path) -> None:
     )
     assert shown.returncode == 0, shown.stderr
     assert "ulysses: 2" in shown.stdout and "ring: 2" in shown.stdout
-    helped = run_cli("vidpar.cli.train", "--help", cwd=tmp_path, timeout=120)
-    assert "recipe: tiny_t2v_cpu, tiny_t2v_sp2" in helped.stdout
+    for command in ("train", "generate"):
+        helped = run_cli(f"vidpar.cli.{command}", "--help", cwd=tmp_path, timeout=120)
+        assert helped.returncode == 0, helped.stderr
+        # vidpar's usage first, then Hydra's help.
+        assert helped.stdout.startswith(f"vidpar-{command}: ")
+        ours, hydras = helped.stdout.split("== Configuration groups ==")
+        assert ours.rstrip() == usage(command).rstrip()
+        assert "== Config ==" in hydras
+        assert "parallel: cfg2, ring2, single, sp2" in hydras and "schema" not in hydras
+        assert "recipe: tiny_c2v_sp2, tiny_t2v_cpu" in hydras
+
+
+def test_usage_lists_what_is_shipped_and_names_real_overrides() -> None:
+    text = usage("train")
+    for name, sizes in PRESETS.items():
+        assert re.search(
+            rf"^  {name} +{re.escape(ParallelConfig(**sizes).describe())}$", text, re.M
+        )
+    for recipe in options("recipe"):
+        summary = recipe_summary(CONF / "recipe" / f"{recipe}.yaml")
+        assert summary and f"  {recipe}  " in text and summary in text
+    assert "A tiny class-to-video DiT, Ulysses sequence parallelism" in text
+    assert "wandb|" not in text and "csv|none|wandb" in text  # the logger options, as shipped
+    composed = {"train": compose_train(), "generate": compose_generate()}
+    for command, (_, _, overrides) in COMMANDS.items():
+        for override, _ in overrides:
+            key = override.split("=")[0]  # a config group, or a key of the config
+            found = OmegaConf.select(composed[command], key, default="absent") != "absent"
+            assert key in GROUPS or found, key
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +280,11 @@ def test_generate_writes_a_video_of_the_latest_checkpoint(trained: Path) -> None
     assert frames.shape[0] == gif.shape[0] == 8
     assert frames.std() > 1.0  # not a blank video
     assert "Communication summary" in result.stdout
+    assert "vidpar: no checkpoint= given: using the last training run under run/" in result.stdout
+    log = (trained / "gen" / "generate.log").read_text()
+    for line in result.stdout.splitlines():
+        assert line in log, line  # the console, the workers' summary table included
+    assert "Communication summary" in log and "\x1b" not in log
 
 
 def test_resuming_into_another_model_names_the_settings_to_use(trained: Path) -> None:
@@ -265,26 +304,6 @@ def test_resuming_into_another_model_names_the_settings_to_use(trained: Path) ->
     for override in ("model.dit.hidden_size=128", "model.dit.patch_size=[1,4,4]"):
         assert override in message
     assert "model.ema_decay=0.99" in message
-
-
-def test_multirun_sweeps_layouts_to_the_same_loss(tmp_path) -> None:
-    result = run_cli(
-        "vidpar.cli.train",
-        "-m",
-        "parallel=single,sp2",
-        "trainer.max_steps=3",
-        "trainer.val_check_interval=3",
-        "data.num_train=24",
-        "model.num_sample_videos=0",
-        "logger=csv",
-        "hydra.sweep.dir=sweep",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for job in ("0", "1"):
-        assert is_complete(tmp_path / "sweep" / job / "checkpoints" / "last.ckpt")
-    losses = [line for line in result.stdout.splitlines() if "final train/loss" in line]
-    assert len(losses) == 2 and losses[0] == losses[1], losses
 
 
 def test_a_bad_size_on_the_command_line_is_one_paragraph(tmp_path) -> None:

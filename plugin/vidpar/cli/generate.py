@@ -1,7 +1,7 @@
 """``vidpar-generate``: sample class-conditioned videos from a trained checkpoint.
 
-With no arguments it takes the newest ``checkpoints/last.ckpt`` under ``outputs/`` (what
-``vidpar-train`` writes), generates one clip per class through the Executor and writes
+With no arguments it takes the ``checkpoints/last.ckpt`` of the last ``vidpar-train`` run
+under ``outputs/`` (and says which), generates one clip per class through the Executor and writes
 them side by side as an ``.mp4`` and a ``.gif``.
 """
 
@@ -17,7 +17,7 @@ from vidpar.cli.hydra_setup import UserError, build_layout, console_command, reg
 from vidpar.cli.validation import check_generate_request
 from vidpar.config import ParallelConfig
 from vidpar.distributed.checkpoint_integrity import CorruptCheckpointError, verify
-from vidpar.distributed.checkpoint_store import TRAINER_STATE, resolve
+from vidpar.distributed.checkpoint_store import resolve
 from vidpar.distributed.telemetry import format_summary, summarize
 from vidpar.nn.dit import DiTConfig
 
@@ -25,9 +25,10 @@ register()
 
 
 def find_checkpoint(checkpoint: str | None, search_dir: str) -> Path:
-    """The checkpoint to use: the one given, or the newest complete one under ``search_dir``
-    (a checkpoint directory resolved to its current version, so it cannot change while it
-    is read, and its files checked against the manifest of its save)."""
+    """The checkpoint to use: the one given, or that of the training run under
+    ``search_dir`` that started last (a checkpoint directory resolved to its current
+    version, so it cannot change while it is read, and its files checked against the
+    manifest of its save)."""
     if checkpoint is not None:
         path = Path(checkpoint)
         if path.is_file():
@@ -39,14 +40,34 @@ def find_checkpoint(checkpoint: str | None, search_dir: str) -> Path:
             "checkpoint directory. Pass the checkpoints/last.ckpt directory of a vidpar-train "
             "run, or a file written by vidpar.lightning.export_full_checkpoint."
         )
-    candidates = (resolve(d / "last.ckpt") for d in Path(search_dir).glob("**/checkpoints"))
-    found = [p for p in candidates if p is not None]
-    if not found:
+    run = last_training_run(Path(search_dir))
+    found = resolve(run / "checkpoints" / "last.ckpt")
+    if found is None:
         raise UserError(
-            f"No checkpoint found under {Path(search_dir).resolve()}: run vidpar-train first "
-            "(it writes outputs/<date>/<time>/checkpoints/last.ckpt), or pass checkpoint=PATH."
+            f"The last training run under {Path(search_dir).resolve()}, {run}, has no complete "
+            "checkpoints/last.ckpt (it may still be training, have stopped before its first "
+            "save, or have run with trainer.max_steps=0). Pass checkpoint=PATH to use another "
+            "run's checkpoint."
         )
-    return _verified(max(found, key=lambda p: (p / TRAINER_STATE).stat().st_mtime))
+    return _verified(found)
+
+
+def last_training_run(search_dir: Path) -> Path:
+    """The vidpar-train run directory under ``search_dir`` (one with a ``train.log`` or
+    ``checkpoints/``) that started last, by the files Hydra writes when a job starts."""
+    runs = {log.parent for log in search_dir.glob("**/train.log")}
+    runs |= {ckpts.parent for ckpts in search_dir.glob("**/checkpoints") if ckpts.is_dir()}
+    if not runs:
+        raise UserError(
+            f"No checkpoint found under {search_dir.resolve()}: run vidpar-train first (it "
+            "writes outputs/<date>/<time>/checkpoints/last.ckpt), or pass checkpoint=PATH."
+        )
+
+    def started(run: Path) -> float:
+        first = (run / ".hydra" / "hydra.yaml", run / "train.log", run / "checkpoints")
+        return next(p for p in first if p.exists()).stat().st_mtime
+
+    return max(runs, key=started)
 
 
 def _verified(ckpt: Path) -> Path:
@@ -88,6 +109,11 @@ def run(conf: DictConfig) -> list[Path]:
     os.environ.setdefault("WANDB_MODE", "offline")
     layout = build_layout(conf.parallel)
     checkpoint = find_checkpoint(conf.checkpoint, conf.search_dir)
+    if conf.checkpoint is None:
+        print(
+            f"vidpar: no checkpoint= given: using the last training run under "
+            f"{conf.search_dir}/, {checkpoint.parent.parent} (its checkpoints/last.ckpt)"
+        )
     # Everything is checked here, before the generator starts its workers.
     weights, dit_config, data_info = read_checkpoint_model(checkpoint, layout)
     labels, (_, num_frames, height, width) = check_generate_request(conf, dit_config, data_info)

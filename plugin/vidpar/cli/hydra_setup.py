@@ -6,16 +6,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+import traceback
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from vidpar.cli.console_log import console_transcript
 from vidpar.cli.resolvers import register_resolvers
 from vidpar.config import PRESETS, ParallelConfig
 from vidpar.resources import CONFIG_DIR
@@ -91,12 +95,21 @@ def friendly_errors(main: Callable[..., None]) -> Callable[..., None]:
 
 def console_command(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[], None]:
     """The console entry point of a vidpar command: Hydra composes ``config_name`` (its
-    job name, hence ``<name>.log``, is set in that config) and ``run`` gets the config;
-    :class:`UserError` ends it as one paragraph."""
+    job name is set in that config) and ``run`` gets the config, while everything the
+    console shows, the workers' lines included, goes to ``<output dir>/<job name>.log``
+    too; :class:`UserError` ends it as one paragraph, any other error leaves its full
+    traceback in the log (the console gets Hydra's account of it)."""
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
-    @friendly_errors
     def main(conf: DictConfig) -> None:
-        run(conf)
+        job = HydraConfig.get()
+        transcript = console_transcript()
+        with transcript.recording(Path(job.runtime.output_dir) / f"{job.job.name}.log"):
+            try:
+                friendly_errors(run)(conf)
+            except Exception:
+                transcript.sync()  # the console's lines first
+                transcript.write(traceback.format_exc().encode())
+                raise
 
     return main

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vidpar.cli.hydra_setup import UserError, build_layout, console_command, register
 from vidpar.cli.validation import check_train_config
+from vidpar.cli.wandb_runs import job_wandb_run
 from vidpar.config import ParallelConfig
 from vidpar.distributed.checkpoint import TRAINER_STATE, is_complete
 from vidpar.distributed.checkpoint_integrity import CorruptCheckpointError, verify
@@ -127,15 +128,13 @@ def _as_override(value: object) -> str:
 
 def build_trainer(conf: DictConfig, layout: ParallelConfig):
     """The Trainer with strategy (holding ``layout``), logger and callbacks of ``conf``."""
-    from lightning.pytorch.callbacks import RichProgressBar
-
-    from vidpar.lightning import CollectiveTelemetry
+    from vidpar.lightning import CollectiveTelemetry, StepProgressBar
 
     # A partial, so the layout arrives as the object itself (OmegaConf would copy a
     # dataclass passed to instantiate into a config node).
     strategy = instantiate(conf.strategy, _partial_=True)(parallel=layout)
     logger = instantiate(conf.logger) if conf.get("logger") and "_target_" in conf.logger else False
-    callbacks = [instantiate(conf.checkpoint), RichProgressBar()]
+    callbacks = [instantiate(conf.checkpoint), StepProgressBar()]
     if conf.telemetry.enabled:
         callbacks.append(CollectiveTelemetry(log_every_n_steps=conf.telemetry.log_every_n_steps))
     devices = conf.trainer.devices or layout.world_size // conf.trainer.num_nodes
@@ -161,9 +160,6 @@ def run(conf: DictConfig) -> Path | None:
 
     log_lightning_once()
     os.environ.setdefault("WANDB_MODE", "offline")
-    if conf.get("logger") and conf.logger.get("_target_", "").endswith("WandbLogger"):
-        # Workers attach to the run made here; they find its directory only through this.
-        os.environ["WANDB_DIR"] = str(conf.logger.save_dir)
     layout = build_layout(conf.parallel)  # the one layout of this run
     check_train_config(conf, layout)
     check_before_launch(conf, layout)
@@ -178,11 +174,12 @@ def run(conf: DictConfig) -> Path | None:
     )
     trainer = build_trainer(conf, layout)
     print(f"vidpar: {layout.describe()}; output in {conf.output_dir}")
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=conf.ckpt_path)
-    except TrainingInterrupted as stop:  # SIGTERM / Ctrl-C: saved at this step, then 128+N
-        print(f"\nvidpar: {stop}", file=sys.stderr, flush=True)
-        raise SystemExit(128 + stop.signum) from None
+    with job_wandb_run(conf):
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=conf.ckpt_path)
+        except TrainingInterrupted as stop:  # SIGTERM / Ctrl-C: saved at this step, 128+N
+            print(f"\nvidpar: {stop}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + stop.signum) from None
     loss = trainer.callback_metrics.get("train/loss")
     print(f"vidpar: final train/loss {float(loss):.4f}" if loss is not None else "")
     last = written_checkpoint(trainer)

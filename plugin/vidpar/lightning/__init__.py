@@ -1,6 +1,6 @@
 """Lightning integration: VidParStrategy (registered as ``vidpar`` and presets), its
 launcher, callbacks (telemetry, checkpoints with versions kept, the non-finite guard, the
-run supervisor: activity, save on interrupt), a
+run supervisor: activity, save on interrupt; a step-based progress bar), a
 ready-made video-diffusion LightningModule and one for diffusers' video transformers
 (``DiffusersFlowModule`` and ``export_diffusers`` are imported lazily: diffusers is an
 optional extra)."""
@@ -13,6 +13,7 @@ from vidpar.lightning.callbacks import CollectiveTelemetry
 from vidpar.lightning.model_checkpoint import VidParModelCheckpoint
 from vidpar.lightning.module import VideoDiffusionModule
 from vidpar.lightning.nonfinite import NonFiniteError, NonFiniteGuard
+from vidpar.lightning.progress import StepProgressBar
 from vidpar.lightning.strategy import VidParStrategy
 from vidpar.lightning.supervision import RunSupervisor, TrainingInterrupted
 
@@ -21,6 +22,13 @@ from vidpar.lightning.supervision import RunSupervisor, TrainingInterrupted
 warnings.filterwarnings(
     "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
 )
+# torch 2.13 deprecates torch.distributed.nn.functional.all_gather, which Lightning's
+# strategy.all_gather (metrics synced across ranks) calls: Lightning's to change too.
+warnings.filterwarnings(
+    "ignore",
+    message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
+    category=FutureWarning,
+)
 
 __all__ = [
     "CollectiveTelemetry",
@@ -28,6 +36,7 @@ __all__ = [
     "NonFiniteError",
     "NonFiniteGuard",
     "RunSupervisor",
+    "StepProgressBar",
     "TrainingInterrupted",
     "VidParModelCheckpoint",
     "VidParStrategy",
