@@ -31,8 +31,8 @@ QUICK_START = "vidpar-train && vidpar-generate"
 #: A block mentioning one of these is CI's to run (install, or the suite itself).
 CI_ONLY = ("pip install", "pytest")
 LANGUAGES = ("bash", "python")
-#: Kill a block still running after this long (the tests using it allow 2400 s).
-BLOCK_TIMEOUT_S = 2200
+#: Kill a block still running after this long (the tests using it allow 3000 s).
+BLOCK_TIMEOUT_S = 2900
 
 
 @dataclass(frozen=True)
