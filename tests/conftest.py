@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from readme_blocks import ReadmeRun
 from world import Worlds
 
 
@@ -14,6 +15,13 @@ def worlds():
     pool = Worlds()
     yield pool
     pool.close()
+
+
+@pytest.fixture(scope="session")
+def readme_run(tmp_path_factory) -> ReadmeRun:
+    """README.md's code blocks, run in order in one scratch folder as a user would, each at
+    most once per session: its quick start is the session's one run of the default job."""
+    return ReadmeRun(tmp_path_factory.mktemp("readme"), tmp_path_factory.mktemp("readme-scripts"))
 
 
 def pytest_collection_modifyitems(config, items):

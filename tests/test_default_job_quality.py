@@ -1,48 +1,61 @@
-"""The default job's recipe learns what the README promises: its samples show the class's
-shape, moving. Trains the composed default model and data in one process for the default
-number of steps (noise and flow times are drawn per sample, so this is the training of the
-tp2 × sp2 job, in another summation order) and scores the samples with ``fit_shape``."""
+"""The default job learns what the README promises: its samples show the class's shape,
+moving. The job is the README's quick start, run once per session by ``readme_run`` (the
+tp2 × sp2 training on 4 CPU processes, as a user runs it); this test samples four clips per
+class from the checkpoint it wrote, as ``vidpar-generate`` does, and scores them with
+``fit_shape``."""
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
+from pathlib import Path
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 
 from vidpar.cli.hydra_setup import register
 from vidpar.data import fit_shape
+from vidpar.distributed.checkpoint import TRAINER_STATE
+from vidpar.distributed.full_weights import load_full_weights, read_hyper_parameters
+from vidpar.nn import VideoDiT
+from vidpar.pipelines import FlowMatchEulerSampler, read_model_info
+from vidpar.pipelines.generator import checkpoint_weights
 from vidpar.resources import CONFIG_DIR
 
 register()
 
 
 @pytest.mark.slow
-def test_the_default_recipe_draws_moving_shapes(tmp_path) -> None:
+@pytest.mark.timeout(3000)  # may run the quick start: minutes, many more on a busy machine
+def test_the_default_job_draws_moving_shapes(readme_run) -> None:
+    outcome = readme_run.quick_start()
+    assert outcome.returncode == 0, outcome.report()
+    assert "dp1 × cfg1 × ring1 × ulysses2 × tp2 = 4" in outcome.output  # the default layout
+    (checkpoint,) = outcome.printed(r"^vidpar: checkpoint (.+)$")
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"output_dir={tmp_path}"])
-    assert (cfg.parallel.tp, cfg.parallel.sp) == (2, 2)  # the job this stands for
-    pl.seed_everything(cfg.seed, verbose=False)
-    data = instantiate(cfg.data)
-    module = instantiate(cfg.model, num_sample_videos=0)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=cfg.trainer.max_steps,
-        gradient_clip_val=cfg.trainer.gradient_clip_val,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module, datamodule=data)
+        default = compose("train")
+    state = torch.load(Path(checkpoint) / TRAINER_STATE, weights_only=False)
+    assert state["global_step"] == default.trainer.max_steps  # the whole default job
 
-    labels = [label for label in range(data.num_classes) for _ in range(4)]
-    videos = module.sample(labels, data.video_shape, seed=1)
+    weights = checkpoint_weights(checkpoint)  # the EMA weights, exported by vidpar-generate
+    config, data_info = read_model_info(weights)
+    hparams = read_hyper_parameters(weights)
+    model = VideoDiT(config).eval()
+    load_full_weights(model, weights)
+    num_classes = len(data_info["class_names"])
+    labels = [label for label in range(num_classes) for _ in range(4)]
+    noise = torch.randn(
+        (len(labels), *data_info["video_shape"]), generator=torch.Generator().manual_seed(1)
+    )
+    cond = torch.tensor(labels)
+    with torch.no_grad():
+        videos = FlowMatchEulerSampler(num_steps=hparams["sample_steps"]).sample(
+            model,
+            noise,
+            cond,
+            torch.full_like(cond, num_classes),
+            hparams["guidance_scale"],
+            show_progress=False,
+        )
     fits = [fit_shape(video, label) for video, label in zip(videos, labels, strict=True)]
     iou = torch.stack([f.iou.mean() for f in fits])
     speed = torch.stack([f.centre.diff(dim=0).norm(dim=1).mean() for f in fits])
@@ -50,5 +63,5 @@ def test_the_default_recipe_draws_moving_shapes(tmp_path) -> None:
     # recipe before tuning (hidden 64, patch 1×2×2, RoPE base 1e4, 300 steps) drew speckles
     # that scored 0.38 and jumped 2.5 px/frame.
     assert iou.mean() > 0.55, iou
-    assert iou.view(data.num_classes, 4).mean(1).min() > 0.4, iou
+    assert iou.view(num_classes, 4).mean(1).min() > 0.4, iou
     assert 0.4 < speed.mean() < 2.2, speed

@@ -74,6 +74,7 @@ def test_the_datamodule_holds_out_the_last_samples(tmp_path):
     write_latents_folder(tmp_path, latents, prompts)
     dm = LatentsDataModule(str(tmp_path), batch_size=2, num_val=2, shuffle=False)
     assert dm.video_shape == (4, 2, 4, 6)
+    assert dm.hparams.latents_path == str(tmp_path) and "path" not in dm.hparams  # the model's
     assert len(dm.train_set) == 3 and len(dm.val_set) == 2
     assert torch.equal(dm.val_set[0]["latents"], latents[3])
     batch = next(iter(dm.train_dataloader()))

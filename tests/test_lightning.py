@@ -143,7 +143,7 @@ def test_tp2_sp2_checkpoint_resumes_in_one_process(reference, tp2_sp2_half, tmp_
     assert_weights_close(full_weights(model), ref_weights)
 
 
-def test_export_full_checkpoint_loads_into_a_single_device_model(tp2_sp2_half, tmp_path):
+def test_export_full_checkpoint_loads_into_one_device_and_the_generator(tp2_sp2_half, tmp_path):
     log_dir, weights = tp2_sp2_half
     from safetensors.torch import load_file
 
@@ -155,6 +155,11 @@ def test_export_full_checkpoint_loads_into_a_single_device_model(tp2_sp2_half, t
         model.load_state_dict(load_file(str(out)))
         expect = {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
         assert_weights_close(full_weights(model), expect, tol=0)  # EMA weights by default
+        # The file alone rebuilds the model for generation: its config is in the header.
+        with VideoGenerator.from_checkpoint(out, devices="cpu") as generator:
+            assert generator.dit_config == TINY_DIT
+            frames = generator.generate(0, num_frames=2, height=8, width=8, steps=1)
+        assert frames.shape == (1, 2, 8, 8, 3)
 
 
 def test_generation_from_a_checkpoint_directory_uses_the_ema_weights(tp2_sp2_half, tmp_path):

@@ -16,7 +16,7 @@ from vidpar.distributed import single_process
 from vidpar.distributed.full_weights import full_state_dict
 from vidpar.executor import Executor, RemoteError, Worker
 from vidpar.nn import DiTConfig, VideoDiT
-from vidpar.nn.lora import LoraManager, shard_delta
+from vidpar.nn.lora import LoraManager, extract_adapter, save_adapter, shard_delta
 from vidpar.pipelines import export_weights, read_model_info
 from vidpar.pipelines.generator_worker import GeneratorWorker
 
@@ -173,6 +173,50 @@ def test_shard_delta_without_layout_is_the_full_product() -> None:
     assert torch.equal(delta, (0.5 * (b @ a)).reshape(3, 8, 5))
     half = shard_delta(torch.zeros(4, 5, dtype=torch.bfloat16), a, b[:4], 2.0)
     assert half.dtype == torch.float32  # computed wider than bf16 weights
+
+
+def test_an_extracted_adapter_turns_the_base_into_the_fine_tune(tmp_path) -> None:
+    """Changes of rank 2 come back exactly from a rank-2 adapter (through a file); a rank-1
+    adapter leaves the best rank-1 error (the second singular value); biases and norms,
+    which an adapter cannot change, are left out."""
+    base = reference()
+    tuned = {k: v.clone() for k, v in base.state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+    for name in TARGETS:
+        out, inp = full_shape_out_in(tuned[name].shape)
+        u, v = (torch.randn(n, 2, generator=gen, dtype=torch.float64) for n in (out, inp))
+        tuned[name] += (0.1 * u @ v.T).reshape(tuned[name].shape)
+    tuned["blocks.0.mlp.fc1.bias"] += 1.0
+    path = save_adapter(
+        extract_adapter(base.state_dict(), tuned, rank=2), tmp_path / "a.safetensors"
+    )
+    manager = LoraManager(base)
+    assert manager.set_adapter("tuned", path) == TARGETS
+    manager.merge()
+    for name, weight in base.state_dict().items():
+        expected = tuned[name] if name in TARGETS else reference().state_dict()[name]
+        assert torch.allclose(weight, expected, rtol=0, atol=1e-12), name
+    manager.unmerge()
+
+    rank1 = extract_adapter(base.state_dict(), tuned, rank=1)
+    manager.set_adapter("rank1", rank1)
+    manager.merge("rank1")
+    for name in TARGETS:
+        shape = full_shape_out_in(tuned[name].shape)
+        change = (tuned[name] - reference().state_dict()[name]).reshape(shape)
+        error = (tuned[name] - base.state_dict()[name]).reshape(shape)
+        second = torch.linalg.svdvals(change)[1]
+        assert torch.linalg.matrix_norm(error, ord=2) == pytest.approx(second, rel=1e-9)
+
+
+def test_extracting_an_adapter_from_mismatched_weights_fails_clearly() -> None:
+    weights = reference().state_dict()
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        extract_adapter(weights, weights, rank=0)
+    with pytest.raises(ValueError, match="do not differ in any matrix"):
+        extract_adapter(weights, weights, rank=4)
+    with pytest.raises(ValueError, match=r"entries differ: \['patch_embed.bias'\]"):
+        extract_adapter(weights, {k: v for k, v in weights.items() if k != "patch_embed.bias"}, 4)
 
 
 def bad_adapters() -> dict[str, tuple[type[Exception], str]]:

@@ -131,7 +131,10 @@ class LatentsDataModule(_ShardedDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # Lightning logs the module's and the datamodule's hparams as one dict and refuses a
+        # key with two values: DiffusersFlowModule's `path` is the model folder.
+        self.save_hyperparameters(ignore="path")
+        self.hparams.latents_path = path
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle = shuffle

@@ -214,7 +214,9 @@ class _RingExchange:
         self.next = group.ranks[group.next_rank]
         self.prev = group.ranks[group.prev_rank]
 
-    def start(self, tensor: torch.Tensor, tag: int) -> _Pending:
+    def start(self, tensor: torch.Tensor, tag: int) -> _Pending | _Ready:
+        if self.size == 1:  # a ring of one (no layout): the tensor comes back to this rank
+            return _Ready(tensor)
         tensor = tensor.contiguous()
         received = torch.empty_like(tensor)
         pg = self.group.device_group

@@ -11,7 +11,8 @@ first and adds only its own chunk, so nothing full-sized is built and nothing is
 communicated. Unmerging restores the saved base shards bit for bit.
 
 :func:`peft_to_adapter` reads LoRA files in the diffusers/PEFT layout (and kohya's
-``lora_down``/``lora_up``) into this format.
+``lora_down``/``lora_up``) into this format; :func:`extract_adapter` makes an adapter from
+two sets of full weights (a base and a fine-tune) and :func:`save_adapter` writes one.
 """
 
 from __future__ import annotations
@@ -28,7 +29,15 @@ from torch import nn
 from vidpar.distributed.full_weights import shard_groups
 from vidpar.distributed.group import GroupCoordinator
 
-__all__ = ["LoraManager", "adapter_targets", "load_adapter", "peft_to_adapter", "shard_delta"]
+__all__ = [
+    "LoraManager",
+    "adapter_targets",
+    "extract_adapter",
+    "load_adapter",
+    "peft_to_adapter",
+    "save_adapter",
+    "shard_delta",
+]
 
 _A, _B, _SCALE = ".lora_A", ".lora_B", "scale"
 Adapter = dict[str, torch.Tensor]
@@ -156,6 +165,58 @@ def peft_to_adapter(
 def adapter_targets(adapter: Mapping[str, torch.Tensor]) -> list[str]:
     """The weight names an adapter changes."""
     return sorted(k.removesuffix(_A) for k in adapter if k.endswith(_A))
+
+
+def extract_adapter(
+    base: str | os.PathLike | Mapping[str, torch.Tensor],
+    tuned: str | os.PathLike | Mapping[str, torch.Tensor],
+    rank: int,
+) -> Adapter:
+    """The adapter of rank ``rank`` that best turns full weights ``base`` into ``tuned``
+    (``.safetensors`` paths or state dicts of one model, e.g. before and after a fine-tune).
+
+    Each changed weight of two or more dims gives the ``rank`` largest singular values of
+    its difference (as a matrix ``[out, in]`` split where the sides are most balanced): the
+    best approximation of that rank, exact for a change of rank ``<= rank``. One-dim
+    entries (biases, norms) are not carried: an adapter changes matrices only."""
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    before, after = _full_tensors(base), _full_tensors(tuned)
+    if before.keys() != after.keys():
+        raise ValueError(f"entries differ: {sorted(before.keys() ^ after.keys())[:5]}")
+    adapter: Adapter = {}
+    for name, weight in sorted(after.items()):
+        if weight.shape != before[name].shape:
+            raise ValueError(f"{name}: shapes differ: {before[name].shape} and {weight.shape}")
+        if weight.dim() < 2 or not weight.is_floating_point():
+            continue
+        delta = weight.double() - before[name].double()
+        if not delta.any():
+            continue
+        shape = list(delta.shape)
+        k = max(range(1, len(shape)), key=lambda k: min(math.prod(shape[:k]), math.prod(shape[k:])))
+        u, s, vh = torch.linalg.svd(delta.reshape(math.prod(shape[:k]), -1), full_matrices=False)
+        r = min(rank, s.numel())
+        adapter[f"{name}{_A}"] = vh[:r].to(weight.dtype).contiguous()
+        adapter[f"{name}{_B}"] = (u[:, :r] * s[:r]).to(weight.dtype).contiguous()
+    if not adapter:
+        raise ValueError("base and tuned weights do not differ in any matrix")
+    return adapter
+
+
+def save_adapter(adapter: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Write an adapter (full factors, optional ``scale``) as a ``.safetensors`` file."""
+    from safetensors.torch import save_file
+
+    tensors = {k: torch.as_tensor(v).detach().cpu().contiguous() for k, v in adapter.items()}
+    save_file(tensors, os.fspath(path))
+    return Path(path)
+
+
+def _full_tensors(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict:
+    from safetensors.torch import load_file
+
+    return dict(source) if isinstance(source, Mapping) else load_file(os.fspath(source))
 
 
 def _split_point(full_shape: list[int], out: int, inp: int) -> int | None:
