@@ -100,7 +100,7 @@ def resolved(options: ModelsOptions, common: Common) -> dict[str, Any]:
     }
 
 
-def _cast_like_from_pretrained(model, dtype: torch.dtype) -> None:
+def cast_like_from_pretrained(model, dtype: torch.dtype) -> None:
     """Parameters and buffers in ``dtype``, except those diffusers keeps in float32 when it
     loads the model with ``torch_dtype`` (``_keep_in_fp32_modules``: Wan's rope, time
     embedder, modulation tables and block norms)."""
@@ -151,7 +151,7 @@ def _measure(worker, size: dict[str, Any], common: Common) -> dict[str, Any]:
     torch.manual_seed(0)
     with torch.device(device):
         plain = WanTransformer3DModel(**size["model"])
-    _cast_like_from_pretrained(plain, dtype)
+    cast_like_from_pretrained(plain, dtype)
     ours = parallelize(copy.deepcopy(plain), compile=size["compile"])
     if size["compile"]:
         plain.compile_repeated_blocks()
