@@ -8,9 +8,9 @@ import dataclasses
 
 import pytest
 import torch
-from test_dit import SIZES, inputs, randomize
 from torch._dynamo.testing import CompileCounter
 
+from test_dit import SIZES, inputs, randomize
 from vidpar.config import ParallelConfig
 from vidpar.nn import DiTConfig, VideoDiT
 from vidpar.nn.dit_blocks import DiTBlock

@@ -26,11 +26,13 @@ from vidpar.benchmarks.common import (
     format_seconds,
     format_table,
     paired_ratio,
+    peak_bytes,
     run_stats,
     synchronize,
     torch_dtype,
     use_layout,
 )
+from vidpar.benchmarks.models import GPU_LATENT, GPU_TEXT, cast_like_from_pretrained
 
 VARIANTS = ("vidpar", "vidpar_compiled", "wan", "wan_compiled")
 #: Wan2.1-T2V-1.3B as a VideoDiT conditioned on text (T5 embeddings).
@@ -42,8 +44,6 @@ GPU_MODEL = {
     "ffn_dim": 8960,
     "context_dim": 4096,
 }
-GPU_LATENT = [21, 60, 104]
-GPU_TEXT = 512
 #: A tiny pair for CPU runs (the suite's own check).
 CPU_MODEL = {
     "in_channels": 4,
@@ -101,8 +101,6 @@ def forward_flop(size: dict[str, Any]) -> float:
 def _wan(size: dict[str, Any], device: torch.device, dtype: torch.dtype):
     """diffusers' Wan of the same sizes (random weights), cast as ``from_pretrained``."""
     from diffusers import WanTransformer3DModel
-
-    from vidpar.benchmarks.models import cast_like_from_pretrained
 
     m = size["model"]
     with torch.device(device):
@@ -164,22 +162,6 @@ def _step(model, args: tuple, kwargs: dict, backward: bool) -> torch.Tensor:
     return out
 
 
-def _peak_bytes(model, step, backward: bool, device: torch.device) -> int | None:
-    """The model's weights plus the peak of one step above what was allocated before."""
-    if device.type != "cuda":
-        return None
-    step(backward)  # gradients allocated once, as in training
-    model.zero_grad(set_to_none=True)
-    synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    step(backward)
-    synchronize(device)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    model.zero_grad(set_to_none=True)
-    return torch.cuda.max_memory_allocated(device) - before + weights
-
-
 def _measure(worker, size: dict[str, Any], common: Common) -> dict[str, Any]:
     """In the worker: every variant's first call (compilation), interleaved timed runs,
     then each variant's peak memory alone."""
@@ -213,7 +195,7 @@ def _measure(worker, size: dict[str, Any], common: Common) -> dict[str, Any]:
             name: {
                 "times": times[name],
                 "first_call_s": first[name],
-                "peak_bytes": _peak_bytes(model, step, backward, device),
+                "peak_bytes": peak_bytes(model, lambda s=step, b=backward: s(b), device),
             }
             for name, (model, step) in variants.items()
         }
