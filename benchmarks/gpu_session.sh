@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_session.sh tests kernels comm          # steps, in order
 # Steps: tests (pytest -m gpu), kernels (attention kernels rows), comm (pynccl vs torch's
 # NCCL on one GPU), models (diffusers' Wan through parallelize at world 1), dit (VideoDiT
-# eager/compiled vs diffusers' Wan), train (the Wan-sized diffusers training step).
+# eager/compiled vs diffusers' Wan), dit_wan (the same, one command: dit.compare=wan), train (the Wan-sized diffusers training step).
 # Wheels the machine lacks travel in .whl (see the device tool's README).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -43,6 +43,7 @@ for step in "$@"; do
     comm) bench communicators 150 suite=communicators ;;
     models) bench models 240 suite=models repeats=4 warmup=1 runs=3 ;;
     dit) bench dit 330 suite=dit ${DIT_ARGS:-} ;;
+    dit_wan) bench dit_wan 570 suite=dit dit.compare=wan repeats=4 warmup=1 runs=3 ;;
     train) timeout 300 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_diffusers_gpu.py \
         2>&1 | tee "$OUT/train.txt" ;;
     *) echo "unknown step $step" ;;

@@ -141,3 +141,22 @@ def test_communicators_suite_needs_cuda_and_summarises_per_path():
     text = communicators.table({"results": rows})
     assert "pynccl/torch" in text and "graph" not in text
     assert text.splitlines()[2].split()[:3] == ["all_reduce", "1", "KiB"]
+
+
+def test_dit_compare_with_wan_python_entry(tmp_path) -> None:
+    """The one-device comparison on its tiny CPU pair: every variant timed, compiled ones
+    equal to their eager ones, the same parameter count for vidpar and Wan."""
+    overrides = ["suite=dit", "device=cpu", "dit.compare=wan", "repeats=1", "warmup=0"]
+    overrides += ["runs=1", f"output={tmp_path / 'dit.json'}"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="bench", overrides=overrides)
+    report = bench.run(cfg, command="test")
+    assert report["size"]["compile_backend"] == "aot_eager"
+    assert report["params"]["vidpar"] == report["params"]["wan"]
+    assert max(report["max_abs_diff"].values()) < 1e-4
+    assert [r["pass"] for r in report["results"]] == ["forward", "backward"]
+    for row in report["results"]:
+        for name in ("vidpar", "vidpar_compiled", "wan", "wan_compiled"):
+            assert row[name]["median_s"] > 0 and row[name]["tflops"] > 0
+        assert row["vidpar_compiled"]["compile_s"] >= 0
+        assert row["vidpar_speedup"]["ratio"] > 0 and row["vidpar_compiled_speedup"]["ratio"] > 0

@@ -57,12 +57,18 @@ def inputs(frames: int, size: int, cond: str, dtype: torch.dtype):
 
 
 def dit_errors(
-    frames: int, size: int, cond: str, dtype_name: str = "float64", recompute: bool = False
+    frames: int,
+    size: int,
+    cond: str,
+    dtype_name: str = "float64",
+    recompute: bool = False,
+    modulation: str = "shared",
 ) -> dict:
     """Relative errors of the output and of every parameter's gradient on this rank
     (``recompute``: the parallel model under activation checkpointing)."""
     dtype = getattr(torch, dtype_name)
-    config = DiTConfig(**{**SIZES, "num_classes": SIZES["num_classes"] if cond == "class" else 0})
+    classes = SIZES["num_classes"] if cond == "class" else 0
+    config = DiTConfig(**{**SIZES, "num_classes": classes, "modulation": modulation})
     with ps.single_process():
         ref = VideoDiT(config).to(dtype)
     randomize(ref)
@@ -133,6 +139,12 @@ def test_activation_checkpointing_recomputes_the_same_gradients(worlds) -> None:
         assert result["out"] <= 1e-10 and result["grad"] <= 1e-10, result
 
 
+def test_per_block_modulation_matches_single_device_model(worlds) -> None:
+    layout = ParallelConfig(tp=2, sp=2)
+    for result in worlds(4).run(dit_errors, 3, 6, "class", modulation="per_block", layout=layout):
+        assert result["out"] <= 1e-10 and result["grad"] <= 1e-10, result
+
+
 def test_float32_matches_to_1e5(worlds) -> None:
     layout = ParallelConfig(tp=2, ring=2)
     for result in worlds(4).run(dit_errors, 3, 6, "text", "float32", layout=layout):
@@ -195,3 +207,62 @@ def test_config_checks_head_dim() -> None:
 def test_parallel_state_unused_without_layout() -> None:
     assert not ps.model_parallel_is_initialized()
     assert ps.get_sp_group().world_size == 1
+
+
+def test_wan_sized_model_has_wans_parameter_count() -> None:
+    """Shared modulation, FFN 8960 and 4096-wide text: diffusers' Wan2.1-1.3B, weight for
+    weight (both built on the meta device); per-block modulation adds 6h² + 6h a block."""
+    from diffusers import WanTransformer3DModel
+
+    sizes = {"in_channels": 16, "hidden_size": 1536, "num_heads": 12, "depth": 30}
+    config = DiTConfig(**sizes, ffn_dim=8960, context_dim=4096)
+    with torch.device("meta"):
+        ours = VideoDiT(config)
+        per_block = VideoDiT(DiTConfig(**{**vars(config), "modulation": "per_block"}))
+        wan = WanTransformer3DModel(
+            num_attention_heads=12,
+            attention_head_dim=128,
+            ffn_dim=8960,
+            num_layers=30,
+            in_channels=16,
+            out_channels=16,
+            text_dim=4096,
+        )
+
+    def count(model: torch.nn.Module) -> int:
+        return sum(p.numel() for p in model.parameters())
+
+    assert count(ours) == count(wan) == 1_418_996_800
+    h = 1536
+    extra = 30 * (6 * h * h + 6 * h) + (2 * h * h + 2 * h) - (6 * h * h + 6 * h) - (30 * 6 + 2) * h
+    assert count(per_block) - count(ours) == extra
+
+
+def test_models_saved_before_shared_modulation_still_load(tmp_path) -> None:
+    """An exported file whose DiT config has no ``modulation`` (written before it existed)
+    is a per-block model, and its weights load into one."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from vidpar.distributed.full_weights import HPARAMS_KEY, read_hyper_parameters
+    from vidpar.pipelines import export_weights, read_model_info
+
+    old = DiTConfig(**SIZES, modulation="per_block")
+    model = VideoDiT(old).double()
+    randomize(model)
+    path = export_weights(model, tmp_path / "new.safetensors", {"class_names": list("abcde")})
+    hparams = read_hyper_parameters(path)
+    del hparams["dit"]["modulation"], hparams["dit"]["compile"]  # as 0.1.0 wrote them
+    old_file = tmp_path / "old.safetensors"
+    save_file(load_file(path), old_file, metadata={HPARAMS_KEY: json.dumps(hparams)})
+
+    config, data_info = read_model_info(old_file)
+    assert config == old and data_info == {"class_names": list("abcde")}
+    loaded = VideoDiT.from_full_state_dict(config, old_file, dtype=torch.float64)
+    x, t, _, _ = inputs(2, 4, "class", torch.float64)
+    labels = torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, labels), model(x, t, labels))
+    with pytest.raises(KeyError, match="time_proj"):  # into the new default: refused
+        VideoDiT.from_full_state_dict(DiTConfig(**SIZES), old_file)

@@ -35,10 +35,10 @@ TARGETS = [
     "blocks.0.cross_attn.to_k.weight",
     "blocks.0.mlp.fc1.weight",
     "blocks.0.mlp.fc2.weight",
-    "blocks.0.modulation.weight",
     "blocks.0.self_attn.proj.weight",
     "blocks.0.self_attn.qkv.weight",
     "patch_embed.weight",
+    "time_proj.1.weight",
 ]
 SCALE = 0.7
 

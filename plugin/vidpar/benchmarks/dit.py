@@ -51,7 +51,13 @@ class DiTOptions:
     :data:`CPU_MODEL` on CPU); ``latent``: ``[T, H, W]`` of the latent video (patch 1×2×2);
     ``checkpointing``: recompute each block's activations in backward, as video DiTs
     are trained (``None``: on for CUDA, where the full model's backward at 32k tokens
-    does not fit one 80 GB GPU without it; off on CPU)."""
+    does not fit one 80 GB GPU without it; off on CPU).
+
+    ``compare="wan"`` runs the one-device comparison of :mod:`vidpar.benchmarks.dit_compare`
+    instead of the layouts (``world`` and ``modes`` unused): vidpar eager and compiled
+    against diffusers' Wan eager and compiled, with ``text`` text tokens (``None``: 512
+    on CUDA, 8 on CPU) and ``compile_backend`` (``None``: inductor on CUDA, aot_eager on
+    CPU); ``model`` and ``latent`` then default to that module's sizes."""
 
     world: int = 2
     modes: list[str] = field(default_factory=lambda: ["sp2", "tp2"])
@@ -61,6 +67,9 @@ class DiTOptions:
     batch: int = 1
     dtype: str | None = None
     checkpointing: bool | None = None
+    compare: str | None = None
+    text: int | None = None
+    compile_backend: str | None = None
 
 
 def resolved(options: DiTOptions, common: Common) -> dict[str, Any]:
@@ -180,6 +189,12 @@ def run(options: DiTOptions, common: Common) -> dict[str, Any]:
     from vidpar.config import ParallelConfig
     from vidpar.executor import Executor
 
+    if options.compare is not None:
+        if options.compare != "wan":
+            raise ValueError(f"dit.compare must be wan or null, got {options.compare!r}")
+        from vidpar.benchmarks import dit_compare
+
+        return dit_compare.run(options, common)
     size = resolved(options, common)
     results = []
     with Executor(ParallelConfig(dp=options.world), devices=common.device) as ex:
@@ -206,6 +221,10 @@ def run(options: DiTOptions, common: Common) -> dict[str, Any]:
 
 
 def table(report: dict[str, Any]) -> str:
+    if report.get("compare") == "wan":
+        from vidpar.benchmarks import dit_compare
+
+        return dit_compare.table(report)
     size = report["size"]
     model = size["model"]
     head = (

@@ -25,8 +25,8 @@ from vidpar.benchmarks.common import (
     format_seconds,
     format_table,
     interleaved_runs,
+    peak_bytes,
     summarise_speedup,
-    synchronize,
     torch_dtype,
     use_layout,
 )
@@ -100,7 +100,7 @@ def resolved(options: ModelsOptions, common: Common) -> dict[str, Any]:
     }
 
 
-def _cast_like_from_pretrained(model, dtype: torch.dtype) -> None:
+def cast_like_from_pretrained(model, dtype: torch.dtype) -> None:
     """Parameters and buffers in ``dtype``, except those diffusers keeps in float32 when it
     loads the model with ``torch_dtype`` (``_keep_in_fp32_modules``: Wan's rope, time
     embedder, modulation tables and block norms)."""
@@ -122,23 +122,6 @@ def _step(model, inputs: dict[str, torch.Tensor], backward: bool) -> torch.Tenso
     return out
 
 
-def _peak_bytes(model, inputs: dict[str, torch.Tensor], backward: bool, device) -> int | None:
-    """The model's weights plus the peak of one step above what was allocated before."""
-    if device.type != "cuda":
-        return None
-    _step(model, inputs, backward)  # gradients allocated once, as in training
-    model.zero_grad(set_to_none=True)
-    synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    _step(model, inputs, backward)
-    synchronize(device)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    peak = torch.cuda.max_memory_allocated(device) - before + weights
-    model.zero_grad(set_to_none=True)
-    return peak
-
-
 def _measure(worker, size: dict[str, Any], common: Common) -> dict[str, Any]:
     """In the worker: interleaved plain-diffusers and vidpar iterations, then memory."""
     from diffusers import WanTransformer3DModel
@@ -151,7 +134,7 @@ def _measure(worker, size: dict[str, Any], common: Common) -> dict[str, Any]:
     torch.manual_seed(0)
     with torch.device(device):
         plain = WanTransformer3DModel(**size["model"])
-    _cast_like_from_pretrained(plain, dtype)
+    cast_like_from_pretrained(plain, dtype)
     ours = parallelize(copy.deepcopy(plain), compile=size["compile"])
     if size["compile"]:
         plain.compile_repeated_blocks()
@@ -180,8 +163,8 @@ def _measure(worker, size: dict[str, Any], common: Common) -> dict[str, Any]:
             common,
         )
         out[f"{pass_name}_peak_bytes"] = {
-            "single": _peak_bytes(plain, inputs, backward, device),
-            "parallel": _peak_bytes(ours, inputs, backward, device),
+            "single": peak_bytes(plain, lambda m=plain, b=backward: _step(m, inputs, b), device),
+            "parallel": peak_bytes(ours, lambda m=ours, b=backward: _step(m, inputs, b), device),
         }
     with torch.no_grad():
         expect, got = _step(plain, inputs, False).float(), _step(ours, inputs, False).float()

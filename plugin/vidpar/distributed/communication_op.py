@@ -15,6 +15,10 @@ op                            forward                    backward
 :func:`shard_sequence` and :func:`gather_sequence` handle sequence lengths that do not
 divide the group size: the sequence is zero-padded at its end before sharding and the
 padding is trimmed after gathering, so the round trip is exact.
+
+Under ``torch.compile`` the collectives are not traced: each runs eagerly and breaks the
+compiled graph around it (:mod:`vidpar.nn.regional_compile`); with a group of one there
+is no op, hence no break.
 """
 
 from __future__ import annotations
@@ -90,10 +94,16 @@ class _AllToAll(torch.autograd.Function):
         return ctx.group.all_to_all(grad, ctx.gather_dim, ctx.scatter_dim), None, None, None
 
 
+@torch.compiler.disable
+def _apply(op: type[torch.autograd.Function], *args):
+    """``op.apply(*args)``, never traced: a compiled graph breaks here, cleanly."""
+    return op.apply(*args)
+
+
 def copy_to_group(x: torch.Tensor, group: GroupCoordinator) -> torch.Tensor:
     """Identity forward; the gradient is summed over ``group`` (input of a column-parallel
     layer, whose partial input gradients each rank computes)."""
-    return x if group.world_size == 1 else _CopyToGroup.apply(x, group)
+    return x if group.world_size == 1 else _apply(_CopyToGroup, x, group)
 
 
 def reduce_from_group(
@@ -104,25 +114,25 @@ def reduce_from_group(
     ``in_place=True`` reduces ``x`` itself instead of a copy: for a fresh intermediate
     that nothing else reads, such as a matmul's output (autograd rejects it if a backward
     still needs ``x``)."""
-    return x if group.world_size == 1 else _ReduceFromGroup.apply(x, group, in_place)
+    return x if group.world_size == 1 else _apply(_ReduceFromGroup, x, group, in_place)
 
 
 def shard_to_group(x: torch.Tensor, group: GroupCoordinator, dim: int) -> torch.Tensor:
     """This rank's equal shard along ``dim``; backward gathers the gradient."""
-    return x if group.world_size == 1 else _ShardToGroup.apply(x, group, dim)
+    return x if group.world_size == 1 else _apply(_ShardToGroup, x, group, dim)
 
 
 def gather_from_group(x: torch.Tensor, group: GroupCoordinator, dim: int) -> torch.Tensor:
     """Every rank's shard concatenated along ``dim``; backward keeps this rank's shard of
     the gradient (the computation after the gather is replicated on every rank)."""
-    return x if group.world_size == 1 else _GatherFromGroup.apply(x, group, dim)
+    return x if group.world_size == 1 else _apply(_GatherFromGroup, x, group, dim)
 
 
 def all_to_all(
     x: torch.Tensor, group: GroupCoordinator, scatter_dim: int, gather_dim: int
 ) -> torch.Tensor:
     """Differentiable all-to-all: scatter ``scatter_dim``, gather ``gather_dim``."""
-    return x if group.world_size == 1 else _AllToAll.apply(x, group, scatter_dim, gather_dim)
+    return x if group.world_size == 1 else _apply(_AllToAll, x, group, scatter_dim, gather_dim)
 
 
 def shard_sequence(x: torch.Tensor, group: GroupCoordinator, dim: int = 1) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -12,6 +12,7 @@ from vidpar.distributed.state import get_parallel_state
 from vidpar.models.cogvideox import parallelize_cogvideox
 from vidpar.models.layout import Layout, _current_layout
 from vidpar.models.wan import parallelize_wan
+from vidpar.nn.regional_compile import CompileSetting, compile_options
 
 __all__ = ["SUPPORTED_MODELS", "parallelize"]
 
@@ -45,7 +46,7 @@ def _family(model: nn.Module) -> tuple[str, _Family]:
     )
 
 
-def _compile_blocks(model: nn.Module, blocks: tuple[str, ...], options: Mapping[str, Any]) -> None:
+def _compile_blocks(model: nn.Module, blocks: tuple[str, ...], options: dict[str, Any]) -> None:
     """Regional compilation: every repeated block compiled with the same options, so each
     block class is traced once and its graph reused by every instance."""
     for module in model.modules():
@@ -53,7 +54,7 @@ def _compile_blocks(model: nn.Module, blocks: tuple[str, ...], options: Mapping[
             module.compile(**options)
 
 
-def parallelize(model: ModelT, *, compile: bool | Mapping[str, Any] = False) -> ModelT:
+def parallelize(model: ModelT, *, compile: CompileSetting = False) -> ModelT:
     """Prepare a diffusers video transformer for the current layout, in place; returns it.
 
     Inside a layout (:func:`vidpar.distributed.parallel_context`, a ``VidParStrategy``'s
@@ -69,9 +70,10 @@ def parallelize(model: ModelT, *, compile: bool | Mapping[str, Any] = False) -> 
     the same path with nothing to communicate. Outside any layout the model is left as it
     is.
 
-    ``compile``: ``True`` (or a dict of ``torch.compile`` options, e.g.
-    ``{"backend": "aot_eager"}``) compiles each repeated transformer block (regional
-    compilation, as diffusers' ``compile_repeated_blocks``), inside a layout or not.
+    ``compile``: ``True``, a ``torch.compile`` backend name (``"aot_eager"``) or a dict of
+    its options compiles each repeated transformer block with static shapes (regional
+    compilation, as diffusers' ``compile_repeated_blocks``; the setting of
+    :mod:`vidpar.nn.regional_compile`, as ``DiTConfig.compile``), inside a layout or not.
 
     Raises ``TypeError`` for a model class it does not know (:data:`SUPPORTED_MODELS`),
     ``ValueError`` when the heads do not split over ulysses × tp, and ``RuntimeError``
@@ -94,6 +96,7 @@ def parallelize(model: ModelT, *, compile: bool | Mapping[str, Any] = False) -> 
             )
         family.adapt(model, layout)
         model._vidpar_layout = layout.describe()
-    if compile:
-        _compile_blocks(model, family.blocks, {} if compile is True else dict(compile))
+    options = compile_options(compile)
+    if options is not None:
+        _compile_blocks(model, family.blocks, options)
     return model

@@ -161,6 +161,7 @@ def _local_attention(
 # Ring attention ------------------------------------------------------------------
 
 
+@torch.compiler.disable  # its exchanges run eagerly: a compiled block's graph breaks here
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -346,7 +346,7 @@ def read_model_info(path: str | Path) -> tuple[DiTConfig, dict[str, Any]]:
             "or pass the checkpoints/last.ckpt directory of a vidpar-train run"
         )
     data_info = {k: hparams[k] for k in DATA_INFO_FIELDS if hparams.get(k) is not None}
-    return DiTConfig(**hparams["dit"]), data_info
+    return DiTConfig.from_saved(hparams["dit"]), data_info
 
 
 def _export_from_directory(ckpt_dir: Path) -> Path:

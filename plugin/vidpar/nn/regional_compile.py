@@ -1,0 +1,66 @@
+"""Regional compilation: a model's repeated transformer block compiled once.
+
+Every block of a model runs the same code on parameters of the same shapes, so one
+``torch.compile`` of the block serves all of them (parameters are graph inputs): the
+compile time is one block's, not the model's. Collectives inside a block (tp, Ulysses,
+Ring) are not traced: :mod:`vidpar.distributed.communication_op` runs them eagerly and
+the block's graph breaks cleanly around them. In a world of one there is nothing to
+break, and the block compiles to one graph.
+
+The setting, everywhere vidpar offers it (``DiTConfig.compile``,
+``vidpar.models.parallelize(compile=...)``): ``False``; ``True`` (inductor); the name
+of a ``torch.compile`` backend (``"aot_eager"``: cheap, for tests); or a dict of
+``torch.compile`` options. Shapes are static (``dynamic=False``) unless the dict says
+otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["CompileSetting", "block_runner", "compile_options"]
+
+CompileSetting = bool | str | Mapping[str, Any]
+
+
+def compile_options(setting: CompileSetting) -> dict[str, Any] | None:
+    """The ``torch.compile`` keyword arguments of a compile setting; ``None``: off."""
+    if setting is False or setting is None:
+        return None
+    if setting is True:
+        options: dict[str, Any] = {}
+    elif isinstance(setting, str):
+        options = {"backend": setting}
+    elif isinstance(setting, Mapping):
+        options = dict(setting)
+    else:
+        raise TypeError(
+            f"compile must be a bool, a torch.compile backend name or a dict of its "
+            f"options, got {setting!r}"
+        )
+    return {"dynamic": False, **options}
+
+
+def _call(block: nn.Module, *args: Any) -> Any:
+    return block(*args)
+
+
+@functools.cache
+def _compiled_call(options: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
+    return torch.compile(_call, **dict(options))
+
+
+def block_runner(setting: CompileSetting) -> Callable[..., Any]:
+    """``run(block, *args)``: ``block(*args)``, compiled under ``setting``. The compiled
+    function is one per setting, shared by every block and model, so a block class is
+    traced once per input shape; the model itself stays uncompiled (its copies and
+    pickles hold no compiled state)."""
+    options = compile_options(setting)
+    if options is None:
+        return _call
+    return _compiled_call(tuple(sorted(options.items())))
