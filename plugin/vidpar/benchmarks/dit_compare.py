@@ -26,12 +26,12 @@ from vidpar.benchmarks.common import (
     format_seconds,
     format_table,
     paired_ratio,
-    peak_bytes,
     run_stats,
     synchronize,
     torch_dtype,
     use_layout,
 )
+from vidpar.benchmarks.memory import peak_bytes
 from vidpar.benchmarks.models import GPU_LATENT, GPU_TEXT, cast_like_from_pretrained
 
 VARIANTS = ("vidpar", "vidpar_compiled", "wan", "wan_compiled")
