@@ -26,13 +26,12 @@ from vidpar.benchmarks.common import (
     format_seconds,
     format_table,
     paired_ratio,
-    peak_bytes,
     run_stats,
     synchronize,
     torch_dtype,
     use_layout,
 )
-from vidpar.benchmarks.models import GPU_LATENT, GPU_TEXT, cast_like_from_pretrained
+from vidpar.benchmarks.models import GPU_LATENT, GPU_TEXT, cast_like_from_pretrained, peak_bytes
 
 VARIANTS = ("vidpar", "vidpar_compiled", "wan", "wan_compiled")
 #: Wan2.1-T2V-1.3B as a VideoDiT conditioned on text (T5 embeddings).

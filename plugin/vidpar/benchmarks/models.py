@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +26,8 @@ from vidpar.benchmarks.common import (
     format_seconds,
     format_table,
     interleaved_runs,
-    peak_bytes,
     summarise_speedup,
+    synchronize,
     torch_dtype,
     use_layout,
 )
@@ -120,6 +121,23 @@ def _step(model, inputs: dict[str, torch.Tensor], backward: bool) -> torch.Tenso
         if backward:
             out.float().square().mean().backward()
     return out
+
+
+def peak_bytes(model: Any, step: Callable[[], Any], device: torch.device) -> int | None:
+    """The model's weights plus the peak of one ``step()`` above what was allocated before
+    it (CUDA; ``None`` elsewhere). A first step allocates the gradients, as in training."""
+    if device.type != "cuda":
+        return None
+    step()
+    model.zero_grad(set_to_none=True)
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    synchronize(device)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    return torch.cuda.max_memory_allocated(device) - before + weights
 
 
 def _measure(worker, size: dict[str, Any], common: Common) -> dict[str, Any]:
