@@ -19,10 +19,10 @@ from omegaconf import OmegaConf
 
 import vidpar
 from vidpar.cli.hydra_setup import UserError, build_layout, register
-from vidpar.cli.train import check_before_launch, check_data_fits_model
+from vidpar.cli.train import check_before_launch, check_checkpoint_model, check_data_fits_model
 from vidpar.cli.usage import COMMANDS, recipe_summary, usage
 from vidpar.config import PRESETS, ParallelConfig
-from vidpar.distributed.checkpoint import is_complete
+from vidpar.distributed.checkpoint import TRAINER_STATE, is_complete
 from vidpar.lightning import VideoDiffusionModule
 from vidpar.pipelines.video_io import read_video
 from vidpar.resources import CONFIG_DIR
@@ -304,6 +304,23 @@ def test_resuming_into_another_model_names_the_settings_to_use(trained: Path) ->
     for override in ("model.dit.hidden_size=128", "model.dit.patch_size=[1,4,4]"):
         assert override in message
     assert "model.ema_decay=0.99" in message
+
+
+def test_resuming_may_turn_compilation_on_and_names_the_modulation_of_old_checkpoints(
+    trained: Path, tmp_path
+) -> None:
+    ckpt = trained / "run" / "checkpoints" / "last.ckpt"
+    check_checkpoint_model(ckpt, compose_train("model.dit.compile=aot_eager").model)
+    state = torch.load(ckpt / TRAINER_STATE, weights_only=False)
+    del state["hyper_parameters"]["dit"]["modulation"]  # as vidpar 0.1.0 wrote it
+    old = tmp_path / "old.ckpt"
+    old.mkdir()
+    torch.save(state, old / TRAINER_STATE)
+    with pytest.raises(
+        UserError, match=r"Resume with its settings \(model\.dit\.modulation=per_block\)"
+    ):
+        check_checkpoint_model(old, compose_train().model)
+    check_checkpoint_model(old, compose_train("model.dit.modulation=per_block").model)
 
 
 def test_a_bad_size_on_the_command_line_is_one_paragraph(tmp_path) -> None:

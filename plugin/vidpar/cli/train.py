@@ -78,7 +78,7 @@ def check_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:
 
 
 #: DiT settings that change how it runs, not its weights: free to differ on resume.
-RESUMABLE_DIT_CHANGES = frozenset({"activation_checkpointing"})
+RESUMABLE_DIT_CHANGES = frozenset({"activation_checkpointing", "compile"})
 
 
 def check_data_fits_model(video_shape: tuple[int, ...], model: DictConfig) -> None:
@@ -104,7 +104,7 @@ def check_checkpoint_model(ckpt: Path, model: DictConfig) -> None:
     hparams = torch.load(ckpt / TRAINER_STATE, weights_only=False).get("hyper_parameters", {})
     if "dit" not in hparams or "dit" not in model:
         return
-    saved = asdict(DiTConfig(**hparams["dit"]))
+    saved = asdict(DiTConfig.from_saved(hparams["dit"]))
     wanted = asdict(DiTConfig(**OmegaConf.to_container(model.dit, resolve=True)))
     overrides = [
         f"model.dit.{key}={_as_override(saved[key])}"
