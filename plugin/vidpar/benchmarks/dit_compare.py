@@ -32,7 +32,7 @@ from vidpar.benchmarks.common import (
     use_layout,
 )
 from vidpar.benchmarks.memory import peak_bytes
-from vidpar.benchmarks.models import GPU_LATENT, GPU_TEXT, cast_like_from_pretrained
+from vidpar.benchmarks.models import GPU_LATENT, cast_like_from_pretrained, wan_run
 
 VARIANTS = ("vidpar", "vidpar_compiled", "wan", "wan_compiled")
 #: Wan2.1-T2V-1.3B as a VideoDiT conditioned on text (T5 embeddings).
@@ -69,17 +69,8 @@ def resolved(options: Any, common: Common) -> dict[str, Any]:
     latent = list(options.latent or (GPU_LATENT if common.cuda else CPU_LATENT))
     if len(latent) != 3 or latent[1] % 2 or latent[2] % 2:
         raise ValueError(f"dit.latent must be [T, H, W] with even H and W, got {latent}")
-    return {
-        "model": model,
-        "latent": latent,
-        "tokens": latent[0] * (latent[1] // 2) * (latent[2] // 2),
-        "text": options.text or (GPU_TEXT if common.cuda else CPU_TEXT),
-        "batch": options.batch,
-        "dtype": options.dtype or ("bfloat16" if common.cuda else "float32"),
-        "passes": list(options.passes),
-        "checkpointing": common.cuda if options.checkpointing is None else options.checkpointing,
-        "compile_backend": options.compile_backend or ("inductor" if common.cuda else "aot_eager"),
-    }
+    backend = options.compile_backend or ("inductor" if common.cuda else "aot_eager")
+    return {**wan_run(options, common, model, latent, CPU_TEXT), "compile_backend": backend}
 
 
 def forward_flop(size: dict[str, Any]) -> float:

@@ -87,16 +87,23 @@ def resolved(options: ModelsOptions, common: Common) -> dict[str, Any]:
     for p in options.passes:
         if p not in PASSES:
             raise ValueError(f"unknown pass {p!r}; choose from {PASSES}")
+    return {**wan_run(options, common, model, latent, CPU_TEXT), "compile": options.compile}
+
+
+def wan_run(
+    options: Any, common: Common, model: dict[str, Any], latent: list[int], cpu_text: int
+) -> dict[str, Any]:
+    """What a one-device run at Wan's patch (1 × 2 × 2) measures, from the suite's
+    options: bf16 with activation checkpointing and Wan's 512 text tokens on CUDA."""
     return {
         "model": model,
         "latent": latent,
         "tokens": latent[0] * (latent[1] // 2) * (latent[2] // 2),
-        "text": options.text or (GPU_TEXT if common.cuda else CPU_TEXT),
+        "text": options.text or (GPU_TEXT if common.cuda else cpu_text),
         "batch": options.batch,
         "dtype": options.dtype or ("bfloat16" if common.cuda else "float32"),
         "passes": list(options.passes),
         "checkpointing": common.cuda if options.checkpointing is None else options.checkpointing,
-        "compile": options.compile,
     }
 
 
