@@ -29,6 +29,7 @@ from vidpar.executor import (
     WorkerDiedError,
     rpc,
 )
+from vidpar.executor.processes import SHUTDOWN_GRACE_S
 
 #: Generous: the machine is small and shared; latency is measured separately.
 START = 120.0
@@ -373,7 +374,7 @@ def test_worker_that_died_while_idle_fails_the_next_call():
     started = time.monotonic()
     with pytest.raises(WorkerDiedError) as info:
         ex.collective_rpc("ping", timeout=CALL)
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < CALL / 2  # at once, not by the call's timeout
     assert info.value.rank == 0 and info.value.exitcode == -signal.SIGKILL
     _assert_no_leftovers(before, pids)
 
@@ -390,7 +391,7 @@ def test_timeout_names_the_silent_ranks_and_stops_everything(tmp_path):
     elapsed = time.monotonic() - started
     assert isinstance(info.value, RpcTimeoutError) and info.value.ranks == [1]
     assert "ranks [1] did not answer within 3 s" in str(info.value)
-    assert 3.0 <= elapsed < 3.0 + 10.0
+    assert 3.0 <= elapsed < 60.0  # by the 3 s timeout, long before rank 1's 120 s sleep
     _assert_no_leftovers(before, pids)
     assert _gone(int((tmp_path / "grandchild").read_text()))  # the worker's own child too
     ex.shutdown()  # idempotent
@@ -452,7 +453,8 @@ def test_environment_mode_exports_the_rendezvous_and_leaves_dist_alone():
         assert ex.collective_rpc(_init_from_env_and_sum, timeout=None) == [3.0, 3.0]
         started = time.monotonic()
         ex.shutdown()
-        assert time.monotonic() - started < 5.0  # they left politely, not after the grace
+        # They left politely: before the grace after which they would be killed.
+        assert time.monotonic() - started < SHUTDOWN_GRACE_S
     _assert_no_leftovers(before, pids)
     assert "VIDPAR_FLAG" not in os.environ
 
