@@ -214,20 +214,13 @@ def test_wan_sized_model_has_wans_parameter_count() -> None:
     weight (both built on the meta device); per-block modulation adds 6h² + 6h a block."""
     from diffusers import WanTransformer3DModel
 
-    sizes = {"in_channels": 16, "hidden_size": 1536, "num_heads": 12, "depth": 30}
-    config = DiTConfig(**sizes, ffn_dim=8960, context_dim=4096)
+    from vidpar.benchmarks import dit_compare, models
+
+    config = DiTConfig(**dit_compare.GPU_MODEL)  # the sizes the dit suite compares
     with torch.device("meta"):
         ours = VideoDiT(config)
         per_block = VideoDiT(DiTConfig(**{**vars(config), "modulation": "per_block"}))
-        wan = WanTransformer3DModel(
-            num_attention_heads=12,
-            attention_head_dim=128,
-            ffn_dim=8960,
-            num_layers=30,
-            in_channels=16,
-            out_channels=16,
-            text_dim=4096,
-        )
+        wan = WanTransformer3DModel(**models.GPU_MODEL)
 
     def count(model: torch.nn.Module) -> int:
         return sum(p.numel() for p in model.parameters())
