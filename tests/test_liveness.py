@@ -266,6 +266,19 @@ def test_a_stuck_training_worker_names_its_rank_and_step(tmp_path):
     assert _gone(int((tmp_path / "started-1").read_text()))
 
 
+def executor_workers(pid: int) -> list[psutil.Process]:
+    """The Executor's workers below process ``pid``: its fork server's children (or the
+    processes it spawned, under ``VIDPAR_START_METHOD=spawn``)."""
+    workers = []
+    for child in psutil.Process(pid).children():
+        command = " ".join(child.cmdline())
+        if "multiprocessing.forkserver" in command:
+            workers += child.children()
+        elif "multiprocessing.spawn" in command:
+            workers.append(child)
+    return workers
+
+
 def test_a_stopped_vidpar_train_worker_fails_the_run_with_its_rank_and_step(tmp_path):
     """The issue's hang: a SIGSTOPped worker of vidpar-train used to leave the run silent
     for the 30 min collective timeout."""
@@ -273,11 +286,7 @@ def test_a_stopped_vidpar_train_worker_fails_the_run_with_its_rank_and_step(tmp_
     proc, log = start_train(tmp_path, *overrides)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     wait_for(lambda: is_complete(last), 300, "a first checkpoint", proc, log)
-    workers = [
-        c
-        for c in psutil.Process(proc.pid).children()
-        if any("multiprocessing.spawn" in part for part in c.cmdline())
-    ]
+    workers = executor_workers(proc.pid)
     assert len(workers) == 2
     workers[1].suspend()  # SIGSTOP
     stopped_at = time.monotonic()

@@ -1,14 +1,16 @@
 """Orphan protection: no worker, and no process a worker started, outlives its parent.
 
-``PR_SET_PDEATHSIG`` asks Linux to kill the worker when its parent thread ends, and a
-watchdog thread exits the worker once the parent is gone or the control connection has
-hung up for :data:`HANGUP_GRACE_S`.
+A spawned worker asks Linux (``PR_SET_PDEATHSIG``) to kill it when its parent thread ends;
+a forked one (:mod:`~vidpar.executor.start_method`) is the fork server's child, which
+outlives the caller, so it has no death signal. Either way a watchdog thread exits the
+worker once the caller is gone (its pidfd, or the parent pid) or the control connection
+has hung up for :data:`HANGUP_GRACE_S`.
 
 Each worker leads a process group of its own, which its children (data loader workers,
 ``subprocess`` calls) join. The group is killed with the worker: by the worker itself when
 it leaves (:func:`kill_own_group`), by the Executor when it kills a worker or finds one dead,
 and by a reaper process (:func:`start_reaper`, one per Executor) when the Executor's process
-itself dies: its workers then die by the death signal before any of their code can run.
+itself dies.
 """
 
 from __future__ import annotations
@@ -40,20 +42,35 @@ def _set_parent_death_signal() -> bool:
         return False
 
 
-def _watch_parent(parent_pid: int, control_fd: int) -> None:
-    """Exit at once when the parent is gone (the fallback to the death signal).
+def _caller_handle(parent_pid: int) -> int | None:
+    """A pidfd of the caller (readable once it has exited); ``None`` where there are none.
+    Exits at once if the caller has already gone."""
+    try:
+        return os.pidfd_open(parent_pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):
+        return None
 
-    Wakes when the control socket hangs up (without touching data the main thread
-    reads) or every second, and compares the parent pid.
+
+def _watch_parent(parent_pid: int, control_fd: int, caller_fd: int | None) -> None:
+    """Exit at once when the caller is gone (the fallback to the death signal, and the only
+    guard of a forked worker).
+
+    Wakes when the caller exits, when the control socket hangs up (without touching data
+    the main thread reads) or every second; without a pidfd it compares the parent pid.
     """
     poller = select.poll()
     poller.register(control_fd, getattr(select, "POLLRDHUP", 0))
+    if caller_fd is not None:
+        poller.register(caller_fd, select.POLLIN)
+    spawned = os.getppid() == parent_pid
     hung_up_at: float | None = None
     while True:
-        events = poller.poll(50 if hung_up_at is not None else 1000)
-        if os.getppid() != parent_pid:
+        events = dict(poller.poll(50 if hung_up_at is not None else 1000))
+        if caller_fd in events or (spawned and os.getppid() != parent_pid):
             os._exit(1)
-        if events and hung_up_at is None:
+        if control_fd in events and hung_up_at is None:
             hung_up_at = time.monotonic()
             poller.unregister(control_fd)
             os.close(control_fd)
@@ -62,13 +79,18 @@ def _watch_parent(parent_pid: int, control_fd: int) -> None:
 
 
 def guard_against_orphaning(parent_pid: int, conn: Connection, use_death_signal: bool) -> None:
-    if use_death_signal:
+    """Arm the death signal (a worker the caller spawned itself) and start the watchdog."""
+    spawned = os.getppid() == parent_pid
+    if use_death_signal and spawned:
         _set_parent_death_signal()
-    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
-        os._exit(1)
+        if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+            os._exit(1)
+    caller_fd = _caller_handle(parent_pid)
+    if caller_fd is None and not spawned:
+        raise RuntimeError("a forked worker needs pidfds (Linux 5.3) to watch its caller")
     watchdog = threading.Thread(
         target=_watch_parent,
-        args=(parent_pid, os.dup(conn.fileno())),
+        args=(parent_pid, os.dup(conn.fileno()), caller_fd),
         name="vidpar-parent-watchdog",
         daemon=True,
     )

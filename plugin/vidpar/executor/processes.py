@@ -20,6 +20,7 @@ import torch
 
 from vidpar.executor.liveness import Monitor
 from vidpar.executor.orphans import kill_group, start_reaper
+from vidpar.executor.start_method import CallerState, worker_context
 from vidpar.executor.wire import Channel, decode, describe_exception, encode
 from vidpar.executor.worker import Worker, WorkerSpec, worker_environment, worker_main
 
@@ -108,14 +109,22 @@ class WorkerProcesses:
     ) -> None:
         """Start one worker per device (rank ``i`` on ``devices[i]``, the rest of its spec
         from ``base``) with its liveness link, then the reaper."""
-        ctx = mp.get_context("spawn")
+        ctx = worker_context()
+        caller = CallerState(forked=ctx.get_start_method() == "forkserver")
         self.monitor = Monitor(ctx, len(devices), heartbeat_timeout_s)
         for rank, device in enumerate(devices):
             spec = dataclasses.replace(base, rank=rank, local_rank=rank, device=device)
             parent_end, child_end = ctx.Pipe(duplex=True)
             proc = ctx.Process(
                 target=worker_main,
-                args=(spec, child_end, self.monitor.link(spec.rank), worker_cls, worker_factory),
+                args=(
+                    spec,
+                    child_end,
+                    self.monitor.link(spec.rank),
+                    caller,
+                    worker_cls,
+                    worker_factory,
+                ),
                 name=f"vidpar-worker-{spec.rank}",
                 daemon=False,  # workers may start processes of their own (data loaders)
             )

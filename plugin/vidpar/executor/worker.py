@@ -1,7 +1,8 @@
 """The worker side of the Executor: one process per device, serving RPCs in a tight loop.
 
-A worker is started by :class:`~vidpar.executor.Executor` with the spawn start method. It
-guards against becoming an orphan and leads a process group of its own
+A worker is started by :class:`~vidpar.executor.Executor`, forked from a server that has
+torch loaded (:mod:`~vidpar.executor.start_method`). It takes on the caller's environment
+and output, guards against becoming an orphan and leads a process group of its own
 (:mod:`~vidpar.executor.orphans`), starts its heartbeat (:mod:`~vidpar.executor.liveness`),
 sets its device,
 joins the world through the Executor's rendezvous store, builds the layout's
@@ -30,6 +31,7 @@ import torch
 from vidpar.config import ParallelConfig
 from vidpar.executor import liveness
 from vidpar.executor.orphans import guard_against_orphaning, kill_own_group, lead_own_group
+from vidpar.executor.start_method import CallerState
 from vidpar.executor.wire import Channel, decode, describe_exception, encode
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -271,10 +273,12 @@ def worker_main(
     spec: WorkerSpec,
     conn: Connection,
     link: liveness.LivenessLink,
+    caller: CallerState,
     worker_cls: type[Worker],
     worker_factory: Callable[[Worker], Any] | None,
 ) -> None:
-    """Entry point of a worker process (the target the Executor spawns)."""
+    """Entry point of a worker process (the target the Executor starts)."""
+    caller.apply(worker_environment(spec))
     guard_against_orphaning(spec.parent_pid, conn, spec.use_death_signal)
     lead_own_group()
     link.start()
@@ -282,7 +286,6 @@ def worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if spec.catch_sigterm:
         liveness.catch_sigterm()
-    os.environ.update(worker_environment(spec))
     channel = Channel(conn)
     worker = None
     try:
@@ -305,4 +308,5 @@ def worker_main(
             with contextlib.suppress(Exception):
                 worker.shutdown()
         channel.close()
+        caller.finish()
         kill_own_group()  # what this worker started and left running

@@ -1,0 +1,118 @@
+"""How worker processes start: forked from a server that has torch (and Lightning) loaded.
+
+Importing torch and Lightning costs seconds of CPU in every new Python process, which a
+world of spawned workers pays once per worker. multiprocessing's ``forkserver`` pays it
+once per calling process: a server imports them, and each worker is a fork of it. A forked
+worker inherits the server's state from when the server started rather than the caller's
+state now; :class:`CallerState` carries the caller's environment, stdout and stderr
+across (multiprocessing's own preparation data carries the working directory and
+``sys.path``), so a worker starts as a spawned one would. ``VIDPAR_START_METHOD=spawn``
+spawns every worker afresh instead.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import multiprocessing as mp
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from multiprocessing.context import BaseContext
+
+START_METHOD_ENV = "VIDPAR_START_METHOD"
+#: The server imports these when the caller has (torch always): what workers unpickle.
+PRELOAD = ("torch", "lightning.pytorch", "vidpar.lightning", "vidpar.pipelines", "vidpar.models")
+#: The server alone imports this, first: it makes the server ignore SIGTERM.
+SERVER_SIGNALS = "vidpar.executor.server_signals"
+
+
+def start_method() -> str:
+    """``forkserver`` on Linux, else ``spawn``; ``VIDPAR_START_METHOD`` chooses."""
+    methods = ("forkserver", "spawn")
+    chosen = os.environ.get(START_METHOD_ENV)
+    if chosen is None:  # forked workers watch their caller through a pidfd: Linux
+        return "forkserver" if sys.platform.startswith("linux") else "spawn"
+    if chosen not in methods or chosen not in mp.get_all_start_methods():
+        raise ValueError(
+            f"{START_METHOD_ENV}={chosen!r}: choose one of "
+            f"{', '.join(m for m in methods if m in mp.get_all_start_methods())}"
+        )
+    return chosen
+
+
+def worker_context() -> BaseContext:
+    """The multiprocessing context workers start with; a new forkserver preloads what the
+    caller has imported of :data:`PRELOAD`."""
+    ctx = mp.get_context(start_method())
+    if ctx.get_start_method() == "forkserver":
+        wanted = [m for m in PRELOAD if m == "torch" or m in sys.modules]
+        ctx.set_forkserver_preload([SERVER_SIGNALS, *wanted])
+    return ctx
+
+
+def _open_fd(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class CallerState:
+    """The caller's environment, stdout and stderr when a worker starts; a start argument
+    of the worker process, applied first thing by :meth:`apply`."""
+
+    environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    stdout_fd: int | None = field(default_factory=lambda: 1 if _open_fd(1) else None)
+    stderr_fd: int | None = field(default_factory=lambda: 2 if _open_fd(2) else None)
+    forked: bool = True
+    #: The caller's default start method (``None``: the platform's), which the worker's
+    #: own children (data loader workers) then use.
+    children_start: str | None = field(default_factory=lambda: mp.get_start_method(allow_none=True))
+
+    def __reduce__(self):
+        from multiprocessing.reduction import DupFd  # pickled only while starting
+
+        fds = [None if fd is None else DupFd(fd) for fd in (self.stdout_fd, self.stderr_fd)]
+        return (_rebuild, (self.environ, *fds, self.forked, self.children_start))
+
+    def apply(self, env: dict[str, str]) -> None:
+        """In the worker: the caller's output, environment (updated with ``env``) and
+        default start method, the default ``SIGTERM`` action; its thread count from ``OMP_NUM_THREADS`` (read by OpenMP
+        only when it loads)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, target in ((self.stdout_fd, 1), (self.stderr_fd, 2)):
+            if fd is not None and fd != target:
+                os.dup2(fd, target)
+                os.close(fd)
+        os.environ.clear()
+        os.environ.update(self.environ)
+        os.environ.update(env)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the server ignores it
+        mp.set_start_method(self.children_start, force=True)
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        if threads.isdigit() and int(threads) > 0 and "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(int(threads))
+
+    def finish(self) -> None:
+        """In the worker, as it leaves: a forked process ends with ``os._exit``, so run the
+        exit handlers an interpreter runs at its end (W&B's, user code's)."""
+        if self.forked:
+            with contextlib.suppress(Exception):
+                atexit._run_exitfuncs()
+
+
+def _rebuild(
+    environ: dict[str, str], stdout, stderr, forked: bool, children_start: str | None
+) -> CallerState:
+    return CallerState(
+        environ,
+        None if stdout is None else stdout.detach(),
+        None if stderr is None else stderr.detach(),
+        forked,
+        children_start,
+    )

@@ -1,0 +1,86 @@
+"""How workers start: forked from a fork server, yet with the caller's environment,
+working directory, output and start method as they are when the Executor starts (not as
+they were when the server started); ``VIDPAR_START_METHOD`` chooses spawn instead."""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing as mp
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from vidpar import ParallelConfig
+from vidpar.executor import Executor, Worker
+from vidpar.executor.start_method import START_METHOD_ENV
+
+START = 120.0
+
+
+def _start() -> Executor:
+    return Executor(
+        ParallelConfig(dp=2), init_distributed=False, devices="cpu", startup_timeout=START
+    )
+
+
+def _surroundings(worker: Worker) -> dict:
+    print(f"hello from rank {worker.rank}", flush=True)
+    return {
+        "probe": os.environ.get("VIDPAR_TEST_PROBE"),
+        "cwd": os.getcwd(),
+        "children_start": mp.get_start_method(allow_none=True),
+        "parent": os.getppid(),
+        "sigterm": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+    }
+
+
+def _leave_a_mark_at_exit(worker: Worker, folder: str) -> None:
+    atexit.register(Path(folder, f"rank-{worker.rank}").write_text, "exit handlers ran")
+
+
+def test_forked_workers_take_on_the_callers_state_at_their_start(tmp_path, monkeypatch, capfd):
+    with _start():  # the fork server exists from here on
+        pass
+    monkeypatch.setenv("VIDPAR_TEST_PROBE", "set after the server started")
+    monkeypatch.chdir(tmp_path)
+    with _start() as executor:
+        seen = executor.collective_rpc(_surroundings)
+    assert all(s["parent"] != os.getpid() for s in seen)  # forked by the server
+    assert [s["probe"] for s in seen] == ["set after the server started"] * 2
+    assert [s["cwd"] for s in seen] == [str(tmp_path)] * 2
+    assert [s["children_start"] for s in seen] == [mp.get_start_method(allow_none=True)] * 2
+    out = capfd.readouterr().out  # the test's stdout now, not the server's
+    assert "hello from rank 0" in out and "hello from rank 1" in out
+
+
+def test_the_fork_server_outlives_a_sigterm_to_every_process(tmp_path):
+    """SLURM's preemption signal reaches the server too: it must not end, or the caller
+    would read every worker as dead."""
+    with _start() as executor:
+        (server,) = {s["parent"] for s in executor.collective_rpc(_surroundings)}
+        os.kill(server, signal.SIGTERM)
+        seen = executor.collective_rpc(_surroundings)
+    assert [s["parent"] for s in seen] == [server] * 2
+    assert all(s["sigterm"] for s in seen)  # workers take SIGTERM's default action again
+
+
+def test_a_forked_worker_runs_its_exit_handlers(tmp_path):
+    with _start() as executor:
+        executor.collective_rpc(_leave_a_mark_at_exit, str(tmp_path))
+        assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank-0", "rank-1"]
+
+
+def test_spawn_is_a_choice(monkeypatch):
+    monkeypatch.setenv(START_METHOD_ENV, "spawn")
+    with _start() as executor:
+        seen = executor.collective_rpc(_surroundings)
+    assert [s["parent"] for s in seen] == [os.getpid()] * 2
+
+
+def test_an_unknown_start_method_fails_before_any_worker_starts(monkeypatch):
+    monkeypatch.setenv(START_METHOD_ENV, "fork")
+    with pytest.raises(ValueError, match=r"VIDPAR_START_METHOD='fork': choose one of"):
+        _start()
