@@ -1,6 +1,7 @@
 """Real multi-process worlds for tests: gloo on CPU, reused across tests, hard timeouts.
 
-A :class:`World` keeps ``size`` spawned processes joined in one torch.distributed world.
+A :class:`World` keeps ``size`` processes (started as the Executor starts its workers, forked
+from a server that has torch loaded) joined in one torch.distributed world.
 ``world.run(fn, *args, layout=config)`` runs the module-level function ``fn`` on every rank
 (inside that layout's groups when ``layout`` is given) and returns the results in rank
 order. A rank that raises fails the call with its traceback; a hang or a dead process
@@ -10,8 +11,6 @@ fails it after ``timeout`` seconds at most, and the world is rebuilt for the nex
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
-import os
 import socket
 import time
 import traceback
@@ -19,6 +18,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from vidpar.config import ParallelConfig
+from vidpar.executor.start_method import worker_context
 
 #: Time a world waits for the other ranks once one rank has failed.
 FAILURE_GRACE_S = 5.0
@@ -74,25 +74,17 @@ class World:
 
     def __init__(self, size: int, start_timeout: float = 120.0) -> None:
         self.size = size
-        ctx = mp.get_context("spawn")
+        ctx = worker_context()
         port = get_free_port()
         self._conns: list[Connection] = []
         self._procs = []
-        env_before = os.environ.get("OMP_NUM_THREADS")
-        os.environ["OMP_NUM_THREADS"] = "1"
-        try:
-            for rank in range(size):
-                parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_serve, args=(rank, size, port, child), daemon=True)
-                proc.start()
-                child.close()
-                self._conns.append(parent)
-                self._procs.append(proc)
-        finally:
-            if env_before is None:
-                os.environ.pop("OMP_NUM_THREADS")
-            else:
-                os.environ["OMP_NUM_THREADS"] = env_before
+        for rank in range(size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_serve, args=(rank, size, port, child), daemon=True)
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
         self._collect(start_timeout, "start")
 
     @property
