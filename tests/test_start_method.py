@@ -4,10 +4,13 @@ they were when the server started); ``VIDPAR_START_METHOD`` chooses spawn instea
 
 from __future__ import annotations
 
+import ast
 import atexit
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +87,28 @@ def test_an_unknown_start_method_fails_before_any_worker_starts(monkeypatch):
     monkeypatch.setenv(START_METHOD_ENV, "fork")
     with pytest.raises(ValueError, match=r"VIDPAR_START_METHOD='fork': choose one of"):
         _start()
+
+
+_EARLY = """
+import psutil
+from vidpar.executor.start_method import start_server_early
+start_server_early()
+print([" ".join(c.cmdline()) for c in psutil.Process().children()])
+"""
+
+
+@pytest.mark.parametrize("launcher", [None, "torchrun"])
+def test_a_command_starts_the_server_before_its_set_up_unless_it_is_a_worker(launcher):
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "SLURM_NTASKS")}
+    if launcher == "torchrun":
+        env["LOCAL_RANK"] = "0"  # every process is a worker already: no server
+    shown = subprocess.run(
+        [sys.executable, "-c", _EARLY], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert shown.returncode == 0, shown.stderr
+    servers = [c for c in ast.literal_eval(shown.stdout) if "multiprocessing.forkserver" in c]
+    if launcher == "torchrun":
+        assert servers == []
+    else:
+        (server,) = servers  # preloading everything a worker unpickles, signals first
+        assert "['vidpar.executor.server_signals', 'torch', 'lightning.pytorch'" in server

@@ -144,7 +144,7 @@ def run(conf: DictConfig) -> list[Path]:
     return written
 
 
-main = console_command("generate", run)
+main = console_command("generate", run, starts_workers=True)
 
 if __name__ == "__main__":
     main()

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from vidpar.cli.console_log import console_transcript
 from vidpar.cli.resolvers import register_resolvers
 from vidpar.config import PRESETS, ParallelConfig
+from vidpar.executor.start_method import start_server_early
 from vidpar.resources import CONFIG_DIR
 
 register_resolvers()
@@ -93,12 +94,20 @@ def friendly_errors(main: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
-def console_command(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[], None]:
+#: Hydra's flags that only show something: no job runs, no workers start.
+SHOW_ONLY = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion")
+
+
+def console_command(
+    config_name: str, run: Callable[[DictConfig], Any], starts_workers: bool = False
+) -> Callable[[], None]:
     """The console entry point of a vidpar command: Hydra composes ``config_name`` (its
     job name is set in that config) and ``run`` gets the config, while everything the
     console shows, the workers' lines included, goes to ``<output dir>/<job name>.log``
     too; :class:`UserError` ends it as one paragraph, any other error leaves its full
-    traceback in the log (the console gets Hydra's account of it)."""
+    traceback in the log (the console gets Hydra's account of it). A command that
+    ``starts_workers`` starts their fork server first, so that its imports overlap
+    Hydra's composition."""
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
     def main(conf: DictConfig) -> None:
@@ -112,4 +121,9 @@ def console_command(config_name: str, run: Callable[[DictConfig], Any]) -> Calla
                 transcript.write(traceback.format_exc().encode())
                 raise
 
-    return main
+    def command() -> None:
+        if starts_workers and not any(arg in SHOW_ONLY for arg in sys.argv[1:]):
+            start_server_early()
+        main()
+
+    return command

@@ -200,7 +200,7 @@ def written_checkpoint(trainer) -> Path | None:
     return Path(path) if path and is_complete(Path(path)) else None
 
 
-main = console_command("train", run)
+main = console_command("train", run, starts_workers=True)
 
 if __name__ == "__main__":
     main()

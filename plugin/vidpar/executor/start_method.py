@@ -18,7 +18,9 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from multiprocessing import forkserver
 from multiprocessing.context import BaseContext
 
 START_METHOD_ENV = "VIDPAR_START_METHOD"
@@ -42,14 +44,26 @@ def start_method() -> str:
     return chosen
 
 
-def worker_context() -> BaseContext:
-    """The multiprocessing context workers start with; a new forkserver preloads what the
-    caller has imported of :data:`PRELOAD`."""
+def worker_context(preload: Sequence[str] | None = None) -> BaseContext:
+    """The multiprocessing context workers start with; a server yet to start preloads
+    ``preload`` (by default what the caller has imported of :data:`PRELOAD`)."""
     ctx = mp.get_context(start_method())
     if ctx.get_start_method() == "forkserver":
-        wanted = [m for m in PRELOAD if m == "torch" or m in sys.modules]
-        ctx.set_forkserver_preload([SERVER_SIGNALS, *wanted])
+        if preload is None:
+            preload = [m for m in PRELOAD if m == "torch" or m in sys.modules]
+        ctx.set_forkserver_preload([SERVER_SIGNALS, *preload])
     return ctx
+
+
+def start_server_early() -> None:
+    """Start the fork server now, preloading all of :data:`PRELOAD`, so that its imports
+    overlap the caller's own set-up (the console commands call this once their config is
+    checked); the Executor then finds it running. Nothing under torchrun or SLURM, where
+    every process is a worker already."""
+    if "LOCAL_RANK" in os.environ or "SLURM_NTASKS" in os.environ:
+        return
+    if worker_context(PRELOAD).get_start_method() == "forkserver":
+        forkserver.ensure_running()
 
 
 def _open_fd(fd: int) -> bool:
