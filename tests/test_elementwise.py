@@ -82,3 +82,26 @@ def test_norms_modulation_and_residual(dtype) -> None:
         tokens + gate * other,
         dtype,
     )
+
+
+@pytest.mark.gpu
+def test_head_rms_norm_on_cuda_equals_the_formula_with_its_gradient() -> None:
+    """The CUDA path (a float32 vector_norm per head, then scaling in bfloat16), on the
+    strided view a fused QKV projection gives."""
+    qkv = rand(2, 64, 3 * 4 * 32, seed=7).requires_grad_()
+    weight = (1 + 0.1 * rand(4, 32, seed=8)).requires_grad_()
+    grad = rand(2, 64, 4, 32, seed=9)
+
+    def formula(x, w):
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6) * w
+
+    q = qkv.unflatten(-1, (3, 4, 32))[:, :, 0]
+    expected = formula(q, weight)
+    expected_grads = torch.autograd.grad(expected, (qkv, weight), grad)
+    qkv_cuda = qkv.detach().to("cuda", torch.bfloat16).requires_grad_()
+    weight_cuda = weight.detach().to("cuda", torch.bfloat16).requires_grad_()
+    got = head_rms_norm(qkv_cuda.unflatten(-1, (3, 4, 32))[:, :, 0], weight_cuda, 1e-6)
+    check(got.cpu(), expected, torch.bfloat16)
+    grads = torch.autograd.grad(got, (qkv_cuda, weight_cuda), grad.to("cuda", torch.bfloat16))
+    for actual, wanted in zip(grads, expected_grads, strict=True):
+        check(actual.cpu(), wanted, torch.bfloat16)

@@ -185,8 +185,8 @@ class RowParallelLinear(_ParallelLinear):
     slice of the features and the partial products are summed over tp. With
     ``input_is_parallel`` (the default) ``x`` is already this rank's feature slice (the
     output of a :class:`ColumnParallelLinear`); otherwise the layer takes it. The bias is
-    replicated and added once, after the sum. Other arguments as
-    :class:`ColumnParallelLinear`."""
+    replicated and added once, after the sum (inside the matmul when tp is 1: nothing to
+    sum). Other arguments as :class:`ColumnParallelLinear`."""
 
     split_dim = 1
 
@@ -196,6 +196,8 @@ class RowParallelLinear(_ParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.tp_group
+        if group.world_size == 1:
+            return F.linear(x, self.weight, self.bias)
         if not self.input_is_parallel:
             x = shard_to_group(x, group, -1)
         # The matmul output is fresh and not saved for backward: reduce it without a copy.
