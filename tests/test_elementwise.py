@@ -86,8 +86,7 @@ def test_norms_modulation_and_residual(dtype) -> None:
 
 @pytest.mark.gpu
 def test_head_rms_norm_on_cuda_equals_the_formula_with_its_gradient() -> None:
-    """The CUDA path (a float32 vector_norm per head, then scaling in bfloat16), on the
-    strided view a fused QKV projection gives."""
+    """On CUDA and the strided view a fused QKV projection gives."""
     qkv = rand(2, 64, 3 * 4 * 32, seed=7).requires_grad_()
     weight = (1 + 0.1 * rand(4, 32, seed=8)).requires_grad_()
     grad = rand(2, 64, 4, 32, seed=9)

@@ -78,19 +78,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of ``x`` ``[..., H, D]`` (accumulated in float32), times
-    ``weight`` ``[H, D]``.
-
-    On CUDA each row's factor comes from ``vector_norm`` (a float32 reduction) and scales
-    the row in the activation dtype: torch's fused ``rms_norm`` is slow on rows as short as
-    a head (one H200, 32,760 × 12 × 128 bf16: 358 µs on the fused QKV output's view,
-    against 62 µs for the same data in 1536-wide rows; ``benchmarks/head_norm_kernels.py``).
+    ``weight`` ``[H, D]``. Eagerly two kernels, and torch's ``rms_norm`` is slow on rows
+    as short as a head (``benchmarks/head_norm_kernels.py``); inductor fuses them into one.
     """
-    if not x.is_cuda or torch.compiler.is_compiling():  # inductor fuses either form
-        return F.rms_norm(x, x.shape[-1:], eps=eps) * weight
-    accumulate = torch.promote_types(x.dtype, torch.float32)
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=accumulate)
-    factor = torch.rsqrt(norm.square() / x.shape[-1] + eps).to(x.dtype)
-    return x * factor * weight
+    return F.rms_norm(x, x.shape[-1:], eps=eps) * weight
 
 
 def layer_norm_modulate(
