@@ -9,11 +9,13 @@ import torch.nn.functional as F
 
 from vidpar.nn.dit import rope_angles
 from vidpar.nn.elementwise import (
+    _norm_rope_reference,
     _rope_reference,
     apply_rope,
     gated_residual,
     head_rms_norm,
     layer_norm_modulate,
+    norm_rope,
     rope_tables,
 )
 
@@ -84,22 +86,47 @@ def test_norms_modulation_and_residual(dtype) -> None:
     )
 
 
+def _norm_rope_formula(x: torch.Tensor, weight: torch.Tensor, angles: torch.Tensor):
+    normed = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6) * weight
+    return rope_formula(normed, angles)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_norm_rope_and_the_math_inductor_fuses_on_cuda(dtype) -> None:
+    x, weight = rand(2, 5, 3, 8, seed=10), 1 + 0.1 * rand(3, 8, seed=11)
+    angles = rope_angles((1, 1, 5), 8, 100.0).double()  # [5, 4]
+    cos, sin = rope_tables(angles, dtype)
+    expected = _norm_rope_formula(x, weight, angles)
+    xd, wd = x.to(dtype), weight.to(dtype)
+    check(norm_rope(xd, wd, 1e-6, cos, sin), expected, dtype)
+    check(_norm_rope_reference(xd, wd, 1e-6, cos, sin), expected, dtype)
+
+
 @pytest.mark.gpu
-def test_head_rms_norm_on_cuda_equals_the_formula_with_its_gradient() -> None:
-    """On CUDA and the strided view a fused QKV projection gives."""
+@pytest.mark.parametrize("with_rope", [False, True], ids=["norm", "norm_rope"])
+def test_the_fused_cuda_kernels_equal_the_formulas_with_their_gradients(with_rope) -> None:
+    """On CUDA (inductor's kernels) and the strided view a fused QKV projection gives."""
     qkv = rand(2, 64, 3 * 4 * 32, seed=7).requires_grad_()
     weight = (1 + 0.1 * rand(4, 32, seed=8)).requires_grad_()
     grad = rand(2, 64, 4, 32, seed=9)
+    angles = rope_angles((1, 8, 8), 32, 100.0).double()  # 64 tokens
 
-    def formula(x, w):
-        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6) * w
+    def view(t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (3, 4, 32))[:, :, 0]
 
-    q = qkv.unflatten(-1, (3, 4, 32))[:, :, 0]
-    expected = formula(q, weight)
+    if with_rope:
+        expected = _norm_rope_formula(view(qkv), weight, angles)
+    else:
+        expected = view(qkv) * torch.rsqrt(view(qkv).square().mean(-1, keepdim=True) + 1e-6)
+        expected = expected * weight
     expected_grads = torch.autograd.grad(expected, (qkv, weight), grad)
     qkv_cuda = qkv.detach().to("cuda", torch.bfloat16).requires_grad_()
     weight_cuda = weight.detach().to("cuda", torch.bfloat16).requires_grad_()
-    got = head_rms_norm(qkv_cuda.unflatten(-1, (3, 4, 32))[:, :, 0], weight_cuda, 1e-6)
+    if with_rope:
+        cos, sin = (t.cuda() for t in rope_tables(angles.float(), torch.bfloat16))
+        got = norm_rope(view(qkv_cuda), weight_cuda, 1e-6, cos, sin)
+    else:
+        got = head_rms_norm(view(qkv_cuda), weight_cuda, 1e-6)
     check(got.cpu(), expected, torch.bfloat16)
     grads = torch.autograd.grad(got, (qkv_cuda, weight_cuda), grad.to("cuda", torch.bfloat16))
     for actual, wanted in zip(grads, expected_grads, strict=True):

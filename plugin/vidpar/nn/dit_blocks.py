@@ -15,7 +15,13 @@ from vidpar.distributed.full_weights import tensor_parallel_shard
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.nn.attention import DistributedAttention
 from vidpar.nn.dit_config import DiTConfig
-from vidpar.nn.elementwise import apply_rope, gated_residual, head_rms_norm, layer_norm_modulate
+from vidpar.nn.elementwise import (
+    apply_rope,
+    gated_residual,
+    head_rms_norm,
+    layer_norm_modulate,
+    norm_rope,
+)
 from vidpar.nn.linear import (
     ColumnParallelLinear,
     QKVParallelLinear,
@@ -44,8 +50,13 @@ class HeadRMSNorm(TensorParallelModule):
         full = torch.ones(num_heads, head_dim)
         self.register_sharded("weight", tensor_parallel_shard(full, 0, self.tp_group).clone(), 0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return head_rms_norm(x, self.weight, self.eps)
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The norm of ``x``, then the rotation by ``rope``'s tables if given."""
+        if rope is None:
+            return head_rms_norm(x, self.weight, self.eps)
+        return norm_rope(x, self.weight, self.eps, *rope)
 
 
 def _head_norms(cfg: DiTConfig) -> tuple[HeadRMSNorm | None, HeadRMSNorm | None]:
@@ -72,8 +83,9 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         q, k, v = self.qkv(x)
         if self.norm_q is not None:
-            q, k = self.norm_q(q), self.norm_k(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = self.norm_q(q, rope), self.norm_k(k, rope)
+        else:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return self.proj(self.attn(q, k, v, seq_len=seq_len).flatten(-2))
 
 
