@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import atexit
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -112,3 +113,42 @@ def test_a_command_starts_the_server_before_its_set_up_unless_it_is_a_worker(lau
     else:
         (server,) = servers  # preloading everything a worker unpickles, signals first
         assert "['vidpar.executor.server_signals', 'torch', 'lightning.pytorch'" in server
+
+
+_SERVER_ENV = """
+import json, multiprocessing as mp, os
+from vidpar import ParallelConfig
+from vidpar.executor import Executor
+from vidpar.executor.start_method import worker_context
+
+def report(conn):
+    conn.send({k: os.environ.get(k) for k in ("RANK", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE")})
+
+if __name__ == "__main__":
+    with Executor(ParallelConfig(dp=2), devices="cpu", init_distributed=False):
+        pass  # the fork server starts with the first worker
+    ctx = worker_context()
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=report, args=(child,))
+    proc.start()
+    print(json.dumps(parent.recv()))
+    proc.join()
+"""
+
+
+def test_the_fork_server_keeps_the_callers_environment_not_a_workers(tmp_path):
+    """Other processes forked later (the tests' worlds) must not inherit rank 0's
+    rendezvous: a dead store's port hung them."""
+    script = tmp_path / "server_env.py"
+    script.write_text(_SERVER_ENV)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "MASTER_PORT")}
+    env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    shown = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout.splitlines()[-1]) == {
+        "RANK": None,
+        "MASTER_PORT": None,
+        "TORCHELASTIC_USE_AGENT_STORE": None,
+    }

@@ -128,7 +128,10 @@ class WorkerProcesses:
                 name=f"vidpar-worker-{spec.rank}",
                 daemon=False,  # workers may start processes of their own (data loaders)
             )
-            with spawn_environment(worker_environment(spec)):
+            # A forked worker takes its environment from ``caller``; the fork server, which
+            # may start here, keeps the caller's own.
+            env = {} if caller.forked else worker_environment(spec)
+            with spawn_environment(env):
                 proc.start()
             child_end.close()
             self.procs.append(proc)
