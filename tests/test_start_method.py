@@ -112,7 +112,7 @@ def test_a_command_starts_the_server_before_its_set_up_unless_it_is_a_worker(lau
         assert servers == []
     else:
         (server,) = servers  # preloading everything a worker unpickles, signals first
-        assert "['vidpar.executor.server_signals', 'torch', 'lightning.pytorch'" in server
+        assert "['vidpar.executor.server_setup', 'torch', 'lightning.pytorch'" in server
 
 
 _SERVER_ENV = """

@@ -26,8 +26,8 @@ from multiprocessing.context import BaseContext
 START_METHOD_ENV = "VIDPAR_START_METHOD"
 #: The server imports these when the caller has (torch always): what workers unpickle.
 PRELOAD = ("torch", "lightning.pytorch", "vidpar.lightning", "vidpar.pipelines", "vidpar.models")
-#: The server alone imports this, first: it makes the server ignore SIGTERM.
-SERVER_SIGNALS = "vidpar.executor.server_signals"
+#: The server alone imports this, first: it ignores SIGTERM and drops the caller's output.
+SERVER_SETUP = "vidpar.executor.server_setup"
 
 
 def start_method() -> str:
@@ -51,7 +51,7 @@ def worker_context(preload: Sequence[str] | None = None) -> BaseContext:
     if ctx.get_start_method() == "forkserver":
         if preload is None:
             preload = [m for m in PRELOAD if m == "torch" or m in sys.modules]
-        ctx.set_forkserver_preload([SERVER_SIGNALS, *preload])
+        ctx.set_forkserver_preload([SERVER_SETUP, *preload])
     return ctx
 
 
