@@ -391,7 +391,8 @@ def test_timeout_names_the_silent_ranks_and_stops_everything(tmp_path):
     elapsed = time.monotonic() - started
     assert isinstance(info.value, RpcTimeoutError) and info.value.ranks == [1]
     assert "ranks [1] did not answer within 3 s" in str(info.value)
-    assert 3.0 <= elapsed < 60.0  # by the 3 s timeout, long before rank 1's 120 s sleep
+    assert elapsed >= 3.0  # not before the timeout (load can only make this later)
+    assert elapsed < 60.0  # 20x the quiet 3 s, and long before rank 1's 120 s sleep
     _assert_no_leftovers(before, pids)
     assert _gone(int((tmp_path / "grandchild").read_text()))  # the worker's own child too
     ex.shutdown()  # idempotent

@@ -95,8 +95,8 @@ class CallerState:
 
     def apply(self, env: dict[str, str]) -> None:
         """In the worker: the caller's output, environment (updated with ``env``) and
-        default start method, the default ``SIGTERM`` action; its thread count from ``OMP_NUM_THREADS`` (read by OpenMP
-        only when it loads)."""
+        default start method, ``SIGTERM``'s default action, and the thread count of
+        ``OMP_NUM_THREADS`` (which OpenMP reads only when it loads)."""
         sys.stdout.flush()
         sys.stderr.flush()
         for fd, target in ((self.stdout_fd, 1), (self.stderr_fd, 2)):

@@ -112,8 +112,14 @@ def _fuses(x: torch.Tensor) -> bool:
     return (
         x.is_cuda
         and not torch.compiler.is_compiling()  # a compiled caller fuses the reference
-        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        and _ampere_or_newer(x.device.index)
     )
+
+
+@functools.cache
+def _ampere_or_newer(index: int | None) -> bool:
+    """Ampere or newer (what inductor's Triton kernels here are tested on); asked once."""
+    return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
