@@ -1,11 +1,15 @@
-"""Where one eager forward's GPU time goes: vidpar's VideoDiT and diffusers' Wan at the
+"""Where one forward's GPU time goes: vidpar's VideoDiT and diffusers' Wan at the
 Wan2.1-1.3B sizes of ``vidpar-bench suite=dit dit.compare=wan`` (bf16, 32,760 tokens),
-as device time per aten op and input shapes (torch.profiler), written to
-``$OUT/ops_<model>.txt``. Run on a GPU: ``python benchmarks/profile_dit_vs_wan.py``."""
+eager or compiled, as device time per aten op and input shapes and per CUDA kernel
+(torch.profiler), and how busy the GPU was over the forward's span, written to
+``$OUT/ops_<variant>.txt``. Run on a GPU: ``python benchmarks/profile_dit_vs_wan.py
+[VARIANT ...]`` (``vidpar``, ``vidpar_compiled``, ``wan``, ``wan_compiled``; default: the
+two eager ones)."""
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import torch
@@ -29,12 +33,36 @@ def op_table(prof) -> list[tuple[float, int, str, str]]:
     return sorted(rows, reverse=True)
 
 
+def kernel_table(prof) -> list[str]:
+    """Device time per CUDA kernel name, slowest first, after a line of busy time / span."""
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy = sum(e.device_time for e in events) / 1e3
+    span = (max(e.time_range.end for e in events) - min(e.time_range.start for e in events)) / 1e3
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        totals.setdefault(e.name[:100], []).append(e.device_time / 1e3)
+    rows = sorted(totals.items(), key=lambda kv: -sum(kv[1]))[:ROWS]
+    head = f"GPU busy {busy:.1f} ms of a {span:.1f} ms span, {len(events)} kernels"
+    return [head] + [f"{sum(t):9.2f} ms {len(t):5d} {name}" for name, t in rows]
+
+
+def copy_sources(prof) -> list[str]:
+    """Device time of ``aten::copy_`` by the Python lines that called it."""
+    rows = [
+        (e.self_device_time_total / 1e3, e.count, " <- ".join(e.stack[:4]))
+        for e in prof.key_averages(group_by_stack_n=4)
+        if e.key == "aten::copy_" and e.self_device_time_total > 0
+    ]
+    return [f"{t:9.2f} ms {c:5d} copy_ {where}" for t, c, where in sorted(rows, reverse=True)[:8]]
+
+
 def main() -> None:
     out = os.environ.get("OUT", ".")
+    names = sys.argv[1:] or ["vidpar", "wan"]
     size = resolved(DiTOptions(compare="wan", passes=["forward"]), Common(device="cuda"))
     with ps.single_process():
         variants = _variants(size, torch.device("cuda"), torch.bfloat16)
-        for name in ("vidpar", "wan"):
+        for name in names:
             _, step = variants[name]
             for _ in range(3):
                 step(False)
@@ -45,15 +73,20 @@ def main() -> None:
             torch.cuda.synchronize()
             print(f"{name}: {(time.perf_counter() - begin) / 5 * 1e3:.1f} ms a forward")
             with profile(
-                activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True
+                activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                record_shapes=True,
+                with_stack=True,
             ) as prof:
                 step(False)
                 torch.cuda.synchronize()
             rows = op_table(prof)
             lines = [f"{t:9.2f} ms {c:5d} {k:40s} {s}" for t, c, k, s in rows[:ROWS]]
+            kernels = kernel_table(prof)
+            copies = copy_sources(prof)
             with open(f"{out}/ops_{name}.txt", "w") as f:
-                f.write("\n".join(lines) + "\n")
+                f.write("\n".join([*lines, "", *kernels, "", *copies]) + "\n")
             print(f"{name}: {sum(r[0] for r in rows):.1f} ms of device time in aten ops")
+            print("\n".join(kernels[:25]))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from vidpar.nn import attention_kernels as ak
 from vidpar.nn.attention import LocalRing, ring_attention
+from vidpar.nn.softmax_merge import SoftmaxMerge, merge_into
 
 SCALE = 0.3
 
@@ -51,9 +52,10 @@ def rel(a, b) -> float:
 def blockwise(q, k, v, dout, cut: int):
     """Forward over two key blocks merged by lse, then each block's backward given the
     final output and lse: the ring's scheme on one device."""
-    merge = ak.SoftmaxMerge()
+    merge = SoftmaxMerge()
     merge.add(*ak.attention_forward(q, k[:, :, :cut], v[:, :, :cut], SCALE))
-    out, lse = merge.finish(*ak.attention_forward(q, k[:, :, cut:], v[:, :, cut:], SCALE))
+    merge.add(*ak.attention_forward(q, k[:, :, cut:], v[:, :, cut:], SCALE))
+    out, lse = merge.result()
     first = ak.attention_backward(dout, q, k[:, :, :cut], v[:, :, :cut], out, lse, SCALE)
     second = ak.attention_backward(dout, q, k[:, :, cut:], v[:, :, cut:], out, lse, SCALE)
     dq = first[0].double() + second[0].double()
@@ -108,16 +110,18 @@ def test_float64_dispatches_to_math_and_low_precision_to_the_cpu_kernel():
 
 
 class _LargestTensor(TorchDispatchMode):
-    """Records the element count of the largest tensor any op returns."""
+    """Records the element count of the largest tensor any op returns (other than those
+    written in place: results sharing a storage with ``in_place``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *in_place: torch.Tensor) -> None:
         super().__init__()
         self.largest = 0
+        self.in_place = {t.untyped_storage().data_ptr() for t in in_place}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
         for t in result if isinstance(result, tuple | list) else [result]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.in_place:
                 self.largest = max(self.largest, t.numel())
         return result
 
@@ -150,24 +154,40 @@ def test_math_chunks_at_full_size():
         assert q_step >= min(q_len, 64)
 
 
-def test_merge_finishes_into_the_last_block_in_float32():
-    """Three bf16 blocks merged: the float32 merge keeps the result as close to float64
-    as one bf16 rounding, and the last block's buffer holds it."""
+def test_merge_accumulates_in_the_first_block_in_float32():
+    """Three bf16 blocks merged: weights and sums in float32, each merge stored once in
+    bf16 in the first block's buffer, so the result stays within a few bf16 roundings of
+    float64; an empty merge has no result."""
     q = make(1, 2, 33, 8, dtype=torch.bfloat16, seed=5)
     k, v = (make(1, 2, 60, 8, dtype=torch.bfloat16, seed=s) for s in (6, 7))
     ref_out, ref_lse = exact(q, k, v)
-    merge = ak.SoftmaxMerge()
+    merge = SoftmaxMerge()
+    with pytest.raises(ValueError, match="no block"):
+        merge.result()
     with ak.use_backend("math"):  # float32 blocks, rounded to bf16 like a kernel's
         parts = [
             ak.attention_forward(q, k[:, :, i : i + 20], v[:, :, i : i + 20], SCALE)
             for i in (0, 20, 40)
         ]
-    for part in parts[:2]:
+    for part in parts:
         merge.add(*part)
-    out, lse = merge.finish(*parts[2])
-    assert out.data_ptr() == parts[2][0].data_ptr() and out.dtype == torch.bfloat16
+    out, lse = merge.result()
+    assert out.data_ptr() == parts[0][0].data_ptr() and out.dtype == torch.bfloat16
     assert lse.dtype == torch.float32 and rel(lse, ref_lse) <= 1e-6
-    assert rel(out, ref_out) <= 2 * 2**-8
+    assert rel(out, ref_out) <= 3 * 2**-8
+
+
+def test_float32_merge_allocates_nothing_output_sized():
+    """A float32 merge runs in place: no op returns a tensor as large as the output."""
+    acc, out = (make(1, 2, 64, 8, dtype=torch.float32, seed=s) for s in (8, 9))
+    lse_a, lse_b = torch.randn(1, 2, 64), torch.randn(1, 2, 64)
+    expect = (acc.double() * (lse_a - torch.logaddexp(lse_a, lse_b)).exp().unsqueeze(-1)) + (
+        out.double() * (lse_b - torch.logaddexp(lse_a, lse_b)).exp().unsqueeze(-1)
+    )
+    with _LargestTensor(acc) as seen:
+        lse = merge_into(acc, lse_a, out, lse_b)
+    assert seen.largest < acc.numel()
+    assert rel(acc, expect) <= 1e-6 and rel(lse, torch.logaddexp(lse_a, lse_b)) <= 1e-6
 
 
 def test_cache_falls_back_once_and_logs(monkeypatch, caplog):
@@ -336,3 +356,22 @@ def test_local_ring_on_gpu_matches_float64(r):
     usual_out, usual_dq = rel(sdpa, ref_out), rel(sq.grad, ref_dq)
     assert rel(out.transpose(1, 2), ref_out) <= 3 * usual_out + 1e-5, usual_out
     assert rel(qb.grad.transpose(1, 2), ref_dq) <= 3 * usual_dq + 1e-5, usual_dq
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_merge_is_one_kernel_in_place(dtype):
+    """On CUDA the merge is inductor's kernel: it writes the first block's buffer in
+    place and equals the eager formula (float32 arithmetic, one rounding to ``dtype``)."""
+    acc = make(1, 12, 1000, 128, dtype=dtype, device="cuda", seed=10)
+    out = make(1, 12, 1000, 128, dtype=dtype, device="cuda", seed=11)
+    lse_a, lse_b = (torch.randn(1, 12, 1000, device="cuda") for _ in "ab")
+    merged = torch.logaddexp(lse_a, lse_b)
+    expect = acc.float() * (lse_a - merged).exp().unsqueeze(-1) + out.float() * (
+        lse_b - merged
+    ).exp().unsqueeze(-1)
+    pointer = acc.data_ptr()
+    lse = merge_into(acc, lse_a, out, lse_b)
+    assert acc.data_ptr() == pointer and acc.dtype == dtype
+    assert rel(acc, expect) <= (2**-8 if dtype == torch.bfloat16 else 1e-6)
+    assert rel(lse, merged) <= 1e-6

@@ -9,8 +9,9 @@ tp-local heads. The layout picks the mode:
 * **Ring** (ring > 1): queries stay put while K/V blocks travel around the ring group,
   each exchange overlapped with the previous block's compute; block results come from
   fused kernels that return the log-sum-exp (:mod:`vidpar.nn.attention_kernels`) and are
-  merged by it in float32. Its backward passes K/V and the dK/dV accumulators around the
-  ring the same way.
+  merged by it (:mod:`vidpar.nn.softmax_merge`: float32 arithmetic, stored in place in
+  the activation dtype). Its backward passes K/V and the float32 dK/dV accumulators
+  around the ring the same way.
 * **USP** (both): Ulysses inside, ring outside. The sp rank is ``ring × ulysses_size +
   ulysses``, so after the Ulysses exchange the ulysses group holds ring block ``ring``.
 
@@ -36,8 +37,9 @@ from vidpar.distributed import telemetry
 from vidpar.distributed.communication_op import all_to_all
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.distributed.state import get_parallel_state
-from vidpar.nn.attention_kernels import SoftmaxMerge, attention_backward, attention_forward
+from vidpar.nn.attention_kernels import attention_backward, attention_forward
 from vidpar.nn.linear import GroupRef
+from vidpar.nn.softmax_merge import SoftmaxMerge
 
 __all__ = ["DistributedAttention", "LocalRing", "ring_attention"]
 
@@ -291,25 +293,19 @@ class _RingAttention(torch.autograd.Function):
         rank, size = ring.rank, ring.size
         qh = _heads_first(q)
         kv = _stack_kv(k, v)
-        steps = [s for s in range(size) if valid[(rank - s) % size] > 0]
-        last = steps[-1] if joint_k is None else None  # the block that finishes the merge
-        merge, result = SoftmaxMerge(), None
+        merge = SoftmaxMerge()
         for step in range(size):
             pending = ring.start(kv, tag=0) if step < size - 1 else None
             n = valid[(rank - step) % size]  # this step's block came from rank - step
             if n > 0:
                 kb, vb = (_heads_first(t[:, :n]) for t in kv)
-                part = attention_forward(qh, kb, vb, scale)
-                if step == last:
-                    result = merge.finish(*part)
-                else:
-                    merge.add(*part)
+                merge.add(*attention_forward(qh, kb, vb, scale))
             if pending is not None:
                 kv = pending.wait()
         if joint_k is not None:
             jk, jv = _heads_first(joint_k), _heads_first(joint_v)
-            result = merge.finish(*attention_forward(qh, jk, jv, scale))
-        out, lse = result
+            merge.add(*attention_forward(qh, jk, jv, scale))
+        out, lse = merge.result()
         out = out.transpose(1, 2).contiguous()
         ctx.save_for_backward(q, k, v, joint_k, joint_v, out, lse)
         ctx.ring, ctx.valid, ctx.scale = ring, valid, scale
@@ -343,6 +339,8 @@ class _RingAttention(torch.autograd.Function):
                 if n > 0:
                     block_grads[0, :, :n].add_(dkb.transpose(1, 2))
                     block_grads[1, :, :n].add_(dvb.transpose(1, 2))
+            if n > 0:
+                del dqb, dkb, dvb  # freed before the next block's kernel allocates its own
             grads = ring.start(block_grads, tag=1)
             if kv_pending is not None:
                 kv = kv_pending.wait()

@@ -1,9 +1,8 @@
 """Attention of a block of queries over a block of keys that also returns the log-sum-exp
-(lse) per query, forward and backward, on torch's fused kernels; and the float32 merge of
-such partial results.
+(lse) per query, forward and backward, on torch's fused kernels.
 
 Ring attention (and USP's ring part) attends over one K/V block at a time and merges the
-partial results by their lse. Its backward calls each block's fused backward with the
+partial results by their lse (:mod:`vidpar.nn.softmax_merge`). Its backward calls each block's fused backward with the
 *final* output and lse (as ring-flash-attn does): the kernel then recomputes the block's
 true probabilities, and the blocks' dq add up to the full dq.
 
@@ -34,10 +33,11 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from vidpar.nn.softmax_merge import SoftmaxMerge
+
 __all__ = [
     "BACKENDS",
     "MATH_CHUNK_ELEMENTS",
-    "SoftmaxMerge",
     "attention_backward",
     "attention_forward",
     "chosen_backends",
@@ -79,45 +79,6 @@ def attention_backward(
     return _dispatch(
         "backward", q, k, v, lambda name: _BACKWARD[name](dout, q, k, v, out, lse, scale)
     )
-
-
-class SoftmaxMerge:
-    """Partial attention results of disjoint key blocks, merged by their lse in float32
-    (float64 for float64 inputs), in place. :meth:`add` every block but the last, then
-    :meth:`finish` with the last, which writes the result into that block's output.
-    The first block waits as it is for the second, so that the float32 accumulator is
-    born scaled (one pass, not a copy and a rescale)."""
-
-    def __init__(self) -> None:
-        self.out: torch.Tensor | None = None  # the first block, then the accumulator
-        self.lse: torch.Tensor | None = None
-
-    def add(self, out: torch.Tensor, lse: torch.Tensor) -> None:
-        if self.out is None:
-            self.out, self.lse = out, lse
-            return
-        keep, take, self.lse = _weights(self.lse, lse)
-        self.out = self._rescaled(keep).addcmul_(out, take)
-
-    def finish(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The merged output (in ``out``'s dtype and buffer) and lse."""
-        if self.out is None:
-            return out, lse
-        keep, take, lse = _weights(self.lse, lse)
-        merged = torch.addcmul(self._rescaled(keep), out, take, out=out)
-        self.out = self.lse = None
-        return merged, lse
-
-    def _rescaled(self, keep: torch.Tensor) -> torch.Tensor:
-        """``out · keep`` in the accumulation dtype: in place once it is ours in it."""
-        if self.out.dtype == keep.dtype:
-            return self.out.mul_(keep)
-        return torch.mul(self.out, keep)
-
-
-def _weights(lse_a: torch.Tensor, lse_b: torch.Tensor):
-    lse = torch.logaddexp(lse_a, lse_b)
-    return (lse_a - lse).exp_().unsqueeze(-1), (lse_b - lse).exp_().unsqueeze(-1), lse
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -366,10 +327,8 @@ def _math_forward(q, k, v, scale):
             block_lse = torch.logsumexp(scores, dim=-1)
             probs = scores.sub_(block_lse.unsqueeze(-1)).exp_()
             part = torch.matmul(probs, v[:, :, j : j + k_step].to(dtype))
-            if j + k_step < k_len:
-                merge.add(part, block_lse)
-            else:
-                out[:, :, rows], lse[:, :, rows] = merge.finish(part, block_lse)
+            merge.add(part, block_lse)
+        out[:, :, rows], lse[:, :, rows] = merge.result()
     return out.to(q.dtype), lse
 
 

@@ -29,9 +29,11 @@ __all__ = [
     "apply_rope",
     "gated_residual",
     "head_rms_norm",
+    "inductor_kernel",
     "layer_norm_modulate",
     "norm_rope",
     "rope_tables",
+    "uses_inductor_kernels",
 ]
 
 
@@ -99,16 +101,17 @@ def _norm_rope_reference(
 
 
 @functools.cache
-def _fused(reference: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """``reference`` compiled by inductor: one kernel forward, one backward."""
+def inductor_kernel(reference: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``reference`` (pointwise ops and small reductions) compiled by inductor: one kernel
+    forward, one backward."""
     return torch.compile(reference)
 
 
-def _fuses(x: torch.Tensor) -> bool:
-    """Eager CUDA work that gets inductor's kernels: torch's ``rms_norm`` is slow on rows as
-    short as a head, and norm, weight and RoPE are eagerly 5 kernels (one H200, 32,760 × 12
-    × 128 bf16: 480 µs for norm × weight against 122 µs compiled;
-    ``benchmarks/head_norm_kernels.py``)."""
+def uses_inductor_kernels(x: torch.Tensor) -> bool:
+    """Eager CUDA work that gets inductor's kernels (:func:`inductor_kernel`) instead of a
+    chain of eager ones: torch's ``rms_norm`` is slow on rows as short as a head, and
+    norm, weight and RoPE are eagerly 5 kernels (one H200, 32,760 × 12 × 128 bf16: 480 µs
+    for norm × weight against 122 µs compiled; ``benchmarks/head_norm_kernels.py``)."""
     return (
         x.is_cuda
         and not torch.compiler.is_compiling()  # a compiled caller fuses the reference
@@ -125,8 +128,8 @@ def _ampere_or_newer(index: int | None) -> bool:
 def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of ``x`` ``[..., H, D]`` (accumulated in float32), times
     ``weight`` ``[H, D]``; on CUDA one fused kernel."""
-    if _fuses(x):
-        return _fused(_head_rms_norm_reference)(x, weight, eps)
+    if uses_inductor_kernels(x):
+        return inductor_kernel(_head_rms_norm_reference)(x, weight, eps)
     if torch.compiler.is_compiling():
         return _head_rms_norm_reference(x, weight, eps)
     return F.rms_norm(x, x.shape[-1:], eps=eps) * weight
@@ -136,8 +139,8 @@ def norm_rope(
     x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor
 ) -> torch.Tensor:
     """:func:`head_rms_norm`, then :func:`apply_rope`; on CUDA one fused kernel."""
-    if _fuses(x):
-        return _fused(_norm_rope_reference)(x, weight, eps, cos, sin)
+    if uses_inductor_kernels(x):
+        return inductor_kernel(_norm_rope_reference)(x, weight, eps, cos, sin)
     return apply_rope(head_rms_norm(x, weight, eps), cos, sin)
 
 
