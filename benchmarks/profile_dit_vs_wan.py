@@ -86,7 +86,7 @@ def main() -> None:
             with open(f"{out}/ops_{name}.txt", "w") as f:
                 f.write("\n".join([*lines, "", *kernels, "", *copies]) + "\n")
             print(f"{name}: {sum(r[0] for r in rows):.1f} ms of device time in aten ops")
-            print("\n".join(kernels[:25]))
+            print("\n".join(kernels[:15]))
 
 
 if __name__ == "__main__":

@@ -185,6 +185,21 @@ def test_single_process_model() -> None:
         model(x[:, :, :, :3], t, torch.tensor([1, 2]))
 
 
+def test_blocks_get_token_major_tokens() -> None:
+    """The tokens enter every block contiguous ``[B, N, hidden]`` (not the convolution's
+    channel-major view), and leave it so: norms need no copy, residual adds no stride."""
+    model = VideoDiT(DiTConfig(**SIZES))
+    x, t, _, _ = inputs(2, 4, "class", torch.float32)
+    layouts = []
+    for block in model.blocks:
+        block.register_forward_hook(
+            lambda m, args, out: layouts.append((args[0].is_contiguous(), out.is_contiguous()))
+        )
+    with torch.no_grad():
+        model(x, t, torch.tensor([1, 2]))
+    assert layouts == [(True, True)] * len(model.blocks)
+
+
 def bad_heads() -> str:
     try:
         VideoDiT(DiTConfig(**{**SIZES, "num_heads": 2}))
