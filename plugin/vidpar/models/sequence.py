@@ -9,8 +9,8 @@ this rank's slice of it plus the true token count, so padded keys are ignored. B
 argument of every block, it travels with activation checkpointing's recomputation.
 
 Text queries of joint attention (:func:`replicated_query_attention`) are held whole on
-every sp rank while the video keys are sharded; each rank attends them to its own keys
-and the partial results are merged exactly by their log-sum-exp.
+every sp rank while the video keys are sharded; each rank attends them to its own keys on
+a fused kernel and the partial results are merged exactly by their log-sum-exp.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from vidpar.distributed.communication_op import copy_to_group, gather_from_group
 from vidpar.distributed.group import GroupCoordinator
+from vidpar.nn.attention_kernels import attention_backward, attention_forward
+from vidpar.nn.softmax_merge import SoftmaxMerge
 
 __all__ = ["TokenShard", "local_length", "replicated_query_attention"]
 
@@ -40,17 +41,6 @@ class TokenShard(NamedTuple):
 def local_length(seq_len: int, shard_len: int, group: GroupCoordinator) -> int:
     """How many real (unpadded) tokens this rank's shard of ``shard_len`` holds."""
     return max(0, min(shard_len, seq_len - group.rank_in_group * shard_len))
-
-
-def _block(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of ``q`` ``[B, H, L, D]`` over one key block ``[B, n, H, D]``: the output
-    ``[B, H, L, D]`` and the log-sum-exp ``[B, H, L]`` of its scores."""
-    k, v = k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
-    lse = torch.logsumexp(scores, dim=-1)
-    return torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v), lse
 
 
 def replicated_query_attention(
@@ -73,16 +63,16 @@ def replicated_query_attention(
         extra_k, extra_v: ``[B, L', H, D]`` or ``None``.
 
     Returns ``[B, L, H, D]``, the same on every rank. With one rank it is plain SDPA.
-    Otherwise each rank attends the queries to its real keys (scores ``[B, H, L, S_local]``
-    in float32 or wider; ``L`` is the short text), all-gathers the outputs and log-sum-exps
-    and merges them, with the extra block, by their softmax weights. The gathered results
-    feed a computation every rank repeats while each rank's gradient of it is partial (as
-    for every replicated tensor), so the backward sums those gradients over the group
-    before each rank takes its own slice: a rank's keys get their full gradient.
+    Otherwise each rank attends the queries to its real keys on a fused kernel
+    (:mod:`vidpar.nn.attention_kernels`), all-gathers the outputs and log-sum-exps and
+    merges them, with the extra block, by their log-sum-exp in float32 (or wider). The
+    backward sums the (partial, as for every replicated tensor) output gradient over the
+    group and runs each block's fused backward with the final output and log-sum-exp: a
+    rank's keys get their full gradient; the queries and extra keys get this rank's share.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    real = local_length(seq_len, k.shape[1], group)
     if group.world_size == 1:
+        real = local_length(seq_len, k.shape[1], group)
         keys, values = k[:, :real], v[:, :real]
         if extra_k is not None:
             keys, values = torch.cat((extra_k, keys), 1), torch.cat((extra_v, values), 1)
@@ -90,19 +80,62 @@ def replicated_query_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), scale=scale
         )
         return out.transpose(1, 2)
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    qh = q.transpose(1, 2).to(dtype)
-    if real > 0:
-        out, lse = _block(qh, k[:, :real], v[:, :real], scale)
-    else:  # a shard of padding only: a block of weight zero
-        out = qh.new_zeros((*qh.shape[:-1], v.shape[-1]))
-        lse = qh.new_full(qh.shape[:-1], float("-inf"))
-    packed = torch.cat((out, lse.unsqueeze(-1)), -1).unsqueeze(0)
-    gathered = copy_to_group(gather_from_group(packed, group, 0), group)  # [P, B, H, L, D+1]
-    outs, lses = gathered[..., :-1], gathered[..., -1]
-    if extra_k is not None:
-        extra_out, extra_lse = _block(qh, extra_k, extra_v, scale)
-        outs = torch.cat((outs, extra_out.unsqueeze(0)))
-        lses = torch.cat((lses, extra_lse.unsqueeze(0)))
-    weights = torch.softmax(lses, dim=0).unsqueeze(-1)
-    return (weights * outs).sum(0).transpose(1, 2).to(q.dtype)
+    return _ReplicatedQueryAttention.apply(q, k, v, extra_k, extra_v, group, seq_len, scale)
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """``[B, S, H, D] -> [B, H, S, D]``, a view where the last dim is contiguous."""
+    return (x if x.stride(-1) == 1 else x.contiguous()).transpose(1, 2)
+
+
+class _ReplicatedQueryAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, extra_k, extra_v, group, seq_len, scale):
+        with torch.autocast(q.device.type, enabled=False):  # kernels in the input dtype
+            shard = k.shape[1]
+            reals = [max(0, min(shard, seq_len - r * shard)) for r in range(group.world_size)]
+            real = reals[group.rank_in_group]
+            qh = _heads_first(q)
+            wide = torch.promote_types(q.dtype, torch.float32)
+            packed = qh.new_zeros((*qh.shape[:-1], v.shape[-1] + 1), dtype=wide)
+            if real > 0:
+                out, lse = attention_forward(
+                    qh, _heads_first(k[:, :real]), _heads_first(v[:, :real]), scale
+                )
+                packed[..., :-1], packed[..., -1] = out, lse
+            gathered = group.all_gather(packed.unsqueeze(0), 0)  # [P, B, H, L, D + 1]
+            merge = SoftmaxMerge()
+            for part, n in zip(gathered, reals, strict=True):
+                if n > 0:  # a shard of padding only holds no keys
+                    merge.add(part[..., :-1], part[..., -1])
+            if extra_k is not None:
+                merge.add(
+                    *attention_forward(qh, _heads_first(extra_k), _heads_first(extra_v), scale)
+                )
+            merged, lse = merge.result()
+            out = q.new_empty(q.shape).transpose(1, 2).copy_(merged)  # [B, L, H, D] memory
+        ctx.save_for_backward(q, k, v, extra_k, extra_v, out, lse)
+        ctx.group, ctx.real, ctx.scale = group, real, scale
+        return out.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, extra_k, extra_v, out, lse = ctx.saved_tensors
+        group, real, scale = ctx.group, ctx.real, ctx.scale
+        with torch.autocast(dout.device.type, enabled=False):
+            qh, dout = _heads_first(q), dout.contiguous()
+            full = _heads_first(group.all_reduce(dout.clone()))  # the replicated output's
+            dq = torch.zeros(qh.shape, dtype=lse.dtype, device=q.device)
+            dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+            if real > 0:
+                kb, vb = _heads_first(k[:, :real]), _heads_first(v[:, :real])
+                dqb, dkb, dvb = attention_backward(full, qh, kb, vb, out, lse, scale)
+                dq += dqb
+                dk[:, :real], dv[:, :real] = dkb.transpose(1, 2), dvb.transpose(1, 2)
+            dek = dev = None
+            if extra_k is not None:
+                ek, ev = _heads_first(extra_k), _heads_first(extra_v)
+                dqe, dek, dev = attention_backward(_heads_first(dout), qh, ek, ev, out, lse, scale)
+                dq += dqe
+                dek, dev = dek.transpose(1, 2), dev.transpose(1, 2)
+        return dq.transpose(1, 2).to(q.dtype), dk, dv, dek, dev, None, None, None
