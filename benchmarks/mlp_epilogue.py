@@ -5,24 +5,9 @@ difference. Run on a GPU: ``python benchmarks/mlp_epilogue.py``."""
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 import torch.nn.functional as F
-
-
-def median_ms(fn, repeats: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from cuda_timing import median_ms
 
 
 def main() -> None:
@@ -30,9 +15,9 @@ def main() -> None:
     w = torch.randn(8960, 1536, device="cuda", dtype=torch.bfloat16) * 0.03
     b = torch.randn(8960, device="cuda", dtype=torch.bfloat16) * 0.1
     with torch.no_grad():
-        two = median_ms(lambda: F.gelu(F.linear(x, w, b), approximate="tanh"))
-        mm = median_ms(lambda: F.linear(x, w, b))
-        fused = median_ms(lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True))
+        two = median_ms(lambda: F.gelu(F.linear(x, w, b), approximate="tanh"), 50, 5)
+        mm = median_ms(lambda: F.linear(x, w, b), 50, 5)
+        fused = median_ms(lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True), 50, 5)
         diff = (
             (
                 torch._addmm_activation(b, x, w.t(), use_gelu=True).float()

@@ -9,10 +9,10 @@ Run on a GPU: ``python benchmarks/profile_ring_kernels.py``."""
 from __future__ import annotations
 
 import os
-import statistics
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import median_ms
 from torch.profiler import ProfilerActivity, profile
 
 from vidpar.benchmarks.ring_kernels import _inputs
@@ -27,20 +27,6 @@ lines: list[str] = []
 def say(text: str) -> None:
     print(text, flush=True)
     lines.append(text)
-
-
-def median_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def kernel_table(prof, top: int = 12) -> None:
