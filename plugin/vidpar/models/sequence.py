@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from vidpar.distributed.group import GroupCoordinator
-from vidpar.nn.attention_kernels import attention_backward, attention_forward
+from vidpar.nn.attention_kernels import attention_backward, attention_forward, heads_first
 from vidpar.nn.softmax_merge import SoftmaxMerge
 
 __all__ = ["TokenShard", "local_length", "replicated_query_attention"]
@@ -40,7 +40,11 @@ class TokenShard(NamedTuple):
 
 def local_length(seq_len: int, shard_len: int, group: GroupCoordinator) -> int:
     """How many real (unpadded) tokens this rank's shard of ``shard_len`` holds."""
-    return max(0, min(shard_len, seq_len - group.rank_in_group * shard_len))
+    return _real_tokens(seq_len, shard_len, group.rank_in_group)
+
+
+def _real_tokens(seq_len: int, shard_len: int, rank: int) -> int:
+    return max(0, min(shard_len, seq_len - rank * shard_len))
 
 
 def replicated_query_attention(
@@ -83,24 +87,18 @@ def replicated_query_attention(
     return _ReplicatedQueryAttention.apply(q, k, v, extra_k, extra_v, group, seq_len, scale)
 
 
-def _heads_first(x: torch.Tensor) -> torch.Tensor:
-    """``[B, S, H, D] -> [B, H, S, D]``, a view where the last dim is contiguous."""
-    return (x if x.stride(-1) == 1 else x.contiguous()).transpose(1, 2)
-
-
 class _ReplicatedQueryAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, extra_k, extra_v, group, seq_len, scale):
         with torch.autocast(q.device.type, enabled=False):  # kernels in the input dtype
-            shard = k.shape[1]
-            reals = [max(0, min(shard, seq_len - r * shard)) for r in range(group.world_size)]
+            reals = [_real_tokens(seq_len, k.shape[1], r) for r in range(group.world_size)]
             real = reals[group.rank_in_group]
-            qh = _heads_first(q)
+            qh = heads_first(q)
             wide = torch.promote_types(q.dtype, torch.float32)
             packed = qh.new_zeros((*qh.shape[:-1], v.shape[-1] + 1), dtype=wide)
             if real > 0:
                 out, lse = attention_forward(
-                    qh, _heads_first(k[:, :real]), _heads_first(v[:, :real]), scale
+                    qh, heads_first(k[:, :real]), heads_first(v[:, :real]), scale
                 )
                 packed[..., :-1], packed[..., -1] = out, lse
             gathered = group.all_gather(packed.unsqueeze(0), 0)  # [P, B, H, L, D + 1]
@@ -109,9 +107,7 @@ class _ReplicatedQueryAttention(torch.autograd.Function):
                 if n > 0:  # a shard of padding only holds no keys
                     merge.add(part[..., :-1], part[..., -1])
             if extra_k is not None:
-                merge.add(
-                    *attention_forward(qh, _heads_first(extra_k), _heads_first(extra_v), scale)
-                )
+                merge.add(*attention_forward(qh, heads_first(extra_k), heads_first(extra_v), scale))
             merged, lse = merge.result()
             out = q.new_empty(q.shape).transpose(1, 2).copy_(merged)  # [B, L, H, D] memory
         ctx.save_for_backward(q, k, v, extra_k, extra_v, out, lse)
@@ -123,19 +119,19 @@ class _ReplicatedQueryAttention(torch.autograd.Function):
         q, k, v, extra_k, extra_v, out, lse = ctx.saved_tensors
         group, real, scale = ctx.group, ctx.real, ctx.scale
         with torch.autocast(dout.device.type, enabled=False):
-            qh, dout = _heads_first(q), dout.contiguous()
-            full = _heads_first(group.all_reduce(dout.clone()))  # the replicated output's
+            qh, dout = heads_first(q), dout.contiguous()
+            full = heads_first(group.all_reduce(dout.clone()))  # the replicated output's
             dq = torch.zeros(qh.shape, dtype=lse.dtype, device=q.device)
             dk, dv = torch.zeros_like(k), torch.zeros_like(v)
             if real > 0:
-                kb, vb = _heads_first(k[:, :real]), _heads_first(v[:, :real])
+                kb, vb = heads_first(k[:, :real]), heads_first(v[:, :real])
                 dqb, dkb, dvb = attention_backward(full, qh, kb, vb, out, lse, scale)
                 dq += dqb
                 dk[:, :real], dv[:, :real] = dkb.transpose(1, 2), dvb.transpose(1, 2)
             dek = dev = None
             if extra_k is not None:
-                ek, ev = _heads_first(extra_k), _heads_first(extra_v)
-                dqe, dek, dev = attention_backward(_heads_first(dout), qh, ek, ev, out, lse, scale)
+                ek, ev = heads_first(extra_k), heads_first(extra_v)
+                dqe, dek, dev = attention_backward(heads_first(dout), qh, ek, ev, out, lse, scale)
                 dq += dqe
                 dek, dev = dek.transpose(1, 2), dev.transpose(1, 2)
         return dq.transpose(1, 2).to(q.dtype), dk, dv, dek, dev, None, None, None

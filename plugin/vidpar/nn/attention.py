@@ -37,7 +37,7 @@ from vidpar.distributed import telemetry
 from vidpar.distributed.communication_op import all_to_all
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.distributed.state import get_parallel_state
-from vidpar.nn.attention_kernels import attention_backward, attention_forward
+from vidpar.nn.attention_kernels import attention_backward, attention_forward, heads_first
 from vidpar.nn.linear import GroupRef
 from vidpar.nn.softmax_merge import SoftmaxMerge
 
@@ -202,11 +202,6 @@ def _stack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.stack((k, v))
 
 
-def _heads_first(x: torch.Tensor) -> torch.Tensor:
-    """``[B, S, H, D] -> [B, H, S, D]``, a view where the last dim is contiguous."""
-    return (x if x.stride(-1) == 1 else x.contiguous()).transpose(1, 2)
-
-
 class _RingExchange:
     """Send a tensor to the next rank of a ring group and receive one of the same shape
     from the previous rank, asynchronously (one batched isend/irecv pair)."""
@@ -291,19 +286,19 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, q, k, v, joint_k, joint_v, ring, valid, scale):
         rank, size = ring.rank, ring.size
-        qh = _heads_first(q)
+        qh = heads_first(q)
         kv = _stack_kv(k, v)
         merge = SoftmaxMerge()
         for step in range(size):
             pending = ring.start(kv, tag=0) if step < size - 1 else None
             n = valid[(rank - step) % size]  # this step's block came from rank - step
             if n > 0:
-                kb, vb = (_heads_first(t[:, :n]) for t in kv)
+                kb, vb = (heads_first(t[:, :n]) for t in kv)
                 merge.add(*attention_forward(qh, kb, vb, scale))
             if pending is not None:
                 kv = pending.wait()
         if joint_k is not None:
-            jk, jv = _heads_first(joint_k), _heads_first(joint_v)
+            jk, jv = heads_first(joint_k), heads_first(joint_v)
             merge.add(*attention_forward(qh, jk, jv, scale))
         out, lse = merge.result()
         out = out.transpose(1, 2).contiguous()
@@ -317,7 +312,7 @@ class _RingAttention(torch.autograd.Function):
         ring, valid, scale = ctx.ring, ctx.valid, ctx.scale
         rank, size = ring.rank, ring.size
         dtype = lse.dtype  # float32, or float64 for float64 inputs
-        qh, oh, do = _heads_first(q), _heads_first(out), _heads_first(dout.contiguous())
+        qh, oh, do = heads_first(q), heads_first(out), heads_first(dout.contiguous())
         dq = None
         kv = _stack_kv(k, v)
         grads = None  # dK/dV accumulated for the block held, travelling with it
@@ -325,7 +320,7 @@ class _RingAttention(torch.autograd.Function):
             kv_pending = ring.start(kv, tag=0) if step < size - 1 else None
             n = valid[(rank - step) % size]
             if n > 0:
-                kb, vb = (_heads_first(t[:, :n]) for t in kv)
+                kb, vb = (heads_first(t[:, :n]) for t in kv)
                 dqb, dkb, dvb = attention_backward(do, qh, kb, vb, oh, lse, scale)
                 dq = dqb.to(dtype) if dq is None else dq.add_(dqb)
             if grads is None:  # the first block: its accumulators start from this rank's share
@@ -347,7 +342,7 @@ class _RingAttention(torch.autograd.Function):
         dk, dv = grads.wait().to(k.dtype).unbind(0)  # this rank's own block, complete
         djk = djv = None
         if joint_k is not None:
-            jk, jv = _heads_first(joint_k), _heads_first(joint_v)
+            jk, jv = heads_first(joint_k), heads_first(joint_v)
             dqj, djk, djv = attention_backward(do, qh, jk, jv, oh, lse, scale)
             dq = dqj.to(dtype) if dq is None else dq.add_(dqj)
             djk, djv = djk.transpose(1, 2).to(joint_k.dtype), djv.transpose(1, 2).to(joint_v.dtype)

@@ -2,12 +2,13 @@
 (lse) per query, forward and backward, on torch's fused kernels.
 
 Ring attention (and USP's ring part) attends over one K/V block at a time and merges the
-partial results by their lse (:mod:`vidpar.nn.softmax_merge`). Its backward calls each block's fused backward with the
-*final* output and lse (as ring-flash-attn does): the kernel then recomputes the block's
-true probabilities, and the blocks' dq add up to the full dq.
+partial results by their lse (:mod:`vidpar.nn.softmax_merge`). Its backward calls each
+block's fused backward with the *final* output and lse (as ring-flash-attn does): the
+kernel then recomputes the block's true probabilities, and the blocks' dq add up to the
+full dq.
 
 Tensors are ``[B, H, S, D]`` with any strides whose last one is 1 (the layers' ``[B, S, H,
-D]`` tensors, transposed, need no copy); outputs keep ``[B, S, H, D]`` memory. lse is
+D]`` tensors, transposed by :func:`heads_first`, need no copy); outputs keep ``[B, S, H, D]`` memory. lse is
 ``[B, H, S]``, float32 (float64 for float64), whatever shape a kernel gives (cuDNN
 ``[B, H, S, 1]`` or ``[B, H, S]``, memory-efficient padded along S to a multiple of 32).
 
@@ -42,6 +43,7 @@ __all__ = [
     "attention_forward",
     "chosen_backends",
     "clear_choices",
+    "heads_first",
     "math_chunks",
     "use_backend",
 ]
@@ -56,6 +58,11 @@ _choices: dict[tuple, str] = {}
 _forced: str | None = None
 _cudnn_lse_dims: int = 4  # what cuDNN's forward returned last ([B, H, S, 1] in recent torch)
 _rng: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def heads_first(x: torch.Tensor) -> torch.Tensor:
+    """``[B, S, H, D] -> [B, H, S, D]``, a view where the last dim is contiguous."""
+    return (x if x.stride(-1) == 1 else x.contiguous()).transpose(1, 2)
 
 
 def attention_forward(
