@@ -3,8 +3,9 @@ Wan2.1-1.3B sizes of ``vidpar-bench suite=dit dit.compare=wan`` (bf16, 32,760 to
 eager or compiled, as device time per aten op and input shapes and per CUDA kernel
 (torch.profiler), and how busy the GPU was over the forward's span, written to
 ``$OUT/ops_<variant>.txt``. Run on a GPU: ``python benchmarks/profile_dit_vs_wan.py
-[VARIANT ...]`` (``vidpar``, ``vidpar_compiled``, ``wan``, ``wan_compiled``; default: the
-two eager ones)."""
+[--backward] [VARIANT ...]`` (``vidpar``, ``vidpar_compiled``, ``wan``, ``wan_compiled``;
+default: the two eager ones); ``--backward`` profiles forward + backward (activation
+checkpointing, as the ``dit`` suite) instead, into ``$OUT/ops_<variant>_backward.txt``."""
 
 from __future__ import annotations
 
@@ -58,32 +59,35 @@ def copy_sources(prof) -> list[str]:
 
 def main() -> None:
     out = os.environ.get("OUT", ".")
-    names = sys.argv[1:] or ["vidpar", "wan"]
+    backward = "--backward" in sys.argv[1:]
+    names = [a for a in sys.argv[1:] if a != "--backward"] or ["vidpar", "wan"]
+    call = "forward + backward" if backward else "forward"
     size = resolved(DiTOptions(compare="wan", passes=["forward"]), Common(device="cuda"))
     with ps.single_process():
         variants = _variants(size, torch.device("cuda"), torch.bfloat16)
         for name in names:
             _, step = variants[name]
             for _ in range(3):
-                step(False)
+                step(backward)
             torch.cuda.synchronize()
             begin = time.perf_counter()
             for _ in range(5):
-                step(False)
+                step(backward)
             torch.cuda.synchronize()
-            print(f"{name}: {(time.perf_counter() - begin) / 5 * 1e3:.1f} ms a forward")
+            print(f"{name}: {(time.perf_counter() - begin) / 5 * 1e3:.1f} ms a {call}")
             with profile(
                 activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                 record_shapes=True,
                 with_stack=True,
             ) as prof:
-                step(False)
+                step(backward)
                 torch.cuda.synchronize()
             rows = op_table(prof)
             lines = [f"{t:9.2f} ms {c:5d} {k:40s} {s}" for t, c, k, s in rows[:ROWS]]
             kernels = kernel_table(prof)
             copies = copy_sources(prof)
-            with open(f"{out}/ops_{name}.txt", "w") as f:
+            suffix = "_backward" if backward else ""
+            with open(f"{out}/ops_{name}{suffix}.txt", "w") as f:
                 f.write("\n".join([*lines, "", *kernels, "", *copies]) + "\n")
             print(f"{name}: {sum(r[0] for r in rows):.1f} ms of device time in aten ops")
             print("\n".join(kernels[:15]))
