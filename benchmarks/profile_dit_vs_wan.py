@@ -14,6 +14,7 @@ import sys
 import time
 
 import torch
+from cuda_timing import kernel_table
 from torch.profiler import ProfilerActivity, profile
 
 from vidpar.benchmarks.common import Common
@@ -32,19 +33,6 @@ def op_table(prof) -> list[tuple[float, int, str, str]]:
         if e.key.startswith("aten::") and e.self_device_time_total > 0
     ]
     return sorted(rows, reverse=True)
-
-
-def kernel_table(prof) -> list[str]:
-    """Device time per CUDA kernel name, slowest first, after a line of busy time / span."""
-    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    busy = sum(e.device_time for e in events) / 1e3
-    span = (max(e.time_range.end for e in events) - min(e.time_range.start for e in events)) / 1e3
-    totals: dict[str, list[float]] = {}
-    for e in events:
-        totals.setdefault(e.name[:100], []).append(e.device_time / 1e3)
-    rows = sorted(totals.items(), key=lambda kv: -sum(kv[1]))[:ROWS]
-    head = f"GPU busy {busy:.1f} ms of a {span:.1f} ms span, {len(events)} kernels"
-    return [head] + [f"{sum(t):9.2f} ms {len(t):5d} {name}" for name, t in rows]
 
 
 def copy_sources(prof) -> list[str]:
@@ -84,7 +72,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             rows = op_table(prof)
             lines = [f"{t:9.2f} ms {c:5d} {k:40s} {s}" for t, c, k, s in rows[:ROWS]]
-            kernels = kernel_table(prof)
+            kernels = kernel_table(prof, ROWS)
             copies = copy_sources(prof)
             suffix = "_backward" if backward else ""
             with open(f"{out}/ops_{name}{suffix}.txt", "w") as f:

@@ -12,7 +12,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-from cuda_timing import median_ms
+from cuda_timing import kernel_table, median_ms
 from torch.profiler import ProfilerActivity, profile
 
 from vidpar.benchmarks.ring_kernels import _inputs
@@ -21,6 +21,7 @@ from vidpar.nn.attention import LocalRing, ring_attention
 from vidpar.nn.softmax_merge import merge_into
 
 SIZE = {"batch": 1, "tokens": 32760, "heads": 12, "head_dim": 128, "dtype": "bfloat16"}
+SCALE = SIZE["head_dim"] ** -0.5
 lines: list[str] = []
 
 
@@ -29,18 +30,14 @@ def say(text: str) -> None:
     lines.append(text)
 
 
-def kernel_table(prof, top: int = 12) -> None:
-    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    if not events:
-        return
-    busy = sum(e.device_time for e in events) / 1e3
-    span = (max(e.time_range.end for e in events) - min(e.time_range.start for e in events)) / 1e3
-    say(f"    kernels: {len(events)}, busy {busy:.3f} ms of a {span:.3f} ms span")
-    totals: dict[str, list[float]] = {}
-    for e in events:
-        totals.setdefault(e.name[:90], []).append(e.device_time / 1e3)
-    for name, times in sorted(totals.items(), key=lambda kv: -sum(kv[1]))[:top]:
-        say(f"    {sum(times):8.3f} ms {len(times):3d}x  {name}")
+def say_kernels(title: str, fn, top: int) -> None:
+    """The kernel table of one profiled call of ``fn``."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    say(f"  {title}, one call:")
+    for line in kernel_table(prof, top, 90):
+        say(f"    {line}")
 
 
 def main() -> None:
@@ -71,10 +68,10 @@ def profile_ring(r: int, device: torch.device) -> None:
         kb, vb = (t.transpose(1, 2) for t in blocks[1])
         for backend in ("cudnn", "flash", "efficient"):
             with ak.use_backend(backend):
-                one = median_ms(lambda kb=kb, vb=vb: ak.attention_forward(qh, kb, vb, 0.088))
+                one = median_ms(lambda kb=kb, vb=vb: ak.attention_forward(qh, kb, vb, SCALE))
                 whole = median_ms(ring)
             say(f"  {backend}: one block {one:.3f} ms (x{r} = {one * r:.3f}); ring {whole:.3f} ms")
-        parts = [ak.attention_forward(qh, *(t.transpose(1, 2) for t in b), 0.088) for b in blocks]
+        parts = [ak.attention_forward(qh, *(t.transpose(1, 2) for t in b), SCALE) for b in blocks]
         acc = parts[0][0].clone()
 
         def merges():
@@ -83,11 +80,7 @@ def profile_ring(r: int, device: torch.device) -> None:
                 lse = merge_into(acc, lse, out, block_lse)
 
         say(f"  {r - 1} merges {median_ms(merges):.3f} ms")
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            ring()
-            torch.cuda.synchronize()
-        say("  ring forward, one call:")
-        kernel_table(prof)
+        say_kernels("ring forward", ring, 12)
 
     leaves = [q, blocks[0]]
 
@@ -106,11 +99,7 @@ def profile_ring(r: int, device: torch.device) -> None:
     say(
         f"  sdpa fwd+bwd {median_ms(sdpa_fwd_bwd):.3f} ms; ring fwd+bwd {median_ms(fwd_bwd):.3f} ms"
     )
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fwd_bwd()
-        torch.cuda.synchronize()
-    say("  ring forward + backward, one call:")
-    kernel_table(prof, top=16)
+    say_kernels("ring forward + backward", fwd_bwd, 16)
     for t in (q, k, v, *blocks):
         t.requires_grad_(False)
         t.grad = None
