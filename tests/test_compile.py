@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounter
+from torch._dynamo.testing import EagerAndRecordGraphs
 
 from test_dit import SIZES, inputs, randomize
 from vidpar.config import ParallelConfig
@@ -17,7 +17,7 @@ from vidpar.nn.dit_blocks import DiTBlock
 from vidpar.nn.regional_compile import block_runner, compile_options
 
 
-def compiled_errors(backend: str, recompute: bool, dtype_name: str = "float64") -> dict:
+def compiled_errors(backend: str, recompute: bool | str, dtype_name: str = "float64") -> dict:
     """Relative errors of a compiled model's output and gradients against the eager model
     of the same layout and weights (this rank's shards)."""
     dtype = getattr(torch, dtype_name)
@@ -48,6 +48,7 @@ def compiled_errors(backend: str, recompute: bool, dtype_name: str = "float64") 
         pytest.param(ParallelConfig(tp=2), True, id="tp2-checkpointing", marks=pytest.mark.slow),
         pytest.param(ParallelConfig(sp=2), False, id="ulysses2"),
         pytest.param(ParallelConfig(ring=2), True, id="ring2-checkpointing"),
+        pytest.param(ParallelConfig(sp=2), "keep_attention", id="ulysses2-keep-attention"),
     ],
 )
 def test_compiled_blocks_equal_eager(worlds, layout, recompute) -> None:
@@ -59,20 +60,23 @@ def test_compiled_blocks_equal_eager(worlds, layout, recompute) -> None:
         assert result["out"] <= 1e-10 and result["grad"] <= 1e-10, result
 
 
-def test_blocks_share_one_graph() -> None:
-    """Four blocks, one trace: parameters are graph inputs, not constants."""
-    counter = CompileCounter()
-    run = block_runner({"backend": counter})
+@pytest.mark.parametrize("recompute", [False, True], ids=["inference", "checkpointing"])
+def test_blocks_share_one_graph(recompute) -> None:
+    """Four blocks, one trace: parameters are graph inputs, not constants; with
+    checkpointing the recomputation is inside that one graph."""
+    graphs = EagerAndRecordGraphs()
+    run = block_runner({"backend": graphs}, recompute)
     config = DiTConfig(**SIZES)
-    x = torch.randn(2, 12, config.hidden_size)
+    x = torch.randn(2, 12, config.hidden_size, requires_grad=recompute)
     time = torch.randn(2, 6, config.hidden_size)
     context = torch.randn(2, 3, config.hidden_size)
     angles = torch.zeros(12, config.head_dim // 2)
     rope = (angles.cos().repeat_interleave(2, -1)[:, None], angles[:, None].repeat(1, 1, 2))
-    with torch.no_grad():
+    with torch.set_grad_enabled(recompute):
         for _ in range(4):
             x = run(DiTBlock(config), x, time, context, rope, 12)
-    assert counter.frame_count == 1 and torch.isfinite(x).all()
+    assert len(graphs.graphs) == 1 and torch.isfinite(x).all()
+    assert ("tag_activation_checkpoint" in graphs.graphs[0].code) == recompute
 
 
 def test_compile_settings() -> None:

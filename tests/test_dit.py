@@ -18,6 +18,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vidpar.config import ParallelConfig
 from vidpar.distributed import state as ps
@@ -61,7 +62,7 @@ def dit_errors(
     size: int,
     cond: str,
     dtype_name: str = "float64",
-    recompute: bool = False,
+    recompute: bool | str = False,
     modulation: str = "shared",
 ) -> dict:
     """Relative errors of the output and of every parameter's gradient on this rank
@@ -131,12 +132,66 @@ def test_matches_single_device_model(worlds, size, layout, frames, latent, cond)
         assert result["out"] <= 1e-10 and result["grad"] <= 1e-10, result
 
 
-def test_activation_checkpointing_recomputes_the_same_gradients(worlds) -> None:
-    """Blocks recomputed in backward (their all-to-alls and ring passes run again) give the
-    single-device gradients: tp2 × ulysses2 × ring2 would need 8; tp2 × ring2 has both."""
-    layout = ParallelConfig(tp=2, ring=2)
-    for result in worlds(4).run(dit_errors, 3, 6, "class", recompute=True, layout=layout):
+@pytest.mark.parametrize(
+    ("recompute", "layout"),
+    [
+        pytest.param(True, ParallelConfig(tp=2, ring=2), id="full-tp2xring2"),
+        pytest.param("keep_attention", ParallelConfig(tp=2, sp=2), id="keep_attention-tp2xsp2"),
+    ],
+)
+def test_activation_checkpointing_recomputes_the_same_gradients(worlds, recompute, layout):
+    """Blocks recomputed in backward (their all-to-alls and ring passes run again, the
+    kept attention outputs reused) give the single-device gradients: tp2 × ulysses2 ×
+    ring2 would need 8; tp2 × ring2 has both, tp2 × ulysses2 the all-to-alls around the
+    kept outputs."""
+    for result in worlds(4).run(dit_errors, 3, 6, "class", recompute=recompute, layout=layout):
         assert result["out"] <= 1e-10 and result["grad"] <= 1e-10, result
+
+
+class _AttentionCalls(TorchDispatchMode):
+    """Counts CPU fused attention kernels by whether they attend to ≥ as many keys as
+    queries (self-attention) or fewer (cross-attention to the short context)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = {"self": 0, "cross": 0}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:
+            self.calls["self" if args[1].shape[-2] >= args[0].shape[-2] else "cross"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("recompute", "self_calls"), [(False, 1), (True, 2), ("keep_attention", 1)]
+)
+def test_keep_attention_runs_each_self_attention_once(recompute, self_calls) -> None:
+    """Forward and backward: each block's self-attention kernel runs once unless fully
+    recomputed; the cheap cross-attention is recomputed under both checkpointings."""
+    config = DiTConfig(**{**SIZES, "activation_checkpointing": recompute})
+    with ps.single_process():
+        model = VideoDiT(config).to(torch.float64)
+        randomize(model)
+        x, t, c, w = inputs(2, 4, "class", torch.float64)
+        with _AttentionCalls() as counted:
+            (model(x, t, c) * w).sum().backward()
+    cross_calls = 1 if recompute is False else 2
+    depth = SIZES["depth"]
+    assert counted.calls == {"self": self_calls * depth, "cross": cross_calls * depth}
+
+
+def test_keep_attention_refuses_ring_attention(worlds) -> None:
+    config = DiTConfig(**{**SIZES, "activation_checkpointing": "keep_attention"})
+    for message in worlds(2).run(_construction_error, config, layout=ParallelConfig(ring=2)):
+        assert "ring" in message
+
+
+def _construction_error(config: DiTConfig) -> str:
+    try:
+        VideoDiT(config)
+    except ValueError as error:
+        return str(error)
+    return "built"
 
 
 def test_per_block_modulation_matches_single_device_model(worlds) -> None:

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from vidpar.distributed.communication_op import gather_sequence
 from vidpar.distributed.full_weights import load_full_weights
@@ -97,6 +96,11 @@ class VideoDiT(nn.Module):
         self.config = cfg = config
         state = get_parallel_state()
         state.check_heads(cfg.num_heads)  # where the model meets the layout
+        if cfg.activation_checkpointing == "keep_attention" and state.group("ring").world_size > 1:
+            raise ValueError(
+                "activation_checkpointing='keep_attention' does not work with ring attention "
+                "(ring > 1), whose merge writes into the kept outputs; use true"
+            )
         self._sp = GroupRef(state.group("sp"))
         h = cfg.hidden_size
         self.patch_embed = nn.Conv3d(
@@ -202,11 +206,10 @@ class VideoDiT(nn.Module):
         # a channel-major view, through which every norm would copy and every residual
         # add would stride (8 % of a Wan-sized eager forward on one H200).
         tokens = shard_tokens(tokens, sp, dim=1).contiguous()  # ...
-        run = block_runner(cfg.compile)
-        recompute = cfg.activation_checkpointing and torch.is_grad_enabled()
+        checkpointing = cfg.activation_checkpointing if torch.is_grad_enabled() else False
+        run = block_runner(cfg.compile, checkpointing)
         for block in self.blocks:
-            args = (block, tokens, time, context, rope, num_tokens)
-            tokens = checkpoint(run, *args, use_reentrant=False) if recompute else run(*args)
+            tokens = run(block, tokens, time, context, rope, num_tokens)
         out = gather_sequence(self.final(tokens, temb), sp, num_tokens, dim=1)  # ... gathered once
         return self.unpatchify(out, grid)
 

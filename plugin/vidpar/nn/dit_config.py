@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from vidpar.nn.activation_checkpointing import check_checkpointing
+
 __all__ = ["MODULATIONS", "DiTConfig"]
 
 #: ``DiTConfig.modulation`` values.
@@ -29,7 +31,8 @@ class DiTConfig:
 
     ``activation_checkpointing`` recomputes each block's activations in the backward
     pass (with their collectives) instead of keeping them: far less memory for long videos,
-    about a third more compute. ``compile`` compiles the block once for all blocks
+    about a third more compute; ``"keep_attention"`` also keeps each self-attention's
+    output, so its kernel is not run again (:mod:`vidpar.nn.activation_checkpointing`). ``compile`` compiles the block once for all blocks
     (regional compilation, :mod:`vidpar.nn.regional_compile`): ``True`` (inductor) or a
     ``torch.compile`` backend name. Neither changes a weight or a result.
     """
@@ -50,7 +53,7 @@ class DiTConfig:
     freq_dim: int = 256
     eps: float = 1e-6
     modulation: str = "shared"
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | str = False
     compile: bool | str = False
 
     def __post_init__(self) -> None:
@@ -64,6 +67,7 @@ class DiTConfig:
                 f"hidden_size({self.hidden_size}) must be num_heads({self.num_heads}) × an "
                 "even head_dim"
             )
+        check_checkpointing(self.activation_checkpointing)
         if self.modulation not in MODULATIONS:
             raise ValueError(f"modulation must be one of {MODULATIONS}, got {self.modulation!r}")
 

@@ -12,6 +12,10 @@ The setting, everywhere vidpar offers it (``DiTConfig.compile``,
 of a ``torch.compile`` backend (``"aot_eager"``: cheap, for tests); or a dict of
 ``torch.compile`` options. Shapes are static (``dynamic=False``) unless the dict says
 otherwise.
+
+With activation checkpointing (:mod:`vidpar.nn.activation_checkpointing`) the checkpoint
+is traced into the block's graph: the compiled forward keeps only what the setting keeps,
+and the recomputation is part of the compiled backward, fused with it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from vidpar.nn.activation_checkpointing import CheckpointSetting, recomputing
 
 __all__ = ["CompileSetting", "block_runner", "compile_options"]
 
@@ -51,16 +57,21 @@ def _call(block: nn.Module, *args: Any) -> Any:
 
 
 @functools.cache
-def _compiled_call(options: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
-    return torch.compile(_call, **dict(options))
+def _compiled_call(
+    options: tuple[tuple[str, Any], ...], checkpointing: CheckpointSetting
+) -> Callable[..., Any]:
+    return torch.compile(recomputing(_call, checkpointing), **dict(options))
 
 
-def block_runner(setting: CompileSetting) -> Callable[..., Any]:
-    """``run(block, *args)``: ``block(*args)``, compiled under ``setting``. The compiled
+def block_runner(
+    setting: CompileSetting, checkpointing: CheckpointSetting = False
+) -> Callable[..., Any]:
+    """``run(block, *args)``: ``block(*args)``, compiled under ``setting`` and
+    checkpointed under ``checkpointing``. The compiled
     function is one per setting, shared by every block and model, so a block class is
     traced once per input shape; the model itself stays uncompiled (its copies and
     pickles hold no compiled state)."""
     options = compile_options(setting)
     if options is None:
-        return _call
-    return _compiled_call(tuple(sorted(options.items())))
+        return recomputing(_call, checkpointing)
+    return _compiled_call(tuple(sorted(options.items())), checkpointing)
