@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from vidpar.benchmarks import SUITES, options_class
+from vidpar.benchmarks import SUITES, dit_compare, options_class
 from vidpar.benchmarks.common import format_table, geometric_sizes, median, parse_bytes, rank_max
 from vidpar.cli import bench
 from vidpar.cli.hydra_setup import UserError
@@ -145,8 +145,10 @@ def test_communicators_suite_needs_cuda_and_summarises_per_path():
 
 def test_dit_compare_with_wan_python_entry(tmp_path) -> None:
     """The one-device comparison on its tiny CPU pair: every variant timed, compiled ones
-    equal to their eager ones, the same parameter count for vidpar and Wan."""
-    overrides = ["suite=dit", "device=cpu", "dit.compare=wan", "repeats=1", "warmup=0"]
+    equal to their eager ones, the same parameter count for vidpar and Wan; under
+    checkpointing also vidpar's keep_attention, in forward + backward only."""
+    overrides = ["suite=dit", "device=cpu", "dit.compare=wan", "dit.checkpointing=true"]
+    overrides += ["repeats=1", "warmup=0"]
     overrides += ["runs=1", f"output={tmp_path / 'dit.json'}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="bench", overrides=overrides)
@@ -160,3 +162,7 @@ def test_dit_compare_with_wan_python_entry(tmp_path) -> None:
             assert row[name]["median_s"] > 0 and row[name]["tflops"] > 0
         assert row["vidpar_compiled"]["compile_s"] >= 0
         assert row["vidpar_speedup"]["ratio"] > 0 and row["vidpar_compiled_speedup"]["ratio"] > 0
+    forward, backward = report["results"]
+    assert "vidpar_compiled_keep_attention" not in forward
+    assert backward["vidpar_compiled_keep_attention_speedup"]["ratio"] > 0
+    assert "vidpar_compiled_keep_attention" in dit_compare.table(report)

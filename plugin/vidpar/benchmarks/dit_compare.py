@@ -6,7 +6,8 @@ On CUDA the models are Wan2.1-1.3B-sized (hidden 1536, 12 × 128 heads, FFN 8960
 blocks, 4096-wide text: the same 1.42 B parameters) at 480p × 81 frames (latent
 ``[21, 60, 104]``, 32,760 tokens) with 512 text tokens, bf16 (Wan with the modules
 diffusers keeps in float32, as ``from_pretrained(torch_dtype=...)`` loads it); forward,
-and forward + backward with activation checkpointing. All variants live in one Executor
+and forward + backward with activation checkpointing (vidpar's compiled model also with
+``activation_checkpointing="keep_attention"``). All variants live in one Executor
 worker; per run, each variant's iterations follow the others', so all see the same
 machine. Without diffusers only vidpar's variants run.
 """
@@ -34,7 +35,9 @@ from vidpar.benchmarks.common import (
 from vidpar.benchmarks.memory import peak_bytes
 from vidpar.benchmarks.models import GPU_LATENT, cast_like_from_pretrained, wan_run
 
-VARIANTS = ("vidpar", "vidpar_compiled", "wan", "wan_compiled")
+VARIANTS = ("vidpar", "vidpar_compiled", "vidpar_compiled_keep_attention", "wan", "wan_compiled")
+#: Measured in forward + backward only (their forward is ``vidpar_compiled``'s).
+BACKWARD_ONLY = ("vidpar_compiled_keep_attention",)
 #: Wan2.1-T2V-1.3B as a VideoDiT conditioned on text (T5 embeddings).
 GPU_MODEL = {
     "in_channels": 16,
@@ -123,14 +126,22 @@ def _variants(size: dict[str, Any], device: torch.device, dtype: torch.dtype) ->
     t = torch.full((b,), 0.5, device=device)
     ours = _build(size["model"], device, dtype, size["checkpointing"])
 
-    def vidpar_step(compiled: bool):
+    def vidpar_step(compiled: bool, checkpointing: bool | str):
         def step(backward: bool) -> torch.Tensor:
             ours.config.compile = size["compile_backend"] if compiled else False
+            ours.config.activation_checkpointing = checkpointing
             return _step(ours, (x, t, text), {}, backward)
 
         return step
 
-    variants = {"vidpar": (ours, vidpar_step(False)), "vidpar_compiled": (ours, vidpar_step(True))}
+    checkpointing = size["checkpointing"]
+    variants = {
+        "vidpar": (ours, vidpar_step(False, checkpointing)),
+        "vidpar_compiled": (ours, vidpar_step(True, checkpointing)),
+    }
+    if checkpointing:
+        keep = vidpar_step(True, "keep_attention")
+        variants["vidpar_compiled_keep_attention"] = (ours, keep)
     try:
         wan = _wan(size, device, dtype)
     except ImportError:
@@ -166,16 +177,17 @@ def _measure(worker, size: dict[str, Any], common: Common) -> dict[str, Any]:
     }
     for pass_name in size["passes"]:
         backward = pass_name == "backward"
+        measured = {n: v for n, v in variants.items() if backward or n not in BACKWARD_ONLY}
         first = {}
-        for name, (_, step) in variants.items():
+        for name, (_, step) in measured.items():
             synchronize(device)
             begin = time.perf_counter()
             step(backward)
             synchronize(device)
             first[name] = time.perf_counter() - begin
-        times: dict[str, list[list[float]]] = {name: [] for name in variants}
+        times: dict[str, list[list[float]]] = {name: [] for name in measured}
         for _ in range(common.runs):
-            for name, (_, step) in variants.items():
+            for name, (_, step) in measured.items():
                 for _ in range(common.warmup):
                     step(backward)
                 timer = IterationTimer(device)
@@ -188,7 +200,7 @@ def _measure(worker, size: dict[str, Any], common: Common) -> dict[str, Any]:
                 "first_call_s": first[name],
                 "peak_bytes": peak_bytes(model, lambda s=step, b=backward: s(b), device),
             }
-            for name, (model, step) in variants.items()
+            for name, (model, step) in measured.items()
         }
     with torch.no_grad():
         outputs = {name: step(False).float() for name, (_, step) in variants.items()}
@@ -220,8 +232,10 @@ def run(options: Any, common: Common) -> dict[str, Any]:
             stats["compile_s"] = max(0.0, m["first_call_s"] - stats["median_s"])
             stats["peak_bytes"] = m["peak_bytes"]
             row[name] = stats
-        for ours, theirs in (("vidpar", "wan"), ("vidpar_compiled", "wan_compiled")):
-            if theirs in row:  # speedup: diffusers' time over vidpar's, run by run
+        pairs = [("vidpar", "wan"), ("vidpar_compiled", "wan_compiled")]
+        pairs.append(("vidpar_compiled_keep_attention", "wan_compiled"))
+        for ours, theirs in pairs:
+            if theirs in row and ours in row:  # speedup: diffusers' time over vidpar's, run by run
                 medians = (row[theirs]["run_medians_s"], row[ours]["run_medians_s"])
                 row[f"{ours}_speedup"] = paired_ratio(*medians)
         results.append(row)
