@@ -60,23 +60,27 @@ def test_compiled_blocks_equal_eager(worlds, layout, recompute) -> None:
         assert result["out"] <= 1e-10 and result["grad"] <= 1e-10, result
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["inference", "checkpointing"])
-def test_blocks_share_one_graph(recompute) -> None:
-    """Four blocks, one trace: parameters are graph inputs, not constants; with
-    checkpointing the recomputation is inside that one graph."""
+@pytest.mark.parametrize(
+    ("recompute", "traced"),
+    [(False, False), (True, False), ("keep_attention", True)],
+    ids=["inference", "checkpointing", "keep-attention"],
+)
+def test_blocks_share_one_graph(recompute, traced) -> None:
+    """Four blocks, one trace: parameters are graph inputs, not constants. Full
+    checkpointing wraps the compiled block; keep_attention's checkpoint is in the graph."""
     graphs = EagerAndRecordGraphs()
     run = block_runner({"backend": graphs}, recompute)
     config = DiTConfig(**SIZES)
-    x = torch.randn(2, 12, config.hidden_size, requires_grad=recompute)
+    x = torch.randn(2, 12, config.hidden_size, requires_grad=bool(recompute))
     time = torch.randn(2, 6, config.hidden_size)
     context = torch.randn(2, 3, config.hidden_size)
     angles = torch.zeros(12, config.head_dim // 2)
     rope = (angles.cos().repeat_interleave(2, -1)[:, None], angles[:, None].repeat(1, 1, 2))
-    with torch.set_grad_enabled(recompute):
+    with torch.set_grad_enabled(bool(recompute)):
         for _ in range(4):
             x = run(DiTBlock(config), x, time, context, rope, 12)
     assert len(graphs.graphs) == 1 and torch.isfinite(x).all()
-    assert ("tag_activation_checkpoint" in graphs.graphs[0].code) == recompute
+    assert ("tag_activation_checkpoint" in graphs.graphs[0].code) == traced
 
 
 def test_compile_settings() -> None:
