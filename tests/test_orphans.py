@@ -96,7 +96,8 @@ def test_children_end_when_the_executor_shuts_down(executor):
 
 _PARENT = textwrap.dedent(
     """
-    import json, sys
+    import faulthandler, json, signal, sys
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks, if the test times out
     sys.path.insert(0, sys.argv[1])
     from test_orphans import sleep, start_children
     from vidpar import ParallelConfig
@@ -137,7 +138,12 @@ def test_nothing_outlives_the_executors_process(tmp_path, how):
             parent.kill()
         else:
             os.killpg(parent.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
-        parent.wait(timeout=CALL)
+        try:
+            parent.wait(timeout=CALL)
+        except subprocess.TimeoutExpired:
+            os.kill(parent.pid, signal.SIGUSR1)  # where it hangs, into the captured stderr
+            time.sleep(2.0)
+            raise
         assert wait_gone(everything) == []
     finally:
         parent.kill()
