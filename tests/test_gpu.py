@@ -51,6 +51,36 @@ def test_dit_bf16_on_gpu_is_close_to_float32() -> None:
     assert rel < 2e-2, rel
 
 
+def _compiled_step(checkpointing: bool | str) -> tuple[list[torch.Tensor], int]:
+    """Gradients of a compiled bf16 step under ``checkpointing``, and how many fused
+    attention forwards it ran (torch.profiler's aten events)."""
+    config = DiTConfig(
+        **{**vars(GPU_DIT), "compile": True, "activation_checkpointing": checkpointing}
+    )
+    model = _random_dit(config).cuda().to(torch.bfloat16)
+    x, t, y = _inputs("cuda", torch.bfloat16)
+    model(x, t, y).float().square().mean().backward()  # compile first
+    model.zero_grad()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(x, t, y).float().square().mean().backward()
+    forwards = sum(
+        e.count
+        for e in prof.key_averages()
+        if e.key.startswith("aten::_scaled_dot_product_") and "backward" not in e.key
+    )
+    return [p.grad.float() for p in model.parameters()], forwards
+
+
+def test_keep_attention_compiled_on_gpu_skips_the_attention_rerun() -> None:
+    """Inductor on CUDA: keep_attention's gradients equal full checkpointing's (bf16), with
+    one self-attention forward less per block."""
+    full, full_forwards = _compiled_step(True)
+    kept, kept_forwards = _compiled_step("keep_attention")
+    assert kept_forwards == full_forwards - GPU_DIT.depth, (kept_forwards, full_forwards)
+    for a, b in zip(kept, full, strict=True):
+        assert (a - b).norm() <= 2e-2 * b.norm() + 1e-6
+
+
 def _parallel_forward(worker, state: dict, kind: str) -> torch.Tensor | None:
     model = VideoDiT(GPU_DIT).to(worker.device)
     load_full_state_dict(model, state)
