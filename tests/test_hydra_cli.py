@@ -149,6 +149,14 @@ def test_typos_and_wrong_types_fail_at_compose_time() -> None:
         ),
         (["ckpt_path=/no/such/ckpt"], "is not a complete vidpar checkpoint"),
         (["trainer=gpu"], "needs 4 GPUs, but this machine has 0"),
+        (
+            ["+model.dit.activation_checkpointing=maybe"],
+            r"model\.dit: activation_checkpointing must be one of",
+        ),
+        (
+            ["+model.dit.activation_checkpointing=keep_attention", "parallel=ring2"],
+            "keep_attention does not work with ring attention",
+        ),
     ],
 )
 def test_mistakes_are_explained_before_any_process_starts(overrides, message) -> None:

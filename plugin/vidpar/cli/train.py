@@ -49,6 +49,19 @@ def model_facts(model: DictConfig) -> tuple[int, int, str]:
     return config["num_attention_heads"], config["in_channels"], f"{folder}/config.json"
 
 
+def check_dit_config(dit: DictConfig, layout: ParallelConfig) -> None:
+    """``model.dit`` builds a DiTConfig, and its checkpointing works under ``layout``."""
+    try:
+        config = DiTConfig(**OmegaConf.to_container(dit, resolve=True))
+    except (TypeError, ValueError) as err:
+        raise UserError(f"model.dit: {err}") from None
+    if config.activation_checkpointing == "keep_attention" and layout.ring > 1:
+        raise UserError(
+            "model.dit.activation_checkpointing=keep_attention does not work with ring "
+            f"attention ({layout.describe()}): use true, or a layout with ring=1"
+        )
+
+
 def check_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:
     """Every mistake we can see from the config fails here, before any process starts."""
     heads, _, source = model_facts(conf.model)
@@ -56,6 +69,8 @@ def check_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:
         layout.check_heads(heads)
     except ValueError as err:
         raise UserError(f"The model does not fit the layout: {err} (from {source}).") from None
+    if "dit" in conf.model:
+        check_dit_config(conf.model.dit, layout)
     if conf.trainer.accelerator == "gpu" and torch.cuda.device_count() < layout.world_size:
         raise UserError(
             f"The layout {layout.describe()} needs {layout.world_size} GPUs, but this machine "
