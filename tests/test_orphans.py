@@ -98,6 +98,9 @@ _PARENT = textwrap.dedent(
     """
     import faulthandler, json, signal, sys
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks, if the test times out
+    # As started from a terminal: a suite run in the background (`pytest &`) hands its
+    # children SIGINT ignored, and Ctrl-C would then never reach this program.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, sys.argv[1])
     from test_orphans import sleep, start_children
     from vidpar import ParallelConfig
