@@ -155,7 +155,7 @@ def test_typos_and_wrong_types_fail_at_compose_time() -> None:
         ),
         (
             ["+model.dit.activation_checkpointing=keep_attention", "parallel=ring2"],
-            "keep_attention does not work with ring attention",
+            r"model\.dit: .*keep_attention.* does not work with ring attention",
         ),
     ],
 )

@@ -38,6 +38,12 @@ from vidpar.benchmarks.models import GPU_LATENT, cast_like_from_pretrained, wan_
 VARIANTS = ("vidpar", "vidpar_compiled", "vidpar_compiled_keep_attention", "wan", "wan_compiled")
 #: Measured in forward + backward only (their forward is ``vidpar_compiled``'s).
 BACKWARD_ONLY = ("vidpar_compiled_keep_attention",)
+#: ``(vidpar variant, the Wan variant it is compared with)``.
+COMPARED = (
+    ("vidpar", "wan"),
+    ("vidpar_compiled", "wan_compiled"),
+    ("vidpar_compiled_keep_attention", "wan_compiled"),
+)
 #: Wan2.1-T2V-1.3B as a VideoDiT conditioned on text (T5 embeddings).
 GPU_MODEL = {
     "in_channels": 16,
@@ -232,9 +238,7 @@ def run(options: Any, common: Common) -> dict[str, Any]:
             stats["compile_s"] = max(0.0, m["first_call_s"] - stats["median_s"])
             stats["peak_bytes"] = m["peak_bytes"]
             row[name] = stats
-        pairs = [("vidpar", "wan"), ("vidpar_compiled", "wan_compiled")]
-        pairs.append(("vidpar_compiled_keep_attention", "wan_compiled"))
-        for ours, theirs in pairs:
+        for ours, theirs in COMPARED:
             if theirs in row and ours in row:  # speedup: diffusers' time over vidpar's, run by run
                 medians = (row[theirs]["run_medians_s"], row[ours]["run_medians_s"])
                 row[f"{ours}_speedup"] = paired_ratio(*medians)

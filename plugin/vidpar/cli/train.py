@@ -24,6 +24,7 @@ from vidpar.config import ParallelConfig
 from vidpar.distributed.checkpoint import TRAINER_STATE, is_complete
 from vidpar.distributed.checkpoint_integrity import CorruptCheckpointError, verify
 from vidpar.distributed.checkpoint_store import resolve
+from vidpar.nn.activation_checkpointing import check_checkpointing
 from vidpar.nn.dit import DiTConfig
 
 register()
@@ -53,13 +54,9 @@ def check_dit_config(dit: DictConfig, layout: ParallelConfig) -> None:
     """``model.dit`` builds a DiTConfig, and its checkpointing works under ``layout``."""
     try:
         config = DiTConfig(**OmegaConf.to_container(dit, resolve=True))
+        check_checkpointing(config.activation_checkpointing, layout.ring)
     except (TypeError, ValueError) as err:
         raise UserError(f"model.dit: {err}") from None
-    if config.activation_checkpointing == "keep_attention" and layout.ring > 1:
-        raise UserError(
-            "model.dit.activation_checkpointing=keep_attention does not work with ring "
-            f"attention ({layout.describe()}): use true, or a layout with ring=1"
-        )
 
 
 def check_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:

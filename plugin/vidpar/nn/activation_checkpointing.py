@@ -49,11 +49,17 @@ _FUSED_ATTENTION = frozenset(
 )
 
 
-def check_checkpointing(setting: Any) -> None:
-    """Raise ``ValueError`` unless ``setting`` is one of :data:`CHECKPOINTING`."""
-    if not any(setting is v or (isinstance(v, str) and setting == v) for v in CHECKPOINTING):
+def check_checkpointing(setting: Any, ring: int = 1) -> None:
+    """Raise ``ValueError`` unless ``setting`` is one of :data:`CHECKPOINTING` and works
+    with a ring of size ``ring``."""
+    if not (isinstance(setting, bool) or setting == "keep_attention"):
         raise ValueError(
             f"activation_checkpointing must be one of {CHECKPOINTING}, got {setting!r}"
+        )
+    if setting == "keep_attention" and ring > 1:
+        raise ValueError(
+            f"activation_checkpointing='keep_attention' does not work with ring attention "
+            f"(ring {ring}), whose merge writes into the kept outputs; use true"
         )
 
 

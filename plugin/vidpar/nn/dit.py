@@ -23,6 +23,7 @@ from vidpar.distributed.full_weights import load_full_weights
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.distributed.state import get_parallel_state
 from vidpar.distributed.utils import pad_to_multiple, split_tensor_along_dim
+from vidpar.nn.activation_checkpointing import check_checkpointing
 from vidpar.nn.dit_blocks import DiTBlock, FinalLayer
 from vidpar.nn.dit_config import DiTConfig
 from vidpar.nn.elementwise import rope_tables
@@ -96,11 +97,7 @@ class VideoDiT(nn.Module):
         self.config = cfg = config
         state = get_parallel_state()
         state.check_heads(cfg.num_heads)  # where the model meets the layout
-        if cfg.activation_checkpointing == "keep_attention" and state.group("ring").world_size > 1:
-            raise ValueError(
-                "activation_checkpointing='keep_attention' does not work with ring attention "
-                "(ring > 1), whose merge writes into the kept outputs; use true"
-            )
+        check_checkpointing(cfg.activation_checkpointing, state.group("ring").world_size)
         self._sp = GroupRef(state.group("sp"))
         h = cfg.hidden_size
         self.patch_embed = nn.Conv3d(

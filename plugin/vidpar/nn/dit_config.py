@@ -32,9 +32,10 @@ class DiTConfig:
     ``activation_checkpointing`` recomputes each block's activations in the backward
     pass (with their collectives) instead of keeping them: far less memory for long videos,
     about a third more compute; ``"keep_attention"`` also keeps each self-attention's
-    output, so its kernel is not run again (:mod:`vidpar.nn.activation_checkpointing`). ``compile`` compiles the block once for all blocks
-    (regional compilation, :mod:`vidpar.nn.regional_compile`): ``True`` (inductor) or a
-    ``torch.compile`` backend name. Neither changes a weight or a result.
+    output, so its kernel is not run again (:mod:`vidpar.nn.activation_checkpointing`).
+    ``compile`` compiles the block once for all blocks (regional compilation,
+    :mod:`vidpar.nn.regional_compile`): ``True`` (inductor) or a ``torch.compile``
+    backend name. Neither changes a weight or a result.
     """
 
     in_channels: int = 4
