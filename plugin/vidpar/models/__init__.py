@@ -9,6 +9,9 @@ Public API:
   forward signature and the outputs of the single-device model). Outside any layout it
   changes nothing (``compile`` still compiles the repeated blocks).
 * :data:`SUPPORTED_MODELS`: the class names it knows.
+* :func:`parallelize_vae(vae, group=None) <vidpar.models.parallel_vae.parallelize_vae>`:
+  a diffusers ``AutoencoderKLWan`` whose ``encode``/``decode`` split the rows over the
+  replica's ranks (exactly: halo exchange, gathered attention) and return the whole result.
 * :func:`peft_to_adapter <vidpar.nn.lora.peft_to_adapter>` turns a diffusers/PEFT LoRA
   file into the adapter that :class:`vidpar.nn.lora.LoraManager` merges under any tp.
 
@@ -16,7 +19,8 @@ Public API:
 objects they are given.
 """
 
+from vidpar.models.parallel_vae import parallelize_vae
 from vidpar.models.parallelize import SUPPORTED_MODELS, parallelize
 from vidpar.nn.lora import peft_to_adapter
 
-__all__ = ["SUPPORTED_MODELS", "parallelize", "peft_to_adapter"]
+__all__ = ["SUPPORTED_MODELS", "parallelize", "parallelize_vae", "peft_to_adapter"]
