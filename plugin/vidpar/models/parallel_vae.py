@@ -8,10 +8,10 @@ pixel rows the same blocks times the spatial scale, so every up- and downsamplin
 the block borders aligned). What crosses a block border is exchanged, not approximated:
 
 * every convolution whose kernel reaches over rows (the causal 3D convolutions, the 2D
-  convolutions after upsampling, the zero padding before a strided downsampling) first
-  takes the neighbours' border rows (:func:`vidpar.nn.halo.exchange_halo`); the causal
-  cache of past frames is each rank's own rows, so the frame-by-frame decode and the
-  four-frame encode chunks work unchanged;
+  convolutions after upsampling, the zero padding before a strided downsampling) pads
+  its row block with the neighbours' border rows (:func:`vidpar.nn.halo.halo_pad`); the
+  causal cache of past frames is each rank's own rows, so the frame-by-frame decode and
+  the four-frame encode chunks work unchanged;
 * the attention blocks (the mid-block's attention over each frame's whole plane, at the
   lowest resolution) gather keys and values of all rows; each rank keeps its queries;
 * ``WanRMS_norm`` normalises each position over channels and the clamp, the 1×1×1
@@ -39,7 +39,7 @@ from torch import nn
 
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.distributed.state import ParallelState, get_parallel_state
-from vidpar.nn.halo import exchange_halo, gather_rows, split_sizes
+from vidpar.nn.halo import gather_rows, halo_pad, split_sizes
 
 __all__ = ["SUPPORTED_VAES", "parallelize_vae", "replica_group"]
 
@@ -188,22 +188,19 @@ def _causal_conv3d(
     if cache_x is not None and padding[4] > 0:
         x = torch.cat([cache_x.to(x.device), x], dim=2)
         padding[4] -= cache_x.shape[2]
-    x = exchange_halo(x, split.group, 3, padding[2], padding[3])
-    padding[2] = padding[3] = 0
-    return nn.Conv3d.forward(conv, F.pad(x, padding))
+    return nn.Conv3d.forward(conv, halo_pad(x, split.group, 3, padding))
 
 
 def _conv2d(conv: nn.Conv2d, split: _RowSplit, x: torch.Tensor) -> torch.Tensor:
     """A zero-padded ``Conv2d`` over row blocks (the convolution after an upsampling)."""
     rows, cols = conv.padding
-    x = F.pad(exchange_halo(x, split.group, 2, rows, rows), (cols, cols))
+    x = halo_pad(x, split.group, 2, (cols, cols, rows, rows))
     return F.conv2d(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
 
 
 def _zero_pad(pad: nn.ZeroPad2d, split: _RowSplit, x: torch.Tensor) -> torch.Tensor:
     """The zero padding before a strided downsampling: rows below come from the next rank."""
-    left, right, top, bottom = pad.padding
-    return F.pad(exchange_halo(x, split.group, 2, top, bottom), (left, right))
+    return halo_pad(x, split.group, 2, pad.padding)
 
 
 def _attention(block: nn.Module, split: _RowSplit, x: torch.Tensor) -> torch.Tensor:

@@ -2,12 +2,12 @@
 
 A convolution over a tensor whose dimension ``dim`` is split in consecutive blocks over
 the ranks of a group (rank 0 holds the first rows) needs, at each block border, the rows
-of the neighbouring block that its kernel reaches. :func:`exchange_halo` pads a block
-with ``before`` rows of the previous rank and ``after`` rows of the next one (zeros at
-the two ends of the whole tensor, where a convolution's zero padding would be), so that
-the convolution of the padded blocks, without padding along ``dim``, is exactly the
-block of the whole convolution. :func:`gather_rows` is the way back: the blocks, of
-unequal sizes, joined in rank order on every rank.
+of the neighbouring block that its kernel reaches. :func:`halo_pad` is ``F.pad`` for a
+block: the padding of ``dim`` holds the neighbouring ranks' rows (zeros at the two ends
+of the whole tensor, where a convolution's zero padding would be), so that the
+convolution of the padded blocks is exactly the block of the whole convolution.
+:func:`gather_rows` is the way back: the blocks, of unequal sizes, joined in rank order
+on every rank.
 
 The point-to-point messages go through the group's :class:`GroupCoordinator` (so
 telemetry sees them), in two phases per direction: even ranks send first while odd ranks
@@ -16,12 +16,14 @@ receive, then the other way round, so blocking sends never wait on each other.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from vidpar.distributed.group import GroupCoordinator
 
-__all__ = ["exchange_halo", "gather_rows", "split_sizes"]
+__all__ = ["gather_rows", "halo_pad", "split_sizes"]
 
 
 def split_sizes(total: int, parts: int) -> list[int]:
@@ -34,14 +36,14 @@ def split_sizes(total: int, parts: int) -> list[int]:
 def _pass_rows(
     group: GroupCoordinator, rows: torch.Tensor, shape: torch.Size, forward: bool
 ) -> torch.Tensor | None:
-    """Send ``rows`` to the next rank (``forward``) or the previous one, and return what
+    """Send ``rows`` (nothing when empty) to the next rank (``forward``) or the previous one, and return what
     the opposite neighbour sent (``None`` at the end of the chain). ``shape`` is the
     shape of the rows that arrive."""
     rank, size = group.rank_in_group, group.world_size
     dst = rank + 1 if forward else rank - 1
     src = rank - 1 if forward else rank + 1
-    sends = 0 <= dst < size
-    receives = 0 <= src < size
+    sends = 0 <= dst < size and rows.numel() > 0
+    receives = 0 <= src < size and rows.numel() > 0
     received = None
     # The chain position decides the order: senders on even positions go first.
     position = rank if forward else size - 1 - rank
@@ -53,18 +55,19 @@ def _pass_rows(
     return received
 
 
-def exchange_halo(
-    x: torch.Tensor, group: GroupCoordinator, dim: int, before: int, after: int
+def halo_pad(
+    x: torch.Tensor, group: GroupCoordinator, dim: int, pad: Sequence[int]
 ) -> torch.Tensor:
-    """``x`` (this rank's block along ``dim``) with ``before`` rows of the previous rank's
-    block above it and ``after`` rows of the next rank's below it; zeros where there is no
-    neighbour. Every rank's block must have at least ``max(before, after)`` rows."""
-    if before == 0 and after == 0:
-        return x
+    """``F.pad(x, pad)`` (zeros; ``pad`` as ``F.pad`` takes it, last dim first) where the
+    padding of ``dim`` (this rank's block of rows) holds the previous rank's last rows
+    before the block and the next rank's first rows after it; zeros where there is no
+    neighbour. One padded copy, as ``F.pad`` makes; every block must have at least as
+    many rows as the padding of ``dim`` asks."""
     dim = dim % x.dim()
-    if group.world_size == 1:
-        pad = [0, 0] * (x.dim() - dim - 1) + [before, after]
-        return F.pad(x, pad)
+    pairs = [(pad[i], pad[i + 1]) for i in range(0, len(pad), 2)]
+    before, after = pairs[x.dim() - 1 - dim] if x.dim() - 1 - dim < len(pairs) else (0, 0)
+    if group.world_size == 1 or before == after == 0:
+        return F.pad(x, list(pad))
     rows = x.shape[dim]
     if rows < max(before, after):
         raise ValueError(
@@ -77,17 +80,20 @@ def exchange_halo(
         shape[dim] = count
         return torch.Size(shape)
 
-    parts = []
-    if before:
-        # My last rows are the next rank's "before" halo.
-        top = _pass_rows(group, x.narrow(dim, rows - before, before), halo_shape(before), True)
-        parts.append(top if top is not None else x.new_zeros(halo_shape(before)))
-    parts.append(x)
-    if after:
-        # My first rows are the previous rank's "after" halo.
-        bottom = _pass_rows(group, x.narrow(dim, 0, after), halo_shape(after), False)
-        parts.append(bottom if bottom is not None else x.new_zeros(halo_shape(after)))
-    return torch.cat(parts, dim)
+    # My last rows are the next rank's rows before; my first rows the previous rank's after.
+    top = _pass_rows(group, x.narrow(dim, rows - before, before), halo_shape(before), True)
+    bottom = _pass_rows(group, x.narrow(dim, 0, after), halo_shape(after), False)
+    out = F.pad(x, list(pad))
+    inner = out
+    for d, (low, _) in enumerate(reversed(pairs)):
+        d += x.dim() - len(pairs)
+        if d != dim:
+            inner = inner.narrow(d, low, x.shape[d])
+    if top is not None:
+        inner.narrow(dim, 0, before).copy_(top)
+    if bottom is not None:
+        inner.narrow(dim, before + rows, after).copy_(bottom)
+    return out
 
 
 def gather_rows(
