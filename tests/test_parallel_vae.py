@@ -1,8 +1,8 @@
 """vidpar.models.parallelize_vae: diffusers' AutoencoderKLWan split in rows over gloo
 worlds of 2 and 4 decodes and encodes exactly what the whole VAE does (float64), with a
 latent height of 5 (a multiple of neither 2 nor 4), three resolution levels, attention in
-the mid-blocks, and the causal frame cache; a VAE it cannot split runs
-whole with a log line."""
+the mid-blocks and the causal frame cache, for Wan2.1's layout and Wan2.2's (residual
+blocks, patches); the replica group; a VAE it cannot split runs whole with a log line."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from vidpar.distributed import telemetry
 from vidpar.models import parallelize_vae
 from vidpar.models.parallel_vae import replica_group
 
-#: Three levels (4× in space, 2× in time); attention in the mid-blocks (diffusers cannot
-#: run encoder attention at other scales: its down blocks pass it the frame cache).
-CONFIG = {
+#: Wan2.1's layout at three levels (4× in space, 2× in time); attention in the mid-blocks
+#: (diffusers cannot run encoder attention at other scales: its down blocks pass it the
+#: frame cache).
+WAN21 = {
     "base_dim": 8,
     "z_dim": 4,
     "dim_mult": [1, 2, 2],
@@ -31,24 +32,36 @@ CONFIG = {
     "scale_factor_temporal": 2,
     "scale_factor_spatial": 4,
 }
-#: [B, C, T, H, W]: 3 latent frames, 5 latent rows.
+#: Wan2.2's: residual up/down blocks (pixel-shuffle shortcuts), 2×2 patches, 8× in space.
+WAN22 = WAN21 | {
+    "decoder_base_dim": 12,
+    "is_residual": True,
+    "in_channels": 12,
+    "out_channels": 12,
+    "patch_size": 2,
+    "scale_factor_spatial": 8,
+}
+VARIANTS = {"wan2.1": WAN21, "wan2.2": WAN22}
+#: [B, C, T, H, W]: 3 latent frames, 5 latent rows (a multiple of neither 2 nor 4).
 LATENT = (1, 4, 3, 5, 6)
-VIDEO = (1, 3, 5, 20, 24)
 TOLERANCE = 1e-10
 
 
 @pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("parallel-vae") / "vae"
-    torch.manual_seed(0)
-    AutoencoderKLWan(**CONFIG).save_pretrained(str(path))
-    return path
+def vae_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parallel-vae")
+    for name, config in VARIANTS.items():
+        torch.manual_seed(0)
+        AutoencoderKLWan(**config).save_pretrained(str(root / name))
+    return root
 
 
-def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+def _inputs(scale: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents, and a video of 5 frames whose height gives 5 latent rows."""
     generator = torch.Generator().manual_seed(1)
     latents = torch.randn(LATENT, generator=generator, dtype=torch.float64)
-    video = torch.rand(VIDEO, generator=generator, dtype=torch.float64) * 2 - 1
+    video_shape = (1, 3, 5, LATENT[3] * scale, LATENT[4] * scale)
+    video = torch.rand(video_shape, generator=generator, dtype=torch.float64) * 2 - 1
     return latents, video
 
 
@@ -59,7 +72,7 @@ def _load(path) -> AutoencoderKLWan:
 @torch.no_grad()
 def _split_results(path) -> dict[str, object]:
     vae = parallelize_vae(_load(path))
-    latents, video = _inputs()
+    latents, video = _inputs(vae.spatial_compression_ratio)
     recorder = telemetry.start_recording()
     try:
         decoded = vae.decode(latents).sample
@@ -73,14 +86,15 @@ def _split_results(path) -> dict[str, object]:
     }
 
 
-@pytest.mark.parametrize("size", [2, 4])
-def test_split_vae_equals_whole(worlds, vae_dir, size):
+@pytest.mark.parametrize(("variant", "size"), [("wan2.1", 2), ("wan2.1", 4), ("wan2.2", 2)])
+def test_split_vae_equals_whole(worlds, vae_dirs, variant, size):
+    path = vae_dirs / variant
     with torch.no_grad():
-        whole = _load(vae_dir)
-        latents, video = _inputs()
+        whole = _load(path)
+        latents, video = _inputs(whole.spatial_compression_ratio)
         decoded = whole.decode(latents).sample
         moments = whole.encode(video).latent_dist.parameters
-    results = worlds(size).run(_split_results, vae_dir, layout=ParallelConfig(sp=size))
+    results = worlds(size).run(_split_results, path, layout=ParallelConfig(sp=size))
     for rank, result in enumerate(results):
         for name, reference in (("decoded", decoded), ("moments", moments)):
             got = result[name]
