@@ -11,7 +11,7 @@ every rank returns; not the weights and latents that exist before, and not scrat
 memory that a kernel allocates and frees inside one op. The split decode is also checked
 against the whole one. Prints a table and writes JSON::
 
-    python benchmarks/parallel_vae_memory.py benchmarks/results/parallel_vae_memory.json
+    python benchmarks/parallel_vae_memory.py benchmarks/results/2026-12-07_cpu_parallel_vae_memory.json
 """
 
 from __future__ import annotations

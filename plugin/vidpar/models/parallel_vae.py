@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vidpar.distributed.group import GroupCoordinator
-from vidpar.distributed.state import ParallelState, get_parallel_state
+from vidpar.distributed.state import ParallelState, _new_group, get_parallel_state
 from vidpar.nn.halo import gather_rows, halo_pad, split_sizes
 
 __all__ = ["SUPPORTED_VAES", "parallelize_vae", "replica_group"]
@@ -76,8 +76,9 @@ class _RowSplit:
 def replica_group(state: ParallelState | None = None) -> GroupCoordinator:
     """The ranks of this process's replica (cfg × sp × tp: the ranks that share a batch).
 
-    With ``dp == 1`` that is the world group; otherwise its torch groups are created here,
-    once per layout, by a call that every rank of the world must make.
+    With ``dp == 1`` that is the world group; otherwise its torch groups are created here
+    (and destroyed with the layout's), once per layout, by a call that every rank of the
+    world must make; its coordinator is named ``"vae"`` in telemetry.
     """
     state = get_parallel_state() if state is None else state
     config = state.config
@@ -90,8 +91,8 @@ def replica_group(state: ParallelState | None = None) -> GroupCoordinator:
         mine = None
         for first in range(0, config.world_size, size):  # new_group: collective, same order
             ranks = list(range(first, first + size))
-            device_group = dist.new_group(ranks)
-            cpu_group = device_group if gloo else dist.new_group(ranks, backend="gloo")
+            device_group = _new_group(ranks, None)
+            cpu_group = device_group if gloo else _new_group(ranks, "gloo")
             if state.rank in ranks:
                 mine = GroupCoordinator("vae", ranks, cpu_group, device_group, state.device)
         group = _REPLICA_GROUPS[state] = mine
@@ -107,6 +108,11 @@ def parallelize_vae(vae: VaeT, group: GroupCoordinator | None = None) -> VaeT:
     :data:`SUPPORTED_VAES`, leaves ``vae`` whole (logged). Calling it again moves the
     VAE to the new group.
     """
+    if group is not None and not isinstance(group, GroupCoordinator):
+        raise TypeError(
+            f"parallelize_vae(group=...) takes a vidpar GroupCoordinator (e.g. "
+            f"get_parallel_state().group('sp')), not {type(group).__name__}"
+        )
     group = replica_group() if group is None else group
     name = type(vae).__name__
     if not _is_supported(vae):
