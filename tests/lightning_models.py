@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from vidpar.data import MovingShapesDataset
 from vidpar.lightning import VideoDiffusionModule
 from vidpar.nn.dit import DiTConfig
+from vidpar.nn.regional_compile import CompileSetting
 
 TINY_DIT = DiTConfig(
     in_channels=3, patch_size=(1, 2, 2), hidden_size=32, num_heads=4, depth=1, num_classes=4
@@ -26,9 +28,10 @@ class RecordingDiT(VideoDiffusionModule):
     batch whatever the layout.
     """
 
-    def __init__(self, log_dir: str, **kwargs) -> None:
+    def __init__(self, log_dir: str, compile: CompileSetting = False, **kwargs) -> None:
         kwargs.setdefault("ema_decay", 0.9)  # every layout test checks the EMA copy too
-        super().__init__(dit=TINY_DIT, lr=1e-2, num_sample_videos=0, **kwargs)
+        dit = dataclasses.replace(TINY_DIT, compile=compile)
+        super().__init__(dit=dit, lr=1e-2, num_sample_videos=0, **kwargs)
         self.log_dir = log_dir
         self.losses: list[float] = []
 

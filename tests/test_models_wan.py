@@ -268,7 +268,8 @@ def test_cfg_parallel_sampling_equals_one_process(worlds, layout):
 
 def _compiled_matches_eager() -> dict[str, float]:
     reference = tiny_wan()
-    model = parallelize(copy.deepcopy(reference), compile={"backend": "aot_eager"})
+    options = {"backend": "aot_eager", "fullgraph": True}  # a graph break raises
+    model = parallelize(copy.deepcopy(reference), compile=options)
     inputs = wan_inputs()
     expected = reference(**inputs, return_dict=False)[0]
     out = model(**inputs, return_dict=False)[0]
@@ -279,9 +280,12 @@ def _compiled_matches_eager() -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_regional_compilation_equals_eager_under_sp2(worlds):
-    errors = worst(worlds(2).run(_compiled_matches_eager, layout=LAYOUTS["sp2"]))
-    check_errors(errors, tiny_wan(), sp=2)
+@pytest.mark.parametrize("name", ["sp2", "tp2_sp2", "ulysses2_ring2"])
+def test_regional_compilation_equals_eager(worlds, name):
+    """Each block one graph with its collectives (``fullgraph=True``), under every layout."""
+    layout = LAYOUTS[name]
+    errors = worst(worlds(layout.world_size).run(_compiled_matches_eager, layout=layout))
+    check_errors(errors, tiny_wan(), sp=layout.sp)
 
 
 def _bad_heads_and_twice() -> list[str]:

@@ -16,9 +16,9 @@ op                            forward                    backward
 divide the group size: the sequence is zero-padded at its end before sharding and the
 padding is trimmed after gathering, so the round trip is exact.
 
-Under ``torch.compile`` the collectives are not traced: each runs eagerly and breaks the
-compiled graph around it (:mod:`vidpar.nn.regional_compile`); with a group of one there
-is no op, hence no break.
+Under ``torch.compile`` these functions are traced whole, forward and backward: their
+collectives become the custom ops of :mod:`vidpar.distributed.collective_ops`, so a block
+with tp or Ulysses compiles to one graph; with a group of one there is no op at all.
 """
 
 from __future__ import annotations
@@ -37,16 +37,21 @@ class _CopyToGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return ctx.group.all_reduce(grad.contiguous().clone()), None
+        return _summed(grad, ctx.group), None
+
+
+def _summed(x: torch.Tensor, group: GroupCoordinator) -> torch.Tensor:
+    """The sum of ``x`` over ``group`` in a new tensor (traced, the all-reduce is out of
+    place already)."""
+    return group.all_reduce(x if torch.compiler.is_compiling() else x.contiguous().clone())
 
 
 class _ReduceFromGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: GroupCoordinator, in_place: bool) -> torch.Tensor:
-        if in_place and x.is_contiguous():
-            ctx.mark_dirty(x)
-        else:
-            x = x.contiguous().clone()
+        if not in_place or torch.compiler.is_compiling() or not x.is_contiguous():
+            return _summed(x, group)
+        ctx.mark_dirty(x)
         return group.all_reduce(x)
 
     @staticmethod
@@ -94,16 +99,10 @@ class _AllToAll(torch.autograd.Function):
         return ctx.group.all_to_all(grad, ctx.gather_dim, ctx.scatter_dim), None, None, None
 
 
-@torch.compiler.disable
-def _apply(op: type[torch.autograd.Function], *args):
-    """``op.apply(*args)``, never traced: a compiled graph breaks here, cleanly."""
-    return op.apply(*args)
-
-
 def copy_to_group(x: torch.Tensor, group: GroupCoordinator) -> torch.Tensor:
     """Identity forward; the gradient is summed over ``group`` (input of a column-parallel
     layer, whose partial input gradients each rank computes)."""
-    return x if group.world_size == 1 else _apply(_CopyToGroup, x, group)
+    return x if group.world_size == 1 else _CopyToGroup.apply(x, group)
 
 
 def reduce_from_group(
@@ -114,25 +113,25 @@ def reduce_from_group(
     ``in_place=True`` reduces ``x`` itself instead of a copy: for a fresh intermediate
     that nothing else reads, such as a matmul's output (autograd rejects it if a backward
     still needs ``x``)."""
-    return x if group.world_size == 1 else _apply(_ReduceFromGroup, x, group, in_place)
+    return x if group.world_size == 1 else _ReduceFromGroup.apply(x, group, in_place)
 
 
 def shard_to_group(x: torch.Tensor, group: GroupCoordinator, dim: int) -> torch.Tensor:
     """This rank's equal shard along ``dim``; backward gathers the gradient."""
-    return x if group.world_size == 1 else _apply(_ShardToGroup, x, group, dim)
+    return x if group.world_size == 1 else _ShardToGroup.apply(x, group, dim)
 
 
 def gather_from_group(x: torch.Tensor, group: GroupCoordinator, dim: int) -> torch.Tensor:
     """Every rank's shard concatenated along ``dim``; backward keeps this rank's shard of
     the gradient (the computation after the gather is replicated on every rank)."""
-    return x if group.world_size == 1 else _apply(_GatherFromGroup, x, group, dim)
+    return x if group.world_size == 1 else _GatherFromGroup.apply(x, group, dim)
 
 
 def all_to_all(
     x: torch.Tensor, group: GroupCoordinator, scatter_dim: int, gather_dim: int
 ) -> torch.Tensor:
     """Differentiable all-to-all: scatter ``scatter_dim``, gather ``gather_dim``."""
-    return x if group.world_size == 1 else _apply(_AllToAll, x, group, scatter_dim, gather_dim)
+    return x if group.world_size == 1 else _AllToAll.apply(x, group, scatter_dim, gather_dim)
 
 
 def shard_sequence(x: torch.Tensor, group: GroupCoordinator, dim: int = 1) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup, ReduceOp
 
-from vidpar.distributed import telemetry
+from vidpar.distributed import collective_ops, telemetry
 from vidpar.distributed.device_communicators import DeviceCommunicator, create_communicator
 
 
@@ -19,7 +19,10 @@ class GroupCoordinator:
     for objects and control, a ``device_group`` for tensors and the ``communicator`` that
     moves them. Sources and destinations are ranks in the group. A group of one rank
     communicates nothing and returns at once. Every tensor collective is timed into the
-    active :mod:`~vidpar.distributed.telemetry` recorder, if any.
+    active :mod:`~vidpar.distributed.telemetry` recorder, if any. While ``torch.compile``
+    traces, all-reduce, all-gather, reduce-scatter and all-to-all become the custom ops of
+    :mod:`~vidpar.distributed.collective_ops` (out of place), which run these same methods
+    when the compiled graph runs.
     """
 
     def __init__(
@@ -40,6 +43,8 @@ class GroupCoordinator:
         self.device_group = device_group
         self.device = device
         self.communicator: DeviceCommunicator | None = None
+        #: The name this group's traceable collectives know it by.
+        self.key = collective_ops.group_key(self, name)
         if self.world_size > 1:
             self.communicator = create_communicator(
                 communicator, cpu_group, device_group, self.ranks, self.rank_in_group, device
@@ -78,9 +83,12 @@ class GroupCoordinator:
     def all_reduce(
         self, tensor: torch.Tensor, op: ReduceOp.RedOpType = ReduceOp.SUM
     ) -> torch.Tensor:
-        """Sum (or ``op``) over the group, in place; returns ``tensor``."""
+        """Sum (or ``op``) over the group, in place; returns ``tensor`` (a new tensor while
+        ``torch.compile`` traces)."""
         if self.world_size == 1:
             return tensor
+        if torch.compiler.is_compiling():
+            return torch.ops.vidpar.all_reduce(tensor, self.key, op.name)
         with self._measure("all_reduce", tensor):
             return self.communicator.all_reduce(tensor, op)
 
@@ -88,6 +96,8 @@ class GroupCoordinator:
         """Every rank's ``tensor`` concatenated along ``dim`` in rank order."""
         if self.world_size == 1:
             return tensor
+        if torch.compiler.is_compiling():
+            return torch.ops.vidpar.all_gather(tensor, self.key, dim)
         nbytes = tensor.numel() * tensor.element_size() * self.world_size
         with self._measure("all_gather", tensor, nbytes):
             return self.communicator.all_gather(tensor, dim)
@@ -106,6 +116,8 @@ class GroupCoordinator:
         """Reduce over the group and keep this rank's equal chunk along ``dim``."""
         if self.world_size == 1:
             return tensor
+        if torch.compiler.is_compiling():
+            return torch.ops.vidpar.reduce_scatter(tensor, self.key, dim, op.name)
         with self._measure("reduce_scatter", tensor):
             return self.communicator.reduce_scatter(tensor, dim, op)
 
@@ -114,6 +126,8 @@ class GroupCoordinator:
         along ``gather_dim`` (the Ulysses exchange)."""
         if self.world_size == 1:
             return tensor
+        if torch.compiler.is_compiling():
+            return torch.ops.vidpar.all_to_all(tensor, self.key, scatter_dim, gather_dim)
         with self._measure("all_to_all", tensor):
             return self.communicator.all_to_all(tensor, scatter_dim, gather_dim)
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from vidpar.distributed import telemetry
+from vidpar.distributed import collective_ops, telemetry
 from vidpar.distributed.communication_op import all_to_all
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.distributed.state import get_parallel_state
@@ -163,7 +163,6 @@ def _local_attention(
 # Ring attention ------------------------------------------------------------------
 
 
-@torch.compiler.disable  # its exchanges run eagerly: a compiled block's graph breaks here
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -180,11 +179,15 @@ def ring_attention(
     ``valid[j]``: the number of real (unpadded) tokens at the start of block ``j``.
     ``joint_k/joint_v``: ``[B, L, H, D]`` local extra keys attended by every query.
     ``group`` may be a :class:`LocalRing`: rank 0's work with the blocks on one device.
-    Each block runs on a fused kernel of :mod:`vidpar.nn.attention_kernels`.
+    Each block runs on a fused kernel of :mod:`vidpar.nn.attention_kernels`. With a real
+    group the whole ring (its exchanges overlapped with the blocks' kernels) is one custom
+    op, forward and backward, so ``torch.compile`` traces it as one node of the graph.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    ring = group if isinstance(group, LocalRing) else _RingExchange(group)
-    return _RingAttention.apply(q, k, v, joint_k, joint_v, ring, tuple(valid), scale)
+    if isinstance(group, LocalRing):
+        return _RingAttention.apply(q, k, v, joint_k, joint_v, group, tuple(valid), scale)
+    out, _ = torch.ops.vidpar.ring_attention(q, k, v, joint_k, joint_v, group.key, valid, scale)
+    return out
 
 
 def _stack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -269,22 +272,106 @@ class _Ready:
 
 
 class _RingAttention(torch.autograd.Function):
-    """Forward: the merge of every block's attention by log-sum-exp. Backward: each block's
-    fused backward with the final output and log-sum-exp; dK/dV accumulators (float32, or
-    float64) travel around the ring with their K/V block and come home complete."""
+    """The ring over a :class:`LocalRing` (no communication), for benchmarks and tests."""
 
     @staticmethod
     def forward(ctx, q, k, v, joint_k, joint_v, ring, valid, scale):
-        with torch.autocast(q.device.type, enabled=False):  # kernels in the input dtype
-            return _RingAttention._forward(ctx, q, k, v, joint_k, joint_v, ring, valid, scale)
+        out, lse = _ring_forward(q, k, v, joint_k, joint_v, ring, valid, scale)
+        ctx.save_for_backward(q, k, v, joint_k, joint_v, out, lse)
+        ctx.ring, ctx.valid, ctx.scale = ring, valid, scale
+        return out
 
     @staticmethod
     def backward(ctx, dout):
-        with torch.autocast(dout.device.type, enabled=False):
-            return _RingAttention._backward(ctx, dout)
+        grads = _ring_backward(dout, *ctx.saved_tensors, ctx.ring, ctx.valid, ctx.scale)
+        return *grads, None, None, None
 
-    @staticmethod
-    def _forward(ctx, q, k, v, joint_k, joint_v, ring, valid, scale):
+
+@torch.library.custom_op("vidpar::ring_attention", mutates_args=())
+def _ring_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    joint_k: torch.Tensor | None,
+    joint_v: torch.Tensor | None,
+    group: str,
+    valid: list[int],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ring attention over the ring group ``group`` (a group's key): output and lse."""
+    ring = _RingExchange(collective_ops.lookup(group))
+    out, lse = _ring_forward(q, k, v, joint_k, joint_v, ring, tuple(valid), scale)
+    return out, lse.contiguous()  # the kernels' lse may be a transposed view
+
+
+@_ring_attention_op.register_fake
+def _(q, k, v, joint_k, joint_v, group, valid, scale):
+    batch, length, heads, _ = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(q.shape), q.new_empty((batch, heads, length), dtype=lse_dtype)
+
+
+@torch.library.custom_op("vidpar::ring_attention_backward", mutates_args=())
+def _ring_attention_backward_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    joint_k: torch.Tensor | None,
+    joint_v: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    group: str,
+    valid: list[int],
+    scale: float,
+) -> list[torch.Tensor]:
+    """dq, dk, dv (and djoint_k, djoint_v when joint tokens were given) of the ring."""
+    ring = _RingExchange(collective_ops.lookup(group))
+    grads = _ring_backward(dout, q, k, v, joint_k, joint_v, out, lse, ring, tuple(valid), scale)
+    return _unaliased([g for g in grads if g is not None])
+
+
+def _unaliased(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` with each one that shares storage with an earlier one copied (a custom
+    op's outputs may not alias each other; dK and dV are views of one buffer when they
+    need no cast)."""
+    seen: set[int] = set()
+    result = []
+    for tensor in tensors:
+        storage = tensor.untyped_storage().data_ptr()
+        result.append(tensor.clone() if storage in seen else tensor)
+        seen.add(storage)
+    return result
+
+
+@_ring_attention_backward_op.register_fake
+def _(dout, q, k, v, joint_k, joint_v, out, lse, group, valid, scale):
+    inputs = (q, k, v) if joint_k is None else (q, k, v, joint_k, joint_v)
+    return [t.new_empty(t.shape) for t in inputs]
+
+
+def _save_ring_inputs(ctx, inputs, output) -> None:
+    q, k, v, joint_k, joint_v, group, valid, scale = inputs
+    ctx.save_for_backward(q, k, v, joint_k, joint_v, *output)
+    ctx.group, ctx.valid, ctx.scale = group, valid, scale
+
+
+def _ring_attention_grads(ctx, dout, _dlse):
+    q, k, v, joint_k, joint_v, out, lse = ctx.saved_tensors
+    grads = torch.ops.vidpar.ring_attention_backward(
+        dout, q, k, v, joint_k, joint_v, out, lse, ctx.group, ctx.valid, ctx.scale
+    )
+    dq, dk, dv, *joint = grads
+    djk, djv = joint if joint else (None, None)
+    return dq, dk, dv, djk, djv, None, None, None
+
+
+_ring_attention_op.register_autograd(_ring_attention_grads, setup_context=_save_ring_inputs)
+
+
+def _ring_forward(q, k, v, joint_k, joint_v, ring, valid, scale):
+    """Every block's attention merged by log-sum-exp: ``(out [B, S, H, D], lse)``."""
+    with torch.autocast(q.device.type, enabled=False):  # kernels in the input dtype
         rank, size = ring.rank, ring.size
         qh = heads_first(q)
         kv = _stack_kv(k, v)
@@ -301,15 +388,14 @@ class _RingAttention(torch.autograd.Function):
             jk, jv = heads_first(joint_k), heads_first(joint_v)
             merge.add(*attention_forward(qh, jk, jv, scale))
         out, lse = merge.result()
-        out = out.transpose(1, 2).contiguous()
-        ctx.save_for_backward(q, k, v, joint_k, joint_v, out, lse)
-        ctx.ring, ctx.valid, ctx.scale = ring, valid, scale
-        return out
+        return out.transpose(1, 2).contiguous(), lse
 
-    @staticmethod
-    def _backward(ctx, dout):
-        q, k, v, joint_k, joint_v, out, lse = ctx.saved_tensors
-        ring, valid, scale = ctx.ring, ctx.valid, ctx.scale
+
+def _ring_backward(dout, q, k, v, joint_k, joint_v, out, lse, ring, valid, scale):
+    """``(dq, dk, dv, djoint_k, djoint_v)``: each block's fused backward with the final
+    output and log-sum-exp; dK/dV accumulators (float32, or float64) travel around the ring
+    with their K/V block and come home complete."""
+    with torch.autocast(dout.device.type, enabled=False):
         rank, size = ring.rank, ring.size
         dtype = lse.dtype  # float32, or float64 for float64 inputs
         qh, oh, do = heads_first(q), heads_first(out), heads_first(dout.contiguous())
@@ -346,4 +432,4 @@ class _RingAttention(torch.autograd.Function):
             dqj, djk, djv = attention_backward(do, qh, jk, jv, oh, lse, scale)
             dq = dqj.to(dtype) if dq is None else dq.add_(dqj)
             djk, djv = djk.transpose(1, 2).to(joint_k.dtype), djv.transpose(1, 2).to(joint_v.dtype)
-        return dq.transpose(1, 2).to(q.dtype), dk, dv, djk, djv, None, None, None
+        return dq.transpose(1, 2).to(q.dtype), dk, dv, djk, djv
