@@ -70,11 +70,17 @@ def inline_commands(programs: tuple[str, ...], path: Path = README) -> list[str]
 
 
 def ci_commands(path: Path = CI_SCRIPT) -> list[list[str]]:
-    """The commands ``.ci/run`` runs (without shell set-up and ``--quiet``), as words."""
+    """The commands ``.ci/run`` runs (without shell set-up, the fresh virtual environment
+    it makes and enters, and ``--quiet``), as words."""
     commands = []
     for line in path.read_text().splitlines():
         words = [w for w in shlex.split(line, comments=True) if w != "--quiet"]
-        if words and words[0] not in ("set", "cd"):
+        setup = words[:1] in (["set"], ["cd"], ["trap"], ["source"]) or words[:3] == [
+            "python",
+            "-m",
+            "venv",
+        ]
+        if words and not setup and "=" not in words[0]:
             commands.append(words)
     return commands
 
