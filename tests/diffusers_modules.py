@@ -40,10 +40,10 @@ class BaseCheckingLoraModule(RecordingDiffusersModule):
         from vidpar.models.pretrained import load_pretrained
 
         super().on_train_end()
-        fresh = parallelize(load_pretrained(self.folder)).to(torch.float64).state_dict()
+        fresh = parallelize(load_pretrained(self.folder)).state_dict()
         frozen = {n: p for n, p in self.model.named_parameters() if not p.requires_grad}
         same = [
-            torch.equal(p.full_tensor() if isinstance(p, DTensor) else p.data, fresh[n])
+            torch.equal(p.full_tensor() if isinstance(p, DTensor) else p.data, fresh[n].to(p))
             for n, p in frozen.items()
         ]
         rank = self.trainer.global_rank

@@ -6,6 +6,7 @@ exported file loads in diffusers' WanPipeline and in vidpar with the trained mod
 from __future__ import annotations
 
 import json
+import math
 
 import lightning.pytorch as pl
 import pytest
@@ -16,10 +17,11 @@ from diffusers_modules import BaseCheckingLoraModule
 from lightning_models import read_losses
 from test_diffusers_training import compose_train
 from vidpar.data import LatentsDataModule
-from vidpar.lightning import DiffusersFlowModule, VidParStrategy, export_lora
+from vidpar.lightning import DiffusersFlowModule, VidParStrategy, export_diffusers, export_lora
 from vidpar.models.pretrained import load_pretrained
 from vidpar.models.testing import make_tiny_latents, make_tiny_wan
 from vidpar.nn.lora import LoraManager, peft_to_adapter
+from vidpar.nn.lora_layers import lora_parameters
 from vidpar.nn.lora_peft import LORA_WEIGHTS
 
 LORA = {"rank": 2, "alpha": 4}
@@ -32,20 +34,30 @@ def folders(tmp_path_factory):
     return model, make_tiny_latents(root / "latents", model)
 
 
-def fit(log_dir, folders, strategy, devices, max_steps, batch_size=2, ckpt_path=None):
+def fit(
+    log_dir,
+    folders,
+    strategy,
+    devices,
+    max_steps,
+    batch_size=2,
+    ckpt_path=None,
+    precision="64-true",
+    **module_kwargs,
+):
     """``max_steps`` LoRA steps of global batch 2 over the 4 latents, in float64."""
     model_dir, latents = folders
     log_dir.mkdir(parents=True, exist_ok=True)
     datamodule = LatentsDataModule(str(latents), batch_size=batch_size, shuffle=False)
     module = BaseCheckingLoraModule(
-        str(log_dir), path=str(model_dir), lr=1e-2, cfg_dropout=0.5, lora=LORA
+        str(log_dir), path=str(model_dir), lr=1e-2, cfg_dropout=0.5, lora=LORA, **module_kwargs
     )
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy=strategy,
         max_steps=max_steps,
-        precision="64-true",
+        precision=precision,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -71,8 +83,9 @@ def reference(folders, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tp2_sp2(folders, tmp_path_factory):
-    """Two steps of the LoRA recipe (gradient checkpointing on) at tp2 × sp2 on CPU, built
-    as vidpar-train builds a run, with a checkpoint after every step."""
+    """Three steps of the LoRA recipe (gradient checkpointing on) at tp2 × sp2 on CPU, built
+    as vidpar-train builds a run, with a checkpoint after every step. (B starts at zero, so
+    A's gradient is zero in step 1: only step 3's loss sees a wrong A gradient of step 2.)"""
     from hydra.utils import instantiate
 
     from vidpar.cli.hydra_setup import build_layout
@@ -96,7 +109,7 @@ def tp2_sp2(folders, tmp_path_factory):
         "data.batch_size=2",
         "data.shuffle=false",
         "data.num_workers=0",
-        "trainer.max_steps=2",
+        "trainer.max_steps=3",
         "trainer.val_check_interval=2",
         "trainer.precision=64-true",
         "trainer.gradient_clip_val=null",
@@ -118,7 +131,7 @@ def tp2_sp2(folders, tmp_path_factory):
 def test_tp2_sp2_lora_matches_one_process_and_keeps_the_base(reference, tp2_sp2):
     ref_dir, ref_losses = reference
     log_dir, _ = tp2_sp2
-    assert read_losses(log_dir) == pytest.approx(ref_losses[:2], rel=1e-9, abs=0)
+    assert read_losses(log_dir) == pytest.approx(ref_losses[:3], rel=1e-9, abs=0)
     assert len(set(ref_losses)) == 4  # the adapters train: every step differs
     for report in base_reports(ref_dir, 1) + base_reports(log_dir, 4):
         assert report["all_equal"] and report["frozen"] == report["total"], report
@@ -136,10 +149,29 @@ def test_lora_layouts_match_one_process(
     reference, folders, tmp_path, strategy, devices, batch_size
 ):
     ref_losses = reference[1]
-    fit(tmp_path, folders, strategy, devices, max_steps=2, batch_size=batch_size)
-    assert read_losses(tmp_path) == pytest.approx(ref_losses[:2], rel=1e-9, abs=0)
+    fit(tmp_path, folders, strategy, devices, max_steps=3, batch_size=batch_size)
+    assert read_losses(tmp_path) == pytest.approx(ref_losses[:3], rel=1e-9, abs=0)
     for report in base_reports(tmp_path, devices):
         assert report["all_equal"] and report["frozen"] == report["total"], report
+
+
+def test_bf16_lora_with_gradient_checkpointing_trains_only_the_adapters(folders, tmp_path):
+    module = fit(
+        tmp_path,
+        folders,
+        "auto",
+        1,
+        max_steps=3,
+        precision="bf16-true",
+        gradient_checkpointing=True,
+    )
+    losses = read_losses(tmp_path)
+    assert len(losses) == 3 and all(map(math.isfinite, losses)) and len(set(losses)) == 3
+    (report,) = base_reports(tmp_path, 1)
+    assert report["all_equal"] and report["frozen"] == report["total"], report
+    adapters = lora_parameters(module.model)
+    assert {p.dtype for p in adapters.values()} == {torch.bfloat16}
+    assert all(p.any() for n, p in adapters.items() if n.endswith("lora_B.weight"))  # trained
 
 
 def test_the_checkpoint_holds_adapters_only_and_resumes_at_tp1(
@@ -155,7 +187,7 @@ def test_the_checkpoint_holds_adapters_only_and_resumes_at_tp1(
     assert list(saved["model.model.blocks.0.ffn.net.2.lora_A.weight"].size) == [2, 64]
     assert any(k.startswith("optimizer_0.state.") for k in saved)
     fit(tmp_path, folders, VidParStrategy(), 1, max_steps=4, ckpt_path=ckpt)
-    assert read_losses(tmp_path) == pytest.approx(reference[1][2:], rel=1e-9, abs=0)
+    assert read_losses(tmp_path) == pytest.approx(reference[1][3:], rel=1e-9, abs=0)
 
 
 def test_the_exported_lora_loads_in_diffusers_and_vidpar_with_the_trained_output(
@@ -163,7 +195,7 @@ def test_the_exported_lora_loads_in_diffusers_and_vidpar_with_the_trained_output
 ):
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
-    log_dir, trained = tp2_sp2  # adapters of step 2, back in this process
+    log_dir, trained = tp2_sp2  # adapters of step 3, back in this process
     out = export_lora(log_dir / "checkpoints" / "last.ckpt", tmp_path / "lora")
     assert out == tmp_path / "lora" / LORA_WEIGHTS
     gen = torch.Generator().manual_seed(1)
@@ -218,3 +250,6 @@ def test_export_refuses_a_folder_with_other_contents(tp2_sp2, tmp_path):
     with pytest.raises(FileExistsError, match=r"exists and is not empty \(\['notes.txt'\]\)"):
         export_lora(ckpt, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    with pytest.raises(ValueError, match=r"holds LoRA adapters, not full weights.*export_lora"):
+        export_diffusers(ckpt, tmp_path / "full")
+    assert not (tmp_path / "full").exists()

@@ -245,6 +245,11 @@ def export_diffusers(
     hparams = torch.load(ckpt_dir / TRAINER_STATE, weights_only=False).get("hyper_parameters", {})
     if "path" not in hparams:
         raise ValueError(f"{ckpt_dir} was not written by DiffusersFlowModule (no model path)")
+    if hparams.get("lora"):
+        raise ValueError(
+            f"{ckpt_dir} holds LoRA adapters, not full weights: write them with "
+            "vidpar.lightning.export_lora(ckpt_dir, out_dir), a file diffusers loads"
+        )
     base = find_model_folder(base or hparams["path"], None if base else hparams.get("subfolder"))
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(base / "config.json", out_dir / "config.json")
