@@ -26,3 +26,26 @@ class RecordingDiffusersModule(DiffusersFlowModule):
             path = Path(self.log_dir) / "losses.json"
             previous = json.loads(path.read_text()) if path.exists() else []
             path.write_text(json.dumps(previous + self.losses))
+
+
+class BaseCheckingLoraModule(RecordingDiffusersModule):
+    """Also writes, per rank, whether every frozen base weight still equals (bit for bit)
+    this rank's shard of the model folder's, loaded afresh (``base_<rank>.json``)."""
+
+    def on_train_end(self) -> None:
+        import torch
+        from torch.distributed.tensor import DTensor
+
+        from vidpar.models import parallelize
+        from vidpar.models.pretrained import load_pretrained
+
+        super().on_train_end()
+        fresh = parallelize(load_pretrained(self.folder)).state_dict()
+        frozen = {n: p for n, p in self.model.named_parameters() if not p.requires_grad}
+        same = [
+            torch.equal(p.full_tensor() if isinstance(p, DTensor) else p.data, fresh[n].to(p))
+            for n, p in frozen.items()
+        ]
+        rank = self.trainer.global_rank
+        report = {"frozen": len(frozen), "all_equal": all(same), "total": len(fresh)}
+        (Path(self.log_dir) / f"base_{rank}.json").write_text(json.dumps(report))

@@ -99,8 +99,8 @@ def test_wheels_carry_every_config() -> None:
 
 
 #: Recipes of diffusers models (their folders are given on the command line): their data
-#: goes through their model in test_diffusers_training.
-DIFFUSERS_RECIPES = {"wan2_1_t2v_1p3b"}
+#: goes through their model in test_diffusers_training and test_lora_training.
+DIFFUSERS_RECIPES = {"wan2_1_t2v_1p3b", "wan2_1_t2v_1p3b_lora"}
 
 
 @pytest.mark.parametrize("recipe", sorted(set(options("recipe")) - DIFFUSERS_RECIPES))

@@ -82,7 +82,8 @@ def _model_state(module: torch.nn.Module) -> dict[str, Any]:
     mesh = _tp_mesh()
     if mesh is not None:
         for name, dim in _tp_dims(module).items():
-            state[name] = _as_dtensor(state[name], dim, mesh)
+            if name in state:  # a module may leave frozen weights out of its state (LoRA)
+                state[name] = _as_dtensor(state[name], dim, mesh)
     return state
 
 

@@ -2,8 +2,8 @@
 launcher, callbacks (telemetry, checkpoints with versions kept, the non-finite guard, the
 run supervisor: activity, save on interrupt; a step-based progress bar), a
 ready-made video-diffusion LightningModule and one for diffusers' video transformers
-(``DiffusersFlowModule`` and ``export_diffusers`` are imported lazily: diffusers is an
-optional extra)."""
+(``DiffusersFlowModule``, ``export_diffusers`` and ``export_lora`` are imported lazily:
+diffusers is an optional extra)."""
 
 import warnings
 from typing import Any
@@ -43,6 +43,7 @@ __all__ = [
     "VideoDiffusionModule",
     "export_diffusers",
     "export_full_checkpoint",
+    "export_lora",
 ]
 
 
@@ -51,4 +52,8 @@ def __getattr__(name: str) -> Any:
         from vidpar.lightning import diffusers_module
 
         return getattr(diffusers_module, name)
+    if name == "export_lora":
+        from vidpar.lightning.lora_export import export_lora
+
+        return export_lora
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

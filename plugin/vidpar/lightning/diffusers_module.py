@@ -20,8 +20,10 @@ from vidpar.models.pretrained import (
     DiffusersVelocity,
     find_model_folder,
     load_pretrained,
+    model_class,
     read_config,
 )
+from vidpar.nn.lora_layers import LoraSettings, add_lora, check_lora
 from vidpar.pipelines.flow_matching import flow_matching_loss, shift_timesteps
 
 
@@ -59,6 +61,15 @@ class DiffusersFlowModule(pl.LightningModule):
     (seed, step, sample index): every layout trains on the same values.
     ``gradient_checkpointing`` recomputes each block in the backward pass; ``on_nonfinite``
     is what a NaN or infinite loss or gradient does (:class:`~vidpar.lightning.NonFiniteGuard`).
+
+    ``lora`` (a :class:`~vidpar.nn.lora_layers.LoraSettings` or a mapping of its fields:
+    ``rank``, ``alpha``, ``targets``, ``dropout``) trains low-rank adapters on the frozen
+    transformer instead of its weights, under any layout (:func:`~vidpar.nn.lora_layers.add_lora`
+    after :func:`~vidpar.models.parallelize`). Targets and ranks are checked against the
+    model's config here, before any process starts. The module's state (``state_dict``,
+    hence its checkpoints) is then the adapters alone: the base is the model folder's,
+    unchanged; :func:`~vidpar.lightning.export_lora` writes a checkpoint's adapters as a
+    diffusers LoRA file.
     """
 
     def __init__(
@@ -76,9 +87,11 @@ class DiffusersFlowModule(pl.LightningModule):
         class_names: list[str] | None = None,
         video_shape: list[int] | None = None,
         on_nonfinite: OnNonFinite = "raise",
+        lora: LoraSettings | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         check_on_nonfinite(on_nonfinite)
+        self.lora = LoraSettings.of(lora)
         if timestep_sampling not in ("uniform", "logit_normal"):
             raise ValueError(
                 f"timestep_sampling must be 'uniform' or 'logit_normal', got {timestep_sampling!r}"
@@ -93,6 +106,13 @@ class DiffusersFlowModule(pl.LightningModule):
                 f"in_channels={channels}: use latents of that model (or, for the moving-shape "
                 f"clips, a transformer with in_channels={video_shape[0]})"
             )
+        if self.lora is not None:
+            with torch.device("meta"):  # names and shapes only, no weights
+                check_lora(
+                    model_class(self.transformer_config).from_config(self.transformer_config),
+                    self.lora,
+                )
+            lora = self.lora.as_dict()  # plain values in the hyper-parameters
         self.save_hyperparameters()
         self.model: torch.nn.Module | None = None
         if class_names:
@@ -118,6 +138,8 @@ class DiffusersFlowModule(pl.LightningModule):
         from vidpar.models import parallelize
 
         model = parallelize(load_pretrained(self.folder))
+        if self.lora is not None:
+            add_lora(model, self.lora, self.hparams.seed)
         if self.hparams.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         self.model = model
@@ -166,9 +188,43 @@ class DiffusersFlowModule(pl.LightningModule):
         return [NonFiniteGuard(self.hparams.on_nonfinite)]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.AdamW(
-            self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
+
+    def _frozen(self) -> set[str]:
+        """Names (in this module's state) of the frozen base weights under LoRA."""
+        if self.lora is None or self.model is None:
+            return set()
+        return {f"model.{n}" for n, p in self.model.named_parameters() if not p.requires_grad}
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Under LoRA, the adapters alone (checkpoints hold them and the optimizer's state:
+        the frozen base is the model folder's)."""
+        state = super().state_dict(*args, **kwargs)
+        frozen = self._frozen()
+        if not frozen:
+            return state
+        prefix = kwargs.get("prefix", "")
+        for key in [k for k in state if k[len(prefix) :] in frozen]:
+            del state[key]  # in place: also from a `destination` passed in
+        return state
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):
+        """Under LoRA, a state without the frozen base weights loads (strictly: every
+        adapter must be there)."""
+        frozen = self._frozen()
+        if not frozen:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if k not in frozen]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"LoRA state mismatch: missing {missing[:5]}, unexpected "
+                f"{result.unexpected_keys[:5]}"
+            )
+        return result
 
 
 def export_diffusers(
@@ -189,6 +245,11 @@ def export_diffusers(
     hparams = torch.load(ckpt_dir / TRAINER_STATE, weights_only=False).get("hyper_parameters", {})
     if "path" not in hparams:
         raise ValueError(f"{ckpt_dir} was not written by DiffusersFlowModule (no model path)")
+    if hparams.get("lora"):
+        raise ValueError(
+            f"{ckpt_dir} holds LoRA adapters, not full weights: write them with "
+            "vidpar.lightning.export_lora(ckpt_dir, out_dir), a file diffusers loads"
+        )
     base = find_model_folder(base or hparams["path"], None if base else hparams.get("subfolder"))
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(base / "config.json", out_dir / "config.json")

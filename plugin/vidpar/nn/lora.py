@@ -13,6 +13,9 @@ communicated. Unmerging restores the saved base shards bit for bit.
 :func:`peft_to_adapter` reads LoRA files in the diffusers/PEFT layout (and kohya's
 ``lora_down``/``lora_up``) into this format; :func:`extract_adapter` makes an adapter from
 two sets of full weights (a base and a fine-tune) and :func:`save_adapter` writes one.
+
+Two file formats: this module's *vidpar adapter* (:func:`save_adapter`; vidpar reads it,
+diffusers does not) and the *diffusers LoRA* that :mod:`vidpar.nn.lora_peft` writes.
 """
 
 from __future__ import annotations
@@ -205,7 +208,9 @@ def extract_adapter(
 
 
 def save_adapter(adapter: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:
-    """Write an adapter (full factors, optional ``scale``) as a ``.safetensors`` file."""
+    """Write an adapter (full factors, optional ``scale``) as a ``.safetensors`` file in
+    vidpar's adapter format (vidpar reads it; for diffusers write
+    :func:`vidpar.nn.lora_peft.save_peft_lora` of ``adapter_to_peft(adapter)``)."""
     from safetensors.torch import save_file
 
     tensors = {k: torch.as_tensor(v).detach().cpu().contiguous() for k, v in adapter.items()}

@@ -1,0 +1,268 @@
+"""Trainable LoRA layers on a frozen base, for plain and tensor-parallel linears alike.
+
+:func:`add_lora` puts a :class:`LoraLinear` in place of every targeted linear: the base
+keeps its weight and bias under their own names (``blocks.0.attn1.to_q.weight``, frozen)
+and gains ``lora_A.weight`` ``[r, in]`` and ``lora_B.weight`` ``[out, r]``, the names and
+shapes of diffusers' PEFT layout. ``y = base(x) + (alpha / r) · B A dropout(x)``.
+
+Under tp the factors follow the base's split (vidpar's tp contract, ``tensor_parallel_dim``),
+so checkpoints reshard and every layout computes the single-device result:
+
+* column-parallel base (output rows split): A replicated, B split by rows. A's gradient is
+  partial on each rank (each sees its rows of the output) and is summed over tp;
+* row-parallel base (input columns split): A split by columns, B replicated. The low-rank
+  product is added to the partial output *before* the base's all-reduce (linear, so the sum
+  is exact and costs no extra collective); B's gradient is summed over tp;
+* a replicated linear: both factors replicated.
+
+Factors are drawn as PEFT draws them (A ~ U(±1/√in), B = 0), from a generator seeded by
+``seed`` and the layer's name, full-size, then sliced: every layout starts from the same
+adapter.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vidpar.distributed.communication_op import (
+    copy_to_group,
+    gather_from_group,
+    reduce_from_group,
+    shard_to_group,
+)
+from vidpar.distributed.full_weights import tensor_parallel_shard
+from vidpar.nn.linear import ColumnParallelLinear, RowParallelLinear, TensorParallelModule
+
+__all__ = [
+    "WAN_TARGETS",
+    "LoraLinear",
+    "LoraSettings",
+    "add_lora",
+    "check_lora",
+    "lora_parameters",
+    "match_targets",
+]
+
+#: Wan's attention q/k/v/o projections (self- and cross-attention) and its FFN linears.
+WAN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
+_LINEARS = (nn.Linear, ColumnParallelLinear, RowParallelLinear)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """What to train: ``rank`` r, ``alpha`` (the update is scaled by ``alpha / r``;
+    ``None``: alpha = r), ``targets`` (module-name patterns: a name, a dotted suffix of
+    names such as ``to_q`` or ``ffn.net.2``, or a glob such as ``blocks.*.attn1.to_q``) and
+    ``dropout`` on the adapters' input."""
+
+    rank: int
+    alpha: float | None = None
+    targets: tuple[str, ...] = field(default=WAN_TARGETS)
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str) or not isinstance(self.targets, Iterable):
+            raise ValueError(f"lora.targets must be a list of name patterns, got {self.targets!r}")
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"lora.rank must be a positive integer, got {self.rank!r}")
+        if self.alpha is not None and not (isinstance(self.alpha, int | float) and self.alpha > 0):
+            raise ValueError(f"lora.alpha must be a positive number or null, got {self.alpha!r}")
+        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise ValueError(f"lora.targets must be non-empty name patterns, got {self.targets!r}")
+        if not (isinstance(self.dropout, int | float) and 0 <= self.dropout < 1):
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r``, PEFT's factor on ``B A``."""
+        return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+    @classmethod
+    def of(cls, value: LoraSettings | Mapping[str, Any] | None) -> LoraSettings | None:
+        """Settings from themselves, a mapping (a Hydra node) or ``None`` (no LoRA)."""
+        if value is None or isinstance(value, LoraSettings):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(f"lora must be a mapping of settings or null, got {value!r}")
+        unknown = set(value) - {"rank", "alpha", "targets", "dropout"}
+        if unknown:
+            raise ValueError(
+                f"unknown lora settings {sorted(unknown)}: lora takes rank, alpha, targets, dropout"
+            )
+        return cls(**dict(value))
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values (for hyper-parameters and JSON)."""
+        return {**asdict(self), "targets": list(self.targets)}
+
+
+class _Factor(TensorParallelModule):
+    """One low-rank factor, ``weight``, split over tp along ``dim`` (``None``: replicated)."""
+
+    def __init__(self, full: torch.Tensor, dim: int | None, group) -> None:
+        super().__init__(group)
+        if dim is None:
+            self.weight = nn.Parameter(full)
+        else:
+            self.register_sharded("weight", tensor_parallel_shard(full, dim, group).clone(), dim)
+
+
+class LoraLinear(TensorParallelModule):
+    """A frozen linear (``nn.Linear``, :class:`ColumnParallelLinear` or
+    :class:`RowParallelLinear`) plus trainable factors ``lora_A``/``lora_B`` split to match
+    it (see the module doc). Keeps the base's parameters under ``weight``/``bias``."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int,
+        scaling: float,
+        dropout: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not isinstance(base, _LINEARS):
+            raise TypeError(f"LoRA adapts linear layers, not {type(base).__name__}")
+        parallel = isinstance(base, TensorParallelModule)
+        super().__init__(base.tp_group if parallel else None)
+        group = self.tp_group
+        self.kind = (
+            "column"
+            if isinstance(base, ColumnParallelLinear)
+            else "row"
+            if isinstance(base, RowParallelLinear)
+            else "replicated"
+        )
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.gather_output = getattr(base, "gather_output", False)
+        self.input_is_parallel = getattr(base, "input_is_parallel", True)
+        self.rank, self.scaling, self.dropout = rank, scaling, dropout
+        for name in ("weight", "bias"):
+            param = getattr(base, name)
+            self.register_parameter(name, param)
+            if getattr(param, "tensor_parallel_dim", None) is not None:
+                self._tp_dims[name] = param.tensor_parallel_dim
+        weight = base.weight
+        a = torch.empty(rank, self.in_features, dtype=torch.float32)
+        bound = 1 / math.sqrt(self.in_features)
+        a.uniform_(-bound, bound, generator=generator)
+        a = a.to(weight.device, weight.dtype)
+        b = torch.zeros(self.out_features, rank, device=weight.device, dtype=weight.dtype)
+        split = {"column": (None, 0), "row": (1, None), "replicated": (None, None)}[self.kind]
+        self.lora_A = _Factor(a, split[0], group)
+        self.lora_B = _Factor(b, split[1], group)
+
+    def _update(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        x = F.dropout(x, self.dropout, self.training) if self.dropout else x
+        return F.linear(F.linear(x, a), b) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.tp_group
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if self.kind == "column":
+            x = copy_to_group(x, group)
+            y = F.linear(x, self.weight, self.bias) + self._update(x, copy_to_group(a, group), b)
+            return gather_from_group(y, group, -1) if self.gather_output else y
+        if self.kind == "row" and group.world_size > 1:
+            if not self.input_is_parallel:
+                x = shard_to_group(x, group, -1)
+            partial = F.linear(x, self.weight) + self._update(x, a, copy_to_group(b, group))
+            y = reduce_from_group(partial, group, in_place=True)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias) + self._update(x, a, b)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, scaling={self.scaling:g}, {self.kind}, "
+            f"tp={self.tp_group.world_size}"
+        )
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, _LINEARS)]
+
+
+def _name_shapes(names: list[str]) -> list[str]:
+    """Names with their first index folded (``blocks.*.attn1.to_q``), in first-seen order."""
+    return list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", n, count=1) for n in names))
+
+
+def match_targets(model: nn.Module, targets: Iterable[str]) -> list[str]:
+    """The linear modules of ``model`` that the patterns name; ``ValueError`` for a pattern
+    that names none (listing the linear modules there are) or a non-linear module."""
+    linears = _linear_names(model)
+    chosen: dict[str, None] = {}
+    for pattern in targets:
+        found = [n for n in linears if _matches(n, pattern)]
+        if not found:
+            others = [n for n, _ in model.named_modules() if n and _matches(n, pattern)]
+            what = (
+                f"it names {others[0]!r}, a {type(model.get_submodule(others[0])).__name__}, "
+                "not a linear layer"
+                if others
+                else "it matches no module"
+            )
+            raise ValueError(
+                f"LoRA target {pattern!r}: {what}. The model's linear layers are "
+                f"{', '.join(_name_shapes(linears))} (set model.lora.targets to names or "
+                "dotted suffixes of these)"
+            )
+        chosen.update(dict.fromkeys(found))
+    return list(chosen)
+
+
+def check_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
+    """The targeted module names, after checking that every pattern matches and that the
+    rank fits every targeted layer (``ValueError`` otherwise). ``model`` may be on the meta
+    device: only names and shapes are read."""
+    names = match_targets(model, settings.targets)
+    for name in names:
+        layer = model.get_submodule(name)
+        smaller = min(layer.in_features, layer.out_features)
+        if settings.rank > smaller:
+            raise ValueError(
+                f"LoRA rank {settings.rank} is larger than the smaller side of {name} "
+                f"([{layer.out_features}, {layer.in_features}]): a rank above {smaller} adds "
+                "nothing. Lower model.lora.rank, or leave this layer out of model.lora.targets"
+            )
+    return names
+
+
+def add_lora(model: nn.Module, settings: LoraSettings, seed: int = 0) -> list[str]:
+    """Freeze ``model`` and put a :class:`LoraLinear` in place of every targeted linear
+    (after :func:`vidpar.models.parallelize`, so tp layers are adapted as they are split);
+    returns the adapted module names. Adapters are trainable, all else is frozen."""
+    names = check_lora(model, settings)
+    model.requires_grad_(False)
+    for name in names:
+        generator = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
+        layer = LoraLinear(
+            model.get_submodule(name), settings.rank, settings.scaling, settings.dropout, generator
+        )
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    return names
+
+
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapters' parameters by name (``<module>.lora_A.weight``, ``.lora_B.weight``)."""
+    return {
+        name: param
+        for name, param in model.named_parameters()
+        if name.endswith((".lora_A.weight", ".lora_B.weight"))
+    }
