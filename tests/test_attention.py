@@ -157,10 +157,10 @@ def test_communication_per_mode(worlds, size: int, layout: ParallelConfig, expec
 def bad_heads() -> list[str]:
     messages = []
     try:  # heads are checked once, where a model meets the layout
-        ps.get_parallel_state().check_heads(6)
+        ps.get_parallel_state().check_heads(3)
     except ValueError as e:
         messages.append(str(e))
-    x = torch.randn(1, 2, 3, 4)
+    x = torch.randn(1, 2, 1, 4)
     try:
         DistributedAttention()(x, x, x)
     except ValueError as e:
@@ -168,10 +168,10 @@ def bad_heads() -> list[str]:
     return messages
 
 
-def test_heads_not_divisible_by_ulysses_times_tp_raise(worlds) -> None:
+def test_fewer_heads_than_ulysses_times_tp_raise(worlds) -> None:
     for construct, call in worlds(4).run(bad_heads, layout=ParallelConfig(tp=2, sp=2)):
-        assert "num_heads(6)" in construct and "ulysses(2) × tp(2) = 4" in construct
-        assert "3 heads" in call and "ulysses(2)" in call
+        assert "num_heads(3) is fewer than" in construct and "ulysses(2) × tp(2) = 4" in construct
+        assert "1 heads per tp rank" in call and "ulysses(2)" in call
 
 
 def test_seq_len_is_checked() -> None:

@@ -265,9 +265,9 @@ def bad_heads() -> str:
     return "no error"
 
 
-def test_heads_not_divisible_by_ulysses_times_tp_raise(worlds) -> None:
+def test_fewer_heads_than_ulysses_times_tp_raise(worlds) -> None:
     for message in worlds(4).run(bad_heads, layout=ParallelConfig(tp=2, sp=2)):
-        assert message.startswith("num_heads(2) is not divisible by ulysses(2) × tp(2) = 4")
+        assert message.startswith("num_heads(2) is fewer than ulysses(2) × tp(2) = 4")
 
 
 def test_config_checks_head_dim() -> None:
