@@ -7,15 +7,18 @@ against the single-device model); the attention cases :func:`test_attention.atte
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from test_attention import attention_errors
-from test_dit import SIZES, dit_errors, randomize
+from test_dit import SIZES, dit_errors, inputs, randomize
 from vidpar.config import ParallelConfig
 from vidpar.distributed import state as ps
 from vidpar.distributed import telemetry
+from vidpar.distributed.checkpoint import load_sharded, save_sharded
 from vidpar.distributed.full_weights import full_state_dict, load_full_weights
 from vidpar.nn import DistributedAttention, DiTConfig, VideoDiT
 from vidpar.nn.lora import LoraManager
@@ -151,6 +154,57 @@ def test_uneven_tp_checkpoint_round_trip_and_lora(worlds, tmp_path) -> None:
     for result in results:
         assert result["round_trip"] and result["unmerged"], result
         assert result["sizes"] == (8, 8, 4, 4) and result["lora"] <= 1e-12, result
+
+
+def _train_step(model: VideoDiT, optimizer: torch.optim.Optimizer, step: int) -> None:
+    x, t, c, w = inputs(2, 4, "text", torch.float64)
+    optimizer.zero_grad()
+    ((model(x, t, c) * w).sum() * (step + 1)).backward()
+    optimizer.step()
+
+
+def _six_heads_in_training() -> tuple[VideoDiT, torch.optim.Optimizer]:
+    model = VideoDiT.from_full_state_dict(
+        six_heads_reference().config, full_state_dict(six_heads_reference()), dtype=torch.float64
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train_step(model, optimizer, 0)
+    return model, optimizer
+
+
+def save_then_step(path: str) -> dict[str, torch.Tensor]:
+    """Two steps with a sharded save between them; the full weights after them."""
+    model, optimizer = _six_heads_in_training()
+    save_sharded(Path(path), model, [optimizer], {"step": 1})
+    _train_step(model, optimizer, 1)
+    return full_state_dict(model)
+
+
+def load_then_step(path: str) -> dict[str, torch.Tensor]:
+    """A model (one step elsewhere) loads the save and takes the second step."""
+    model, optimizer = _six_heads_in_training()
+    _train_step(model, optimizer, 5)
+    assert load_sharded(Path(path), model, [optimizer]) == {"step": 1}
+    _train_step(model, optimizer, 1)
+    return full_state_dict(model)
+
+
+@pytest.mark.parametrize(
+    ("saved_tp", "loaded_tp"), [(4, 4), (4, 2), (2, 4)], ids=["tp4-tp4", "tp4-tp2", "tp2-tp4"]
+)
+def test_sharded_checkpoint_of_uneven_heads_resumes_in_any_tp(
+    worlds, tmp_path, saved_tp: int, loaded_tp: int
+) -> None:
+    """6 heads: tp4 holds 2, 2, 1, 1 (ShardedTensors in the DCP checkpoint), tp2 3, 3
+    (DTensors). Weights and Adam moments resume: the step after the load equals the
+    step after the save (bit for bit in the same layout)."""
+    path = str(tmp_path / "ckpt")
+    expected = worlds(4).run(save_then_step, path, layout=ParallelConfig(tp=saved_tp))[0]
+    for result in worlds(4).run(load_then_step, path, layout=ParallelConfig(tp=loaded_tp)):
+        assert result.keys() == expected.keys()
+        for name, value in expected.items():
+            error = ((result[name] - value).abs().max() / value.abs().max()).item()
+            assert error == 0.0 if saved_tp == loaded_tp else error <= 1e-12, (name, error)
 
 
 def test_only_a_rank_without_a_head_is_refused() -> None:
