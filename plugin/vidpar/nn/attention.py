@@ -156,27 +156,25 @@ def _heads_to_ranks(
     sizes: tuple[int, ...],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Ulysses exchange of q, k and v in one all-to-all: ``[B, S/P, H, D]`` each, this
-    rank's sequence shard, to ``[B, S, sizes[rank], D]`` each, this rank's heads.
+    rank's sequence shard, to ``[B, S, sizes[rank], D]`` each, this rank's heads (K and V
+    adjacent in memory, as the ring sends them).
 
-    The send buffer ``[P, 3, B, S/P, h, D]`` is built in one copy, destination-major, so
-    the all-to-all sends it as it is; uneven heads pad each destination's slice to the
-    largest ``h`` with zeros."""
-    n, rank, largest = group.world_size, group.rank_in_group, max(sizes)
+    Uneven heads: the send buffer ``[P, 3, B, S/P, h, D]`` is filled destination-major,
+    each destination's heads padded with zeros to the largest ``h``, and the padding is
+    dropped on arrival."""
+    largest = max(sizes)
+    if min(sizes) == largest:  # [3, B, S/P, H, D] -> [3, B, S, H/P, D]
+        return all_to_all(torch.stack((q, k, v)), group, 3, 2).unbind(0)
+    n, mine = group.world_size, sizes[group.rank_in_group]
     batch, local_len, _, head_dim = q.shape
-    if min(sizes) == largest:
-        send = torch.stack([t.unflatten(2, (n, largest)).movedim(2, 0) for t in (q, k, v)], 1)
-    else:
-        send = q.new_zeros(n, 3, batch, local_len, largest, head_dim)
-        start = 0
-        for dst, h in enumerate(sizes):
-            for j, t in enumerate((q, k, v)):
-                send[dst, j, :, :, :h].copy_(t[:, :, start : start + h])
-            start += h
+    send = q.new_zeros(n, 3, batch, local_len, largest, head_dim)
+    start = 0
+    for dst, h in enumerate(sizes):
+        for j, t in enumerate((q, k, v)):
+            send[dst, j, :, :, :h].copy_(t[:, :, start : start + h])
+        start += h
     received = all_to_all(send.flatten(0, 1), group, 0, 0).unflatten(0, (n, 3))
-    if sizes[rank] < largest:
-        received = received[..., : sizes[rank], :]
-    # [P, 3, B, S/P, h, D] -> [3, B, S, h, D]: K and V adjacent, as the ring sends them.
-    qkv = received.movedim(0, 2).reshape(3, batch, n * local_len, sizes[rank], head_dim)
+    qkv = received[..., :mine, :].movedim(0, 2).reshape(3, batch, n * local_len, mine, head_dim)
     return qkv.unbind(0)
 
 
