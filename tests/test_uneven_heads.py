@@ -25,8 +25,8 @@ from vidpar.nn.lora import LoraManager
 
 #: 12 heads of 4 channels (Wan2.1-1.3B's head count), one block.
 TWELVE = {"hidden_size": 48, "num_heads": 12, "depth": 1}
-#: 6 heads of 4 channels, one block.
-SIX = {"hidden_size": 24, "num_heads": 6, "depth": 1}
+#: 6 heads of 4 channels, one block, 90 FFN channels (over tp 4: 23, 23, 22, 22).
+SIX = {"hidden_size": 24, "num_heads": 6, "depth": 1, "ffn_dim": 90}
 
 
 @pytest.mark.parametrize(

@@ -79,7 +79,7 @@ class SelfAttention(nn.Module):
         self.qkv = QKVParallelLinear(cfg.hidden_size, cfg.num_heads)
         self.norm_q, self.norm_k = _head_norms(cfg)
         self.attn = DistributedAttention(cfg.num_heads)
-        self.proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, head_dim=cfg.head_dim)
+        self.proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, split_unit=cfg.head_dim)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], seq_len: int
@@ -99,11 +99,11 @@ class CrossAttention(nn.Module):
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         h, head_dim = cfg.hidden_size, cfg.head_dim
-        self.to_q = ColumnParallelLinear(h, h, head_dim=head_dim)
-        self.to_k = ColumnParallelLinear(h, h, head_dim=head_dim)
-        self.to_v = ColumnParallelLinear(h, h, head_dim=head_dim)
+        self.to_q = ColumnParallelLinear(h, h, split_unit=head_dim)
+        self.to_k = ColumnParallelLinear(h, h, split_unit=head_dim)
+        self.to_v = ColumnParallelLinear(h, h, split_unit=head_dim)
         self.norm_q, self.norm_k = _head_norms(cfg)
-        self.proj = RowParallelLinear(h, h, head_dim=head_dim)
+        self.proj = RowParallelLinear(h, h, split_unit=head_dim)
         self.head_dim = cfg.head_dim
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -123,8 +123,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, mlp_hidden: int) -> None:
         super().__init__()
-        self.fc1 = ColumnParallelLinear(hidden_size, mlp_hidden)
-        self.fc2 = RowParallelLinear(mlp_hidden, hidden_size)
+        # Channels split whole, unevenly when tp does not divide them (with uneven heads).
+        self.fc1 = ColumnParallelLinear(hidden_size, mlp_hidden, split_unit=1)
+        self.fc2 = RowParallelLinear(mlp_hidden, hidden_size, split_unit=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))

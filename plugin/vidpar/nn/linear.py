@@ -2,9 +2,9 @@
 
 Every sharded parameter follows vidpar's tp contract (:mod:`vidpar.distributed.full_weights`):
 it carries ``tensor_parallel_dim`` and keeps its single-device name, so full checkpoints
-load into any tp size and gather back. Layers split by attention heads (``head_dim``) take
-whole heads: when tp does not divide the heads, the first ranks hold one head more
-(``tensor_parallel_sizes``).
+load into any tp size and gather back. Layers split in whole units (``split_unit``: the
+heads of a projection; QKV always) need no tp that divides them: the first ranks hold one
+unit more (``tensor_parallel_sizes``).
 
 Layers find their group when they are built: an explicit ``group``, else the current
 layout's (:func:`vidpar.distributed.get_parallel_state`; a world of one without a layout
@@ -69,18 +69,18 @@ def _divide(name: str, value: int, group: GroupCoordinator) -> int:
     return value // group.world_size
 
 
-def _head_shards(
-    what: str, heads: int, head_dim: int, group: GroupCoordinator
+def _unit_shards(
+    what: str, units: int, unit: int, group: GroupCoordinator, noun: str = "whole units"
 ) -> tuple[int, tuple[int, ...] | None]:
-    """This rank's features of ``heads`` whole heads of ``head_dim`` split over tp, and
-    every rank's (``None`` when equal)."""
-    if heads < group.world_size:
+    """This rank's features of ``units`` whole units of ``unit`` features (heads) split
+    over tp, the first ranks one unit more, and every rank's (``None`` when equal)."""
+    if units < group.world_size:
         raise ValueError(
-            f"{what} has {heads} heads, fewer than tp({group.world_size}): every tp rank "
-            f"needs a head; choose tp ≤ {heads}"
+            f"{what} has {units} {noun}, fewer than tp({group.world_size}): "
+            f"every tp rank needs one; choose tp ≤ {units}"
         )
-    sizes = tensor_parallel_sizes(heads, group, head_dim)
-    local = heads // group.world_size * head_dim if sizes is None else sizes[group.rank_in_group]
+    sizes = tensor_parallel_sizes(units, group, unit)
+    local = units // group.world_size * unit if sizes is None else sizes[group.rank_in_group]
     return local, sizes
 
 
@@ -154,8 +154,9 @@ class TensorParallelModule(nn.Module):
 class _ParallelLinear(TensorParallelModule):
     """``y = x Wᵀ + b`` with W split over tp along :attr:`split_dim` (0: output rows, 1:
     input columns); the bias is split with the output rows or else replicated. With
-    ``head_dim`` the split side is attention heads of that many features, split whole
-    (unevenly when tp does not divide them); without it tp must divide that side."""
+    ``split_unit`` the split side goes in whole units of that many features (an attention
+    head's ``head_dim``; 1 for FFN channels), unevenly when tp does not divide them;
+    without it tp must divide that side."""
 
     split_dim: int
 
@@ -166,7 +167,7 @@ class _ParallelLinear(TensorParallelModule):
         bias: bool = True,
         *,
         group: GroupCoordinator | None = None,
-        head_dim: int | None = None,
+        split_unit: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -175,14 +176,14 @@ class _ParallelLinear(TensorParallelModule):
         split = self.split_dim
         shape = [out_features, in_features]
         name = ("out_features", "in_features")[split]
-        if head_dim is None:
+        unit = split_unit
+        if unit is None:
             shape[split], sizes = _divide(name, shape[split], self.tp_group), None
-        elif shape[split] % head_dim:
-            raise ValueError(f"{name}({shape[split]}) is not whole heads of head_dim({head_dim})")
+        elif shape[split] % unit:
+            raise ValueError(f"{name}({shape[split]}) is not whole units of split_unit({unit})")
         else:
             what = f"{name}({shape[split]})"
-            heads = shape[split] // head_dim
-            shape[split], sizes = _head_shards(what, heads, head_dim, self.tp_group)
+            shape[split], sizes = _unit_shards(what, shape[split] // unit, unit, self.tp_group)
         self.is_uneven = sizes is not None
         kw = {"device": device, "dtype": dtype}
         self.register_sharded("weight", torch.empty(shape, **kw), split, sizes)
@@ -213,7 +214,8 @@ class ColumnParallelLinear(_ParallelLinear):
     of the features. ``gather_output`` concatenates the slices (every rank gets all of
     ``y``); otherwise the output stays split, ready for a :class:`RowParallelLinear`.
     Other arguments as :class:`torch.nn.Linear`, plus ``group`` (default: the layout's)
-    and ``head_dim`` (split by whole heads; uneven heads cannot ``gather_output``)."""
+    and ``split_unit`` (split in whole units, see above; uneven shards cannot
+    ``gather_output``)."""
 
     split_dim = 0
 
@@ -292,7 +294,7 @@ class QKVParallelLinear(TensorParallelModule):
                 )
             head_dim = hidden_size // num_heads
         self.in_features, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
-        local, sizes = _head_shards(f"num_heads({num_heads})", num_heads, head_dim, group)
+        local, sizes = _unit_shards(f"num_heads({num_heads})", num_heads, head_dim, group, "heads")
         self.num_heads_per_rank = local // head_dim
         kw = {"device": device, "dtype": dtype}
         self.register_sharded("weight", torch.empty(3, local, hidden_size, **kw), 1, sizes)
