@@ -5,8 +5,8 @@ The contract shared by all of vidpar: a parameter sharded over the tp group carr
 ``tensor_parallel_dim: int``, meaning "this parameter is the tp-rank-th equal chunk of the
 full single-device tensor along that dim"; parameters without it are replicated. A shard
 of uneven size (whole heads, or FFN channels, that tp does not divide: the first ranks
-hold one more) also carries ``tensor_parallel_sizes``, every tp rank's size along that dim in rank
-order; the rank-th shard starts after the sizes of the ranks before it.
+hold one more) also carries ``tensor_parallel_sizes``, every tp rank's size along that dim
+in rank order; the rank-th shard starts after the sizes of the ranks before it.
 Parameter names are those of the single-device model, so a full state dict fits any tp
 size: :func:`load_full_state_dict` slices it, :func:`full_state_dict` gathers it back. A
 module exposing a ``tp_group`` attribute names the group its own shards span.
