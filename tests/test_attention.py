@@ -19,6 +19,7 @@ from vidpar.config import ParallelConfig
 from vidpar.distributed import communication_op as comm
 from vidpar.distributed import state as ps
 from vidpar.distributed import telemetry
+from vidpar.distributed.utils import split_sizes
 from vidpar.nn import DistributedAttention
 
 HEADS, HEAD_DIM, BATCH = 4, 8, 2
@@ -38,31 +39,32 @@ def reference(q, k, v, joint_k, joint_v, weight):
 
 
 def attention_errors(
-    seq_len: int, joint_len: int, dtype: torch.dtype = torch.float64
+    seq_len: int, joint_len: int, dtype: torch.dtype = torch.float64, heads: int = HEADS
 ) -> tuple[float, float]:
     """Largest relative error of the parallel output and gradients on this rank against
     float64 attention of the same (``dtype``-rounded) inputs, and that of one SDPA in
-    ``dtype`` (the usual tolerance)."""
+    ``dtype`` (the usual tolerance). tp splits ``heads`` whole, the first ranks one more."""
+    num_heads = heads
     tp, sp = ps.get_tp_group(), ps.get_sp_group()  # groups of one without a layout
     gen = torch.Generator().manual_seed(7 * seq_len + joint_len)
 
     def randn(*shape):
         return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
 
-    q, k, v, weight = (randn(BATCH, seq_len, HEADS, HEAD_DIM) for _ in range(4))
-    joint_k, joint_v = (randn(BATCH, joint_len, HEADS, HEAD_DIM) for _ in range(2))
+    q, k, v, weight = (randn(BATCH, seq_len, num_heads, HEAD_DIM) for _ in range(4))
+    joint_k, joint_v = (randn(BATCH, joint_len, num_heads, HEAD_DIM) for _ in range(2))
     inputs = (q, k, v, joint_k, joint_v, weight)
     exact_out, exact_grads = reference(*(t.double() for t in inputs))
     usual_out, usual_grads = reference(*inputs)
 
-    heads = slice(
-        tp.rank_in_group * HEADS // tp.world_size, (tp.rank_in_group + 1) * HEADS // tp.world_size
-    )
+    sizes = split_sizes(num_heads, tp.world_size)
+    start = sum(sizes[: tp.rank_in_group])
+    heads = slice(start, start + sizes[tp.rank_in_group])
     leaves = [t[:, :, heads].detach().clone().requires_grad_() for t in (q, k, v, joint_k, joint_v)]
     lq, lk, lv, ljk, ljv = leaves
     local = [comm.shard_sequence(t, sp, dim=1) for t in (lq, lk, lv)]
     joint = {"joint_k": ljk, "joint_v": ljv} if joint_len else {}
-    out = DistributedAttention(HEADS)(*local, seq_len=seq_len, **joint)
+    out = DistributedAttention(num_heads)(*local, seq_len=seq_len, **joint)
     full = comm.gather_sequence(out, sp, seq_len, dim=1)
     (full * weight[:, :, heads]).sum().backward()
     grads = [t.grad for t in leaves]
@@ -155,10 +157,10 @@ def test_communication_per_mode(worlds, size: int, layout: ParallelConfig, expec
 def bad_heads() -> list[str]:
     messages = []
     try:  # heads are checked once, where a model meets the layout
-        ps.get_parallel_state().check_heads(6)
+        ps.get_parallel_state().check_heads(3)
     except ValueError as e:
         messages.append(str(e))
-    x = torch.randn(1, 2, 3, 4)
+    x = torch.randn(1, 2, 1, 4)
     try:
         DistributedAttention()(x, x, x)
     except ValueError as e:
@@ -166,10 +168,10 @@ def bad_heads() -> list[str]:
     return messages
 
 
-def test_heads_not_divisible_by_ulysses_times_tp_raise(worlds) -> None:
+def test_fewer_heads_than_ulysses_times_tp_raise(worlds) -> None:
     for construct, call in worlds(4).run(bad_heads, layout=ParallelConfig(tp=2, sp=2)):
-        assert "num_heads(6)" in construct and "ulysses(2) × tp(2) = 4" in construct
-        assert "3 heads" in call and "ulysses(2)" in call
+        assert "num_heads(3) is fewer than" in construct and "ulysses(2) × tp(2) = 4" in construct
+        assert "1 heads per tp rank" in call and "ulysses(2)" in call
 
 
 def test_seq_len_is_checked() -> None:

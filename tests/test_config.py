@@ -105,12 +105,13 @@ def test_dp_is_inferred_from_the_world_size() -> None:
         ParallelConfig(tp=2, dp=1).resolve(8)
 
 
-def test_heads_must_divide_over_ulysses_and_tp() -> None:
+def test_every_rank_of_ulysses_and_tp_needs_a_head() -> None:
     ParallelConfig(tp=2, ulysses=2, ring=2).check_heads(12)
+    ParallelConfig(tp=2, sp=2).check_heads(6)  # uneven: 2 + 1 heads per tp rank
     with pytest.raises(
-        ValueError, match=r"num_heads\(6\) is not divisible by ulysses\(2\) × tp\(2\) = 4"
+        ValueError, match=r"num_heads\(3\) is fewer than ulysses\(2\) × tp\(2\) = 4"
     ):
-        ParallelConfig(tp=2, sp=2).check_heads(6)
+        ParallelConfig(tp=2, sp=2).check_heads(3)
 
 
 def test_describe_and_sizes() -> None:

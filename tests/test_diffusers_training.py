@@ -236,9 +236,9 @@ def test_vidpar_train_checks_the_diffusers_recipe_before_any_process(folders, tm
     check_before_launch(good, layout)
     check_data_fits_model(instantiate(good.data).video_shape, good.model)
     heads = compose_train(
-        "recipe=wan2_1_t2v_1p3b", "parallel.sp=3", f"model.path={model_dir}", f"data.path={latents}"
+        "recipe=wan2_1_t2v_1p3b", "parallel.sp=8", f"model.path={model_dir}", f"data.path={latents}"
     )
-    with pytest.raises(UserError, match=r"num_heads\(4\) is not divisible by ulysses\(3\)"):
+    with pytest.raises(UserError, match=r"num_heads\(4\) is fewer than ulysses\(8\)"):
         check_before_launch(heads, build_layout(heads.parallel))
     with pytest.raises(UserError, match=r"model\.path: no model path given"):
         check_before_launch(compose_train("recipe=wan2_1_t2v_1p3b"), layout)

@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from vidpar.config import ParallelConfig
 from vidpar.distributed import state as ps
-from vidpar.distributed.full_weights import full_state_dict
+from vidpar.distributed.full_weights import full_state_dict, shard_sizes, tensor_parallel_shard
 from vidpar.nn import DiTConfig, VideoDiT
 
 SIZES = {
@@ -64,12 +64,14 @@ def dit_errors(
     dtype_name: str = "float64",
     recompute: bool | str = False,
     modulation: str = "shared",
+    **sizes: int,
 ) -> dict:
     """Relative errors of the output and of every parameter's gradient on this rank
-    (``recompute``: the parallel model under activation checkpointing)."""
+    (``recompute``: the parallel model under activation checkpointing; ``sizes``: model
+    sizes other than :data:`SIZES`)."""
     dtype = getattr(torch, dtype_name)
     classes = SIZES["num_classes"] if cond == "class" else 0
-    config = DiTConfig(**{**SIZES, "num_classes": classes, "modulation": modulation})
+    config = DiTConfig(**{**SIZES, **sizes, "num_classes": classes, "modulation": modulation})
     with ps.single_process():
         ref = VideoDiT(config).to(dtype)
     randomize(ref)
@@ -93,7 +95,7 @@ def dit_errors(
         assert expect.abs().max() > 0, f"{name}: reference gradient is zero"
         dim = getattr(p, "tensor_parallel_dim", None)
         if dim is not None:
-            expect = expect.chunk(tp.world_size, dim)[tp.rank_in_group]
+            expect = tensor_parallel_shard(expect, dim, tp, shard_sizes(p))
         grad_errors[name] = rel(grad, expect)
     return {
         "out": rel(out_par, out_ref),
@@ -263,9 +265,9 @@ def bad_heads() -> str:
     return "no error"
 
 
-def test_heads_not_divisible_by_ulysses_times_tp_raise(worlds) -> None:
+def test_fewer_heads_than_ulysses_times_tp_raise(worlds) -> None:
     for message in worlds(4).run(bad_heads, layout=ParallelConfig(tp=2, sp=2)):
-        assert message.startswith("num_heads(2) is not divisible by ulysses(2) × tp(2) = 4")
+        assert message.startswith("num_heads(2) is fewer than ulysses(2) × tp(2) = 4")
 
 
 def test_config_checks_head_dim() -> None:

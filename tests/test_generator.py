@@ -150,11 +150,9 @@ def test_mistakes_fail_before_any_worker_starts(checkpoint, tmp_path) -> None:
     before = set(mp.active_children())
     with pytest.raises(FileNotFoundError, match=r"missing\.safetensors does not exist"):
         VideoGenerator.from_checkpoint(tmp_path / "missing.safetensors")
-    with pytest.raises(
-        ValueError, match=r"num_heads\(4\) is not divisible by ulysses\(1\) × tp\(3\)"
-    ):
-        VideoGenerator.from_checkpoint(checkpoint, parallel=ParallelConfig(tp=3), devices="cpu")
-    with pytest.raises(ValueError, match=r"num_heads\(4\) is not divisible by ulysses\(8\)"):
+    with pytest.raises(ValueError, match=r"num_heads\(4\) is fewer than ulysses\(1\) × tp\(8\)"):
+        VideoGenerator.from_checkpoint(checkpoint, parallel=ParallelConfig(tp=8), devices="cpu")
+    with pytest.raises(ValueError, match=r"num_heads\(4\) is fewer than ulysses\(8\)"):
         VideoGenerator.from_checkpoint(checkpoint, parallel=ParallelConfig(sp=8), devices="cpu")
     bare = tmp_path / "bare.safetensors"
     save_file({"w": torch.zeros(1)}, str(bare))

@@ -144,8 +144,8 @@ def test_typos_and_wrong_types_fail_at_compose_time() -> None:
         (["parallel.tp=0"], "parallel size tp must be a positive integer, got 0"),
         (["parallel.ulysses=2", "parallel.ring=2"], r"set parallel\.sp=4 or parallel\.sp=null"),
         (
-            ["model.dit.num_heads=6"],
-            r"num_heads\(6\) is not divisible by ulysses\(2\) × tp\(2\) = 4",
+            ["model.dit.num_heads=2"],
+            r"num_heads\(2\) is fewer than ulysses\(2\) × tp\(2\) = 4",
         ),
         (["ckpt_path=/no/such/ckpt"], "is not a complete vidpar checkpoint"),
         (["trainer=gpu"], "needs 4 GPUs, but this machine has 0"),

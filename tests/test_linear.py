@@ -218,9 +218,12 @@ def test_single_device_checkpoint_loads_into_any_tp(
 def bad_sizes() -> list[str]:
     messages = []
     for make in (
-        lambda: QKVParallelLinear(12, num_heads=3),
+        lambda: QKVParallelLinear(12, num_heads=1),
         lambda: ColumnParallelLinear(4, 5),
         lambda: RowParallelLinear(3, 4),
+        lambda: ColumnParallelLinear(8, 6, split_unit=4),
+        lambda: ColumnParallelLinear(4, 12, split_unit=4, gather_output=True),
+        lambda: RowParallelLinear(12, 4, split_unit=4, input_is_parallel=False),
     ):
         try:
             make()
@@ -229,10 +232,13 @@ def bad_sizes() -> list[str]:
     return messages
 
 
-def test_sizes_not_divisible_by_tp_raise(worlds) -> None:
+def test_sizes_tp_cannot_split_raise(worlds) -> None:
     for messages in worlds(2).run(bad_sizes, layout=ParallelConfig(tp=2)):
         assert [m.split(";")[0] for m in messages] == [
-            "num_heads(3) is not divisible by tp(2)",
+            "num_heads(1) has 1 heads, fewer than tp(2): every tp rank needs one",
             "out_features(5) is not divisible by tp(2)",
             "in_features(3) is not divisible by tp(2)",
+            "out_features(6) is not whole units of split_unit(4)",
+            "gather_output needs equal shards: out_features(12) split unevenly over tp(2)",
+            "input_is_parallel=False needs equal shards: in_features(12) split unevenly over tp(2)",
         ]

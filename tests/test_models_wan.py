@@ -65,6 +65,7 @@ VARIANTS = {
     "checkpointed": ({}, {}, True),
     "ti2v": ({}, {"per_token_timestep": True}, False),
     "i2v": ({"image_dim": 8, "added_kv_proj_dim": 32}, {"image_tokens": 3, "text": 512}, False),
+    "3heads": ({"num_attention_heads": 3}, {}, False),  # uneven over ulysses 2
 }
 
 
@@ -290,7 +291,7 @@ def test_regional_compilation_equals_eager(worlds, name):
 
 def _bad_heads_and_twice() -> list[str]:
     messages = []
-    for make in (lambda: tiny_wan(num_attention_heads=3), tiny_wan):
+    for make in (lambda: tiny_wan(num_attention_heads=1), tiny_wan):
         model = make()
         try:
             parallelize(model)
@@ -302,8 +303,26 @@ def _bad_heads_and_twice() -> list[str]:
 
 def test_clear_errors_for_heads_and_a_second_call(worlds):
     heads, twice = worlds(2).run(_bad_heads_and_twice, layout=LAYOUTS["sp2"])[0]
-    assert "num_heads(3) is not divisible by ulysses(2) × tp(1)" in heads
+    assert "num_heads(1) is fewer than ulysses(2) × tp(1)" in heads
     assert "parallelised already" in twice
+
+
+def _three_heads(tp_error: bool) -> dict[str, float] | str:
+    if tp_error:
+        try:
+            parallelize(tiny_wan(num_attention_heads=3))
+        except ValueError as error:
+            return str(error)
+        return "no error"
+    return _matches_diffusers("3heads")
+
+
+def test_three_heads_over_ulysses2_equal_diffusers_and_tp2_is_refused(worlds):
+    """Ulysses splits 3 heads 2 + 1; the diffusers adapters split heads over tp evenly."""
+    errors = worst(worlds(2).run(_three_heads, False, layout=LAYOUTS["sp2"]))
+    check_errors(errors, tiny_wan(num_attention_heads=3), 2)
+    message = worlds(2).run(_three_heads, True, layout=LAYOUTS["tp2"])[0]
+    assert "num_heads(3) is not divisible by tp(2)" in message
 
 
 def test_outside_a_layout_the_model_is_left_as_it_is():

@@ -166,7 +166,8 @@ class ParallelConfig:
         )
 
     def check_heads(self, num_heads: int) -> None:
-        """Attention heads are split over ulysses × tp: fail early, naming the numbers."""
+        """Attention heads are split over ulysses × tp, every rank at least one: fail
+        early, naming the numbers."""
         check_heads(num_heads, ulysses=self.ulysses, tp=self.tp)
 
     def describe(self) -> str:
@@ -176,13 +177,15 @@ class ParallelConfig:
 
 
 def check_heads(num_heads: int, *, ulysses: int, tp: int) -> None:
-    """Raise ``ValueError`` naming the numbers unless ulysses × tp divides ``num_heads``."""
+    """Raise ``ValueError`` naming the numbers unless every rank of ulysses × tp gets a
+    head. Any count works otherwise: heads that do not divide split unevenly (whole
+    heads, the first ranks one more)."""
     parts = ulysses * tp
-    if num_heads % parts:
+    if num_heads < parts:
         raise ValueError(
-            f"num_heads({num_heads}) is not divisible by ulysses({ulysses}) × tp({tp}) = "
-            f"{parts}; choose a layout whose ulysses × tp divides {num_heads}, or move "
-            "sequence parallelism to ring"
+            f"num_heads({num_heads}) is fewer than ulysses({ulysses}) × tp({tp}) = {parts}: "
+            f"every rank needs a head; choose ulysses × tp ≤ {num_heads}, or move sequence "
+            "parallelism to ring"
         )
 
 

@@ -4,12 +4,13 @@ A checkpoint is a directory: DCP's files for the model and optimizer states,
 ``trainer_state.pt`` with the rest of the training state (for Lightning: loops, callbacks,
 epoch) and a manifest of every file's size and checksum
 (:mod:`~vidpar.distributed.checkpoint_integrity`). Tensor-parallel shards (parameters
-carrying ``tensor_parallel_dim``) are saved as DTensors over the tp mesh dimension, so a
-checkpoint loads into any tp/sp layout, a single process included. A save never touches
-the previous checkpoint: it writes a new version beside it and switches a pointer
-atomically (:mod:`~vidpar.distributed.checkpoint_store`), and it refuses to run when a
-weight is not finite, so a diverged model never replaces a good checkpoint. A load checks
-sizes and checksums first and names any damaged file.
+carrying ``tensor_parallel_dim``) are saved as DTensors over the tp mesh dimension (shards
+of uneven size, whole heads that tp does not divide, as ShardedTensors stating each rank's
+offset), so a checkpoint loads into any tp/sp layout, a single process included. A save
+never touches the previous checkpoint: it writes a new version beside it and switches a
+pointer atomically (:mod:`~vidpar.distributed.checkpoint_store`), and it refuses to run
+when a weight is not finite, so a diverged model never replaces a good checkpoint. A load
+checks sizes and checksums first and names any damaged file.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.sharded_tensor import Shard as LocalShard
+from torch.distributed._shard.sharded_tensor import (
+    ShardedTensor,
+    ShardMetadata,
+    init_from_local_shards,
+)
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
@@ -32,6 +39,7 @@ from vidpar.distributed import checkpoint_store as store
 from vidpar.distributed import state as ps
 from vidpar.distributed.checkpoint_integrity import CorruptCheckpointError
 from vidpar.distributed.checkpoint_store import DCP_METADATA, TRAINER_STATE, is_complete
+from vidpar.distributed.full_weights import shard_sizes
 from vidpar.distributed.group import GroupCoordinator
 
 __all__ = [
@@ -63,8 +71,31 @@ def _tp_mesh():
     return state.mesh["tp"] if state.config.tp > 1 else None
 
 
-def _as_dtensor(tensor: torch.Tensor, dim: int, mesh) -> DTensor:
+def _tp_sizes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every tp rank's size of the shards split unevenly (whole heads), by name."""
+    return {
+        name: sizes for name, param in module.named_parameters() if (sizes := shard_sizes(param))
+    }
+
+
+def _as_global(
+    tensor: torch.Tensor, dim: int, mesh, sizes: tuple[int, ...] | None = None
+) -> DTensor | ShardedTensor:
+    """This rank's tp shard as a piece of the full tensor: a DTensor, or for uneven
+    ``sizes`` a ShardedTensor that states this rank's offset (DTensor places uneven
+    shards as ``torch.chunk`` does, not whole heads with the first ranks one more)."""
     shape = list(tensor.shape)
+    if sizes is not None:
+        rank = mesh.get_local_rank()
+        offsets = [0] * tensor.dim()
+        offsets[dim] = sum(sizes[:rank])
+        shape[dim] = sum(sizes)
+        where = ShardMetadata(
+            offsets, list(tensor.shape), f"rank:{dist.get_rank()}/{tensor.device}"
+        )
+        return init_from_local_shards(
+            [LocalShard(tensor, where)], shape, process_group=mesh.get_group()
+        )
     shape[dim] *= mesh.size()
     return DTensor.from_local(
         tensor,
@@ -81,9 +112,10 @@ def _model_state(module: torch.nn.Module) -> dict[str, Any]:
     state = module.state_dict()
     mesh = _tp_mesh()
     if mesh is not None:
+        sizes = _tp_sizes(module)
         for name, dim in _tp_dims(module).items():
             if name in state:  # a module may leave frozen weights out of its state (LoRA)
-                state[name] = _as_dtensor(state[name], dim, mesh)
+                state[name] = _as_global(state[name], dim, mesh, sizes.get(name))
     return state
 
 
@@ -96,11 +128,12 @@ def _optimizer_state(module: torch.nn.Module, optimizer) -> dict[str, Any]:
     mesh = _tp_mesh()
     if mesh is not None:
         params = dict(module.named_parameters())
+        sizes = _tp_sizes(module)
         for name, dim in _tp_dims(module).items():
             if name not in state["state"]:
                 continue
             state["state"][name] = {
-                key: _as_dtensor(value, dim, mesh)
+                key: _as_global(value, dim, mesh, sizes.get(name))
                 if isinstance(value, torch.Tensor) and value.shape == params[name].shape
                 else value
                 for key, value in state["state"][name].items()
@@ -112,15 +145,23 @@ def _unwrap_tp(entries: dict[str, Any], tp_names: dict[str, int]) -> dict[str, A
     """``entries`` with the tp DTensors of :func:`_model_state`/:func:`_optimizer_state`
     back to the local shards the module holds; other DTensors (FSDP2's) stay."""
 
-    def local(value: Any) -> Any:
-        return value.to_local() if isinstance(value, DTensor) else value
-
     return {
-        name: ({k: local(v) for k, v in value.items()} if isinstance(value, dict) else local(value))
+        name: (
+            {k: _local(v) for k, v in value.items()} if isinstance(value, dict) else _local(value)
+        )
         if name in tp_names
         else value
         for name, value in entries.items()
     }
+
+
+def _local(value: Any) -> Any:
+    """The local shard of a DTensor or ShardedTensor; any other value as it is."""
+    if isinstance(value, DTensor):
+        return value.to_local()
+    if isinstance(value, ShardedTensor):
+        return value.local_shards()[0].tensor
+    return value
 
 
 def save_sharded(
@@ -210,9 +251,9 @@ def _refuse_non_finite(model_state: dict[str, Any], path: Path, world: GroupCoor
     """Every rank raises the same :class:`NonFiniteWeightsError` when any rank holds a
     non-finite floating-point weight."""
     tensors = {
-        name: value.to_local() if isinstance(value, DTensor) else value
+        name: local
         for name, value in model_state.items()
-        if isinstance(value, torch.Tensor) and value.is_floating_point()
+        if isinstance(local := _local(value), torch.Tensor) and local.is_floating_point()
     }
     finite = (
         torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist() if tensors else []
@@ -285,12 +326,14 @@ def check_fits(path: Path, module: torch.nn.Module) -> None:
     lacks some of ``module``'s weights or holds them in other (full, unsharded) shapes."""
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     tp = ps.get_parallel_config().tp
-    tp_dims = _tp_dims(module)
+    tp_dims, tp_sizes = _tp_dims(module), _tp_sizes(module)
     missing, reshaped = [], []
     for name, tensor in module.state_dict().items():
         entry = saved.get(f"model.{name}")
         shape = list(tensor.shape)
-        if name in tp_dims:
+        if name in tp_sizes:
+            shape[tp_dims[name]] = sum(tp_sizes[name])
+        elif name in tp_dims:
             shape[tp_dims[name]] *= tp
         if entry is None:
             missing.append(name)

@@ -3,7 +3,10 @@ loading, and the one writer of full-weight files.
 
 The contract shared by all of vidpar: a parameter sharded over the tp group carries
 ``tensor_parallel_dim: int``, meaning "this parameter is the tp-rank-th equal chunk of the
-full single-device tensor along that dim"; parameters without it are replicated.
+full single-device tensor along that dim"; parameters without it are replicated. A shard
+of uneven size (whole heads, or FFN channels, that tp does not divide: the first ranks
+hold one more) also carries ``tensor_parallel_sizes``, every tp rank's size along that dim
+in rank order; the rank-th shard starts after the sizes of the ranks before it.
 Parameter names are those of the single-device model, so a full state dict fits any tp
 size: :func:`load_full_state_dict` slices it, :func:`full_state_dict` gathers it back. A
 module exposing a ``tp_group`` attribute names the group its own shards span.
@@ -25,6 +28,7 @@ from torch import nn
 
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.distributed.state import get_parallel_state
+from vidpar.distributed.utils import split_sizes
 
 __all__ = [
     "HPARAMS_KEY",
@@ -36,25 +40,81 @@ __all__ = [
     "read_hyper_parameters",
     "save_full_weights",
     "shard_groups",
+    "shard_sizes",
     "tensor_parallel_shard",
+    "tensor_parallel_sizes",
 ]
 
 #: safetensors header entry holding the training run's hyper-parameters (JSON).
 HPARAMS_KEY = "vidpar.hyper_parameters"
 
 
-def mark_tensor_parallel(param: nn.Parameter, dim: int) -> nn.Parameter:
-    """Tag ``param`` as the tp-rank-th equal chunk of the full tensor along ``dim``."""
+def mark_tensor_parallel(
+    param: nn.Parameter, dim: int, sizes: tuple[int, ...] | None = None
+) -> nn.Parameter:
+    """Tag ``param`` as the tp-rank-th chunk of the full tensor along ``dim``: an equal one,
+    or with uneven ``sizes`` (every tp rank's, from :func:`tensor_parallel_sizes`)."""
     param.tensor_parallel_dim = dim
+    if sizes is not None:
+        param.tensor_parallel_sizes = tuple(sizes)
     return param
 
 
-def tensor_parallel_shard(full: torch.Tensor, dim: int, group: GroupCoordinator) -> torch.Tensor:
-    """This rank's equal chunk of ``full`` along ``dim`` (a view)."""
+def tensor_parallel_sizes(
+    units: int, group: GroupCoordinator, unit: int = 1
+) -> tuple[int, ...] | None:
+    """Every tp rank's shard size of ``units`` whole units of ``unit`` elements each (the
+    heads of ``head_dim`` channels), the first ``units % tp`` ranks holding one unit more;
+    ``None`` when tp divides ``units`` (equal chunks, the plain contract)."""
+    if units % group.world_size == 0:
+        return None
+    return tuple(n * unit for n in split_sizes(units, group.world_size))
+
+
+def shard_sizes(tensor: torch.Tensor) -> tuple[int, ...] | None:
+    """The uneven tp shard sizes ``tensor`` carries, or ``None`` (equal chunks, or
+    replicated)."""
+    return getattr(tensor, "tensor_parallel_sizes", None)
+
+
+def tensor_parallel_shard(
+    full: torch.Tensor,
+    dim: int,
+    group: GroupCoordinator,
+    sizes: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """This rank's chunk of ``full`` along ``dim`` (a view): an equal one, or the rank-th of
+    uneven ``sizes``."""
     n = group.world_size
-    if full.shape[dim] % n:
-        raise ValueError(f"dimension {dim} of size {full.shape[dim]} does not split into tp({n})")
-    return full.chunk(n, dim)[group.rank_in_group]
+    if sizes is None:
+        if full.shape[dim] % n:
+            raise ValueError(
+                f"dimension {dim} of size {full.shape[dim]} does not split into tp({n})"
+            )
+        return full.chunk(n, dim)[group.rank_in_group]
+    if len(sizes) != n or sum(sizes) != full.shape[dim]:
+        raise ValueError(
+            f"dimension {dim} of size {full.shape[dim]} does not split into tp({n}) shards "
+            f"of sizes {list(sizes)}"
+        )
+    rank = group.rank_in_group
+    return full.narrow(dim, sum(sizes[:rank]), sizes[rank])
+
+
+def _gather_shards(
+    tensor: torch.Tensor, dim: int, group: GroupCoordinator, sizes: tuple[int, ...] | None
+) -> torch.Tensor:
+    """Every rank's shard of ``tensor`` concatenated along ``dim``: one all-gather (uneven
+    shards are padded to the largest for it, the padding dropped after)."""
+    if sizes is None or group.world_size == 1:
+        return group.all_gather(tensor, dim)
+    largest = max(sizes)
+    padding = list(tensor.shape)
+    padding[dim] = largest - padding[dim]
+    parts = group.all_gather(torch.cat([tensor, tensor.new_zeros(padding)], dim), dim)
+    parts = parts.split(largest, dim)
+    shards = [part.narrow(dim, 0, n) for part, n in zip(parts, sizes, strict=True)]
+    return torch.cat(shards, dim)
 
 
 def shard_groups(
@@ -100,15 +160,16 @@ def load_full_state_dict(
             source = full_state_dict[name]
             dim = getattr(target, "tensor_parallel_dim", None)
             if dim is not None:
-                tp = groups[id(target)]
+                tp, sizes = groups[id(target)], shard_sizes(target)
                 expected = list(target.shape)
-                expected[dim] *= tp.world_size
+                expected[dim] = sum(sizes) if sizes else expected[dim] * tp.world_size
                 if list(source.shape) != expected:
+                    shards = f"shards of sizes {list(sizes)}" if sizes else "shards"
                     raise ValueError(
                         f"{name}: full shape {tuple(source.shape)} is not tp({tp.world_size}) "
-                        f"shards of {tuple(target.shape)} along dim {dim}"
+                        f"{shards} of {tuple(target.shape)} along dim {dim}"
                     )
-                source = tensor_parallel_shard(source, dim, tp)
+                source = tensor_parallel_shard(source, dim, tp, sizes)
             elif source.shape != target.shape:
                 raise ValueError(
                     f"{name}: shape {tuple(source.shape)} does not match {tuple(target.shape)}"
@@ -130,7 +191,7 @@ def full_state_dict(
             out[name] = tensor.detach().clone()
         else:
             tp = groups[id(tensor)]
-            gathered = tp.all_gather(tensor.detach().contiguous(), dim)
+            gathered = _gather_shards(tensor.detach().contiguous(), dim, tp, shard_sizes(tensor))
             out[name] = gathered.clone() if tp.world_size == 1 else gathered
     return out
 

@@ -84,7 +84,8 @@ class ParallelState:
             ) from None
 
     def check_heads(self, num_heads: int) -> None:
-        """Heads must divide by ulysses × tp: raise ``ValueError`` naming the numbers."""
+        """Every rank of ulysses × tp needs a head (any count splits, unevenly if need be):
+        raise ``ValueError`` naming the numbers."""
         self.config.check_heads(num_heads)
 
     @property

@@ -37,3 +37,10 @@ def pad_to_multiple(tensor: torch.Tensor, multiple: int, dim: int) -> tuple[torc
 def unpad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     """The first ``length`` entries of ``tensor`` along ``dim`` (a view)."""
     return tensor if tensor.shape[dim] == length else tensor.narrow(dim, 0, length)
+
+
+def split_sizes(total: int, parts: int) -> tuple[int, ...]:
+    """``total`` whole items (heads) over ``parts`` ranks, as evenly as they go: the first
+    ``total % parts`` ranks hold one more."""
+    base, extra = divmod(total, parts)
+    return tuple(base + (rank < extra) for rank in range(parts))

@@ -88,7 +88,13 @@ def parallelize(model: ModelT, *, compile: CompileSetting = False) -> ModelT:
                 "parallelize a fresh copy of the model"
             )
         # Checked once, where the model meets the layout.
-        get_parallel_state().check_heads(model.config.num_attention_heads)
+        heads = model.config.num_attention_heads
+        get_parallel_state().check_heads(heads)
+        if heads % layout.tp.world_size:  # uneven heads work over ulysses, not yet here
+            raise ValueError(
+                f"num_heads({heads}) is not divisible by tp({layout.tp.world_size}): "
+                f"{name}'s heads split over tp evenly only; choose a tp that divides {heads}"
+            )
         if any(getattr(m, "fused_projections", False) for m in model.modules()):
             raise ValueError(
                 "the model's attention projections are fused; call "

@@ -5,7 +5,11 @@ Each rank holds ``S/sp`` tokens of the sequence (the sp shard of
 tp-local heads. The layout picks the mode:
 
 * **Ulysses** (ulysses > 1): an all-to-all trades the sequence shard for a head shard, so
-  every rank attends over the whole sequence with ``heads/ulysses`` heads, and back.
+  every rank attends over the whole sequence with ``heads/ulysses`` heads, and back. Q, K
+  and V travel packed in one buffer: one all-to-all there, one for the output back. When
+  ulysses does not divide the heads, the first ranks take one head more; the other
+  ranks' head slices travel padded with a zero head to the largest, which is dropped on
+  arrival (exact, at the cost of sending that padding).
 * **Ring** (ring > 1): queries stay put while K/V blocks travel around the ring group,
   each exchange overlapped with the previous block's compute; block results come from
   fused kernels that return the log-sum-exp (:mod:`vidpar.nn.attention_kernels`) and are
@@ -37,6 +41,7 @@ from vidpar.distributed import collective_ops, telemetry
 from vidpar.distributed.communication_op import all_to_all
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.distributed.state import get_parallel_state
+from vidpar.distributed.utils import split_sizes
 from vidpar.nn.attention_kernels import attention_backward, attention_forward, heads_first
 from vidpar.nn.linear import GroupRef
 from vidpar.nn.softmax_merge import SoftmaxMerge
@@ -114,19 +119,24 @@ class DistributedAttention(nn.Module):
             )
         if (joint_k is None) != (joint_v is None):
             raise ValueError("pass both joint_k and joint_v, or neither")
-        if heads % u:
+        if k.shape != q.shape or v.shape != q.shape:
             raise ValueError(
-                f"the layer got {heads} heads per tp rank, not divisible by ulysses({u})"
+                f"q, k and v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)} and "
+                f"{tuple(v.shape)} (grouped-query K/V: repeat their heads to q's first)"
+            )
+        if heads < u:
+            raise ValueError(
+                f"the layer got {heads} heads per tp rank, fewer than ulysses({u}): every "
+                "rank needs a head"
             )
         scale = head_dim**-0.5 if self.scale is None else self.scale
 
         if u > 1:
-            # [3, B, S/P, H, D] -> [3, B, S, H/P, D]: one all-to-all for q, k and v.
-            q, k, v = all_to_all(torch.stack((q, k, v)), uly, 3, 2).unbind(0)
+            sizes = split_sizes(heads, u)  # every ulysses rank's heads
+            q, k, v = _heads_to_ranks(q, k, v, uly, sizes)
             if joint_k is not None:
-                h = heads // u
-                joint_k = joint_k.narrow(2, uly.rank_in_group * h, h)
-                joint_v = joint_v.narrow(2, uly.rank_in_group * h, h)
+                start, h = sum(sizes[: uly.rank_in_group]), sizes[uly.rank_in_group]
+                joint_k, joint_v = joint_k.narrow(2, start, h), joint_v.narrow(2, start, h)
         block = q.shape[1]  # this ring rank's block of the sequence after Ulysses
         valid = [max(0, min(block, seq_len - j * block)) for j in range(r)]
         if r == 1:
@@ -134,8 +144,49 @@ class DistributedAttention(nn.Module):
         else:
             out = ring_attention(q, k, v, ring, valid, joint_k, joint_v, scale)
         if u > 1:
-            out = all_to_all(out, uly, 1, 2)
+            out = _heads_back(out, uly, sizes)
         return out
+
+
+def _heads_to_ranks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: GroupCoordinator,
+    sizes: tuple[int, ...],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Ulysses exchange of q, k and v in one all-to-all: ``[B, S/P, H, D]`` each, this
+    rank's sequence shard, to ``[B, S, sizes[rank], D]`` each, this rank's heads (K and V
+    adjacent in memory, as the ring sends them).
+
+    Uneven heads: the send buffer ``[P, 3, B, S/P, h, D]`` is filled destination-major,
+    each destination's heads padded with zeros to the largest ``h``, and the padding is
+    dropped on arrival."""
+    largest = max(sizes)
+    if min(sizes) == largest:  # [3, B, S/P, H, D] -> [3, B, S, H/P, D]
+        return all_to_all(torch.stack((q, k, v)), group, 3, 2).unbind(0)
+    n, mine = group.world_size, sizes[group.rank_in_group]
+    batch, local_len, _, head_dim = q.shape
+    send = q.new_zeros(n, 3, batch, local_len, largest, head_dim)
+    start = 0
+    for dst, h in enumerate(sizes):
+        for j, t in enumerate((q, k, v)):
+            send[dst, j, :, :, :h].copy_(t[:, :, start : start + h])
+        start += h
+    received = all_to_all(send.flatten(0, 1), group, 0, 0).unflatten(0, (n, 3))
+    qkv = received[..., :mine, :].movedim(0, 2).reshape(3, batch, n * local_len, mine, head_dim)
+    return qkv.unbind(0)
+
+
+def _heads_back(out: torch.Tensor, group: GroupCoordinator, sizes: tuple[int, ...]):
+    """The inverse exchange for the output: ``[B, S, sizes[rank], D]`` to ``[B, S/P, H, D]``
+    (uneven heads: padded to the largest, the padding dropped on arrival)."""
+    largest = max(sizes)
+    if min(sizes) == largest:
+        return all_to_all(out, group, 1, 2)
+    padded = F.pad(out, (0, 0, 0, largest - out.shape[2]))
+    received = all_to_all(padded, group, 1, 2).unflatten(2, (group.world_size, largest))
+    return torch.cat([received[:, :, src, :h] for src, h in enumerate(sizes)], 2)
 
 
 def _local_attention(

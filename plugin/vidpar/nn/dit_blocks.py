@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidpar.distributed.full_weights import tensor_parallel_shard
+from vidpar.distributed.full_weights import tensor_parallel_shard, tensor_parallel_sizes
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.nn.attention import DistributedAttention
 from vidpar.nn.dit_config import DiTConfig
@@ -35,7 +35,8 @@ __all__ = ["DiTBlock", "FinalLayer", "HeadRMSNorm"]
 class HeadRMSNorm(TensorParallelModule):
     """RMSNorm over each head's channels of ``[..., heads_local, head_dim]``, with a weight
     per head and channel. The weight is split over tp with the heads (its full shape is
-    ``[num_heads, head_dim]``), so its gradient needs no tp reduction."""
+    ``[num_heads, head_dim]``, whole heads as the projections split them), so its gradient
+    needs no tp reduction."""
 
     def __init__(
         self,
@@ -48,7 +49,9 @@ class HeadRMSNorm(TensorParallelModule):
         super().__init__(group)
         self.eps = eps
         full = torch.ones(num_heads, head_dim)
-        self.register_sharded("weight", tensor_parallel_shard(full, 0, self.tp_group).clone(), 0)
+        sizes = tensor_parallel_sizes(num_heads, self.tp_group)
+        shard = tensor_parallel_shard(full, 0, self.tp_group, sizes).clone()
+        self.register_sharded("weight", shard, 0, sizes)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -76,7 +79,7 @@ class SelfAttention(nn.Module):
         self.qkv = QKVParallelLinear(cfg.hidden_size, cfg.num_heads)
         self.norm_q, self.norm_k = _head_norms(cfg)
         self.attn = DistributedAttention(cfg.num_heads)
-        self.proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size)
+        self.proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, split_unit=cfg.head_dim)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], seq_len: int
@@ -95,12 +98,12 @@ class CrossAttention(nn.Module):
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
-        h = cfg.hidden_size
-        self.to_q = ColumnParallelLinear(h, h)
-        self.to_k = ColumnParallelLinear(h, h)
-        self.to_v = ColumnParallelLinear(h, h)
+        h, head_dim = cfg.hidden_size, cfg.head_dim
+        self.to_q = ColumnParallelLinear(h, h, split_unit=head_dim)
+        self.to_k = ColumnParallelLinear(h, h, split_unit=head_dim)
+        self.to_v = ColumnParallelLinear(h, h, split_unit=head_dim)
         self.norm_q, self.norm_k = _head_norms(cfg)
-        self.proj = RowParallelLinear(h, h)
+        self.proj = RowParallelLinear(h, h, split_unit=head_dim)
         self.head_dim = cfg.head_dim
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -120,8 +123,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, mlp_hidden: int) -> None:
         super().__init__()
-        self.fc1 = ColumnParallelLinear(hidden_size, mlp_hidden)
-        self.fc2 = RowParallelLinear(mlp_hidden, hidden_size)
+        # Channels split whole, unevenly when tp does not divide them (with uneven heads).
+        self.fc1 = ColumnParallelLinear(hidden_size, mlp_hidden, split_unit=1)
+        self.fc2 = RowParallelLinear(mlp_hidden, hidden_size, split_unit=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))

@@ -2,7 +2,9 @@
 
 Every sharded parameter follows vidpar's tp contract (:mod:`vidpar.distributed.full_weights`):
 it carries ``tensor_parallel_dim`` and keeps its single-device name, so full checkpoints
-load into any tp size and gather back.
+load into any tp size and gather back. Layers split in whole units (``split_unit``: the
+heads of a projection; QKV always) need no tp that divides them: the first ranks hold one
+unit more (``tensor_parallel_sizes``).
 
 Layers find their group when they are built: an explicit ``group``, else the current
 layout's (:func:`vidpar.distributed.get_parallel_state`; a world of one without a layout
@@ -27,7 +29,12 @@ from vidpar.distributed.communication_op import (
     reduce_from_group,
     shard_to_group,
 )
-from vidpar.distributed.full_weights import mark_tensor_parallel, tensor_parallel_shard
+from vidpar.distributed.full_weights import (
+    mark_tensor_parallel,
+    shard_sizes,
+    tensor_parallel_shard,
+    tensor_parallel_sizes,
+)
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.distributed.state import get_parallel_state
 
@@ -62,6 +69,21 @@ def _divide(name: str, value: int, group: GroupCoordinator) -> int:
     return value // group.world_size
 
 
+def _unit_shards(
+    what: str, units: int, unit: int, group: GroupCoordinator, noun: str = "whole units"
+) -> tuple[int, tuple[int, ...] | None]:
+    """This rank's features of ``units`` whole units of ``unit`` features (heads) split
+    over tp, the first ranks one unit more, and every rank's (``None`` when equal)."""
+    if units < group.world_size:
+        raise ValueError(
+            f"{what} has {units} {noun}, fewer than tp({group.world_size}): "
+            f"every tp rank needs one; choose tp ≤ {units}"
+        )
+    sizes = tensor_parallel_sizes(units, group, unit)
+    local = units // group.world_size * unit if sizes is None else sizes[group.rank_in_group]
+    return local, sizes
+
+
 class TensorParallelModule(nn.Module):
     """Base of modules with tp-sharded parameters.
 
@@ -75,26 +97,36 @@ class TensorParallelModule(nn.Module):
         super().__init__()
         self._tp = GroupRef(group or get_parallel_state().group("tp"))
         self._tp_dims: dict[str, int] = {}
+        self._tp_sizes: dict[str, tuple[int, ...]] = {}
 
     @property
     def tp_group(self) -> GroupCoordinator:
         """The group this module's shards span."""
         return self._tp.group
 
-    def register_sharded(self, name: str, tensor: torch.Tensor | None, dim: int) -> None:
+    def register_sharded(
+        self,
+        name: str,
+        tensor: torch.Tensor | None,
+        dim: int,
+        sizes: tuple[int, ...] | None = None,
+    ) -> None:
         """Register ``tensor`` (this rank's chunk, or ``None``) as parameter ``name``, split
-        over tp along ``dim``."""
+        over tp along ``dim`` (unevenly: every rank's ``sizes``)."""
         if tensor is None:
             self.register_parameter(name, None)
             return
-        self.register_parameter(name, mark_tensor_parallel(nn.Parameter(tensor), dim))
+        self.register_parameter(name, mark_tensor_parallel(nn.Parameter(tensor), dim, sizes))
         self._tp_dims[name] = dim
+        if sizes is not None:
+            self._tp_sizes[name] = sizes
 
     def _retag(self) -> None:
+        sizes = self.__dict__.get("_tp_sizes", {})
         for name, dim in self.__dict__.get("_tp_dims", {}).items():
             param = self._parameters.get(name)
             if param is not None:
-                param.tensor_parallel_dim = dim
+                mark_tensor_parallel(param, dim, sizes.get(name))
 
     def _apply(self, fn, recurse: bool = True):
         result = super()._apply(fn, recurse)
@@ -114,12 +146,17 @@ class TensorParallelModule(nn.Module):
         full = torch.empty(full_shape, dtype=param.dtype, device=param.device)
         full.uniform_(-bound, bound)
         dim = getattr(param, "tensor_parallel_dim", None)
-        param.copy_(full if dim is None else tensor_parallel_shard(full, dim, self.tp_group))
+        if dim is not None:
+            full = tensor_parallel_shard(full, dim, self.tp_group, shard_sizes(param))
+        param.copy_(full)
 
 
 class _ParallelLinear(TensorParallelModule):
     """``y = x Wᵀ + b`` with W split over tp along :attr:`split_dim` (0: output rows, 1:
-    input columns); the bias is split with the output rows or else replicated."""
+    input columns); the bias is split with the output rows or else replicated. With
+    ``split_unit`` the split side goes in whole units of that many features (an attention
+    head's ``head_dim``; 1 for FFN channels), unevenly when tp does not divide them;
+    without it tp must divide that side."""
 
     split_dim: int
 
@@ -130,6 +167,7 @@ class _ParallelLinear(TensorParallelModule):
         bias: bool = True,
         *,
         group: GroupCoordinator | None = None,
+        split_unit: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -137,13 +175,22 @@ class _ParallelLinear(TensorParallelModule):
         self.in_features, self.out_features = in_features, out_features
         split = self.split_dim
         shape = [out_features, in_features]
-        shape[split] = _divide(("out_features", "in_features")[split], shape[split], self.tp_group)
+        name = ("out_features", "in_features")[split]
+        unit = split_unit
+        if unit is None:
+            shape[split], sizes = _divide(name, shape[split], self.tp_group), None
+        elif shape[split] % unit:
+            raise ValueError(f"{name}({shape[split]}) is not whole units of split_unit({unit})")
+        else:
+            what = f"{name}({shape[split]})"
+            shape[split], sizes = _unit_shards(what, shape[split] // unit, unit, self.tp_group)
+        self.is_uneven = sizes is not None
         kw = {"device": device, "dtype": dtype}
-        self.register_sharded("weight", torch.empty(shape, **kw), split)
+        self.register_sharded("weight", torch.empty(shape, **kw), split, sizes)
         if not bias:
             self.register_parameter("bias", None)
         elif split == 0:
-            self.register_sharded("bias", torch.empty(shape[0], **kw), 0)
+            self.register_sharded("bias", torch.empty(shape[0], **kw), 0, sizes)
         else:
             self.bias = nn.Parameter(torch.empty(out_features, **kw))
         self.reset_parameters()
@@ -166,12 +213,19 @@ class ColumnParallelLinear(_ParallelLinear):
     """``y = x Wᵀ + b`` with W's output rows split over tp: each rank computes its slice
     of the features. ``gather_output`` concatenates the slices (every rank gets all of
     ``y``); otherwise the output stays split, ready for a :class:`RowParallelLinear`.
-    Other arguments as :class:`torch.nn.Linear`, plus ``group`` (default: the layout's)."""
+    Other arguments as :class:`torch.nn.Linear`, plus ``group`` (default: the layout's)
+    and ``split_unit`` (split in whole units, see above; uneven shards cannot
+    ``gather_output``)."""
 
     split_dim = 0
 
     def __init__(self, *args: Any, gather_output: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if gather_output and self.is_uneven:
+            raise ValueError(
+                f"gather_output needs equal shards: out_features({self.out_features}) split "
+                f"unevenly over tp({self.tp_group.world_size}); keep the output split"
+            )
         self.gather_output = gather_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,6 +246,11 @@ class RowParallelLinear(_ParallelLinear):
 
     def __init__(self, *args: Any, input_is_parallel: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if not input_is_parallel and self.is_uneven:
+            raise ValueError(
+                f"input_is_parallel=False needs equal shards: in_features({self.in_features}) "
+                f"split unevenly over tp({self.tp_group.world_size}); pass the split input"
+            )
         self.input_is_parallel = input_is_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -210,7 +269,7 @@ class QKVParallelLinear(TensorParallelModule):
 
     ``weight`` is ``[3, heads_local × head_dim, in]`` (full: ``[3, heads × head_dim, in]``,
     sharded along dim 1) and ``bias`` ``[3, heads_local × head_dim]``, so each tp rank owns
-    whole heads of q, k and v. :meth:`forward` returns ``(q, k, v)``, each
+    whole heads of q, k and v (when tp does not divide the heads, the first ranks one more). :meth:`forward` returns ``(q, k, v)``, each
     ``[..., heads_local, head_dim]``; the weight enters ``F.linear`` as a view (no copy).
     """
 
@@ -235,11 +294,11 @@ class QKVParallelLinear(TensorParallelModule):
                 )
             head_dim = hidden_size // num_heads
         self.in_features, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
-        self.num_heads_per_rank = _divide("num_heads", num_heads, group)
-        local = self.num_heads_per_rank * head_dim
+        local, sizes = _unit_shards(f"num_heads({num_heads})", num_heads, head_dim, group, "heads")
+        self.num_heads_per_rank = local // head_dim
         kw = {"device": device, "dtype": dtype}
-        self.register_sharded("weight", torch.empty(3, local, hidden_size, **kw), 1)
-        self.register_sharded("bias", torch.empty(3, local, **kw) if bias else None, 1)
+        self.register_sharded("weight", torch.empty(3, local, hidden_size, **kw), 1, sizes)
+        self.register_sharded("bias", torch.empty(3, local, **kw) if bias else None, 1, sizes)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

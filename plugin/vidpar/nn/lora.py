@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vidpar.distributed.full_weights import shard_groups
+from vidpar.distributed.full_weights import shard_groups, shard_sizes, tensor_parallel_shard
 from vidpar.distributed.group import GroupCoordinator
 
 __all__ = [
@@ -236,7 +236,8 @@ def _full_shape(param: torch.Tensor, group: GroupCoordinator | None) -> list[int
     shape = list(param.shape)
     dim = getattr(param, "tensor_parallel_dim", None)
     if dim is not None and group is not None:
-        shape[dim] *= group.world_size
+        sizes = shard_sizes(param)
+        shape[dim] = sum(sizes) if sizes else shape[dim] * group.world_size
     return shape
 
 
@@ -276,7 +277,7 @@ def shard_delta(
 
     ``group`` is the tp group ``param`` is split over when it has a ``tensor_parallel_dim``
     (``None``: the whole tensor). The factor on the sharded side (B for output dims, A for
-    input dims) is cut to this rank's chunk before multiplying.
+    input dims) is cut to this rank's chunk (uneven ones too) before multiplying.
     """
     full_shape = _full_shape(param, group)
     _check_factors("the weight", param, full_shape, lora_a, lora_b)
@@ -286,10 +287,11 @@ def shard_delta(
     b = lora_b.to(param.device, dtype).reshape(*full_shape[:k], -1)  # [*out, r]
     dim = getattr(param, "tensor_parallel_dim", None)
     if dim is not None and group is not None and group.world_size > 1:
+        sizes = shard_sizes(param)
         if dim < k:
-            b = b.chunk(group.world_size, dim)[group.rank_in_group]
+            b = tensor_parallel_shard(b, dim, group, sizes)
         else:
-            a = a.chunk(group.world_size, dim - k + 1)[group.rank_in_group]
+            a = tensor_parallel_shard(a, dim - k + 1, group, sizes)
     delta = b.reshape(-1, b.shape[-1]) @ a.reshape(a.shape[0], -1)
     return (delta * scale).reshape(param.shape)
 
