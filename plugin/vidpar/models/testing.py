@@ -4,7 +4,9 @@
 ``tiny-wan/`` (a ``WanTransformer3DModel``) and ``tiny-wan-vae/`` (an ``AutoencoderKLWan``)
 saved with ``save_pretrained``, ``latents/`` (a latents folder, :mod:`vidpar.data.latents`,
 that fits the model) and ``tiny-wan-lora/`` (a LoRA for it, saved by diffusers' Wan LoRA
-saver). Each has its own ``make_tiny_*`` function. Nothing is downloaded; the same seed
+saver), and ``tiny-wan-pipeline/``, a whole ``WanPipeline`` folder (tokenizer, UMT5 text
+encoder, transformer, VAE, UniPC scheduler) that diffusers' own ``WanPipeline.from_pretrained``
+loads. Each has its own ``make_tiny_*`` function. Nothing is downloaded; the same seed
 writes the same weights.
 """
 
@@ -116,12 +118,91 @@ def make_tiny_wan_lora(
     return Path(path) / "pytorch_lora_weights.safetensors"
 
 
+#: The words the tiny tokenizer knows (any other word is ``<unk>``).
+_WORDS = "a an the red blue green white fox cat dog bird running walking through over in on "
+TINY_WORDS: tuple[str, ...] = (*_WORDS.split(), "snow", "sky", "tree", "river", "night", "blurry")
+#: A two-layer UMT5 encoder whose width is the tiny Wan's ``text_dim``.
+TINY_UMT5: dict[str, Any] = {
+    "d_model": TINY_WAN["text_dim"],
+    "d_kv": 8,
+    "d_ff": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "relative_attention_num_buckets": 8,
+    "relative_attention_max_distance": 16,
+    "feed_forward_proj": "gated-gelu",
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+}
+#: Wan's scheduler: UniPC on flow sigmas with Wan2.1's ``flow_shift``.
+TINY_SCHEDULER: dict[str, Any] = {
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "flow_shift": 3.0,
+}
+
+
+def make_tiny_tokenizer(path: str | os.PathLike) -> Path:
+    """Save a word-level tokenizer of :data:`TINY_WORDS` (``<pad>`` 0, ``</s>`` 1 appended
+    to every text, ``<unk>`` 2), built with ``tokenizers``, as ``tokenizer.json``."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(TINY_WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", 1)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=512,
+    )
+    fast.save_pretrained(str(path))
+    return Path(path)
+
+
+def make_tiny_wan_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Save a whole tiny ``WanPipeline`` folder (``model_index.json``, ``tokenizer/``,
+    ``text_encoder/``, ``transformer/``, ``vae/``, ``scheduler/``) with diffusers' own
+    ``save_pretrained``; returns ``path``. Videos: ``num_frames = 1 + 2 k``, height and
+    width multiples of 16 (``WanPipeline``'s rule)."""
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+    path = Path(path)
+    make_tiny_tokenizer(path / "tokenizer")
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(TINY_WORDS) + 3, **TINY_UMT5))
+    pipeline = WanPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(str(path / "tokenizer")),
+        text_encoder=text_encoder,
+        vae=AutoencoderKLWan(**TINY_WAN_VAE),
+        scheduler=UniPCMultistepScheduler(**TINY_SCHEDULER),
+        transformer=WanTransformer3DModel(**TINY_WAN),
+    )
+    pipeline.save_pretrained(str(path))
+    return path
+
+
 def make_tiny_folders(root: str | os.PathLike = ".") -> Path:
-    """``tiny-wan/``, ``tiny-wan-vae/``, ``latents/`` and ``tiny-wan-lora/`` under ``root``
-    (the folders the README's examples name); returns ``root``."""
+    """``tiny-wan/``, ``tiny-wan-vae/``, ``latents/``, ``tiny-wan-lora/`` and
+    ``tiny-wan-pipeline/`` under ``root`` (the folders the README's examples name); returns
+    ``root``."""
     root = Path(root)
     model = make_tiny_wan(root / "tiny-wan")
     make_tiny_wan_vae(root / "tiny-wan-vae")
     make_tiny_latents(root / "latents", model)
     make_tiny_wan_lora(root / "tiny-wan-lora", model)
+    make_tiny_wan_pipeline(root / "tiny-wan-pipeline")
     return root
