@@ -4,9 +4,10 @@
 ``tiny-wan/`` (a ``WanTransformer3DModel``) and ``tiny-wan-vae/`` (an ``AutoencoderKLWan``)
 saved with ``save_pretrained``, ``latents/`` (a latents folder, :mod:`vidpar.data.latents`,
 that fits the model) and ``tiny-wan-lora/`` (a LoRA for it, saved by diffusers' Wan LoRA
-saver), and ``tiny-wan-pipeline/``, a whole ``WanPipeline`` folder (tokenizer, UMT5 text
+saver), ``tiny-wan-pipeline/``, a whole ``WanPipeline`` folder (tokenizer, UMT5 text
 encoder, transformer, VAE, UniPC scheduler) that diffusers' own ``WanPipeline.from_pretrained``
-loads. Each has its own ``make_tiny_*`` function. Nothing is downloaded; the same seed
+loads, and ``tiny-wan-i2v-pipeline/`` (a ``WanImageToVideoPipeline`` with a CLIP image
+encoder). Each has its own ``make_tiny_*`` function. Nothing is downloaded; the same seed
 writes the same weights.
 """
 
@@ -195,14 +196,73 @@ def make_tiny_wan_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
     return path
 
 
+#: A two-layer CLIP vision tower of 32-pixel images (its penultimate layer feeds Wan I2V).
+TINY_CLIP_VISION: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+    "projection_dim": 32,
+}
+#: Wan2.1 I2V's transformer: noise, the first-frame mask (one channel per frame of a latent
+#: frame: the tiny VAE's 2) and the first frame's latents in; image tokens too.
+TINY_WAN_I2V: dict[str, Any] = {
+    **TINY_WAN,
+    "in_channels": 2 * TINY_WAN_VAE["z_dim"] + TINY_WAN_VAE["scale_factor_temporal"],
+    "image_dim": TINY_CLIP_VISION["hidden_size"],
+    "added_kv_proj_dim": TINY_WAN["num_attention_heads"] * TINY_WAN["attention_head_dim"],
+}
+
+
+def make_tiny_wan_i2v_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Save a whole tiny ``WanImageToVideoPipeline`` folder (a Wan2.1 I2V: the T2V folder's
+    components, an I2V transformer, ``image_encoder/`` and ``image_processor/``) that
+    diffusers' own ``WanImageToVideoPipeline.from_pretrained`` loads; returns ``path``."""
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanImageToVideoPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        UMT5Config,
+        UMT5EncoderModel,
+    )
+
+    path = Path(path)
+    make_tiny_tokenizer(path / "tokenizer")
+    torch.manual_seed(seed)
+    side = TINY_CLIP_VISION["image_size"]
+    pipeline = WanImageToVideoPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(str(path / "tokenizer")),
+        text_encoder=UMT5EncoderModel(UMT5Config(vocab_size=len(TINY_WORDS) + 3, **TINY_UMT5)),
+        vae=AutoencoderKLWan(**TINY_WAN_VAE),
+        scheduler=UniPCMultistepScheduler(**TINY_SCHEDULER),
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+        ),
+        image_encoder=CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP_VISION)),
+        transformer=WanTransformer3DModel(**TINY_WAN_I2V),
+    )
+    pipeline.save_pretrained(str(path))
+    return path
+
+
 def make_tiny_folders(root: str | os.PathLike = ".") -> Path:
-    """``tiny-wan/``, ``tiny-wan-vae/``, ``latents/``, ``tiny-wan-lora/`` and
-    ``tiny-wan-pipeline/`` under ``root`` (the folders the README's examples name); returns
-    ``root``."""
+    """``tiny-wan/``, ``tiny-wan-vae/``, ``latents/``, ``tiny-wan-lora/``,
+    ``tiny-wan-pipeline/`` and ``tiny-wan-i2v-pipeline/`` under ``root`` (the folders the
+    README's examples name); returns ``root``."""
     root = Path(root)
     model = make_tiny_wan(root / "tiny-wan")
     make_tiny_wan_vae(root / "tiny-wan-vae")
     make_tiny_latents(root / "latents", model)
     make_tiny_wan_lora(root / "tiny-wan-lora", model)
     make_tiny_wan_pipeline(root / "tiny-wan-pipeline")
+    make_tiny_wan_i2v_pipeline(root / "tiny-wan-i2v-pipeline")
     return root

@@ -21,6 +21,14 @@ from vidpar.executor import Executor
 from vidpar.pipelines import prompt_encoding
 from vidpar.pipelines.generator import _dp_slice
 from vidpar.pipelines.generator_worker import GeneratorWorker
+from vidpar.pipelines.image_condition import (
+    ImageCondition,
+    encode_first_frame,
+    image_tokens,
+    load_image_encoder,
+    load_image_processor,
+    read_image,
+)
 from vidpar.pipelines.pipeline_folder import (
     MAX_SEQUENCE_LENGTH,
     PipelineFolder,
@@ -65,6 +73,12 @@ def _build(worker, folder: str, dtype: torch.dtype, encode_on_workers: bool):
     worker.replica_group = prompt_encoding.replica_group(
         worker.config.world_size, _replica_size(worker.config)
     )
+    worker.image_encoder = worker.image_processor = None
+    if "image_encoder" in spec.components and spec.transformer_config.get("image_dim"):
+        worker.image_encoder = load_image_encoder(
+            spec.components["image_encoder"], vae_dtype, worker.device
+        )
+        worker.image_processor = load_image_processor(spec.components["image_processor"])
     worker.text_encoder = None
     if encode_on_workers:
         encoder = prompt_encoding.load_text_encoder(spec.components["text_encoder"], dtype)
@@ -97,16 +111,7 @@ def load_scheduler(folder: Path):
     return cls.from_pretrained(str(folder))
 
 
-def _timestep(t: torch.Tensor, latents: torch.Tensor, expand: bool, patch) -> torch.Tensor:
-    """The transformer's timestep: ``t`` per video, or per token for Wan2.2 TI2V."""
-    if not expand:
-        return t.expand(latents.shape[0])
-    _, _, f, h, w = latents.shape
-    tokens = f * (h // patch[1]) * (w // patch[2])
-    return t.reshape(1, 1).expand(latents.shape[0], tokens).to(torch.float32)
-
-
-def _denoise(worker, latents, cond, null, request) -> torch.Tensor:
+def _denoise(worker, latents, cond, null, image: ImageCondition | None, request) -> torch.Tensor:
     """diffusers' denoising loop over the folder's scheduler; under cfg2 the two cfg ranks
     run the conditional and unconditional passes and all-gather the predictions."""
     spec: PipelineFolder = worker.pipeline_spec
@@ -118,30 +123,70 @@ def _denoise(worker, latents, cond, null, request) -> torch.Tensor:
     guided = request["guidance_scale"] > 1.0
     cfg = get_cfg_group()
     split = guided and cfg.world_size == 2
-    patch = spec.transformer_config["patch_size"]
+    first = image.first_frame_mask if image is not None else None
+    if spec.settings["expand_timesteps"] and first is None:  # TI2V without an image
+        first = torch.ones(1, 1, *latents.shape[2:], device=latents.device)
+    extra = {}
+    if image is not None and image.image_embeds is not None:
+        extra["encoder_hidden_states_image"] = image.image_embeds
+    high = worker.transformers.get("transformer", worker.transformers.get("transformer_2"))
     for t in scheduler.timesteps:
         if boundary is None or t >= boundary:
-            model = worker.transformers.get("transformer") or worker.transformers["transformer_2"]
-            scale = request["guidance_scale"]
+            model, scale = high, request["guidance_scale"]
         else:
             model, scale = worker.transformers["transformer_2"], request["guidance_scale_2"]
         dtype = next(model.parameters()).dtype
-        x = latents.to(dtype)
-        timestep = _timestep(t, latents, spec.settings["expand_timesteps"], patch)
+        if first is not None:  # a timestep per token, 0 where the first frame is kept
+            x = latents if image is None else (1 - first) * image.latents + first * latents
+            timestep = (first[0][0][:, ::2, ::2] * t).flatten().unsqueeze(0)
+            timestep = timestep.expand(latents.shape[0], -1)
+        else:
+            x = latents if image is None else torch.cat([latents, image.latents], dim=1)
+            timestep = t.expand(latents.shape[0])
+        x = x.to(dtype)
+        kwargs = {k: v.to(dtype) for k, v in extra.items()}
+
+        def predict(embeds, model=model, x=x, timestep=timestep, kwargs=kwargs):
+            hidden = embeds.to(x.dtype)
+            return model(x, timestep, hidden, return_dict=False, **kwargs)[0]
 
         if split:
-            mine = model(
-                x, timestep, (null if cfg.rank_in_group else cond).to(dtype), return_dict=False
-            )[0]
+            mine = predict(null if cfg.rank_in_group else cond)
             noise_pred, noise_uncond = cfg.all_gather(mine.unsqueeze(0), dim=0).unbind(0)
         else:
-            noise_pred = model(x, timestep, cond.to(dtype), return_dict=False)[0]
-            if guided:
-                noise_uncond = model(x, timestep, null.to(dtype), return_dict=False)[0]
+            noise_pred = predict(cond)
+            noise_uncond = predict(null) if guided else None
         if guided:
             noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+    if image is not None and first is not None:
+        latents = (1 - first) * image.latents + first * latents
     return latents
+
+
+def _image_condition(worker, request: dict[str, Any], batch: int) -> ImageCondition | None:
+    """The image's conditioning for this rank's ``batch`` videos (every rank of a replica
+    encodes it: the VAE's encode, like its decode, may be parallel)."""
+    if request.get("image") is None:
+        return None
+    spec: PipelineFolder = worker.pipeline_spec
+    num_frames, height, width = request["video_size"]
+    latents, first = encode_first_frame(
+        worker.vae,
+        request["image"],
+        batch,
+        num_frames,
+        height,
+        width,
+        spec.settings["expand_timesteps"],
+        spec.temporal_factor,
+        spec.spatial_factor,
+        worker.device,
+    )
+    tokens = None
+    if worker.image_encoder is not None:
+        tokens = image_tokens(worker.image_processor, worker.image_encoder, request["image"], batch)
+    return ImageCondition(latents, first, tokens)
 
 
 def _generate_on_worker(worker, request: dict[str, Any]) -> tuple[Any, list]:
@@ -171,7 +216,8 @@ def _generate_on_worker(worker, request: dict[str, Any]) -> tuple[Any, list]:
     recorder = telemetry.start_recording()
     try:
         with torch.no_grad():
-            latents = _denoise(worker, noise, cond, null, request)
+            image = _image_condition(worker, request, len(noise))
+            latents = _denoise(worker, noise, cond, null, image, request)
             output = latents
             if request["decode"]:
                 output = decode_latents(worker.vae, latents)
@@ -293,6 +339,7 @@ class DiffusersPipelineGenerator(WorkerSession):
         prompt: Prompts | None = None,
         negative_prompt: Prompts | None = None,
         *,
+        image: Any = None,
         prompt_embeds: Embeds | None = None,
         negative_prompt_embeds: Embeds | None = None,
         num_frames: int = 81,
@@ -311,7 +358,9 @@ class DiffusersPipelineGenerator(WorkerSession):
         seeded so, diffusers' pipeline gives the same video).
 
         ``prompt``: a text or a list; ``negative_prompt``: one text for all or one per prompt
-        (default ``""``, as diffusers). Or ``prompt_embeds`` (and ``negative_prompt_embeds``,
+        (default ``""``, as diffusers). ``image`` (an image file, a PIL image or an
+        ``[H, W, 3]`` array) is the first frame of image-to-video: an I2V folder needs one,
+        a TI2V one (``expand_timesteps``) takes one. Or ``prompt_embeds`` (and ``negative_prompt_embeds``,
         default zeros) precomputed. Returns float32 videos ``[B, F, H, W, 3]`` in [0, 1]
         (diffusers' ``output_type="np"``), or the latents ``[B, C, T, H, W]``.
         ``output``: ``.npy`` (``[F, H, W, 3]`` for one prompt, ``[B, F, H, W, 3]`` for
@@ -327,8 +376,14 @@ class DiffusersPipelineGenerator(WorkerSession):
             raise ValueError("output= writes videos: it needs output_type='np'")
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass either prompt (text) or prompt_embeds, not both or neither")
+        if image is None and self.spec.needs_image:
+            raise ValueError(f"{self.spec.root} is a {self.spec.pipeline_class}: pass image=")
+        if image is not None and not self.spec.takes_image:
+            raise ValueError(f"{self.spec.root} is a text-to-video {self.spec.pipeline_class}")
         num_frames, height, width = self.spec.video_size(num_frames, height, width)
         request: dict[str, Any] = {
+            "image": None if image is None else read_image(image),
+            "video_size": (num_frames, height, width),
             "latent_shape": self.spec.latent_shape(num_frames, height, width),
             "steps": steps,
             "guidance_scale": guidance_scale,
