@@ -5,8 +5,8 @@ guidance, Wan2.2's two transformers), so a seed gives diffusers' own video."""
 from __future__ import annotations
 
 import functools
-import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +16,6 @@ import torch
 
 from vidpar.config import ParallelConfig
 from vidpar.distributed import telemetry
-from vidpar.distributed.state import get_cfg_group
 from vidpar.executor import Executor
 from vidpar.pipelines import prompt_encoding
 from vidpar.pipelines.generator import _dp_slice
@@ -29,6 +28,7 @@ from vidpar.pipelines.image_condition import (
     load_image_processor,
     read_image,
 )
+from vidpar.pipelines.pipeline_denoise import denoise
 from vidpar.pipelines.pipeline_folder import (
     MAX_SEQUENCE_LENGTH,
     PipelineFolder,
@@ -100,70 +100,6 @@ def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents / inv_std + mean, return_dict=False)[0]
 
 
-def load_scheduler(folder: Path):
-    """The diffusers scheduler a pipeline's ``scheduler/`` folder names, as saved."""
-    import diffusers
-
-    name = json.loads((folder / "scheduler_config.json").read_text())["_class_name"]
-    cls = getattr(diffusers, name, None)
-    if cls is None:
-        raise ValueError(f"{folder}/scheduler_config.json names {name!r}, unknown to diffusers")
-    return cls.from_pretrained(str(folder))
-
-
-def _denoise(worker, latents, cond, null, image: ImageCondition | None, request) -> torch.Tensor:
-    """diffusers' denoising loop over the folder's scheduler; under cfg2 the two cfg ranks
-    run the conditional and unconditional passes and all-gather the predictions."""
-    spec: PipelineFolder = worker.pipeline_spec
-    scheduler = load_scheduler(spec.components["scheduler"])
-    scheduler.set_timesteps(request["steps"], device=worker.device)
-    scheduler.set_begin_index(0)
-    ratio = spec.settings["boundary_ratio"]
-    boundary = None if ratio is None else ratio * scheduler.config.num_train_timesteps
-    guided = request["guidance_scale"] > 1.0
-    cfg = get_cfg_group()
-    split = guided and cfg.world_size == 2
-    first = image.first_frame_mask if image is not None else None
-    if spec.settings["expand_timesteps"] and first is None:  # TI2V without an image
-        first = torch.ones(1, 1, *latents.shape[2:], device=latents.device)
-    extra = {}
-    if image is not None and image.image_embeds is not None:
-        extra["encoder_hidden_states_image"] = image.image_embeds
-    high = worker.transformers.get("transformer", worker.transformers.get("transformer_2"))
-    for t in scheduler.timesteps:
-        if boundary is None or t >= boundary:
-            model, scale = high, request["guidance_scale"]
-        else:
-            model, scale = worker.transformers["transformer_2"], request["guidance_scale_2"]
-        dtype = next(model.parameters()).dtype
-        if first is not None:  # a timestep per token, 0 where the first frame is kept
-            x = latents if image is None else (1 - first) * image.latents + first * latents
-            timestep = (first[0][0][:, ::2, ::2] * t).flatten().unsqueeze(0)
-            timestep = timestep.expand(latents.shape[0], -1)
-        else:
-            x = latents if image is None else torch.cat([latents, image.latents], dim=1)
-            timestep = t.expand(latents.shape[0])
-        x = x.to(dtype)
-        kwargs = {k: v.to(dtype) for k, v in extra.items()}
-
-        def predict(embeds, model=model, x=x, timestep=timestep, kwargs=kwargs):
-            hidden = embeds.to(x.dtype)
-            return model(x, timestep, hidden, return_dict=False, **kwargs)[0]
-
-        if split:
-            mine = predict(null if cfg.rank_in_group else cond)
-            noise_pred, noise_uncond = cfg.all_gather(mine.unsqueeze(0), dim=0).unbind(0)
-        else:
-            noise_pred = predict(cond)
-            noise_uncond = predict(null) if guided else None
-        if guided:
-            noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
-        latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-    if image is not None and first is not None:
-        latents = (1 - first) * image.latents + first * latents
-    return latents
-
-
 def _image_condition(worker, request: dict[str, Any], batch: int) -> ImageCondition | None:
     """The image's conditioning for this rank's ``batch`` videos (every rank of a replica
     encodes it: the VAE's encode, like its decode, may be parallel)."""
@@ -189,9 +125,25 @@ def _image_condition(worker, request: dict[str, Any], batch: int) -> ImageCondit
     return ImageCondition(latents, first, tokens)
 
 
-def _generate_on_worker(worker, request: dict[str, Any]) -> tuple[Any, list]:
+class _StageTimer:
+    """Seconds per stage of one generation on this rank (the device waited for at each end)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds = device, {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[stage] = now - self._last
+        self._last = now
+
+
+def _generate_on_worker(worker, request: dict[str, Any]) -> tuple[Any, list, dict]:
     """Runs on every rank: each dp replica encodes (unless the parent did) and samples its
-    share of the prompts; its first rank returns ``(videos or latents, records)``."""
+    share of the prompts; its first rank returns ``(videos or latents, records, seconds
+    per stage)`` (records from rank 0 only), the others Nones."""
     config = worker.config
     batch = request["batch"]
     share = _dp_slice(batch, config.dp, config.coordinates(worker.rank)["dp"])
@@ -200,7 +152,8 @@ def _generate_on_worker(worker, request: dict[str, Any]) -> tuple[Any, list]:
     noise = torch.randn((batch, *request["latent_shape"]), generator=gen, dtype=torch.float32)
     noise = noise[share].to(worker.device)
     if noise.shape[0] == 0:
-        return None, []
+        return None, [], {}
+    timer = _StageTimer(worker.device)
     if "embeds" in request:
         cond, null = request["embeds"]
         cond, null = cond[share], null[share]
@@ -213,18 +166,22 @@ def _generate_on_worker(worker, request: dict[str, Any]) -> tuple[Any, list]:
         )
         cond, null = both.chunk(2)
     cond, null = cond.to(worker.device), null.to(worker.device)
+    timer.lap("encode_prompt")
     recorder = telemetry.start_recording()
     try:
         with torch.no_grad():
             image = _image_condition(worker, request, len(noise))
-            latents = _denoise(worker, noise, cond, null, image, request)
+            timer.lap("encode_image")
+            latents = denoise(worker, noise, cond, null, image, request)
+            timer.lap("denoise")
             output = latents
             if request["decode"]:
                 output = decode_latents(worker.vae, latents)
+                timer.lap("decode")
     finally:
         telemetry.stop_recording()
     if not _replica_leader(worker):
-        return None, []
+        return None, [], {}
     if request["decode"]:
         from diffusers.video_processor import VideoProcessor
 
@@ -232,11 +189,7 @@ def _generate_on_worker(worker, request: dict[str, Any]) -> tuple[Any, list]:
         output = processor.postprocess_video(output.float().cpu(), output_type="np")
     else:
         output = output.cpu()
-    return output, telemetry_records(worker, recorder)
-
-
-def telemetry_records(worker, recorder) -> list:
-    return recorder.records if worker.rank == 0 else []
+    return output, recorder.records if worker.rank == 0 else [], timer.seconds
 
 
 def _as_list(embeds: Embeds) -> list[torch.Tensor]:
@@ -318,6 +271,9 @@ class DiffusersPipelineGenerator(WorkerSession):
             self.parallel, worker_factory=factory, devices=devices, worker_cls=GeneratorWorker
         )
         self.last_records: list = []
+        #: Seconds per stage of the last ``generate`` on rank 0 (``encode_prompt``,
+        #: ``encode_image``, ``denoise``, ``decode``).
+        self.last_timings: dict[str, float] = {}
 
     def _embeddings(
         self, prompt_embeds: Embeds, negative: Embeds | None
@@ -410,7 +366,7 @@ class DiffusersPipelineGenerator(WorkerSession):
             else:
                 request["tokens"] = (ids, mask)
         results = self.executor.collective_rpc(_generate_on_worker, request)
-        self.last_records = results[0][1]
+        self.last_records, self.last_timings = results[0][1], results[0][2]
         config = self.executor.config
         leaders = [results[config.rank({"dp": d})][0] for d in range(config.dp)]
         parts = [r for r in leaders if r is not None]
