@@ -3,6 +3,10 @@ worlds of every layout, against diffusers' own WanPipeline on the same folder an
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -112,3 +116,78 @@ def test_image_to_video_equals_wan_i2v_pipeline(name, i2v_folder, image_file, i2
             PROMPTS[:prompts], NEGATIVE, image=image_file, steps=STEPS, seed=SEED, **SETTINGS
         )
     np.testing.assert_allclose(video, i2v_expected[prompts], atol=2e-5)
+
+
+def test_float64_with_the_text_encoder_offloaded_to_the_cpu(folder):
+    pipe = WanPipeline.from_pretrained(str(folder)).to(torch.float64)
+    pipe.set_progress_bar_config(disable=True)
+    run = {"num_inference_steps": STEPS, "output_type": "np", **SETTINGS}
+    seeded = torch.Generator().manual_seed(SEED)
+    want = pipe(prompt=PROMPTS[0], negative_prompt=NEGATIVE, generator=seeded, **run).frames
+    layout = ParallelConfig(cfg=2)
+    with DiffusersPipelineGenerator(
+        folder, layout, dtype=torch.float64, devices="cpu", text_encoder_offload="cpu"
+    ) as gen:
+        assert gen.text_encoder is not None  # encoded here, whole, on the CPU
+        video = gen.generate(PROMPTS[0], NEGATIVE, steps=STEPS, seed=SEED, **SETTINGS)
+        assert set(gen.last_timings) == {"encode_prompt", "encode_image", "denoise", "decode"}
+    np.testing.assert_allclose(video, want, atol=1e-6)
+
+
+def test_the_command_line_writes_the_npy_diffusers_gives(folder, expected, tmp_path):
+    out = tmp_path / "foxes.npy"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vidpar.cli.generate",
+            f"model.path={folder}",
+            f"prompt=[{PROMPTS[0]!r},{PROMPTS[1]!r}]",
+            f"negative_prompt={NEGATIVE}",
+            "parallel=sp2",
+            "num_frames=5",
+            "height=16",
+            "width=16",
+            f"steps={STEPS}",
+            f"seed={SEED}",
+            f"guidance_scale={SETTINGS['guidance_scale']}",
+            f"output={out}",
+            "hydra.run.dir=gen",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"vidpar: wrote {out}" in result.stdout
+    np.testing.assert_allclose(np.load(out), expected[2], atol=2e-5)
+    wrong = subprocess.run(
+        [sys.executable, "-m", "vidpar.cli.generate", f"model.path={folder / 'vae'}", "prompt=a"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert wrong.returncode != 0
+    assert "is not a diffusers pipeline folder" in wrong.stdout + wrong.stderr
+
+
+@pytest.mark.parametrize(
+    ("variant", "name"),
+    [({"boundary_ratio": 0.7}, "cfg2"), ({"expand_timesteps": True}, "sp2")],
+    ids=["wan2.2-transformer_2-cfg2", "ti2v-expand_timesteps-sp2"],
+)
+def test_wan2_2_conventions_equal_wan_pipeline(variant, name, tmp_path):
+    # 3 UniPC steps visit timesteps 999, 857, 600: with boundary 700 the last is transformer_2's.
+    folder = make_tiny_wan_pipeline(tmp_path / "wan22", **variant)
+    pipe = WanPipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    seeded = torch.Generator().manual_seed(SEED)
+    run = {"num_inference_steps": STEPS, "output_type": "np", **SETTINGS}
+    want = pipe(prompt=PROMPTS[0], negative_prompt=NEGATIVE, generator=seeded, **run).frames
+    sizes, _ = LAYOUTS[name]
+    with DiffusersPipelineGenerator(folder, ParallelConfig(**sizes), devices="cpu") as gen:
+        video = gen.generate(PROMPTS[0], NEGATIVE, steps=STEPS, seed=SEED, **SETTINGS)
+    np.testing.assert_allclose(video, want, atol=2e-5)

@@ -168,11 +168,18 @@ def make_tiny_tokenizer(path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def make_tiny_wan_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
+def make_tiny_wan_pipeline(
+    path: str | os.PathLike,
+    seed: int = 0,
+    boundary_ratio: float | None = None,
+    expand_timesteps: bool = False,
+) -> Path:
     """Save a whole tiny ``WanPipeline`` folder (``model_index.json``, ``tokenizer/``,
     ``text_encoder/``, ``transformer/``, ``vae/``, ``scheduler/``) with diffusers' own
     ``save_pretrained``; returns ``path``. Videos: ``num_frames = 1 + 2 k``, height and
-    width multiples of 16 (``WanPipeline``'s rule)."""
+    width multiples of 16 (``WanPipeline``'s rule). ``boundary_ratio`` adds a second
+    transformer (``transformer_2``, Wan2.2 A14B's low-noise expert); ``expand_timesteps``
+    gives the per-token timesteps of Wan2.2 TI2V."""
     from diffusers import (
         AutoencoderKLWan,
         UniPCMultistepScheduler,
@@ -191,6 +198,9 @@ def make_tiny_wan_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
         vae=AutoencoderKLWan(**TINY_WAN_VAE),
         scheduler=UniPCMultistepScheduler(**TINY_SCHEDULER),
         transformer=WanTransformer3DModel(**TINY_WAN),
+        transformer_2=None if boundary_ratio is None else WanTransformer3DModel(**TINY_WAN),
+        boundary_ratio=boundary_ratio,
+        expand_timesteps=expand_timesteps,
     )
     pipeline.save_pretrained(str(path))
     return path
