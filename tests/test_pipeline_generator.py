@@ -131,7 +131,13 @@ def test_float64_with_the_text_encoder_offloaded_to_the_cpu(folder):
         assert gen.text_encoder is not None  # encoded here, whole, on the CPU
         video = gen.generate(PROMPTS[0], NEGATIVE, steps=STEPS, seed=SEED, **SETTINGS)
         assert set(gen.last_timings) == {"encode_prompt", "encode_image", "denoise", "decode"}
+        # Precomputed embeddings (diffusers' own) give the same video.
+        cond, null = pipe.encode_prompt(PROMPTS[0], NEGATIVE, max_sequence_length=512)
+        again = gen.generate(
+            prompt_embeds=cond, negative_prompt_embeds=null, steps=STEPS, seed=SEED, **SETTINGS
+        )
     np.testing.assert_allclose(video, want, atol=1e-6)
+    np.testing.assert_allclose(again, want, atol=1e-6)
 
 
 def test_the_command_line_writes_the_npy_diffusers_gives(folder, expected, tmp_path):

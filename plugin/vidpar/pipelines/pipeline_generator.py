@@ -316,8 +316,8 @@ class DiffusersPipelineGenerator(WorkerSession):
         ``prompt``: a text or a list; ``negative_prompt``: one text for all or one per prompt
         (default ``""``, as diffusers). ``image`` (an image file, a PIL image or an
         ``[H, W, 3]`` array) is the first frame of image-to-video: an I2V folder needs one,
-        a TI2V one (``expand_timesteps``) takes one. Or ``prompt_embeds`` (and ``negative_prompt_embeds``,
-        default zeros) precomputed. Returns float32 videos ``[B, F, H, W, 3]`` in [0, 1]
+        a TI2V one (``expand_timesteps``) takes one. Or ``prompt_embeds`` (and
+        ``negative_prompt_embeds``, default zeros) precomputed. Returns float32 videos ``[B, F, H, W, 3]`` in [0, 1]
         (diffusers' ``output_type="np"``), or the latents ``[B, C, T, H, W]``.
         ``output``: ``.npy`` (``[F, H, W, 3]`` for one prompt, ``[B, F, H, W, 3]`` for
         several), ``.mp4`` or ``.gif`` (the videos side by side).
@@ -354,6 +354,8 @@ class DiffusersPipelineGenerator(WorkerSession):
             texts = [prompt] if isinstance(prompt, str) else list(prompt)
             negatives = negative_prompt if negative_prompt is not None else ""
             negatives = [negatives] * len(texts) if isinstance(negatives, str) else negatives
+            if not texts or not all(isinstance(t, str) for t in [*texts, *negatives]):
+                raise ValueError("prompt (and negative_prompt) must be a text or a list of texts")
             if len(negatives) != len(texts):
                 raise ValueError(f"{len(texts)} prompts but {len(negatives)} negative prompts")
             ids, mask = prompt_encoding.tokenize(
