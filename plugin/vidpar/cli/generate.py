@@ -140,11 +140,24 @@ def check_prompt_request(conf: DictConfig, layout: ParallelConfig) -> dict[str, 
         raise UserError(
             f"The model does not fit the layout: {err}. Pick another parallel=."
         ) from None
-    if spec.needs_image:
+    image = conf.image
+    if image is None and spec.needs_image:
         raise UserError(
-            f"model.path={conf.model.path} is a {spec.pipeline_class}, which needs an image: "
-            "use DiffusersPipelineGenerator(...).generate(prompt, image=...) from Python."
+            f"model.path={conf.model.path} is a {spec.pipeline_class}: pass image=FILE (the "
+            "first frame)."
         )
+    if image is not None:
+        from vidpar.pipelines.image_condition import read_image
+
+        if not spec.takes_image:
+            raise UserError(
+                f"image={image}: model.path={conf.model.path} is a text-to-video "
+                f"{spec.pipeline_class}; leave image= out."
+            )
+        try:
+            read_image(image)
+        except ValueError as err:
+            raise UserError(f"{err}. Pass an image file to image=.") from None
     size = {
         "num_frames": conf.num_frames or 81,
         "height": conf.height or 480,
@@ -157,6 +170,7 @@ def check_prompt_request(conf: DictConfig, layout: ParallelConfig) -> dict[str, 
     if Path(conf.output).suffix not in (".mp4", ".gif", ".npy"):
         raise UserError(f"output={conf.output} must end in .mp4, .gif or .npy.")
     return {
+        "image": image,
         "prompt": prompts,
         "negative_prompt": negative,
         "num_frames": num_frames,

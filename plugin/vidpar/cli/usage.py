@@ -47,6 +47,7 @@ COMMANDS: dict[str, tuple[str, list[str], list[tuple[str, str]]]] = {
             ("parallel=PRESET", "a layout below, or sizes: parallel.cfg=2 parallel.sp=2 ..."),
             ("model.path=FOLDER", "a diffusers pipeline folder: generate from prompt= instead"),
             ("prompt=TEXT", "its prompt, or prompts: prompt=[TEXT,TEXT] (negative_prompt= too)"),
+            ("image=FILE", "with an image-to-video folder: the first frame"),
             ("checkpoint=PATH", "a checkpoints/last.ckpt directory or a .safetensors file"),
             ("search_dir=DIR", "without checkpoint=: the last training run under DIR"),
             ("labels=[0,1,2,3]", "one clip per class label"),

@@ -90,7 +90,7 @@ class PipelineFolder:
         if height % step or width % step:
             raise ValueError(
                 f"height={height}, width={width}: {self.pipeline_class} needs multiples of "
-                f"{step} (16, and the VAE's {self.spatial_factor}× times the patch "
+                f"{step} (16, and the VAE's factor {self.spatial_factor} × the patch "
                 f"{patch[1]}); pass e.g. height={max(step, height // step * step)} "
                 f"width={max(step, width // step * step)}"
             )
