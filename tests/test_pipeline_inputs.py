@@ -31,9 +31,7 @@ def wan(folder):
     return WanPipeline.from_pretrained(str(folder))
 
 
-def test_embeddings_equal_wan_pipeline_and_long_prompts_are_cut_with_a_warning(
-    folder, wan, caplog
-):
+def test_embeddings_equal_wan_pipeline_and_long_prompts_are_cut_with_a_warning(folder, wan, caplog):
     tokenizer = prompt_encoding.load_tokenizer(folder / "tokenizer")
     encoder = prompt_encoding.load_text_encoder(folder / "text_encoder", torch.float32)
     ids, mask = prompt_encoding.tokenize(tokenizer, TEXTS, 512)
@@ -118,3 +116,35 @@ def test_images_come_from_files_and_arrays_and_unreadable_ones_are_named(tmp_pat
         read_image(tmp_path / "missing.png")
     with pytest.raises(ValueError, match=r"must be \[H, W, 3\]"):
         read_image(np.zeros((4, 4)))
+
+
+def check_cli(*overrides: str):
+    """``vidpar-generate``'s checks of a prompt run, on the composed config (no workers)."""
+    from hydra import compose, initialize_config_dir
+
+    from vidpar.cli.generate import check_prompt_request
+    from vidpar.cli.hydra_setup import build_layout, register
+    from vidpar.resources import CONFIG_DIR
+
+    register()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        conf = compose("generate", overrides=["output=/tmp/vidpar-compose.mp4", *overrides])
+    return check_prompt_request(conf, build_layout(conf.parallel))
+
+
+def test_the_command_line_refuses_bad_prompt_runs_before_workers_start(folder, tmp_path):
+    from vidpar.cli.hydra_setup import UserError
+
+    path = f"model.path={folder}"
+    request = check_cli(path, "prompt=a fox", "num_frames=6", "height=16", "width=16")
+    assert request["num_frames"] == 7 and request["prompt"] == "a fox"
+    for overrides, message in [
+        ((f"model.path={folder / 'vae'}", "prompt=a"), "is not a diffusers pipeline folder"),
+        ((path,), "pass prompt=TEXT"),
+        ((path, "prompt=a", f"image={tmp_path / 'x.png'}"), "is a text-to-video WanPipeline"),
+        ((path, "prompt=a", "model.dtype=float8"), "model.dtype=float8 is not one of"),
+        ((path, "prompt=a", "parallel.tp=8", "parallel.cfg=1"), "does not fit the layout"),
+        ((path, "prompt=a", "height=20"), "pass e.g. height=16"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            check_cli(*overrides)
