@@ -2,7 +2,8 @@
 
 With no arguments it takes the ``checkpoints/last.ckpt`` of the last ``vidpar-train`` run
 under ``outputs/`` (and says which), generates one clip per class through the Executor and writes
-them side by side as an ``.mp4`` and a ``.gif``.
+them side by side as an ``.mp4`` and a ``.gif``. With ``model.path=`` (a diffusers pipeline
+folder) and ``prompt=`` it generates from text instead (:func:`run_prompts`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ def find_checkpoint(checkpoint: str | None, search_dir: str) -> Path:
         path = Path(checkpoint)
         if path.is_file():
             return path
+        if not path.exists():
+            raise UserError(
+                f"checkpoint={checkpoint}: there is no such file or directory "
+                f"({path.absolute()}). Pass an existing checkpoints/last.ckpt directory or "
+                ".safetensors file."
+            )
         if (resolved := resolve(path)) is not None:
             return _verified(resolved)
         raise UserError(
@@ -101,12 +108,114 @@ def read_checkpoint_model(
     return weights, dit_config, data_info
 
 
+#: The dtypes ``model.dtype`` names.
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def check_prompt_request(conf: DictConfig, layout: ParallelConfig) -> dict[str, Any]:
+    """Everything a prompt-to-video run asks for, checked before any worker starts; returns
+    the keyword arguments of ``DiffusersPipelineGenerator.generate``."""
+    from vidpar.pipelines.pipeline_folder import read_pipeline_folder
+
+    try:
+        spec = read_pipeline_folder(conf.model.path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.path={conf.model.path} cannot be used: {err}.") from None
+    if conf.model.dtype not in DTYPES:
+        raise UserError(f"model.dtype={conf.model.dtype} is not one of {', '.join(DTYPES)}.")
+    if conf.model.text_encoder_offload not in ("none", "cpu"):
+        raise UserError(
+            f"model.text_encoder_offload={conf.model.text_encoder_offload}: pass none or cpu."
+        )
+    prompts = conf.prompt
+    if prompts is None or (not isinstance(prompts, str) and not list(prompts)):
+        raise UserError(f"model.path={conf.model.path} generates from text: pass prompt=TEXT.")
+    prompts = prompts if isinstance(prompts, str) else [str(p) for p in prompts]
+    negative = conf.negative_prompt
+    if negative is not None and not isinstance(negative, str):
+        negative = [str(n) for n in negative]
+    try:
+        layout.check_heads(spec.transformer_config["num_attention_heads"])
+    except ValueError as err:
+        raise UserError(
+            f"The model does not fit the layout: {err}. Pick another parallel=."
+        ) from None
+    image = conf.image
+    if image is None and spec.needs_image:
+        raise UserError(
+            f"model.path={conf.model.path} is a {spec.pipeline_class}: pass image=FILE (the "
+            "first frame)."
+        )
+    if image is not None:
+        from vidpar.pipelines.image_condition import read_image
+
+        if not spec.takes_image:
+            raise UserError(
+                f"image={image}: model.path={conf.model.path} is a text-to-video "
+                f"{spec.pipeline_class}; leave image= out."
+            )
+        try:
+            read_image(image)
+        except ValueError as err:
+            raise UserError(f"{err}. Pass an image file to image=.") from None
+    size = {
+        "num_frames": conf.num_frames or 81,
+        "height": conf.height or 480,
+        "width": conf.width or 832,
+    }
+    try:
+        num_frames, height, width = spec.video_size(**size)
+    except ValueError as err:
+        raise UserError(f"{err}.") from None
+    if Path(conf.output).suffix not in (".mp4", ".gif", ".npy"):
+        raise UserError(f"output={conf.output} must end in .mp4, .gif or .npy.")
+    return {
+        "image": image,
+        "prompt": prompts,
+        "negative_prompt": negative,
+        "num_frames": num_frames,
+        "height": height,
+        "width": width,
+        "steps": conf.steps,
+        "guidance_scale": conf.guidance_scale,
+        "seed": conf.seed,
+        "max_sequence_length": conf.max_sequence_length,
+        "output": conf.output,
+        "fps": conf.fps,
+    }
+
+
+def run_prompts(conf: DictConfig) -> list[Path]:
+    """Prompt to video with the pipeline folder ``model.path``; returns the written file."""
+    import torch
+
+    from vidpar.pipelines.pipeline_generator import DiffusersPipelineGenerator
+
+    layout = build_layout(conf.parallel)
+    request = check_prompt_request(conf, layout)
+    print(f"vidpar: generating from {conf.model.path} with {layout.describe()}")
+    with DiffusersPipelineGenerator(
+        conf.model.path,
+        parallel=layout,
+        dtype=getattr(torch, conf.model.dtype),
+        text_encoder_offload=conf.model.text_encoder_offload,
+    ) as generator:
+        generator.generate(**request)
+        records = generator.last_records
+    if conf.telemetry and records:
+        print("Communication summary (rank 0, generation):\n" + format_summary(summarize(records)))
+    print(f"vidpar: wrote {conf.output}")
+    return [Path(conf.output)]
+
+
 def run(conf: DictConfig) -> list[Path]:
     """Generate as ``conf`` says; returns the written files."""
     from vidpar.pipelines.generator import VideoGenerator
     from vidpar.pipelines.video_io import write_video
 
     os.environ.setdefault("WANDB_MODE", "offline")
+    if conf.model.path is not None:
+        return run_prompts(conf)
     layout = build_layout(conf.parallel)
     checkpoint = find_checkpoint(conf.checkpoint, conf.search_dir)
     if conf.checkpoint is None:

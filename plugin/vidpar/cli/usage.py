@@ -35,21 +35,26 @@ COMMANDS: dict[str, tuple[str, list[str], list[tuple[str, str]]]] = {
         ],
     ),
     "generate": (
-        "vidpar-generate: sample videos from a vidpar-train checkpoint through the same\n"
-        "parallel layouts (e.g. cfg2: the conditional and unconditional pass side by side).",
+        "vidpar-generate: sample videos from a vidpar-train checkpoint, or from text with a\n"
+        "diffusers pipeline folder, through the same parallel layouts (e.g. cfg2: the\n"
+        "conditional and unconditional pass side by side).",
         [
             "vidpar-generate                                the last run under search_dir",
             "vidpar-generate checkpoint=RUN/checkpoints/last.ckpt labels=[0,1] steps=30",
+            "vidpar-generate model.path=Wan2.1-T2V-1.3B-Diffusers prompt='a red fox' parallel=sp2",
         ],
         [
             ("parallel=PRESET", "a layout below, or sizes: parallel.cfg=2 parallel.sp=2 ..."),
+            ("model.path=FOLDER", "a diffusers pipeline folder: generate from prompt= instead"),
+            ("prompt=TEXT", "its prompt, or prompts: prompt=[TEXT,TEXT] (negative_prompt= too)"),
+            ("image=FILE", "with an image-to-video folder: the first frame"),
             ("checkpoint=PATH", "a checkpoints/last.ckpt directory or a .safetensors file"),
             ("search_dir=DIR", "without checkpoint=: the last training run under DIR"),
             ("labels=[0,1,2,3]", "one clip per class label"),
             ("steps=N", "sampling steps"),
             ("guidance_scale=X", "classifier-free guidance"),
             ("num_frames=N", "frames (also height=, width=; null: as trained)"),
-            ("output=FILE.mp4", "where the clips go (and a .gif beside it)"),
+            ("output=FILE.mp4", "where the clips go (.gif beside it; with prompts .npy too)"),
             ("seed=N", "the noise"),
         ],
     ),

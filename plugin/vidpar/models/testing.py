@@ -4,7 +4,10 @@
 ``tiny-wan/`` (a ``WanTransformer3DModel``) and ``tiny-wan-vae/`` (an ``AutoencoderKLWan``)
 saved with ``save_pretrained``, ``latents/`` (a latents folder, :mod:`vidpar.data.latents`,
 that fits the model) and ``tiny-wan-lora/`` (a LoRA for it, saved by diffusers' Wan LoRA
-saver). Each has its own ``make_tiny_*`` function. Nothing is downloaded; the same seed
+saver), ``tiny-wan-pipeline/``, a whole ``WanPipeline`` folder (tokenizer, UMT5 text
+encoder, transformer, VAE, UniPC scheduler) that diffusers' own ``WanPipeline.from_pretrained``
+loads, and ``tiny-wan-i2v-pipeline/`` (a ``WanImageToVideoPipeline`` with a CLIP image
+encoder). Each has its own ``make_tiny_*`` function. Nothing is downloaded; the same seed
 writes the same weights.
 """
 
@@ -116,12 +119,160 @@ def make_tiny_wan_lora(
     return Path(path) / "pytorch_lora_weights.safetensors"
 
 
+#: The words the tiny tokenizer knows (any other word is ``<unk>``).
+_WORDS = "a an the red blue green white fox cat dog bird running walking through over in on "
+TINY_WORDS: tuple[str, ...] = (*_WORDS.split(), "snow", "sky", "tree", "river", "night", "blurry")
+#: A two-layer UMT5 encoder whose width is the tiny Wan's ``text_dim``.
+TINY_UMT5: dict[str, Any] = {
+    "d_model": TINY_WAN["text_dim"],
+    "d_kv": 8,
+    "d_ff": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "relative_attention_num_buckets": 8,
+    "relative_attention_max_distance": 16,
+    "feed_forward_proj": "gated-gelu",
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+}
+#: Wan's scheduler: UniPC on flow sigmas with Wan2.1's ``flow_shift``.
+TINY_SCHEDULER: dict[str, Any] = {
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "flow_shift": 3.0,
+}
+
+
+def make_tiny_tokenizer(path: str | os.PathLike) -> Path:
+    """Save a word-level tokenizer of :data:`TINY_WORDS` (``<pad>`` 0, ``</s>`` 1 appended
+    to every text, ``<unk>`` 2), built with ``tokenizers``, as ``tokenizer.json``."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(TINY_WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", 1)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=512,
+    )
+    fast.save_pretrained(str(path))
+    return Path(path)
+
+
+def make_tiny_wan_pipeline(
+    path: str | os.PathLike,
+    seed: int = 0,
+    boundary_ratio: float | None = None,
+    expand_timesteps: bool = False,
+) -> Path:
+    """Save a whole tiny ``WanPipeline`` folder (``model_index.json``, ``tokenizer/``,
+    ``text_encoder/``, ``transformer/``, ``vae/``, ``scheduler/``) with diffusers' own
+    ``save_pretrained``; returns ``path``. Videos: ``num_frames = 1 + 2 k``, height and
+    width multiples of 16 (``WanPipeline``'s rule). ``boundary_ratio`` adds a second
+    transformer (``transformer_2``, Wan2.2 A14B's low-noise expert); ``expand_timesteps``
+    gives the per-token timesteps of Wan2.2 TI2V."""
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+    path = Path(path)
+    make_tiny_tokenizer(path / "tokenizer")
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(TINY_WORDS) + 3, **TINY_UMT5))
+    pipeline = WanPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(str(path / "tokenizer")),
+        text_encoder=text_encoder,
+        vae=AutoencoderKLWan(**TINY_WAN_VAE),
+        scheduler=UniPCMultistepScheduler(**TINY_SCHEDULER),
+        transformer=WanTransformer3DModel(**TINY_WAN),
+        transformer_2=None if boundary_ratio is None else WanTransformer3DModel(**TINY_WAN),
+        boundary_ratio=boundary_ratio,
+        expand_timesteps=expand_timesteps,
+    )
+    pipeline.save_pretrained(str(path))
+    return path
+
+
+#: A two-layer CLIP vision tower of 32-pixel images (its penultimate layer feeds Wan I2V).
+TINY_CLIP_VISION: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+    "projection_dim": 32,
+}
+#: Wan2.1 I2V's transformer: noise, the first-frame mask (one channel per frame of a latent
+#: frame: the tiny VAE's 2) and the first frame's latents in; image tokens too.
+TINY_WAN_I2V: dict[str, Any] = {
+    **TINY_WAN,
+    "in_channels": 2 * TINY_WAN_VAE["z_dim"] + TINY_WAN_VAE["scale_factor_temporal"],
+    "image_dim": TINY_CLIP_VISION["hidden_size"],
+    "added_kv_proj_dim": TINY_WAN["num_attention_heads"] * TINY_WAN["attention_head_dim"],
+}
+
+
+def make_tiny_wan_i2v_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Save a whole tiny ``WanImageToVideoPipeline`` folder (a Wan2.1 I2V: the T2V folder's
+    components, an I2V transformer, ``image_encoder/`` and ``image_processor/``) that
+    diffusers' own ``WanImageToVideoPipeline.from_pretrained`` loads; returns ``path``."""
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanImageToVideoPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        UMT5Config,
+        UMT5EncoderModel,
+    )
+
+    path = Path(path)
+    make_tiny_tokenizer(path / "tokenizer")
+    torch.manual_seed(seed)
+    side = TINY_CLIP_VISION["image_size"]
+    pipeline = WanImageToVideoPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(str(path / "tokenizer")),
+        text_encoder=UMT5EncoderModel(UMT5Config(vocab_size=len(TINY_WORDS) + 3, **TINY_UMT5)),
+        vae=AutoencoderKLWan(**TINY_WAN_VAE),
+        scheduler=UniPCMultistepScheduler(**TINY_SCHEDULER),
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+        ),
+        image_encoder=CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP_VISION)),
+        transformer=WanTransformer3DModel(**TINY_WAN_I2V),
+    )
+    pipeline.save_pretrained(str(path))
+    return path
+
+
 def make_tiny_folders(root: str | os.PathLike = ".") -> Path:
-    """``tiny-wan/``, ``tiny-wan-vae/``, ``latents/`` and ``tiny-wan-lora/`` under ``root``
-    (the folders the README's examples name); returns ``root``."""
+    """``tiny-wan/``, ``tiny-wan-vae/``, ``latents/``, ``tiny-wan-lora/``,
+    ``tiny-wan-pipeline/`` and ``tiny-wan-i2v-pipeline/`` under ``root`` (the folders the
+    README's examples name); returns ``root``."""
     root = Path(root)
     model = make_tiny_wan(root / "tiny-wan")
     make_tiny_wan_vae(root / "tiny-wan-vae")
     make_tiny_latents(root / "latents", model)
     make_tiny_wan_lora(root / "tiny-wan-lora", model)
+    make_tiny_wan_pipeline(root / "tiny-wan-pipeline")
+    make_tiny_wan_i2v_pipeline(root / "tiny-wan-i2v-pipeline")
     return root

@@ -1,8 +1,9 @@
 """Flow-matching training and sampling (with cfg parallelism) and video files.
 
 ``VideoGenerator``, ``export_weights`` and ``read_model_info`` (which need the model and
-the executor) are imported lazily from :mod:`vidpar.pipelines.generator`, and
-``DiffusersVideoGenerator`` from :mod:`vidpar.pipelines.diffusers_generator`.
+the executor) are imported lazily from :mod:`vidpar.pipelines.generator`,
+``DiffusersVideoGenerator`` from :mod:`vidpar.pipelines.diffusers_generator` and
+``DiffusersPipelineGenerator`` from :mod:`vidpar.pipelines.pipeline_generator`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from vidpar.pipelines.video_io import read_video, to_uint8_frames, write_video
 _LAZY = ("VideoGenerator", "export_weights", "read_model_info")
 
 __all__ = [
+    "DiffusersPipelineGenerator",
     "DiffusersVideoGenerator",
     "FlowMatchEulerSampler",
     "VideoGenerator",
@@ -43,6 +45,10 @@ def __getattr__(name: str) -> Any:
         from vidpar.pipelines.diffusers_generator import DiffusersVideoGenerator
 
         return DiffusersVideoGenerator
+    if name == "DiffusersPipelineGenerator":
+        from vidpar.pipelines.pipeline_generator import DiffusersPipelineGenerator
+
+        return DiffusersPipelineGenerator
     if name in _LAZY:
         from vidpar.pipelines import generator
 

@@ -166,6 +166,8 @@ class DiffusersVideoGenerator(WorkerSession):
     replica decodes the latents to videos. Sampling is :class:`FlowMatchEulerSampler` with
     Wan's timestep convention (``1000 t``) and schedule ``shift``. The same seed gives the
     same latents on every layout. Use as a context manager, or call :meth:`close`.
+    For a whole pipeline folder and text prompts, sampled with the folder's own scheduler
+    as diffusers samples, use :class:`~vidpar.pipelines.DiffusersPipelineGenerator`.
     """
 
     def __init__(

@@ -1,0 +1,160 @@
+"""GPU benchmark (not run in the suite): each stage of one prompt-to-video generation —
+encode the prompt, denoise, decode — at the published Wan2.1-T2V-1.3B configs with random
+weights (UMT5-XXL text encoder, the 1.3B transformer, Wan2.1's VAE at 81 × 480 × 832),
+vidpar's DiffusersPipelineGenerator on the layouts given against diffusers' own WanPipeline
+on one GPU.
+
+    python benchmarks/pipeline_stages.py --root /tmp/wan-random --layouts single,sp2,cfg2 --steps 10
+
+The first run writes the random-weight pipeline folder under ``--root`` (about 12 GB in
+bf16; nothing is downloaded: the tokenizer is vidpar's tiny word-level one, and every
+prompt is padded to 512 tokens as Wan pads it, so the encoder's work is the real one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+#: google/umt5-xxl's encoder, as Wan2.1 ships it.
+UMT5_XXL = {
+    "vocab_size": 256384,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu",
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+}
+#: Wan2.1-T2V-1.3B's transformer.
+WAN_1P3B = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 12,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 8960,
+    "num_layers": 30,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+VIDEO = {"num_frames": 81, "height": 480, "width": 832}
+PROMPT = "a red fox running through snow"
+PRESETS = {"single": {}, "sp2": {"ulysses": 2}, "cfg2": {"cfg": 2}, "tp2": {"tp": 2}}
+
+
+def write_folder(root: Path) -> Path:
+    """The random-weight Wan2.1-T2V-1.3B pipeline folder (written once)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    from diffusers import WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+    from vidpar.models.testing import make_tiny_tokenizer
+
+    if (root / "model_index.json").is_file():
+        return root
+    make_tiny_tokenizer(root / "tokenizer")
+    with torch.device("cuda"):
+        torch.manual_seed(0)
+        pipe = WanPipeline(
+            tokenizer=AutoTokenizer.from_pretrained(str(root / "tokenizer")),
+            text_encoder=UMT5EncoderModel(UMT5Config(**UMT5_XXL)).to(torch.bfloat16),
+            vae=AutoencoderKLWan(),
+            scheduler=UniPCMultistepScheduler(
+                prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+            ),
+            transformer=WanTransformer3DModel(**WAN_1P3B).to(torch.bfloat16),
+        )
+    pipe.save_pretrained(str(root))
+    del pipe
+    torch.cuda.empty_cache()
+    return root
+
+
+def _sync_time(fn):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def diffusers_stages(folder: Path, steps: int) -> dict[str, float]:
+    """Seconds per stage of diffusers' WanPipeline on one GPU (bf16, VAE in float32)."""
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    vae = AutoencoderKLWan.from_pretrained(str(folder), subfolder="vae", torch_dtype=torch.float32)
+    pipe = WanPipeline.from_pretrained(str(folder), vae=vae, torch_dtype=torch.bfloat16).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    seconds = {}
+    (cond, null), seconds["encode_prompt"] = _sync_time(
+        lambda: pipe.encode_prompt(PROMPT, "", max_sequence_length=512, device="cuda")
+    )
+    latents, seconds["denoise"] = _sync_time(
+        lambda: pipe(
+            prompt_embeds=cond,
+            negative_prompt_embeds=null,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+            **VIDEO,
+        ).frames
+    )
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device)
+    std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device)
+    with torch.no_grad():
+        _, seconds["decode"] = _sync_time(
+            lambda: vae.decode(latents.float() * std + mean, return_dict=False)[0]
+        )
+    del pipe, vae
+    torch.cuda.empty_cache()
+    return seconds
+
+
+def vidpar_stages(folder: Path, layout: str, steps: int) -> dict[str, float]:
+    """Seconds per stage of vidpar on ``layout`` (rank 0's, after one warm-up run)."""
+    from vidpar import ParallelConfig
+    from vidpar.pipelines import DiffusersPipelineGenerator
+
+    parallel = ParallelConfig(**PRESETS[layout])
+    with DiffusersPipelineGenerator(folder, parallel, dtype=torch.bfloat16) as gen:
+        gen.generate(PROMPT, steps=1, **VIDEO)  # warm-up
+        start = time.perf_counter()
+        gen.generate(PROMPT, steps=steps, **VIDEO)
+        total = time.perf_counter() - start
+        return {**gen.last_timings, "total": total}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=Path("/tmp/wan2.1-t2v-1.3b-random"))
+    parser.add_argument("--layouts", default="single,sp2,cfg2")
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    folder = write_folder(args.root)
+    rows = {"diffusers WanPipeline (1 GPU)": diffusers_stages(folder, args.steps)}
+    for layout in args.layouts.split(","):
+        rows[f"vidpar {layout}"] = vidpar_stages(folder, layout, args.steps)
+    stages = ["encode_prompt", "denoise", "decode", "total"]
+    print(f"{'':32}" + "".join(f"{s:>15}" for s in stages))
+    for name, seconds in rows.items():
+        print(f"{name:32}" + "".join(f"{seconds.get(s, float('nan')):15.2f}" for s in stages))
+    print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

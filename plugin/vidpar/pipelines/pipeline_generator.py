@@ -1,0 +1,380 @@
+"""DiffusersPipelineGenerator: a diffusers Wan pipeline folder in, a video out, on many
+devices through the Executor, sampling as the pipeline class samples (its scheduler, its
+guidance, Wan2.2's two transformers), so a seed gives diffusers' own video."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from vidpar.config import ParallelConfig
+from vidpar.distributed import telemetry
+from vidpar.executor import Executor
+from vidpar.pipelines import prompt_encoding
+from vidpar.pipelines.generator import _dp_slice
+from vidpar.pipelines.generator_worker import GeneratorWorker
+from vidpar.pipelines.image_condition import (
+    ImageCondition,
+    encode_first_frame,
+    image_tokens,
+    load_image_encoder,
+    load_image_processor,
+    read_image,
+)
+from vidpar.pipelines.pipeline_denoise import denoise
+from vidpar.pipelines.pipeline_folder import (
+    MAX_SEQUENCE_LENGTH,
+    PipelineFolder,
+    read_pipeline_folder,
+)
+from vidpar.pipelines.worker_session import WorkerSession
+
+Prompts = str | Sequence[str]
+#: Precomputed embeddings: ``[L, D]``, ``[B, L, D]`` or a list of ``[L_i, D]``.
+Embeds = torch.Tensor | Sequence[torch.Tensor]
+
+
+def _replica_leader(worker) -> bool:
+    """Whether ``worker`` is the first rank of its dp replica (it returns the videos)."""
+    coords = worker.config.coordinates(worker.rank)
+    return not any(c for dim, c in coords.items() if dim != "dp")
+
+
+def _replica_size(config: ParallelConfig) -> int:
+    return config.world_size // config.dp
+
+
+def _build(worker, folder: str, dtype: torch.dtype, encode_on_workers: bool):
+    """Worker factory: the transformer(s), prepared for the layout; the scheduler's folder;
+    the VAE (every rank of a replica decodes, see :func:`decode_latents`); and, unless the
+    parent encodes, the text encoder sharded over the replica."""
+    from vidpar.models import parallelize
+    from vidpar.models.pretrained import load_pretrained
+
+    spec = read_pipeline_folder(folder)
+    models = {
+        name: parallelize(load_pretrained(spec.components[name], device=worker.device, dtype=dtype))
+        .eval()
+        .requires_grad_(False)
+        for name in spec.transformers
+    }
+    worker.transformers = models
+    worker.pipeline_spec = spec
+    vae_dtype = torch.promote_types(dtype, torch.float32)  # Wan's VAE runs in float32
+    worker.vae = load_pretrained(spec.components["vae"], device=worker.device, dtype=vae_dtype)
+    worker.vae.eval().requires_grad_(False)
+    worker.replica_group = prompt_encoding.replica_group(
+        worker.config.world_size, _replica_size(worker.config)
+    )
+    worker.image_encoder = worker.image_processor = None
+    if "image_encoder" in spec.components and spec.transformer_config.get("image_dim"):
+        worker.image_encoder = load_image_encoder(
+            spec.components["image_encoder"], vae_dtype, worker.device
+        )
+        worker.image_processor = load_image_processor(spec.components["image_processor"])
+    worker.text_encoder = None
+    if encode_on_workers:
+        encoder = prompt_encoding.load_text_encoder(spec.components["text_encoder"], dtype)
+        worker.text_encoder = prompt_encoding.shard_text_encoder(
+            encoder, worker.replica_group, worker.device
+        )
+    return next(iter(models.values()))
+
+
+def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Wan latents (normalised, as the transformer sees them) to videos ``[B, 3, F, H, W]``
+    in [-1, 1], as ``WanPipeline`` decodes them. Called on every rank of a replica, so the
+    parallel VAE (``vidpar.models.parallelize_vae``) can replace the whole one here."""
+    param = next(vae.parameters())
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    latents = latents.to(param.device, param.dtype)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents)
+    return vae.decode(latents / inv_std + mean, return_dict=False)[0]
+
+
+def _image_condition(worker, request: dict[str, Any], batch: int) -> ImageCondition | None:
+    """The image's conditioning for this rank's ``batch`` videos (every rank of a replica
+    encodes it: the VAE's encode, like its decode, may be parallel)."""
+    if request.get("image") is None:
+        return None
+    spec: PipelineFolder = worker.pipeline_spec
+    num_frames, height, width = request["video_size"]
+    latents, first = encode_first_frame(
+        worker.vae,
+        request["image"],
+        batch,
+        num_frames,
+        height,
+        width,
+        spec.settings["expand_timesteps"],
+        spec.temporal_factor,
+        spec.spatial_factor,
+        worker.device,
+    )
+    tokens = None
+    if worker.image_encoder is not None:
+        tokens = image_tokens(worker.image_processor, worker.image_encoder, request["image"], batch)
+    return ImageCondition(latents, first, tokens)
+
+
+class _StageTimer:
+    """Seconds per stage of one generation on this rank (the device waited for at each end)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds = device, {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[stage] = now - self._last
+        self._last = now
+
+
+def _generate_on_worker(worker, request: dict[str, Any]) -> tuple[Any, list, dict]:
+    """Runs on every rank: each dp replica encodes (unless the parent did) and samples its
+    share of the prompts; its first rank returns ``(videos or latents, records, seconds
+    per stage)`` (records from rank 0 only), the others Nones."""
+    config = worker.config
+    batch = request["batch"]
+    share = _dp_slice(batch, config.dp, config.coordinates(worker.rank)["dp"])
+    gen = torch.Generator().manual_seed(request["seed"])
+    # diffusers draws the noise of the whole batch at once in float32: so does every rank.
+    noise = torch.randn((batch, *request["latent_shape"]), generator=gen, dtype=torch.float32)
+    noise = noise[share].to(worker.device)
+    if noise.shape[0] == 0:
+        return None, [], {}
+    timer = _StageTimer(worker.device)
+    if "embeds" in request:
+        cond, null = request["embeds"]
+        cond, null = cond[share], null[share]
+    else:
+        ids, mask = request["tokens"]
+        rows = torch.arange(batch)[share]
+        rows = torch.cat([rows, rows + batch])  # the prompts, then their negatives
+        both = prompt_encoding.encode_on_replica(
+            worker.text_encoder, ids[rows], mask[rows], worker.replica_group
+        )
+        cond, null = both.chunk(2)
+    cond, null = cond.to(worker.device), null.to(worker.device)
+    timer.lap("encode_prompt")
+    recorder = telemetry.start_recording()
+    try:
+        with torch.no_grad():
+            image = _image_condition(worker, request, len(noise))
+            timer.lap("encode_image")
+            latents = denoise(worker, noise, cond, null, image, request)
+            timer.lap("denoise")
+            output = latents
+            if request["decode"]:
+                output = decode_latents(worker.vae, latents)
+                timer.lap("decode")
+    finally:
+        telemetry.stop_recording()
+    if not _replica_leader(worker):
+        return None, [], {}
+    if request["decode"]:
+        from diffusers.video_processor import VideoProcessor
+
+        processor = VideoProcessor(vae_scale_factor=worker.pipeline_spec.spatial_factor)
+        output = processor.postprocess_video(output.float().cpu(), output_type="np")
+    else:
+        output = output.cpu()
+    return output, recorder.records if worker.rank == 0 else [], timer.seconds
+
+
+def _as_list(embeds: Embeds) -> list[torch.Tensor]:
+    if isinstance(embeds, torch.Tensor) and embeds.dim() in (2, 3):
+        return [embeds] if embeds.dim() == 2 else list(embeds.unbind(0))
+    if not isinstance(embeds, torch.Tensor) and all(
+        isinstance(e, torch.Tensor) and e.dim() == 2 for e in embeds
+    ):
+        return list(embeds)
+    raise ValueError("prompt embeddings must be [L, D], [B, L, D] or a list of [L, D] tensors")
+
+
+def _padded(items: list[torch.Tensor], length: int) -> torch.Tensor:
+    out = items[0].new_zeros(len(items), length, items[0].shape[-1])
+    for i, item in enumerate(items):
+        out[i, : len(item)] = item
+    return out
+
+
+def write_output(path: str | os.PathLike, videos: np.ndarray, fps: int) -> Path:
+    """``videos`` (float ``[B, F, H, W, 3]`` in [0, 1]) to ``.npy`` (``[F, H, W, 3]`` for
+    one video, as diffusers' ``output_type="np"`` gives) or, side by side, ``.mp4``/``.gif``."""
+    from vidpar.pipelines.video_io import write_video
+
+    path = Path(path)
+    if path.suffix == ".npy":
+        np.save(path, videos[0] if len(videos) == 1 else videos)
+    else:
+        frames = (np.clip(videos, 0.0, 1.0) * 255).round().astype(np.uint8)
+        write_video(path, np.concatenate(list(frames), axis=2), fps=fps)
+    return path
+
+
+class DiffusersPipelineGenerator(WorkerSession):
+    """Text to video from a diffusers Wan pipeline folder, with the layout of ``parallel``,
+    through an :class:`~vidpar.executor.Executor`.
+
+    ``path`` is a folder as ``WanPipeline.save_pretrained`` writes it (``model_index.json``,
+    ``tokenizer/``, ``text_encoder/``, ``transformer/`` and maybe ``transformer_2/``,
+    ``vae/``, ``scheduler/``). Each worker loads the transformer(s) in ``dtype`` and
+    prepares them with :func:`vidpar.models.parallelize` (sp, tp, cfg2, dp as
+    :class:`~vidpar.pipelines.DiffusersVideoGenerator`); sampling is the pipeline class's
+    own loop over the folder's scheduler, so a seed gives the video ``WanPipeline`` gives.
+    The text encoder is sharded (FSDP2) over the ranks of each dp replica, which split the
+    prompts between them; ``text_encoder_offload="cpu"`` keeps it whole on the CPU of this
+    process instead. Every rank of a replica decodes (:func:`decode_latents`). Use as a
+    context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        parallel: ParallelConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+        devices: str | list[str] = "auto",
+        text_encoder_offload: Literal["none", "cpu"] | None = None,
+    ) -> None:
+        self.spec = read_pipeline_folder(path)
+        if text_encoder_offload not in (None, "none", "cpu"):
+            raise ValueError(
+                f"text_encoder_offload must be 'none' or 'cpu', got {text_encoder_offload!r}"
+            )
+        self.dtype = dtype
+        self.parallel = parallel or ParallelConfig()
+        self.parallel.check_heads(self.spec.transformer_config["num_attention_heads"])
+        self.tokenizer = prompt_encoding.load_tokenizer(self.spec.components["tokenizer"])
+        self.text_encoder = None
+        if text_encoder_offload == "cpu":
+            self.text_encoder = prompt_encoding.load_text_encoder(
+                self.spec.components["text_encoder"], dtype
+            )
+        factory = functools.partial(
+            _build,
+            folder=str(self.spec.root),
+            dtype=dtype,
+            encode_on_workers=self.text_encoder is None,
+        )
+        self.executor = Executor(
+            self.parallel, worker_factory=factory, devices=devices, worker_cls=GeneratorWorker
+        )
+        self.last_records: list = []
+        #: Seconds per stage of the last ``generate`` on rank 0 (``encode_prompt``,
+        #: ``encode_image``, ``denoise``, ``decode``).
+        self.last_timings: dict[str, float] = {}
+
+    def _embeddings(
+        self, prompt_embeds: Embeds, negative: Embeds | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cond = _as_list(prompt_embeds)
+        null = _as_list(negative) if negative is not None else [torch.zeros_like(cond[0][:1])]
+        if len(null) == 1 < len(cond):
+            null = null * len(cond)
+        if len(null) != len(cond):
+            raise ValueError(f"{len(cond)} prompt embeddings but {len(null)} negative ones")
+        dim = self.spec.transformer_config["text_dim"]
+        if any(e.shape[-1] != dim for e in cond + null):
+            raise ValueError(f"prompt embeddings must be [L, {dim}] (the model's text_dim)")
+        length = max(len(e) for e in cond + null)
+        return _padded(cond, length), _padded(null, length)
+
+    def generate(
+        self,
+        prompt: Prompts | None = None,
+        negative_prompt: Prompts | None = None,
+        *,
+        image: Any = None,
+        prompt_embeds: Embeds | None = None,
+        negative_prompt_embeds: Embeds | None = None,
+        num_frames: int = 81,
+        height: int = 480,
+        width: int = 832,
+        steps: int = 50,
+        guidance_scale: float = 5.0,
+        guidance_scale_2: float | None = None,
+        seed: int = 0,
+        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+        output: str | os.PathLike | None = None,
+        fps: int = 16,
+        output_type: Literal["np", "latent"] = "np",
+    ) -> np.ndarray | torch.Tensor:
+        """One video per prompt from the noise of ``seed`` (with a ``torch.Generator``
+        seeded so, diffusers' pipeline gives the same video).
+
+        ``prompt``: a text or a list; ``negative_prompt``: one text for all or one per prompt
+        (default ``""``, as diffusers). ``image`` (an image file, a PIL image or an
+        ``[H, W, 3]`` array) is the first frame of image-to-video: an I2V folder needs one,
+        a TI2V one (``expand_timesteps``) takes one. Or ``prompt_embeds`` (and
+        ``negative_prompt_embeds``, default zeros) precomputed. Returns float32 videos ``[B, F, H, W, 3]`` in [0, 1]
+        (diffusers' ``output_type="np"``), or the latents ``[B, C, T, H, W]``.
+        ``output``: ``.npy`` (``[F, H, W, 3]`` for one prompt, ``[B, F, H, W, 3]`` for
+        several), ``.mp4`` or ``.gif`` (the videos side by side).
+        """
+        if output_type not in ("np", "latent"):
+            raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if output is not None and Path(output).suffix not in (".npy", ".mp4", ".gif"):
+            raise ValueError(f"output={output} must end in .npy, .mp4 or .gif")
+        if output is not None and output_type == "latent":
+            raise ValueError("output= writes videos: it needs output_type='np'")
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass either prompt (text) or prompt_embeds, not both or neither")
+        if image is None and self.spec.needs_image:
+            raise ValueError(f"{self.spec.root} is a {self.spec.pipeline_class}: pass image=")
+        if image is not None and not self.spec.takes_image:
+            raise ValueError(f"{self.spec.root} is a text-to-video {self.spec.pipeline_class}")
+        num_frames, height, width = self.spec.video_size(num_frames, height, width)
+        request: dict[str, Any] = {
+            "image": None if image is None else read_image(image),
+            "video_size": (num_frames, height, width),
+            "latent_shape": self.spec.latent_shape(num_frames, height, width),
+            "steps": steps,
+            "guidance_scale": guidance_scale,
+            "guidance_scale_2": guidance_scale if guidance_scale_2 is None else guidance_scale_2,
+            "seed": seed,
+            "decode": output_type == "np",
+        }
+        if prompt_embeds is not None:
+            request["embeds"] = self._embeddings(prompt_embeds, negative_prompt_embeds)
+            request["batch"] = len(request["embeds"][0])
+        else:
+            texts = [prompt] if isinstance(prompt, str) else list(prompt)
+            negatives = negative_prompt if negative_prompt is not None else ""
+            negatives = [negatives] * len(texts) if isinstance(negatives, str) else negatives
+            if not texts or not all(isinstance(t, str) for t in [*texts, *negatives]):
+                raise ValueError("prompt (and negative_prompt) must be a text or a list of texts")
+            if len(negatives) != len(texts):
+                raise ValueError(f"{len(texts)} prompts but {len(negatives)} negative prompts")
+            ids, mask = prompt_encoding.tokenize(
+                self.tokenizer, [*texts, *negatives], max_sequence_length
+            )
+            request["batch"] = len(texts)
+            if self.text_encoder is not None:
+                embeds = prompt_encoding.encode(self.text_encoder, ids, mask)
+                request["embeds"] = tuple(embeds.chunk(2))
+            else:
+                request["tokens"] = (ids, mask)
+        results = self.executor.collective_rpc(_generate_on_worker, request)
+        self.last_records, self.last_timings = results[0][1], results[0][2]
+        config = self.executor.config
+        leaders = [results[config.rank({"dp": d})][0] for d in range(config.dp)]
+        parts = [r for r in leaders if r is not None]
+        if output_type == "latent":
+            return torch.cat(parts)
+        videos = np.concatenate(parts)
+        if output is not None:
+            write_output(output, videos, fps)
+        return videos
