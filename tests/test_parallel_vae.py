@@ -14,8 +14,8 @@ from diffusers import AutoencoderKL, AutoencoderKLWan
 
 from vidpar.config import ParallelConfig
 from vidpar.distributed import telemetry
+from vidpar.distributed.state import get_parallel_state
 from vidpar.models import parallelize_vae
-from vidpar.models.parallel_vae import replica_group
 
 #: Wan2.1's layout at three levels (4× in space, 2× in time); attention in the mid-blocks
 #: (diffusers cannot run encoder attention at other scales: its down blocks pass it the
@@ -109,7 +109,7 @@ def test_split_vae_equals_whole(worlds, vae_dirs, variant, size):
 
 
 def _replica_ranks() -> list[int]:
-    return replica_group().ranks
+    return get_parallel_state().group("replica").ranks
 
 
 def test_replica_group_is_the_ranks_of_one_batch(worlds):

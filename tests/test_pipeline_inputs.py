@@ -49,7 +49,7 @@ def sharded_encoding(folder: str, input_ids: torch.Tensor, mask: torch.Tensor):
     embeddings and how many of the encoder's parameters this rank holds."""
     import torch.distributed as dist
 
-    group = prompt_encoding.replica_group(dist.get_world_size(), dist.get_world_size())
+    group = dist.group.WORLD
     encoder = prompt_encoding.load_text_encoder(folder, torch.float32)
     whole = sum(p.numel() for p in encoder.parameters())
     encoder = prompt_encoding.shard_text_encoder(encoder, group, torch.device("cpu"))

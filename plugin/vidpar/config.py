@@ -25,6 +25,9 @@ GROUP_DIMS: dict[str, tuple[str, ...]] = {
     "dp": ("dp",),
     # Replicas of one tp shard in training: gradients are averaged over data and sequence.
     "dp_sp": ("dp", "ring", "ulysses"),
+    # The ranks that share a batch (one dp replica): the VAE and the text encoder of a
+    # pipeline are split over them.
+    "replica": ("cfg", "ring", "ulysses", "tp"),
 }
 
 

@@ -27,21 +27,19 @@ from __future__ import annotations
 
 import functools
 import logging
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from vidpar.distributed.group import GroupCoordinator
-from vidpar.distributed.state import ParallelState, _new_group, get_parallel_state
+from vidpar.distributed.state import get_parallel_state
 from vidpar.nn.halo import gather_rows, halo_pad, split_sizes
 
-__all__ = ["SUPPORTED_VAES", "parallelize_vae", "replica_group"]
+__all__ = ["SUPPORTED_VAES", "parallelize_vae"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +47,6 @@ VaeT = TypeVar("VaeT", bound=nn.Module)
 
 #: The diffusers VAE classes :func:`parallelize_vae` splits over ranks.
 SUPPORTED_VAES: tuple[str, ...] = ("AutoencoderKLWan",)
-
-#: Each layout's replica group of this process, made once (see :func:`replica_group`).
-_REPLICA_GROUPS: weakref.WeakKeyDictionary[ParallelState, GroupCoordinator] = (
-    weakref.WeakKeyDictionary()
-)
 
 
 @dataclass
@@ -73,35 +66,10 @@ class _RowSplit:
         return [r * local_rows // own for r in self.rows]
 
 
-def replica_group(state: ParallelState | None = None) -> GroupCoordinator:
-    """The ranks of this process's replica (cfg × sp × tp: the ranks that share a batch).
-
-    With ``dp == 1`` that is the world group; otherwise its torch groups are created here
-    (and destroyed with the layout's), once per layout, by a call that every rank of the
-    world must make; its coordinator is named ``"vae"`` in telemetry.
-    """
-    state = get_parallel_state() if state is None else state
-    config = state.config
-    if config.dp == 1:
-        return state.group("world")
-    group = _REPLICA_GROUPS.get(state)
-    if group is None:
-        size = config.world_size // config.dp
-        gloo = dist.get_backend() == "gloo"
-        mine = None
-        for first in range(0, config.world_size, size):  # new_group: collective, same order
-            ranks = list(range(first, first + size))
-            device_group = _new_group(ranks, None)
-            cpu_group = device_group if gloo else _new_group(ranks, "gloo")
-            if state.rank in ranks:
-                mine = GroupCoordinator("vae", ranks, cpu_group, device_group, state.device)
-        group = _REPLICA_GROUPS[state] = mine
-    return group
-
-
 def parallelize_vae(vae: VaeT, group: GroupCoordinator | None = None) -> VaeT:
     """Split ``vae``'s ``encode`` and ``decode`` in rows over ``group`` (default: this
-    process's :func:`replica_group`), in place; returns ``vae``.
+    process's replica: the layout's ``"replica"`` group, the ranks that share a batch), in
+    place; returns ``vae``.
 
     Afterwards every rank of the group must call ``encode``/``decode`` together with the
     same input, and gets the whole result. A group of one, or a VAE class not in
@@ -113,7 +81,7 @@ def parallelize_vae(vae: VaeT, group: GroupCoordinator | None = None) -> VaeT:
             f"parallelize_vae(group=...) takes a vidpar GroupCoordinator (e.g. "
             f"get_parallel_state().group('sp')), not {type(group).__name__}"
         )
-    group = replica_group() if group is None else group
+    group = get_parallel_state().group("replica") if group is None else group
     name = type(vae).__name__
     if not _is_supported(vae):
         logger.warning(

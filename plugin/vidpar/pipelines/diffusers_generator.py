@@ -13,6 +13,7 @@ import torch
 
 from vidpar.config import ParallelConfig
 from vidpar.distributed import telemetry
+from vidpar.distributed.state import get_parallel_state
 from vidpar.executor import Executor
 from vidpar.models.pretrained import (
     DiffusersVelocity,
@@ -31,12 +32,6 @@ PROMPT, NEGATIVE = "prompt_embeds", "negative_prompt_embeds"
 Embeds = torch.Tensor | Sequence[torch.Tensor] | str | os.PathLike
 
 
-def _replica_leader(worker) -> bool:
-    """Whether ``worker`` is the first rank of its dp replica (it returns the videos)."""
-    coords = worker.config.coordinates(worker.rank)
-    return not any(c for dim, c in coords.items() if dim != "dp")
-
-
 def _build(worker, folder: str, vae_folder: str | None, dtype: torch.dtype):
     """Worker factory: the transformer, prepared for the worker's layout, on its device;
     the first rank of each replica also loads the VAE (as ``worker.vae``)."""
@@ -45,7 +40,7 @@ def _build(worker, folder: str, vae_folder: str | None, dtype: torch.dtype):
     model = load_pretrained(folder, device=worker.device, dtype=dtype)
     model = parallelize(model).eval()
     worker.vae = None
-    if vae_folder is not None and _replica_leader(worker):
+    if vae_folder is not None and get_parallel_state().group("replica").is_first_rank:
         vae_dtype = torch.promote_types(dtype, torch.float32)  # Wan decodes in float32
         worker.vae = load_pretrained(vae_folder, device=worker.device, dtype=vae_dtype).eval()
     return model
@@ -97,7 +92,7 @@ def _generate_on_worker(
             )
     finally:
         telemetry.stop_recording()
-    if not _replica_leader(worker):
+    if not get_parallel_state().group("replica").is_first_rank:
         return None, None, []
     videos = None
     if decode:

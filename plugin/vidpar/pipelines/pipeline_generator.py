@@ -16,6 +16,7 @@ import torch
 
 from vidpar.config import ParallelConfig
 from vidpar.distributed import telemetry
+from vidpar.distributed.state import get_parallel_state
 from vidpar.executor import Executor
 from vidpar.pipelines import prompt_encoding
 from vidpar.pipelines.generator import _dp_slice
@@ -41,21 +42,11 @@ Prompts = str | Sequence[str]
 Embeds = torch.Tensor | Sequence[torch.Tensor]
 
 
-def _replica_leader(worker) -> bool:
-    """Whether ``worker`` is the first rank of its dp replica (it returns the videos)."""
-    coords = worker.config.coordinates(worker.rank)
-    return not any(c for dim, c in coords.items() if dim != "dp")
-
-
-def _replica_size(config: ParallelConfig) -> int:
-    return config.world_size // config.dp
-
-
 def _build(worker, folder: str, dtype: torch.dtype, encode_on_workers: bool):
     """Worker factory: the transformer(s), prepared for the layout; the scheduler's folder;
-    the VAE (every rank of a replica decodes, see :func:`decode_latents`); and, unless the
-    parent encodes, the text encoder sharded over the replica."""
-    from vidpar.models import parallelize
+    the VAE split over the replica's ranks (all of them decode, see :func:`decode_latents`);
+    and, unless the parent encodes, the text encoder sharded over the replica."""
+    from vidpar.models import parallelize, parallelize_vae
     from vidpar.models.pretrained import load_pretrained
 
     spec = read_pipeline_folder(folder)
@@ -70,9 +61,10 @@ def _build(worker, folder: str, dtype: torch.dtype, encode_on_workers: bool):
     vae_dtype = torch.promote_types(dtype, torch.float32)  # Wan's VAE runs in float32
     worker.vae = load_pretrained(spec.components["vae"], device=worker.device, dtype=vae_dtype)
     worker.vae.eval().requires_grad_(False)
-    worker.replica_group = prompt_encoding.replica_group(
-        worker.config.world_size, _replica_size(worker.config)
-    )
+    replica = get_parallel_state().group("replica")
+    worker.vae = parallelize_vae(worker.vae, replica)  # whole, with a log line, if it cannot
+    # The text encoder's FSDP2 shards and the prompts' split (torch groups; none for one rank).
+    worker.replica_group = replica.device_group if replica.world_size > 1 else None
     worker.image_encoder = worker.image_processor = None
     if "image_encoder" in spec.components and spec.transformer_config.get("image_dim"):
         worker.image_encoder = load_image_encoder(
@@ -90,8 +82,8 @@ def _build(worker, folder: str, dtype: torch.dtype, encode_on_workers: bool):
 
 def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """Wan latents (normalised, as the transformer sees them) to videos ``[B, 3, F, H, W]``
-    in [-1, 1], as ``WanPipeline`` decodes them. Called on every rank of a replica, so the
-    parallel VAE (``vidpar.models.parallelize_vae``) can replace the whole one here."""
+    in [-1, 1], as ``WanPipeline`` decodes them. Called on every rank of a replica together:
+    the VAE is split over them (:func:`vidpar.models.parallelize_vae`)."""
     param = next(vae.parameters())
     shape = (1, vae.config.z_dim, 1, 1, 1)
     latents = latents.to(param.device, param.dtype)
@@ -180,7 +172,7 @@ def _generate_on_worker(worker, request: dict[str, Any]) -> tuple[Any, list, dic
                 timer.lap("decode")
     finally:
         telemetry.stop_recording()
-    if not _replica_leader(worker):
+    if not get_parallel_state().group("replica").is_first_rank:
         return None, [], {}
     if request["decode"]:
         from diffusers.video_processor import VideoProcessor

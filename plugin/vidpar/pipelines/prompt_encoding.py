@@ -85,19 +85,6 @@ def encode(text_encoder: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor)
     return torch.where(keep, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
 
 
-def replica_group(world_size: int, replica_size: int) -> dist.ProcessGroup | None:
-    """This rank's group of ``replica_size`` consecutive ranks (a dp replica: dp is the
-    slowest layout dimension). Collective: every rank of the world calls it."""
-    if replica_size == 1:
-        return None
-    mine = None
-    for start in range(0, world_size, replica_size):
-        group = dist.new_group(list(range(start, start + replica_size)))
-        if start <= dist.get_rank() < start + replica_size:
-            mine = group
-    return mine
-
-
 def shard_text_encoder(
     text_encoder: nn.Module, group: dist.ProcessGroup | None, device: torch.device
 ) -> nn.Module:
