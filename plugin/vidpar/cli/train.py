@@ -23,6 +23,8 @@ from vidpar.cli.wandb_runs import job_wandb_run
 from vidpar.config import ParallelConfig
 from vidpar.distributed.checkpoint import TRAINER_STATE, is_complete
 from vidpar.distributed.checkpoint_integrity import CorruptCheckpointError, verify
+from vidpar.distributed.checkpoint_signing import UntrustedCheckpointError
+from vidpar.distributed.checkpoint_state import load_trainer_state
 from vidpar.distributed.checkpoint_store import resolve
 from vidpar.nn.activation_checkpointing import check_checkpointing
 from vidpar.nn.dit import DiTConfig
@@ -82,9 +84,9 @@ def check_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:
         )
     if conf.ckpt_path is not None:
         ckpt = resolve(conf.ckpt_path)
-        try:
-            verify(ckpt)  # every file's size and checksum, before any worker starts
-        except CorruptCheckpointError as err:
+        try:  # the signature, every file's size and checksums, before any worker starts
+            verify(ckpt, trust=bool(conf.get("trust_checkpoint", False)))
+        except (CorruptCheckpointError, UntrustedCheckpointError) as err:
             raise UserError(str(err)) from None
         check_checkpoint_model(ckpt, conf.model)
 
@@ -113,7 +115,10 @@ def check_data_fits_model(video_shape: tuple[int, ...], model: DictConfig) -> No
 def check_checkpoint_model(ckpt: Path, model: DictConfig) -> None:
     """A checkpoint resumes only into the model it was written by: name the settings that
     differ (DiT sizes, and whether there is an EMA copy) as command-line overrides."""
-    hparams = torch.load(ckpt / TRAINER_STATE, weights_only=False).get("hyper_parameters", {})
+    try:
+        hparams = load_trainer_state(ckpt / TRAINER_STATE).get("hyper_parameters", {})
+    except ValueError as err:
+        raise UserError(f"ckpt_path={ckpt}: {err}") from None
     if "dit" not in hparams or "dit" not in model:
         return
     saved = asdict(DiTConfig.from_saved(hparams["dit"]))

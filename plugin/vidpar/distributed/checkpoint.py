@@ -2,14 +2,16 @@
 
 A checkpoint is a directory: DCP's files for the model and optimizer states,
 ``trainer_state.pt`` with the rest of the training state (for Lightning: loops, callbacks,
-epoch) and a manifest of every file's size and checksum
+epoch; plain values and tensors only, :mod:`~vidpar.distributed.checkpoint_state`) and a
+manifest of every file's size and checksums, signed with the user's key
 (:mod:`~vidpar.distributed.checkpoint_integrity`). Tensor-parallel shards (parameters
 carrying ``tensor_parallel_dim``) are saved as DTensors over the tp mesh dimension, so a
 checkpoint loads into any tp/sp layout, a single process included. A save never touches
 the previous checkpoint: it writes a new version beside it and switches a pointer
 atomically (:mod:`~vidpar.distributed.checkpoint_store`), and it refuses to run when a
 weight is not finite, so a diverged model never replaces a good checkpoint. A load checks
-sizes and checksums first and names any damaged file.
+the signature, sizes and checksums first (before DCP unpickles anything) and names any
+damaged file.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from vidpar.distributed import checkpoint_integrity as integrity
 from vidpar.distributed import checkpoint_store as store
 from vidpar.distributed import state as ps
 from vidpar.distributed.checkpoint_integrity import CorruptCheckpointError
+from vidpar.distributed.checkpoint_signing import UntrustedCheckpointError
+from vidpar.distributed.checkpoint_state import load_trainer_state, save_trainer_state
 from vidpar.distributed.checkpoint_store import DCP_METADATA, TRAINER_STATE, is_complete
 from vidpar.distributed.group import GroupCoordinator
 
@@ -38,6 +42,7 @@ __all__ = [
     "TRAINER_STATE",
     "CorruptCheckpointError",
     "NonFiniteWeightsError",
+    "UntrustedCheckpointError",
     "check_fits",
     "is_complete",
     "load_sharded",
@@ -147,7 +152,7 @@ def save_sharded(
         _raise_first(described)
 
         def finish() -> None:
-            torch.save(trainer_state, staging / TRAINER_STATE)
+            save_trainer_state(trainer_state, staging / TRAINER_STATE)
             store.fsync_file(staging / TRAINER_STATE)
             table = integrity.describe(staging, [DCP_METADATA, TRAINER_STATE])
             for entries in described:
@@ -231,12 +236,16 @@ def _refuse_non_finite(model_state: dict[str, Any], path: Path, world: GroupCoor
     )
 
 
-def load_sharded(path: Path, module: torch.nn.Module, optimizers: list) -> dict[str, Any]:
+def load_sharded(
+    path: Path, module: torch.nn.Module, optimizers: list, trust: bool = False
+) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_sharded` into ``module`` and ``optimizers``
     (in place, resharding to this layout); returns the rest of the trainer state.
 
-    Every file's size and checksum is checked first (the reading shared between ranks);
-    a damaged file raises :class:`CorruptCheckpointError` naming it, on every rank."""
+    The manifest's signature and every file's size and checksums are checked first (the
+    reading shared between ranks): a damaged file raises :class:`CorruptCheckpointError`
+    naming it, a checkpoint not signed with this user's key (unless ``trust``)
+    :class:`UntrustedCheckpointError`, on every rank, before anything is unpickled."""
     resolved = store.resolve(path)
     if resolved is None:
         raise FileNotFoundError(
@@ -246,7 +255,7 @@ def load_sharded(path: Path, module: torch.nn.Module, optimizers: list) -> dict[
         )
     path = resolved
     world = ps.get_world_group()
-    _verify_shared(path, world)
+    _verify_shared(path, world, trust)
     check_fits(path, module)
     state: dict[str, Any] = {"model": _model_state(module)}
     optimizers = [getattr(o, "_optimizer", o) for o in optimizers]
@@ -259,17 +268,21 @@ def load_sharded(path: Path, module: torch.nn.Module, optimizers: list) -> dict[
         saved = state[f"optimizer_{i}"]
         saved = {**saved, "state": _unwrap_tp(saved["state"], tp_names)}
         set_optimizer_state_dict(module, optimizer, optim_state_dict=saved)
-    return torch.load(path / TRAINER_STATE, weights_only=False)
+    return load_trainer_state(path / TRAINER_STATE)
 
 
-def _verify_shared(path: Path, world: GroupCoordinator) -> None:
+def _verify_shared(path: Path, world: GroupCoordinator, trust: bool) -> None:
     """:func:`~vidpar.distributed.checkpoint_integrity.verify` with the checksums split
     between the world's ranks; every rank raises the same error."""
+    share = (world.rank_in_group, world.world_size)
     try:
-        damaged = integrity.find_damage(path, share=(world.rank_in_group, world.world_size))
+        damaged = integrity.find_damage(path, share=share, trust=trust)
     except CorruptCheckpointError as err:
         damaged = err.damaged
+    except UntrustedCheckpointError as err:
+        damaged = err
     reports = _all_gather(damaged, world)
+    _raise_first(reports)
     if any(report is None for report in reports):
         if world.is_first_rank:
             integrity.warn_unverified(path)
