@@ -154,7 +154,7 @@ def test_a_damaged_manifest_is_named(ckpt):
 def test_a_checkpoint_of_an_older_vidpar_is_refused_unless_trusted_then_warns(ckpt, caplog):
     (store.resolve(ckpt) / integrity.MANIFEST).unlink()
     net = module(seed=1)
-    with pytest.raises(UntrustedCheckpointError, match="has no vidpar_manifest.json"):
+    with pytest.raises(UntrustedCheckpointError, match=r"has no vidpar_manifest\.json"):
         load_sharded(ckpt, net, [])
     with caplog.at_level(logging.WARNING):
         load_sharded(ckpt, net, [], trust=True)

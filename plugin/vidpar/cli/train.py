@@ -21,7 +21,7 @@ from vidpar.cli.hydra_setup import UserError, build_layout, console_command, reg
 from vidpar.cli.validation import check_train_config
 from vidpar.cli.wandb_runs import job_wandb_run
 from vidpar.config import ParallelConfig
-from vidpar.distributed.checkpoint import TRAINER_STATE, is_complete
+from vidpar.distributed.checkpoint import TRAINER_STATE, CheckpointWriteError, is_complete
 from vidpar.distributed.checkpoint_integrity import CorruptCheckpointError, verify
 from vidpar.distributed.checkpoint_signing import UntrustedCheckpointError
 from vidpar.distributed.checkpoint_state import load_trainer_state
@@ -75,6 +75,15 @@ def check_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:
             f"The layout {layout.describe()} needs {layout.world_size} GPUs, but this machine "
             f"has {torch.cuda.device_count()}. Use a smaller layout (e.g. parallel=sp2), or "
             "trainer=cpu to run the same layout with CPU processes."
+        )
+    minutes = conf.checkpoint.get("every_n_minutes")
+    if minutes is not None and (
+        not isinstance(minutes, int | float) or isinstance(minutes, bool) or minutes <= 0
+    ):
+        raise UserError(
+            f"checkpoint.every_n_minutes={minutes} is not a number of minutes. Set it to a "
+            "positive number (checkpoint.every_n_minutes=30 saves last.ckpt every half "
+            "hour of training), or null for no time-based saves."
         )
     if conf.ckpt_path is not None and not is_complete(Path(conf.ckpt_path)):
         raise UserError(
@@ -173,6 +182,7 @@ def run(conf: DictConfig) -> Path | None:
     """Train as ``conf`` says; returns the path of the last checkpoint it wrote, if any.
     ``SIGTERM`` or Ctrl-C save a checkpoint at the current step and exit with status
     128 + the signal's number (``strategy.checkpoint_on_interrupt=false``: no save)."""
+    from vidpar.executor import RemoteError
     from vidpar.lightning import TrainingInterrupted
 
     log_lightning_once()
@@ -197,6 +207,14 @@ def run(conf: DictConfig) -> Path | None:
         except TrainingInterrupted as stop:  # SIGTERM / Ctrl-C: saved at this step, 128+N
             print(f"\nvidpar: {stop}", file=sys.stderr, flush=True)
             raise SystemExit(128 + stop.signum) from None
+        except (RemoteError, CheckpointWriteError) as err:  # a full disk: say so in one line
+            failed = getattr(err, "errors", {0: err}).values()
+            failed = [getattr(e, "exception", e) for e in failed]
+            failed = [e for e in failed if isinstance(e, CheckpointWriteError)]
+            if not failed:
+                raise
+            print(f"\nvidpar: {failed[0]}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
     loss = trainer.callback_metrics.get("train/loss")
     print(f"vidpar: final train/loss {float(loss):.4f}" if loss is not None else "")
     last = written_checkpoint(trainer)

@@ -40,6 +40,7 @@ from vidpar.distributed.group import GroupCoordinator
 
 __all__ = [
     "TRAINER_STATE",
+    "CheckpointWriteError",
     "CorruptCheckpointError",
     "NonFiniteWeightsError",
     "UntrustedCheckpointError",
@@ -53,6 +54,25 @@ __all__ = [
 
 class NonFiniteWeightsError(ValueError):
     """A save was refused: some weights are NaN or infinite."""
+
+
+class CheckpointWriteError(OSError):
+    """A save failed on a file operation (a full disk, a quota, permissions); the previous
+    checkpoint (``kept``, if any) is untouched."""
+
+    def __init__(self, path: Path, reason: str, kept: Path | None) -> None:
+        self.path, self.reason, self.kept = path, reason, kept
+        previous = (
+            f"the previous checkpoint {kept} is kept" if kept else "there is no earlier checkpoint"
+        )
+        super().__init__(
+            f"could not write the checkpoint {path} ({reason}); nothing of this save was "
+            f"kept, {previous}. Free space in {path.parent} (or point checkpoint.dirpath "
+            "elsewhere) and resume from it with ckpt_path."
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.reason, self.kept))
 
 
 def _tp_dims(module: torch.nn.Module) -> dict[str, int]:
@@ -144,6 +164,7 @@ def save_sharded(
     _refuse_non_finite(state["model"], path, world)
     for i, optimizer in enumerate(optimizers):
         state[f"optimizer_{i}"] = _optimizer_state(module, optimizer)
+    kept = store.resolve(path)
     staging = Path(_on_first_rank(lambda: str(store.prepare(path)), world))
     try:
         metadata = dcp.save(state, checkpoint_id=staging, process_group=world.cpu_group)
@@ -161,10 +182,28 @@ def save_sharded(
             store.commit(path, staging, keep_last)
 
         _on_first_rank(finish, world)
-    except BaseException:
+    except BaseException as err:
         if world.is_first_rank:
             store.discard(staging)
+        cause = _os_error(err)
+        if cause is not None:
+            raise CheckpointWriteError(path, str(cause), kept) from err
         raise
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    """The ``OSError`` behind a failed save: ``err`` itself, its cause, or one that DCP's
+    ``CheckpointException`` collected from a rank."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError):
+            return err
+        for failure in getattr(err, "failures", {}).values():
+            found = _os_error(failure[0] if isinstance(failure, tuple) else failure)
+            if found is not None:
+                return found
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
 
 
 def _written_files(metadata: Any, staging: Path) -> set[str]:
