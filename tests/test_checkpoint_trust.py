@@ -139,6 +139,25 @@ def test_vidpar_generate_refuses_a_planted_metadata_pickle_and_says_how_to_share
     assert not marker.exists()
 
 
+RUN = ("hydra.run.dir=resume", "logger=none")
+
+
+def test_vidpar_train_refuses_to_resume_from_a_planted_trainer_state(ckpt, tmp_path):
+    marker = tmp_path / "marker"
+    plant(ckpt, store.TRAINER_STATE, marker, "manifest")
+    result = subprocess.run(
+        [sys.executable, "-m", "vidpar.cli.train", "parallel=single", f"ckpt_path={ckpt}", *RUN],
+        cwd=tmp_path,
+        env={**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Refusing to read the checkpoint" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
 def test_the_key_is_private_and_another_users_checkpoint_needs_trust(ckpt, monkeypatch, tmp_path):
     key = signing.key_path()
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
