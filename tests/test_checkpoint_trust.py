@@ -232,3 +232,42 @@ def test_a_save_that_runs_out_of_space_names_the_checkpoint_kept(ckpt, tmp_path)
     assert [p.name for p in ckpt.parent.iterdir() if ".partial-" in p.name] == []
     load_sharded(ckpt, module(1), [])
     assert CheckpointWriteError.__mro__[1] is OSError
+
+
+def test_lightning_objects_in_the_trainer_state_become_plain_values(tmp_path, caplog):
+    import dataclasses
+    import enum
+
+    import numpy as np
+    from lightning.pytorch.utilities.parsing import AttributeDict
+    from omegaconf import OmegaConf
+
+    from vidpar.distributed.checkpoint_state import load_trainer_state, save_trainer_state
+
+    class Mode(enum.Enum):
+        FAST = "fast"
+
+    @dataclasses.dataclass
+    class Sizes:
+        depth: int = 2
+
+    state = {
+        "hyper_parameters": AttributeDict(
+            dit=Sizes(), path=Path("/data"), mode=Mode.FAST, conf=OmegaConf.create({"a": [1, 2]})
+        ),
+        "callbacks": {"ModelCheckpoint{'monitor': None}": {"best_model_score": torch.tensor(1.5)}},
+        "loops": {"steps": (np.int64(3), {4, 5}), "opaque": object()},
+    }
+    save_trainer_state(state, tmp_path / "state.pt")
+    loaded = load_trainer_state(tmp_path / "state.pt")  # weights_only=True
+    assert loaded["hyper_parameters"] == {
+        "dit": {"depth": 2},
+        "path": "/data",
+        "mode": "fast",
+        "conf": {"a": [1, 2]},
+    }
+    assert type(loaded["hyper_parameters"]) is dict
+    assert loaded["callbacks"]["ModelCheckpoint{'monitor': None}"]["best_model_score"] == 1.5
+    assert loaded["loops"]["steps"] == (3, [4, 5])
+    assert loaded["loops"]["opaque"].startswith("<object object")
+    assert "trainer_state['loops']['opaque'] (a object) as its string" in caplog.text

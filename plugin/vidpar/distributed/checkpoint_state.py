@@ -3,13 +3,14 @@ reads it: no pickled objects, so reading it cannot run code.
 
 Lightning's checkpoint dict may hold arbitrary objects (in ``hyper_parameters`` and
 callback states); :func:`save_trainer_state` writes them as what the restricted unpickler
-accepts: dict subclasses (``AttributeDict``, ``DictConfig``) as dicts, sequences as lists
-or tuples, paths as strings, enums as their values, tensors as plain tensors; anything
-else as its ``str``, with a warning naming its key.
+accepts: dict subclasses (``AttributeDict``, ``DictConfig``) and dataclasses as dicts,
+sequences as lists or tuples, paths as strings, enums as their values, tensors as plain
+tensors; anything else as its ``str``, with a warning naming its key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import os
@@ -36,6 +37,8 @@ def loadable(value: Any, where: str = "trainer_state") -> Any:
         return loadable(value.value, where)
     if isinstance(value, os.PathLike):
         return os.fspath(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return loadable(dataclasses.asdict(value), where)
     if isinstance(value, Mapping):
         items = ((_key(k), loadable(v, f"{where}[{k!r}]")) for k, v in value.items())
         return OrderedDict(items) if isinstance(value, OrderedDict) else dict(items)
