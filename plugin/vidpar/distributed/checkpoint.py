@@ -333,7 +333,9 @@ def _verify_shared(path: Path, world: GroupCoordinator, trust: bool) -> None:
 
 def check_fits(path: Path, module: torch.nn.Module) -> None:
     """Raise a ``ValueError`` that names the differences when the checkpoint at ``path``
-    lacks some of ``module``'s weights or holds them in other (full, unsharded) shapes."""
+    lacks some of ``module``'s weights or holds them in other (full, unsharded) shapes.
+    It reads DCP's metadata (a pickle): call it on a verified checkpoint only, as
+    :func:`load_sharded` does."""
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     tp = ps.get_parallel_config().tp
     tp_dims = _tp_dims(module)
