@@ -201,20 +201,25 @@ def test_generation_writes_nothing_beside_a_read_only_checkpoint(ckpt, monkeypat
 SAVE_UNDER_A_FILE_SIZE_LIMIT = """
 import resource, signal, sys
 from pathlib import Path
+import torch
 sys.path.insert(0, {tests!r})
 from test_checkpoint_trust import module
 from vidpar.distributed.checkpoint import CheckpointWriteError, save_sharded
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+net = module(1)
+optimizer = torch.optim.SGD(net.parameters(), lr=0.1)  # its param_groups: a pickled entry
 try:
-    save_sharded(Path({ckpt!r}), module(1), [], {{"global_step": 1}})
+    save_sharded(Path({ckpt!r}), net, [optimizer], {{"global_step": 1}})
 except CheckpointWriteError as err:
     print("vidpar:", err)
 """
 
 
 def test_a_save_that_runs_out_of_space_names_the_checkpoint_kept(ckpt, tmp_path):
-    """A file-size limit (RLIMIT_FSIZE) fails the save's writes as a full disk would."""
+    """A file-size limit (RLIMIT_FSIZE) fails the save's writes as a full disk would (both
+    kinds: a tensor's bytes, and torch's zip writer for a pickled entry, whose failure DCP
+    reports as a RuntimeError "unexpected pos")."""
     kept = store.resolve(ckpt)
     script = SAVE_UNDER_A_FILE_SIZE_LIMIT.format(tests=str(Path(__file__).parent), ckpt=str(ckpt))
     result = subprocess.run(

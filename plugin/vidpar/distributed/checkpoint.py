@@ -66,9 +66,9 @@ class CheckpointWriteError(OSError):
             f"the previous checkpoint {kept} is kept" if kept else "there is no earlier checkpoint"
         )
         super().__init__(
-            f"could not write the checkpoint {path} ({reason}); nothing of this save was "
-            f"kept, {previous}. Free space in {path.parent} (or point checkpoint.dirpath "
-            "elsewhere) and resume from it with ckpt_path."
+            f"could not write the checkpoint {path} ({reason}; a full disk or quota?); nothing "
+            f"of this save was kept, {previous}. Free space in {path.parent} (or point "
+            "checkpoint.dirpath elsewhere) and resume from it with ckpt_path."
         )
 
     def __reduce__(self):
@@ -185,24 +185,29 @@ def save_sharded(
     except BaseException as err:
         if world.is_first_rank:
             store.discard(staging)
-        cause = _os_error(err)
-        if cause is not None:
-            raise CheckpointWriteError(path, str(cause), kept) from err
+        reason = _write_failure(err)
+        if reason is not None:
+            raise CheckpointWriteError(path, reason, kept) from err
         raise
 
 
-def _os_error(err: BaseException | None) -> OSError | None:
-    """The ``OSError`` behind a failed save: ``err`` itself, its cause, or one that DCP's
-    ``CheckpointException`` collected from a rank."""
-    seen = 0
-    while err is not None and seen < 8:
+def _write_failure(err: BaseException | None) -> str | None:
+    """Why writing a checkpoint's files failed, in one line, when ``err`` (or its cause) is
+    an ``OSError`` or DCP's ``CheckpointException`` (whose ranks' errors include torch's
+    ``RuntimeError`` for a failed file write: a full disk shows as "unexpected pos")."""
+    for _ in range(8):
+        if err is None:
+            return None
         if isinstance(err, OSError):
-            return err
-        for failure in getattr(err, "failures", {}).values():
-            found = _os_error(failure[0] if isinstance(failure, tuple) else failure)
-            if found is not None:
-                return found
-        err, seen = err.__cause__ or err.__context__, seen + 1
+            return str(err)
+        failures = getattr(err, "failures", None)
+        if isinstance(failures, dict) and failures:
+            rank, failure = next(iter(failures.items()))
+            first = failure[0] if isinstance(failure, tuple) else failure
+            first_line = (str(first).strip().splitlines() or [""])[0]
+            line = _write_failure(first) or f"{type(first).__name__}: {first_line}"
+            return f"rank {rank}: {line}"
+        err = err.__cause__ or err.__context__
     return None
 
 
