@@ -63,12 +63,15 @@ class CheckpointWriteError(OSError):
     def __init__(self, path: Path, reason: str, kept: Path | None) -> None:
         self.path, self.reason, self.kept = path, reason, kept
         previous = (
-            f"the previous checkpoint {kept} is kept" if kept else "there is no earlier checkpoint"
+            f"the previous checkpoint {kept} is kept: free space in {path.parent} (or point "
+            f"checkpoint.dirpath elsewhere) and resume with ckpt_path={path}"
+            if kept
+            else f"there is no earlier checkpoint: free space in {path.parent} (or point "
+            "checkpoint.dirpath elsewhere) and run again"
         )
         super().__init__(
             f"could not write the checkpoint {path} ({reason}; a full disk or quota?); nothing "
-            f"of this save was kept, {previous}. Free space in {path.parent} (or point "
-            "checkpoint.dirpath elsewhere) and resume from it with ckpt_path."
+            f"of this save was kept, {previous}."
         )
 
     def __reduce__(self):
