@@ -55,10 +55,8 @@ def key_path() -> Path:
 def signing_key() -> bytes:
     """This user's key, created (0600, atomically: concurrent first uses agree) if missing."""
     path = key_path()
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except FileNotFoundError:
-        pass
+    if path.is_file():
+        return _read_key(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     partial = path.with_name(f".{KEY_FILE}.{secrets.token_hex(4)}")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -73,7 +71,21 @@ def signing_key() -> bytes:
         pass
     finally:
         partial.unlink()
-    return bytes.fromhex(path.read_text().strip())
+    return _read_key(path)
+
+
+def _read_key(path: Path) -> bytes:
+    try:
+        key = bytes.fromhex(path.read_text().strip())
+    except (ValueError, UnicodeDecodeError):
+        key = b""
+    if len(key) < 16:
+        raise ValueError(
+            f"{path} is not a vidpar checkpoint key (64 hex digits). Restore it, or delete it "
+            "to make a new one (checkpoints signed with the old key then need "
+            "trust_checkpoint=true)."
+        )
+    return key
 
 
 def sign(table: dict) -> str:
