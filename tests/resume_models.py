@@ -69,3 +69,14 @@ class UserLoaderDiT(VideoDiffusionModule):
     def train_dataloader(self) -> SkippingLoader:
         data = MovingShapesDataset(32, num_frames=2, height=8, width=8)
         return SkippingLoader(data, batch_size=2, shuffle=True)
+
+
+class CrashAtStep(pl.Callback):
+    """Raises (as a bad sample would) when training step ``step`` is about to start."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"a bad sample at global step {self.step}")

@@ -1,6 +1,6 @@
 """Checkpoint integrity: a damaged or truncated shard is named before anything loads it
 (resume, vidpar-generate, VideoGenerator, export, load_sharded), a checkpoint without a
-manifest still loads with a warning, and a save refuses non-finite weights."""
+manifest loads (with a warning) only when trusted, and a save refuses non-finite weights."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from vidpar.distributed import checkpoint_store as store
 from vidpar.distributed.checkpoint import (
     CorruptCheckpointError,
     NonFiniteWeightsError,
+    UntrustedCheckpointError,
     _written_files,
     load_sharded,
     save_sharded,
@@ -150,11 +151,13 @@ def test_a_damaged_manifest_is_named(ckpt):
         load_sharded(ckpt, module(), [])
 
 
-def test_a_checkpoint_of_an_older_vidpar_loads_with_a_warning(ckpt, caplog):
+def test_a_checkpoint_of_an_older_vidpar_is_refused_unless_trusted_then_warns(ckpt, caplog):
     (store.resolve(ckpt) / integrity.MANIFEST).unlink()
     net = module(seed=1)
-    with caplog.at_level(logging.WARNING):
+    with pytest.raises(UntrustedCheckpointError, match=r"has no vidpar_manifest\.json"):
         load_sharded(ckpt, net, [])
+    with caplog.at_level(logging.WARNING):
+        load_sharded(ckpt, net, [], trust=True)
     assert any("has no vidpar_manifest.json" in r.getMessage() for r in caplog.records)
     assert torch.equal(
         net.state_dict()["model.blocks.0.self_attn.qkv.weight"],

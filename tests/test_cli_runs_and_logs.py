@@ -116,7 +116,7 @@ def test_warnings_and_tracebacks_reach_the_log(tmp_path) -> None:
     assert "unexpected keyword argument 'no_such_setting'" in log.splitlines()[-1]
 
 
-def test_generate_takes_the_last_training_run_of_its_search_dir(sweep, tmp_path) -> None:
+def test_generate_takes_the_last_training_run_with_a_checkpoint(sweep, tmp_path, capsys) -> None:
     root, _, _ = sweep
     first, last = tmp_path / "a", tmp_path / "b"
     shutil.copytree(root / "0", first, symlinks=True)
@@ -126,9 +126,17 @@ def test_generate_takes_the_last_training_run_of_its_search_dir(sweep, tmp_path)
         os.utime(run / ".hydra" / "hydra.yaml", (now - age, now - age))
     os.utime(first / "checkpoints", (0, 0))  # whatever the checkpoints' own ages
     assert find_checkpoint(None, str(tmp_path)) == resolve(first / "checkpoints" / "last.ckpt")
-    stopped = tmp_path / "c"  # a newer run that saved nothing: named, not passed over
+    stopped = tmp_path / "c"  # a newer run that saved nothing: named and passed over
     (stopped / ".hydra").mkdir(parents=True)
     (stopped / ".hydra" / "hydra.yaml").write_text("")
     (stopped / "train.log").write_text("")
-    with pytest.raises(UserError, match=rf"The last training run under .*, {stopped}, has no"):
+    capsys.readouterr()
+    assert find_checkpoint(None, str(tmp_path)) == resolve(first / "checkpoints" / "last.ckpt")
+    said = capsys.readouterr().out
+    assert "skipped 1 later training run(s) without a complete checkpoints/last.ckpt" in said
+    assert str(stopped) in said
+    for run in (first, last):
+        shutil.rmtree(run / "checkpoints")
+    with pytest.raises(UserError, match=r"No training run under .* has a complete") as err:
         find_checkpoint(None, str(tmp_path))
+    assert all(str(run) in str(err.value) for run in (first, last, stopped))

@@ -14,7 +14,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
 from vidpar.config import ParallelConfig
-from vidpar.distributed.checkpoint import TRAINER_STATE
+from vidpar.distributed.checkpoint import TRAINER_STATE, UntrustedCheckpointError
 from vidpar.nn import DiTConfig, VideoDiT
 from vidpar.pipelines import (
     FlowMatchEulerSampler,
@@ -180,21 +180,27 @@ def test_dp_replicas_share_the_videos_evenly() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_checkpoint_directory_is_exported_once(checkpoint, tmp_path) -> None:
-    """A sharded (DCP) checkpoint directory as vidpar-train writes it becomes one
-    safetensors file with the model's config, reused while the checkpoint is unchanged."""
+def test_checkpoint_directory_is_exported_once(checkpoint, tmp_path, monkeypatch) -> None:
+    """A sharded (DCP) checkpoint directory (here one without vidpar's signed manifest,
+    so read only when trusted) becomes one safetensors file with the model's config in the
+    user's cache, reused while the checkpoint is unchanged."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     weights = load_file(checkpoint)
     ckpt = tmp_path / "last.ckpt"
     dcp.save({"model": {f"model.{k}": v for k, v in weights.items()}}, checkpoint_id=ckpt)
     torch.save({"hyper_parameters": {"dit": asdict(CONFIG), **DATA_INFO}}, ckpt / TRAINER_STATE)
-    out = _export_from_directory(ckpt)
-    assert out == ckpt / "model.safetensors"
+    with pytest.raises(UntrustedCheckpointError, match="has no vidpar_manifest"):
+        _export_from_directory(ckpt)
+    out = _export_from_directory(ckpt, trust=True)
+    assert out.parent == tmp_path / "cache" / "vidpar" / "exports"
     assert read_model_info(out) == (CONFIG, DATA_INFO)
     exported = load_file(out)
     assert exported.keys() == weights.keys()
     assert all(torch.equal(exported[k], v) for k, v in weights.items())
     stamp = out.stat().st_mtime_ns
-    assert _export_from_directory(ckpt) == out and out.stat().st_mtime_ns == stamp
-    assert sorted(p.name for p in ckpt.iterdir() if "partial" in p.name) == []
+    assert _export_from_directory(ckpt, trust=True) == out and out.stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(
+        [".metadata", "__0_0.distcp", TRAINER_STATE]
+    )
     with pytest.raises(FileNotFoundError, match="is not a complete vidpar checkpoint"):
         VideoGenerator.from_checkpoint(tmp_path)

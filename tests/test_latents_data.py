@@ -83,3 +83,15 @@ def test_the_datamodule_holds_out_the_last_samples(tmp_path):
     assert LatentsDataModule(str(tmp_path)).val_dataloader() == []
     with pytest.raises(ValueError, match=r"num_val must be in \[0, 4\] for 5 samples"):
         LatentsDataModule(str(tmp_path), num_val=5)
+
+
+@pytest.mark.parametrize("entry", ["../x.safetensors", "/etc/hostname", "a/../../x", ""])
+def test_dataset_json_entries_outside_the_folder_are_refused_by_name(tmp_path, entry):
+    write_latents_folder(tmp_path / "d", *samples())
+    (tmp_path / "x.safetensors").write_bytes((tmp_path / "d" / "000000.safetensors").read_bytes())
+    index_file = tmp_path / "d" / "dataset.json"
+    index = json.loads(index_file.read_text())
+    index["samples"][1]["file"] = entry
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"lists the sample file {entry!r}, which is not inside"):
+        LatentsDataset(tmp_path / "d")

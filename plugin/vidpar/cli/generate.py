@@ -18,6 +18,7 @@ from vidpar.cli.hydra_setup import UserError, build_layout, console_command, reg
 from vidpar.cli.validation import check_generate_request
 from vidpar.config import ParallelConfig
 from vidpar.distributed.checkpoint_integrity import CorruptCheckpointError, verify
+from vidpar.distributed.checkpoint_signing import UntrustedCheckpointError
 from vidpar.distributed.checkpoint_store import resolve
 from vidpar.distributed.telemetry import format_summary, summarize
 from vidpar.nn.dit import DiTConfig
@@ -25,11 +26,12 @@ from vidpar.nn.dit import DiTConfig
 register()
 
 
-def find_checkpoint(checkpoint: str | None, search_dir: str) -> Path:
-    """The checkpoint to use: the one given, or that of the training run under
-    ``search_dir`` that started last (a checkpoint directory resolved to its current
-    version, so it cannot change while it is read, and its files checked against the
-    manifest of its save)."""
+def find_checkpoint(checkpoint: str | None, search_dir: str, trust: bool = False) -> Path:
+    """The checkpoint to use: the one given, or that of the last-started training run
+    under ``search_dir`` that has one (runs started later without a complete checkpoint
+    are named and skipped). A checkpoint directory is resolved to its current version, so
+    it cannot change while it is read, and its files are checked against the signed
+    manifest of its save (``trust``: signed by anyone, or not at all)."""
     if checkpoint is not None:
         path = Path(checkpoint)
         if path.is_file():
@@ -41,27 +43,36 @@ def find_checkpoint(checkpoint: str | None, search_dir: str) -> Path:
                 ".safetensors file."
             )
         if (resolved := resolve(path)) is not None:
-            return _verified(resolved)
+            return _verified(resolved, trust)
         raise UserError(
             f"checkpoint={checkpoint} is neither a .safetensors file nor a complete vidpar "
             "checkpoint directory. Pass the checkpoints/last.ckpt directory of a vidpar-train "
             "run, or a file written by vidpar.lightning.export_full_checkpoint."
         )
-    run = last_training_run(Path(search_dir))
-    found = resolve(run / "checkpoints" / "last.ckpt")
-    if found is None:
-        raise UserError(
-            f"The last training run under {Path(search_dir).resolve()}, {run}, has no complete "
-            "checkpoints/last.ckpt (it may still be training, have stopped before its first "
-            "save, or have run with trainer.max_steps=0). Pass checkpoint=PATH to use another "
-            "run's checkpoint."
-        )
-    return _verified(found)
+    runs = training_runs(Path(search_dir))
+    without = []
+    for run in runs:
+        found = resolve(run / "checkpoints" / "last.ckpt")
+        if found is not None:
+            if without:
+                print(
+                    f"vidpar: skipped {len(without)} later training run(s) without a complete "
+                    f"checkpoints/last.ckpt (still training, or stopped before a save): "
+                    f"{', '.join(map(str, without))}"
+                )
+            return _verified(found, trust)
+        without.append(run)
+    raise UserError(
+        f"No training run under {Path(search_dir).resolve()} has a complete "
+        f"checkpoints/last.ckpt: {', '.join(map(str, without))} (they may still be training, "
+        "have stopped before their first save, or have run with trainer.max_steps=0). Pass "
+        "checkpoint=PATH to use another checkpoint."
+    )
 
 
-def last_training_run(search_dir: Path) -> Path:
-    """The vidpar-train run directory under ``search_dir`` (one with a ``train.log`` or
-    ``checkpoints/``) that started last, by the files Hydra writes when a job starts."""
+def training_runs(search_dir: Path) -> list[Path]:
+    """The vidpar-train run directories under ``search_dir`` (those with a ``train.log`` or
+    ``checkpoints/``), the last started first, by the files Hydra writes when a job starts."""
     runs = {log.parent for log in search_dir.glob("**/train.log")}
     runs |= {ckpts.parent for ckpts in search_dir.glob("**/checkpoints") if ckpts.is_dir()}
     if not runs:
@@ -74,26 +85,26 @@ def last_training_run(search_dir: Path) -> Path:
         first = (run / ".hydra" / "hydra.yaml", run / "train.log", run / "checkpoints")
         return next(p for p in first if p.exists()).stat().st_mtime
 
-    return max(runs, key=started)
+    return sorted(runs, key=started, reverse=True)
 
 
-def _verified(ckpt: Path) -> Path:
+def _verified(ckpt: Path, trust: bool) -> Path:
     try:
-        verify(ckpt)
-    except CorruptCheckpointError as err:
+        verify(ckpt, trust=trust)
+    except (CorruptCheckpointError, UntrustedCheckpointError) as err:
         raise UserError(str(err)) from None
     return ckpt
 
 
 def read_checkpoint_model(
-    checkpoint: Path, layout: ParallelConfig
+    checkpoint: Path, layout: ParallelConfig, trust: bool = False
 ) -> tuple[Path, DiTConfig, dict[str, Any]]:
     """The weights file, DiT config and training-data facts of ``checkpoint``, checked to
     be a model that ``VideoGenerator`` can sample with ``layout``."""
     from vidpar.pipelines.generator import check_generatable, checkpoint_weights, read_model_info
 
     try:
-        weights = checkpoint_weights(checkpoint)
+        weights = checkpoint_weights(checkpoint, trust=trust)
         dit_config, data_info = read_model_info(weights)
         check_generatable(dit_config)
     except (OSError, ValueError) as err:
@@ -217,14 +228,15 @@ def run(conf: DictConfig) -> list[Path]:
     if conf.model.path is not None:
         return run_prompts(conf)
     layout = build_layout(conf.parallel)
-    checkpoint = find_checkpoint(conf.checkpoint, conf.search_dir)
+    trust = bool(conf.get("trust_checkpoint", False))
+    checkpoint = find_checkpoint(conf.checkpoint, conf.search_dir, trust)
     if conf.checkpoint is None:
         print(
             f"vidpar: no checkpoint= given: using the last training run under "
             f"{conf.search_dir}/, {checkpoint.parent.parent} (its checkpoints/last.ckpt)"
         )
     # Everything is checked here, before the generator starts its workers.
-    weights, dit_config, data_info = read_checkpoint_model(checkpoint, layout)
+    weights, dit_config, data_info = read_checkpoint_model(checkpoint, layout, trust)
     labels, (_, num_frames, height, width) = check_generate_request(conf, dit_config, data_info)
     print(f"vidpar: generating from {checkpoint} with {layout.describe()}")
     with VideoGenerator(dit_config, weights, parallel=layout, data_info=data_info) as generator:

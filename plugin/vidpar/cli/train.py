@@ -21,8 +21,10 @@ from vidpar.cli.hydra_setup import UserError, build_layout, console_command, reg
 from vidpar.cli.validation import check_train_config
 from vidpar.cli.wandb_runs import job_wandb_run
 from vidpar.config import ParallelConfig
-from vidpar.distributed.checkpoint import TRAINER_STATE, is_complete
+from vidpar.distributed.checkpoint import TRAINER_STATE, CheckpointWriteError, is_complete
 from vidpar.distributed.checkpoint_integrity import CorruptCheckpointError, verify
+from vidpar.distributed.checkpoint_signing import UntrustedCheckpointError
+from vidpar.distributed.checkpoint_state import load_trainer_state
 from vidpar.distributed.checkpoint_store import resolve
 from vidpar.nn.activation_checkpointing import check_checkpointing
 from vidpar.nn.dit import DiTConfig
@@ -74,6 +76,15 @@ def check_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:
             f"has {torch.cuda.device_count()}. Use a smaller layout (e.g. parallel=sp2), or "
             "trainer=cpu to run the same layout with CPU processes."
         )
+    minutes = conf.checkpoint.get("every_n_minutes")
+    if minutes is not None and (
+        not isinstance(minutes, int | float) or isinstance(minutes, bool) or minutes <= 0
+    ):
+        raise UserError(
+            f"checkpoint.every_n_minutes={minutes} is not a number of minutes. Set it to a "
+            "positive number (checkpoint.every_n_minutes=30 saves last.ckpt every half "
+            "hour of training), or null for no time-based saves."
+        )
     if conf.ckpt_path is not None and not is_complete(Path(conf.ckpt_path)):
         raise UserError(
             f"ckpt_path={conf.ckpt_path} is not a complete vidpar checkpoint (a directory with "
@@ -82,9 +93,9 @@ def check_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:
         )
     if conf.ckpt_path is not None:
         ckpt = resolve(conf.ckpt_path)
-        try:
-            verify(ckpt)  # every file's size and checksum, before any worker starts
-        except CorruptCheckpointError as err:
+        try:  # the signature, every file's size and checksums, before any worker starts
+            verify(ckpt, trust=bool(conf.get("trust_checkpoint", False)))
+        except (CorruptCheckpointError, UntrustedCheckpointError) as err:
             raise UserError(str(err)) from None
         check_checkpoint_model(ckpt, conf.model)
 
@@ -113,7 +124,10 @@ def check_data_fits_model(video_shape: tuple[int, ...], model: DictConfig) -> No
 def check_checkpoint_model(ckpt: Path, model: DictConfig) -> None:
     """A checkpoint resumes only into the model it was written by: name the settings that
     differ (DiT sizes, and whether there is an EMA copy) as command-line overrides."""
-    hparams = torch.load(ckpt / TRAINER_STATE, weights_only=False).get("hyper_parameters", {})
+    try:
+        hparams = load_trainer_state(ckpt / TRAINER_STATE).get("hyper_parameters", {})
+    except ValueError as err:
+        raise UserError(f"ckpt_path={ckpt}: {err}") from None
     if "dit" not in hparams or "dit" not in model:
         return
     saved = asdict(DiTConfig.from_saved(hparams["dit"]))
@@ -168,6 +182,7 @@ def run(conf: DictConfig) -> Path | None:
     """Train as ``conf`` says; returns the path of the last checkpoint it wrote, if any.
     ``SIGTERM`` or Ctrl-C save a checkpoint at the current step and exit with status
     128 + the signal's number (``strategy.checkpoint_on_interrupt=false``: no save)."""
+    from vidpar.executor import RemoteError
     from vidpar.lightning import TrainingInterrupted
 
     log_lightning_once()
@@ -192,6 +207,14 @@ def run(conf: DictConfig) -> Path | None:
         except TrainingInterrupted as stop:  # SIGTERM / Ctrl-C: saved at this step, 128+N
             print(f"\nvidpar: {stop}", file=sys.stderr, flush=True)
             raise SystemExit(128 + stop.signum) from None
+        except (RemoteError, CheckpointWriteError) as err:  # a full disk: say so in one line
+            failed = getattr(err, "errors", {0: err}).values()
+            failed = [getattr(e, "exception", e) for e in failed]
+            failed = [e for e in failed if isinstance(e, CheckpointWriteError)]
+            if not failed:
+                raise
+            print(f"\nvidpar: {failed[0]}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
     loss = trainer.callback_metrics.get("train/loss")
     print(f"vidpar: final train/loss {float(loss):.4f}" if loss is not None else "")
     last = written_checkpoint(trainer)

@@ -112,6 +112,17 @@ def write_latents_folder(
     return path
 
 
+def _check_inside(index_file: Path, name: object) -> None:
+    """A sample's ``file`` entry must name a file inside the folder of ``index_file``."""
+    relative = isinstance(name, str) and name and not Path(name).is_absolute()
+    if not relative or ".." in Path(name).parts:
+        raise ValueError(
+            f"{index_file} lists the sample file {name!r}, which is not inside its folder: "
+            "entries must be paths relative to the folder, without '..'. Fix the entry, or "
+            "write the folder with vidpar.data.write_latents_folder."
+        )
+
+
 def _shapes(file: Path) -> dict[str, list[int]]:
     """The tensors' shapes in a safetensors file, read from its header only."""
     from safetensors import safe_open
@@ -137,6 +148,8 @@ class LatentsDataset(Dataset):
             )
         index = self._read_index()
         names = [s["file"] for s in index["samples"]] if "samples" in index else None
+        for name in names or ():
+            _check_inside(self.path / INDEX_FILE, name)
         if names is None:
             names = sorted(p.name for p in self.path.glob("*.safetensors"))
         files = [self.path / n for n in names]

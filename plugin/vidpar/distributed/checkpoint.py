@@ -2,7 +2,8 @@
 
 A checkpoint is a directory: DCP's files for the model and optimizer states,
 ``trainer_state.pt`` with the rest of the training state (for Lightning: loops, callbacks,
-epoch) and a manifest of every file's size and checksum
+epoch; plain values and tensors only, :mod:`~vidpar.distributed.checkpoint_state`) and a
+manifest of every file's size and checksums, signed with the user's key
 (:mod:`~vidpar.distributed.checkpoint_integrity`). Tensor-parallel shards (parameters
 carrying ``tensor_parallel_dim``) are saved as DTensors over the tp mesh dimension (shards
 of uneven size, whole heads that tp does not divide, as ShardedTensors stating each rank's
@@ -10,7 +11,8 @@ offset), so a checkpoint loads into any tp/sp layout, a single process included.
 never touches the previous checkpoint: it writes a new version beside it and switches a
 pointer atomically (:mod:`~vidpar.distributed.checkpoint_store`), and it refuses to run
 when a weight is not finite, so a diverged model never replaces a good checkpoint. A load
-checks sizes and checksums first and names any damaged file.
+checks the signature, sizes and checksums first (before DCP unpickles anything) and names
+any damaged file.
 """
 
 from __future__ import annotations
@@ -38,14 +40,18 @@ from vidpar.distributed import checkpoint_integrity as integrity
 from vidpar.distributed import checkpoint_store as store
 from vidpar.distributed import state as ps
 from vidpar.distributed.checkpoint_integrity import CorruptCheckpointError
+from vidpar.distributed.checkpoint_signing import UntrustedCheckpointError
+from vidpar.distributed.checkpoint_state import load_trainer_state, save_trainer_state
 from vidpar.distributed.checkpoint_store import DCP_METADATA, TRAINER_STATE, is_complete
 from vidpar.distributed.full_weights import shard_sizes
 from vidpar.distributed.group import GroupCoordinator
 
 __all__ = [
     "TRAINER_STATE",
+    "CheckpointWriteError",
     "CorruptCheckpointError",
     "NonFiniteWeightsError",
+    "UntrustedCheckpointError",
     "check_fits",
     "is_complete",
     "load_sharded",
@@ -56,6 +62,28 @@ __all__ = [
 
 class NonFiniteWeightsError(ValueError):
     """A save was refused: some weights are NaN or infinite."""
+
+
+class CheckpointWriteError(OSError):
+    """A save failed on a file operation (a full disk, a quota, permissions); the previous
+    checkpoint (``kept``, if any) is untouched."""
+
+    def __init__(self, path: Path, reason: str, kept: Path | None) -> None:
+        self.path, self.reason, self.kept = path, reason, kept
+        previous = (
+            f"the previous checkpoint {kept} is kept: free space in {path.parent} (or point "
+            f"checkpoint.dirpath elsewhere) and resume with ckpt_path={path}"
+            if kept
+            else f"there is no earlier checkpoint: free space in {path.parent} (or point "
+            "checkpoint.dirpath elsewhere) and run again"
+        )
+        super().__init__(
+            f"could not write the checkpoint {path} ({reason}; a full disk or quota?); nothing "
+            f"of this save was kept, {previous}."
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.reason, self.kept))
 
 
 def _tp_dims(module: torch.nn.Module) -> dict[str, int]:
@@ -181,6 +209,7 @@ def save_sharded(
     _refuse_non_finite(state["model"], path, world)
     for i, optimizer in enumerate(optimizers):
         state[f"optimizer_{i}"] = _optimizer_state(module, optimizer)
+    kept = store.resolve(path)
     staging = Path(_on_first_rank(lambda: str(store.prepare(path)), world))
     try:
         metadata = dcp.save(state, checkpoint_id=staging, process_group=world.cpu_group)
@@ -189,7 +218,7 @@ def save_sharded(
         _raise_first(described)
 
         def finish() -> None:
-            torch.save(trainer_state, staging / TRAINER_STATE)
+            save_trainer_state(trainer_state, staging / TRAINER_STATE)
             store.fsync_file(staging / TRAINER_STATE)
             table = integrity.describe(staging, [DCP_METADATA, TRAINER_STATE])
             for entries in described:
@@ -198,10 +227,33 @@ def save_sharded(
             store.commit(path, staging, keep_last)
 
         _on_first_rank(finish, world)
-    except BaseException:
+    except BaseException as err:
         if world.is_first_rank:
             store.discard(staging)
+        reason = _write_failure(err)
+        if reason is not None:
+            raise CheckpointWriteError(path, reason, kept) from err
         raise
+
+
+def _write_failure(err: BaseException | None) -> str | None:
+    """Why writing a checkpoint's files failed, in one line, when ``err`` (or its cause) is
+    an ``OSError`` or DCP's ``CheckpointException`` (whose ranks' errors include torch's
+    ``RuntimeError`` for a failed file write: a full disk shows as "unexpected pos")."""
+    for _ in range(8):
+        if err is None:
+            return None
+        if isinstance(err, OSError):
+            return str(err)
+        failures = getattr(err, "failures", None)
+        if isinstance(failures, dict) and failures:
+            rank, failure = next(iter(failures.items()))
+            first = failure[0] if isinstance(failure, tuple) else failure
+            first_line = (str(first).strip().splitlines() or [""])[0]
+            line = _write_failure(first) or f"{type(first).__name__}: {first_line}"
+            return f"rank {rank}: {line}"
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _written_files(metadata: Any, staging: Path) -> set[str]:
@@ -273,12 +325,16 @@ def _refuse_non_finite(model_state: dict[str, Any], path: Path, world: GroupCoor
     )
 
 
-def load_sharded(path: Path, module: torch.nn.Module, optimizers: list) -> dict[str, Any]:
+def load_sharded(
+    path: Path, module: torch.nn.Module, optimizers: list, trust: bool = False
+) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_sharded` into ``module`` and ``optimizers``
     (in place, resharding to this layout); returns the rest of the trainer state.
 
-    Every file's size and checksum is checked first (the reading shared between ranks);
-    a damaged file raises :class:`CorruptCheckpointError` naming it, on every rank."""
+    The manifest's signature and every file's size and checksums are checked first (the
+    reading shared between ranks): a damaged file raises :class:`CorruptCheckpointError`
+    naming it, a checkpoint not signed with this user's key (unless ``trust``)
+    :class:`UntrustedCheckpointError`, on every rank, before anything is unpickled."""
     resolved = store.resolve(path)
     if resolved is None:
         raise FileNotFoundError(
@@ -288,7 +344,7 @@ def load_sharded(path: Path, module: torch.nn.Module, optimizers: list) -> dict[
         )
     path = resolved
     world = ps.get_world_group()
-    _verify_shared(path, world)
+    _verify_shared(path, world, trust)
     check_fits(path, module)
     state: dict[str, Any] = {"model": _model_state(module)}
     optimizers = [getattr(o, "_optimizer", o) for o in optimizers]
@@ -301,17 +357,21 @@ def load_sharded(path: Path, module: torch.nn.Module, optimizers: list) -> dict[
         saved = state[f"optimizer_{i}"]
         saved = {**saved, "state": _unwrap_tp(saved["state"], tp_names)}
         set_optimizer_state_dict(module, optimizer, optim_state_dict=saved)
-    return torch.load(path / TRAINER_STATE, weights_only=False)
+    return load_trainer_state(path / TRAINER_STATE)
 
 
-def _verify_shared(path: Path, world: GroupCoordinator) -> None:
+def _verify_shared(path: Path, world: GroupCoordinator, trust: bool) -> None:
     """:func:`~vidpar.distributed.checkpoint_integrity.verify` with the checksums split
     between the world's ranks; every rank raises the same error."""
+    share = (world.rank_in_group, world.world_size)
     try:
-        damaged = integrity.find_damage(path, share=(world.rank_in_group, world.world_size))
+        damaged = integrity.find_damage(path, share=share, trust=trust)
     except CorruptCheckpointError as err:
         damaged = err.damaged
+    except UntrustedCheckpointError as err:
+        damaged = err
     reports = _all_gather(damaged, world)
+    _raise_first(reports)
     if any(report is None for report in reports):
         if world.is_first_rank:
             integrity.warn_unverified(path)
@@ -323,7 +383,9 @@ def _verify_shared(path: Path, world: GroupCoordinator) -> None:
 
 def check_fits(path: Path, module: torch.nn.Module) -> None:
     """Raise a ``ValueError`` that names the differences when the checkpoint at ``path``
-    lacks some of ``module``'s weights or holds them in other (full, unsharded) shapes."""
+    lacks some of ``module``'s weights or holds them in other (full, unsharded) shapes.
+    It reads DCP's metadata (a pickle): call it on a verified checkpoint only, as
+    :func:`load_sharded` does."""
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     tp = ps.get_parallel_config().tp
     tp_dims, tp_sizes = _tp_dims(module), _tp_sizes(module)

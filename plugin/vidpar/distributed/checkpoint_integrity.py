@@ -1,16 +1,20 @@
-"""Checkpoint integrity: a manifest of every file's size and CRC-32, checked before loading.
+"""Checkpoint integrity: a signed manifest of every file's size, CRC-32 and SHA-256,
+checked before loading.
 
 At save, each rank checksums the files it wrote (read back from the page cache) and rank 0
-writes ``vidpar_manifest.json``: ``{"files": {name: {"size", "crc32"}}, "crc32": ...}``,
-the last field a checksum of the file table itself. Before a load, :func:`find_damage`
-compares sizes first (a truncated or missing file is named at once, without reading
-anything) and then checksums, files in parallel threads (``zlib.crc32`` releases the GIL:
-several GB/s per core). A checkpoint without a manifest, written by an older vidpar, is
-loaded unchecked, with a warning.
+writes ``vidpar_manifest.json``: ``{"files": {name: {"size", "crc32", "sha256"}}, "crc32":
+..., "hmac": ...}``, the ``crc32`` a checksum of the file table itself, the ``hmac`` its
+signature with this user's key (:mod:`~vidpar.distributed.checkpoint_signing`). Before a
+load, :func:`find_damage` checks the signature (a checkpoint without one, or signed by
+another key, is refused unless trusted), then compares sizes (a truncated or missing file
+is named at once, without reading anything) and then checksums, files in parallel threads
+(``zlib.crc32`` and ``hashlib`` release the GIL). A trusted checkpoint without a manifest,
+written by an older vidpar, is loaded unchecked, with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -19,6 +23,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from vidpar.distributed.checkpoint_signing import UntrustedCheckpointError, check_signature, sign
 from vidpar.distributed.checkpoint_store import fsync_file
 
 logger = logging.getLogger(__name__)
@@ -48,29 +53,36 @@ class CorruptCheckpointError(ValueError):
 
 def crc32_of(path: Path) -> str:
     """The CRC-32 of a file's contents, as 8 hex digits."""
-    crc = 0
+    return _digests(path)["crc32"]
+
+
+def _digests(path: Path) -> dict[str, str]:
+    """``{"crc32", "sha256"}`` of a file's contents (hex), in one read."""
+    crc, sha = 0, hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         buffer = bytearray(max(1, min(_CHUNK, os.fstat(f.fileno()).st_size)))
         view = memoryview(buffer)
         while n := f.readinto(buffer):
             crc = zlib.crc32(view[:n], crc)
-    return f"{crc:08x}"
+            sha.update(view[:n])
+    return {"crc32": f"{crc:08x}", "sha256": sha.hexdigest()}
 
 
 def describe(directory: Path, names: Iterable[str]) -> dict[str, dict[str, int | str]]:
-    """``{name: {"size", "crc32"}}`` of the files ``names`` in ``directory``."""
+    """``{name: {"size", "crc32", "sha256"}}`` of the files ``names`` in ``directory``."""
     names = sorted(set(names))
     sums = _checksums(directory, names)
     return {
-        name: {"size": (directory / name).stat().st_size, "crc32": crc}
-        for name, crc in zip(names, sums, strict=True)
+        name: {"size": (directory / name).stat().st_size, **digests}
+        for name, digests in zip(names, sums, strict=True)
     }
 
 
 def write_manifest(directory: Path, files: dict[str, dict[str, int | str]]) -> None:
-    """Write (and fsync) the manifest of ``files`` into ``directory``."""
+    """Write (and fsync) the manifest of ``files``, signed with this user's key, into
+    ``directory``."""
     table = dict(sorted(files.items()))
-    body = {"format": 1, "files": table, "crc32": _table_crc(table)}
+    body = {"format": 2, "files": table, "crc32": _table_crc(table), "hmac": sign(table)}
     path = directory / MANIFEST
     path.write_text(json.dumps(body, indent=1))
     fsync_file(path)
@@ -79,28 +91,43 @@ def write_manifest(directory: Path, files: dict[str, dict[str, int | str]]) -> N
 def read_manifest(directory: Path) -> dict[str, dict[str, int | str]] | None:
     """The file table of ``directory``'s manifest, ``None`` when it has none; raises
     :class:`CorruptCheckpointError` when the manifest itself is damaged."""
+    body = _read_body(directory)
+    return None if body is None else body["files"]
+
+
+def _read_body(directory: Path) -> dict | None:
     path = directory / MANIFEST
     if not path.is_file():
         return None
     try:
         body = json.loads(path.read_text())
-        table = body["files"]
-        intact = body["crc32"] == _table_crc(table)
+        intact = isinstance(body["files"], dict) and body["crc32"] == _table_crc(body["files"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         intact = False
     if not intact:
         raise CorruptCheckpointError(directory, [f"{path}: the manifest itself is damaged"])
-    return table
+    return body
 
 
-def find_damage(directory: Path, share: tuple[int, int] = (0, 1)) -> list[str] | None:
+def find_damage(
+    directory: Path, share: tuple[int, int] = (0, 1), trust: bool = False
+) -> list[str] | None:
     """What is wrong with ``directory``'s files, one line per file (``[]``: nothing), or
-    ``None`` without a manifest. Sizes are checked for every file; checksums only when
-    every size is right, and with ``share=(i, n)`` only for every n-th file from the i-th
-    (to split the reading between ranks)."""
-    table = read_manifest(directory)
-    if table is None:
-        return None
+    ``None`` without a manifest (only with ``trust``). Unless ``trust``, the manifest must
+    be signed with this user's key (else :class:`UntrustedCheckpointError`). Sizes are
+    checked for every file; checksums only when every size is right, and with
+    ``share=(i, n)`` only for every n-th file from the i-th (to split the reading between
+    ranks)."""
+    body = _read_body(directory)
+    if body is None:
+        if trust:
+            return None
+        raise UntrustedCheckpointError(
+            directory, f"it has no {MANIFEST} (an older vidpar or another program wrote it)"
+        )
+    table = body["files"]
+    if not trust:
+        check_signature(directory, table, body.get("hmac"))
     damaged = []
     for name, entry in table.items():
         path = directory / name
@@ -118,32 +145,37 @@ def find_damage(directory: Path, share: tuple[int, int] = (0, 1)) -> list[str] |
     names = sorted(table)[index::count]
     sums = _checksums(directory, names)
     return [
-        f"{directory / name} has other contents than the save wrote (CRC-32 {crc}, "
+        f"{directory / name} has other contents than the save wrote (CRC-32 {got['crc32']}, "
         f"recorded {table[name]['crc32']})"
-        for name, crc in zip(names, sums, strict=True)
-        if crc != table[name]["crc32"]
+        for name, got in zip(names, sums, strict=True)
+        if any(got[kind] != table[name].get(kind, got[kind]) for kind in got)
     ]
 
 
-def verify(directory: Path, warn: bool = True) -> None:
-    """Raise :class:`CorruptCheckpointError` naming every damaged file of ``directory``;
-    without a manifest (an older vidpar's checkpoint) log a warning (``warn``) instead.
-    A directory this process verified before is checked again only if a file's size,
-    modification time or inode changed since."""
+def verify(directory: Path, warn: bool = True, trust: bool = False) -> None:
+    """Raise :class:`CorruptCheckpointError` naming every damaged file of ``directory``,
+    and :class:`UntrustedCheckpointError` unless its manifest is signed with this user's
+    key or ``trust``; a trusted one without a manifest (an older vidpar's checkpoint) logs
+    a warning (``warn``) instead. A directory this process verified before is checked
+    again only if a file's size, modification time or inode changed since."""
     directory = Path(directory).resolve()
     signature = _signature(directory)
-    if signature is not None and _VERIFIED.get(directory) == signature:
+    if signature is not None and _VERIFIED.get(directory) in (
+        (signature, False),
+        (signature, trust),
+    ):
         return
-    damaged = find_damage(directory)
+    damaged = find_damage(directory, trust=trust)
     if damaged is None:
         if warn:
             warn_unverified(directory)
         return
     if damaged:
         raise CorruptCheckpointError(directory, damaged)
-    _VERIFIED[directory] = signature
+    _VERIFIED[directory] = (signature, trust)
 
 
+#: Directories verified, by their stat facts and whether they were trusted unsigned.
 _VERIFIED: dict[Path, tuple] = {}
 _WARNED: set[Path] = set()
 
@@ -174,11 +206,11 @@ def _table_crc(table: dict) -> str:
     return f"{zlib.crc32(json.dumps(table, sort_keys=True).encode()):08x}"
 
 
-def _checksums(directory: Path, names: list[str]) -> list[str]:
-    """:func:`crc32_of` each file, in parallel threads when there is much to read."""
+def _checksums(directory: Path, names: list[str]) -> list[dict[str, str]]:
+    """:func:`_digests` of each file, in parallel threads when there is much to read."""
     paths = [directory / name for name in names]
     if len(paths) < 2 or sum(p.stat().st_size for p in paths) < _PARALLEL_BYTES:
-        return [crc32_of(p) for p in paths]
+        return [_digests(p) for p in paths]
     workers = min(len(paths), 8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(crc32_of, paths))
+        return list(pool.map(_digests, paths))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -244,6 +243,7 @@ def export_full_checkpoint(
     out: str | os.PathLike,
     prefix: str | None = None,
     metadata: Mapping[str, str] | None = None,
+    trust: bool = False,
 ) -> Path:
     """Write the network weights of a sharded vidpar checkpoint as one safetensors file.
 
@@ -255,22 +255,21 @@ def export_full_checkpoint(
     :meth:`vidpar.pipelines.VideoGenerator.from_checkpoint` can rebuild the model from
     the file alone; ``metadata`` adds more entries. The checkpoint's files are checked
     against the manifest of its save first (a damaged one raises
-    :class:`~vidpar.distributed.checkpoint_integrity.CorruptCheckpointError` naming it).
+    :class:`~vidpar.distributed.checkpoint_integrity.CorruptCheckpointError` naming it),
+    and its manifest must be signed with this user's key unless ``trust`` (else
+    :class:`~vidpar.distributed.checkpoint_signing.UntrustedCheckpointError`): nothing is
+    unpickled before.
     """
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     from vidpar.distributed.checkpoint_integrity import verify
+    from vidpar.distributed.checkpoint_state import load_trainer_state
     from vidpar.distributed.checkpoint_store import TRAINER_STATE, resolve
 
     resolved = resolve(ckpt_dir)
     if resolved is None:
         raise FileNotFoundError(f"{ckpt_dir} is not a complete vidpar checkpoint")
     ckpt_dir = resolved
-    verify(ckpt_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        full_path = Path(tmp) / "full.pt"
-        dcp_to_torch_save(ckpt_dir, full_path)
-        full = torch.load(full_path, weights_only=False)["model"]
+    verify(ckpt_dir, trust=trust)
+    full = _read_dcp_model(ckpt_dir)
     if prefix is None:
         prefix = "ema_model." if any(k.startswith("ema_model.") for k in full) else "model."
     weights = {
@@ -282,9 +281,26 @@ def export_full_checkpoint(
         raise ValueError(
             f"no weights under prefix {prefix!r} in {ckpt_dir}; keys: {sorted(full)[:5]}"
         )
-    hparams = torch.load(ckpt_dir / TRAINER_STATE, weights_only=False).get("hyper_parameters")
+    hparams = load_trainer_state(ckpt_dir / TRAINER_STATE).get("hyper_parameters")
     header = {HPARAMS_KEY: json.dumps(dict(hparams or {}), default=str)}
     return save_full_weights(weights, out, metadata={**header, **(metadata or {})})
+
+
+def _read_dcp_model(ckpt_dir: Path) -> dict[str, Any]:
+    """The ``model`` entries of a DCP checkpoint, read in this process (full tensors), as
+    DCP's own ``dcp_to_torch_save`` reads them, without the file in between."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    _load_state_dict(
+        state,
+        storage_reader=FileSystemReader(str(ckpt_dir)),
+        planner=_EmptyStateDictLoadPlanner(keys={"model"}),
+        no_dist=True,
+    )
+    return state.get("model", {})
 
 
 def read_hyper_parameters(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -228,21 +228,28 @@ class DiffusersFlowModule(pl.LightningModule):
 
 
 def export_diffusers(
-    ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, base: str | os.PathLike | None = None
+    ckpt_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    base: str | os.PathLike | None = None,
+    trust: bool = False,
 ) -> Path:
     """Write the transformer of a :class:`DiffusersFlowModule` checkpoint as a diffusers
     model folder (the base model's ``config.json`` and the trained weights) that
     ``from_pretrained`` and :class:`~vidpar.pipelines.DiffusersVideoGenerator` load.
 
     ``base`` is the folder trained from (default: the module's ``path`` and ``subfolder``
-    as recorded in the checkpoint). Runs in one process."""
+    as recorded in the checkpoint). Runs in one process; the checkpoint must be signed
+    with this user's key unless ``trust`` (:mod:`vidpar.distributed.checkpoint_signing`)."""
     from vidpar.distributed.checkpoint import TRAINER_STATE, is_complete
+    from vidpar.distributed.checkpoint_integrity import verify
+    from vidpar.distributed.checkpoint_state import load_trainer_state
     from vidpar.distributed.full_weights import export_full_checkpoint
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     if not is_complete(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir} is not a complete vidpar checkpoint")
-    hparams = torch.load(ckpt_dir / TRAINER_STATE, weights_only=False).get("hyper_parameters", {})
+    verify(ckpt_dir, trust=trust)
+    hparams = load_trainer_state(ckpt_dir / TRAINER_STATE).get("hyper_parameters", {})
     if "path" not in hparams:
         raise ValueError(f"{ckpt_dir} was not written by DiffusersFlowModule (no model path)")
     if hparams.get("lora"):
@@ -253,5 +260,7 @@ def export_diffusers(
     base = find_model_folder(base or hparams["path"], None if base else hparams.get("subfolder"))
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(base / "config.json", out_dir / "config.json")
-    export_full_checkpoint(ckpt_dir, out_dir / WEIGHTS, prefix="model.", metadata={"format": "pt"})
+    export_full_checkpoint(
+        ckpt_dir, out_dir / WEIGHTS, prefix="model.", metadata={"format": "pt"}, trust=trust
+    )
     return out_dir

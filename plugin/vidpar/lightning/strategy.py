@@ -44,7 +44,9 @@ class VidParStrategy(DDPStrategy):
     Checkpoints are sharded directories written with ``torch.distributed.checkpoint``, each
     save a new version that replaces the previous one atomically
     (:mod:`vidpar.distributed.checkpoint_store`); ``checkpoint_keep_last`` versions of every
-    checkpoint are kept (set by :class:`~vidpar.lightning.VidParModelCheckpoint`).
+    checkpoint are kept (set by :class:`~vidpar.lightning.VidParModelCheckpoint`). A
+    checkpoint is resumed only when signed with this user's key, or with
+    ``trust_checkpoint`` (:mod:`vidpar.distributed.checkpoint_signing`).
 
     Liveness and interrupts (on one machine, where the launcher's Executor runs the
     workers): a worker silent for ``heartbeat_timeout_s`` seconds (``None``: never) fails the
@@ -73,6 +75,7 @@ class VidParStrategy(DDPStrategy):
         telemetry: bool = False,
         heartbeat_timeout_s: float | None = HEARTBEAT_TIMEOUT_S,
         checkpoint_on_interrupt: bool = True,
+        trust_checkpoint: bool = False,
         **ddp_kwargs: Any,
     ) -> None:
         if data_parallel not in ("ddp", "fsdp"):
@@ -105,6 +108,7 @@ class VidParStrategy(DDPStrategy):
             )
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.checkpoint_on_interrupt = checkpoint_on_interrupt
+        self.trust_checkpoint = trust_checkpoint
         super().__init__(timeout=timeout, start_method="spawn", **ddp_kwargs)
 
     # Layout ------------------------------------------------------------------------
@@ -272,7 +276,9 @@ class VidParStrategy(DDPStrategy):
         self, checkpoint_path: str | Path, weights_only: bool | None = None
     ) -> dict:
         path = Path(self.broadcast(str(checkpoint_path)))
-        return vidpar_checkpoint.load_sharded(path, self.lightning_module, list(self.optimizers))
+        return vidpar_checkpoint.load_sharded(
+            path, self.lightning_module, list(self.optimizers), trust=self.trust_checkpoint
+        )
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         """Weights were loaded in :meth:`load_checkpoint` already (sharded)."""

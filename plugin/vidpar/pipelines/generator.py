@@ -117,13 +117,19 @@ class VideoGenerator(WorkerSession):
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, parallel: ParallelConfig | None = None, **kwargs: Any
+        cls,
+        path: str | Path,
+        parallel: ParallelConfig | None = None,
+        trust: bool = False,
+        **kwargs: Any,
     ) -> VideoGenerator:
         """From a safetensors file written by :func:`export_weights` or
         :func:`vidpar.lightning.export_full_checkpoint`, or a vidpar checkpoint directory
-        (``checkpoints/last.ckpt`` of ``vidpar-train``: exported once to
-        ``model.safetensors`` beside it)."""
-        path = checkpoint_weights(path)
+        (``checkpoints/last.ckpt`` of ``vidpar-train``: exported once into the user's cache,
+        ``$XDG_CACHE_HOME/vidpar``; nothing is written beside it). A directory must be
+        signed with this user's key unless ``trust`` (see
+        :mod:`~vidpar.distributed.checkpoint_signing`)."""
+        path = checkpoint_weights(path, trust=trust)
         config, data_info = read_model_info(path)
         return cls(config, weights=path, parallel=parallel, data_info=data_info, **kwargs)
 
@@ -317,12 +323,12 @@ def export_weights(
     return save_full_weights(model, path, metadata={HPARAMS_KEY: json.dumps(hparams)})
 
 
-def checkpoint_weights(path: str | Path) -> Path:
+def checkpoint_weights(path: str | Path, trust: bool = False) -> Path:
     """The safetensors file of a checkpoint: ``path`` itself, or for a vidpar checkpoint
     directory its export (see :meth:`VideoGenerator.from_checkpoint`)."""
     path = Path(path)
     if path.is_dir():
-        path = _export_from_directory(path)
+        path = _export_from_directory(path, trust)
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {path} does not exist: give a .safetensors file or a vidpar "
@@ -349,11 +355,21 @@ def read_model_info(path: str | Path) -> tuple[DiTConfig, dict[str, Any]]:
     return DiTConfig.from_saved(hparams["dit"]), data_info
 
 
-def _export_from_directory(ckpt_dir: Path) -> Path:
+def export_cache_dir() -> Path:
+    """Where checkpoint directories are exported for sampling: ``$XDG_CACHE_HOME/vidpar/
+    exports`` (default ``~/.cache/vidpar/exports``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vidpar" / "exports"
+
+
+def _export_from_directory(ckpt_dir: Path, trust: bool = False) -> Path:
     """A vidpar checkpoint directory (resolved to its current version, its files checked
-    against the manifest of its save) exported to ``<version>/model.safetensors`` (once:
-    again only when the checkpoint is newer), from the EMA weights when it has them."""
-    from vidpar.distributed.checkpoint_integrity import verify
+    against the signed manifest of its save) exported once into :func:`export_cache_dir`
+    (named by the version's path and manifest, so a new save exports anew), from the EMA
+    weights when it has them. Nothing is written beside the checkpoint."""
+    import hashlib
+
+    from vidpar.distributed.checkpoint_integrity import MANIFEST, verify
     from vidpar.distributed.checkpoint_store import TRAINER_STATE, resolve
     from vidpar.distributed.full_weights import export_full_checkpoint
 
@@ -364,9 +380,12 @@ def _export_from_directory(ckpt_dir: Path) -> Path:
             "metadata; was its save interrupted?): give checkpoints/last.ckpt of a finished "
             "vidpar-train run, or a .safetensors file"
         )
-    out = resolved / "model.safetensors"
-    if not out.is_file() or out.stat().st_mtime < (resolved / TRAINER_STATE).stat().st_mtime:
-        export_full_checkpoint(resolved, out)  # checks the files first
-    else:
-        verify(resolved)
+    verify(resolved, trust=trust)  # before anything of it is read
+    identity = hashlib.sha256(str(resolved).encode())
+    for name in (MANIFEST, TRAINER_STATE):
+        if (resolved / name).is_file():
+            identity.update((resolved / name).read_bytes())
+    out = export_cache_dir() / f"{identity.hexdigest()[:32]}.safetensors"
+    if not out.is_file():
+        export_full_checkpoint(resolved, out, trust=trust)
     return out
