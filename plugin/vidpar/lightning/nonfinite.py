@@ -9,6 +9,8 @@ import lightning.pytorch as pl
 import torch
 from torch.distributed.tensor import DTensor
 
+from vidpar.lightning.supervision import last_checkpoint_path
+
 logger = logging.getLogger(__name__)
 
 OnNonFinite = Literal["raise", "skip_step", "warn"]
@@ -81,9 +83,15 @@ class NonFiniteGuard(pl.Callback):
             f"{', '.join(map(str, ranks))}"
         )
         if self.on_nonfinite == "raise":
+            # Every rank is here, before the optimizer step: the weights, the optimizer and
+            # the loops are those after the last step, so they are saved as `last`.
+            path = last_checkpoint_path(trainer)
+            if path is not None:
+                trainer.save_checkpoint(path)  # collective, ends with a barrier
+            saved = f"; saved {path} (the state before this step)" if path else ""
             raise NonFiniteError(
                 f"{where}. The run stops here, before the optimizer step, so the weights and "
-                "the last checkpoint are still finite. Look for bad samples in that step's "
+                f"the checkpoint are still finite{saved}. Look for bad samples in that step's "
                 "batch or lower the learning rate; on_nonfinite=skip_step drops such steps."
             )
         self.events.append((trainer.global_step, what, ranks))

@@ -103,7 +103,7 @@ class RunSupervisor(pl.Callback):
         signum = _agree(trainer, liveness.stop_requested())
         if not signum or 0 <= trainer.max_steps <= trainer.global_step:
             return  # nothing asked, or the fit ends (and saves as configured) anyway
-        path = _last_checkpoint_path(trainer)
+        path = last_checkpoint_path(trainer)
         if path is not None:
             trainer.save_checkpoint(path)  # collective, ends with a barrier
         raise TrainingInterrupted(signum, trainer.global_step, path)
@@ -119,7 +119,8 @@ def _agree(trainer: pl.Trainer, signum: int) -> int:
     return int(flag.item())
 
 
-def _last_checkpoint_path(trainer: pl.Trainer) -> str | None:
+def last_checkpoint_path(trainer: pl.Trainer) -> str | None:
+    """Where the run's ``last`` checkpoint goes (``None`` without a ModelCheckpoint dir)."""
     callback = trainer.checkpoint_callback
     if callback is None or getattr(callback, "dirpath", None) is None:
         return None
