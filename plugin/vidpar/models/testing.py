@@ -55,6 +55,47 @@ def make_tiny_wan(path: str | os.PathLike, seed: int = 0, **config: Any) -> Path
     return Path(path)
 
 
+#: A two-block SkyReels-V2 (Wan's layers) of the tests' sizes.
+TINY_SKYREELS_V2: dict[str, Any] = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 4,
+    "attention_head_dim": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "text_dim": 16,
+    "freq_dim": 32,
+    "ffn_dim": 64,
+    "num_layers": 2,
+    "rope_max_seq_len": 32,
+}
+#: A two-block LTX-Video on tokens of 8 channels (patch 1), 4 heads.
+TINY_LTX: dict[str, Any] = {
+    "in_channels": 8,
+    "out_channels": 8,
+    "num_attention_heads": 4,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 32,
+    "num_layers": 2,
+    "caption_channels": 16,
+}
+
+
+def tiny_skyreels_v2(seed: int = 0, **config: Any) -> Any:
+    """A tiny random ``SkyReelsV2Transformer3DModel`` (``TINY_SKYREELS_V2`` updated)."""
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    torch.manual_seed(seed)
+    return SkyReelsV2Transformer3DModel(**{**TINY_SKYREELS_V2, **config})
+
+
+def tiny_ltx(seed: int = 0, **config: Any) -> Any:
+    """A tiny random ``LTXVideoTransformer3DModel`` (``TINY_LTX`` updated)."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    return LTXVideoTransformer3DModel(**{**TINY_LTX, **config})
+
+
 def make_tiny_wan_vae(path: str | os.PathLike, seed: int = 0, **config: Any) -> Path:
     """Save a tiny ``AutoencoderKLWan`` (``TINY_WAN_VAE`` updated with ``config``) to
     ``path``; returns ``path``."""

@@ -1,0 +1,254 @@
+"""A model family as data: a :class:`ModelPlan`, and :func:`apply_plan`, the one function
+that prepares a model for the current :class:`~vidpar.distributed.ParallelState` from it.
+
+A plan says, by module paths and name patterns (regular expressions matched against the
+whole dotted path):
+
+* **tensor parallel**: which ``nn.Linear`` layers become column-parallel (output features
+  split over tp) and row-parallel (input features split), and which RMSNorms normalise
+  over all heads while the heads are split
+  (:class:`~vidpar.models.tensor_parallel.HeadShardedRMSNorm`);
+* **tokens**: where the video tokens (and the rotary embedding, and any per-token
+  conditioning) are split over sp and where the output is gathered: diffusers'
+  ``_cp_plan`` vocabulary (:class:`Split` ~ ``ContextParallelInput``, :class:`Gather` ~
+  ``ContextParallelOutput``). A plan without ``tokens`` reads the model class's own
+  diffusers ``_cp_plan``, leaving whole the entries it names in ``whole`` (the text:
+  vidpar replicates the text tokens on every sp rank);
+* **attention**: which attention modules get the family's processor (built once per model
+  around a :class:`~vidpar.nn.attention.DistributedAttention`; processors stay per family
+  where the attention really differs);
+* **blocks**: the repeated block classes that regional compilation compiles.
+
+Splits end-pad to a multiple of sp (:func:`~vidpar.nn.dit.shard_tokens`), so no token
+count needs to divide sp; the true count of the forward in flight is kept in a
+:class:`SequenceLength` that the processors read, so padded keys are ignored.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vidpar.distributed.communication_op import gather_sequence
+from vidpar.distributed.group import GroupCoordinator
+from vidpar.distributed.state import ParallelState
+from vidpar.models.tensor_parallel import (
+    HeadShardedRMSNorm,
+    column_parallel,
+    replace_module,
+    row_parallel,
+)
+from vidpar.nn.attention import DistributedAttention
+from vidpar.nn.dit import shard_tokens
+from vidpar.nn.linear import GroupRef
+
+__all__ = ["Gather", "ModelPlan", "SequenceLength", "Split", "apply_plan", "check_heads"]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Split a tensor (or each tensor of a tuple) over sp along ``dim``: a forward input
+    (keyed by argument name) or, with ``output``, a module output (keyed by its index, or
+    ``None`` for the whole output). A tensor of other than ``ndim`` dims is left whole
+    (Wan's timestep: split only when there is one per token)."""
+
+    dim: int
+    ndim: int | None = None
+    output: bool = False
+
+
+@dataclass(frozen=True)
+class Gather:
+    """Gather a module's output over sp along ``dim`` (unpadded to the true length)."""
+
+    dim: int
+
+
+#: ``{module path ("" the model): {argument name or output index: Split} | Gather}``.
+TokenPlan = Mapping[str, Mapping[str | int | None, Split] | Gather]
+
+
+class SequenceLength:
+    """The true (unpadded) token count of the forward in flight: set by the splits, read
+    by the processors and the gather."""
+
+    def __init__(self) -> None:
+        self.value: int | None = None
+
+    def get(self) -> int:
+        if self.value is None:
+            raise RuntimeError(
+                "no tokens were split in this forward: call the whole parallelised model, "
+                "not one of its blocks on its own"
+            )
+        return self.value
+
+    def record(self, length: int) -> None:
+        if self.value is not None and self.value != length:
+            raise ValueError(
+                f"this forward splits sequences of {self.value} and {length} tokens; a "
+                "plan's splits must all be of the video tokens"
+            )
+        self.value = length
+
+
+#: ``(attention, state, sequence length) -> processor``.
+ProcessorFactory = Callable[[DistributedAttention, ParallelState, SequenceLength], Any]
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """How one diffusers model family runs on a layout (see the module doc)."""
+
+    #: The repeated transformer block classes (regional compilation).
+    blocks: tuple[str, ...]
+    #: Attention modules (a path pattern) that get ``processor``.
+    attention: str
+    #: Builds the family's attention processor.
+    processor: ProcessorFactory
+    column: tuple[str, ...] = ()
+    row: tuple[str, ...] = ()
+    head_norms: tuple[str, ...] = ()
+    #: The token splits and gathers; ``None``: the model class's diffusers ``_cp_plan``.
+    tokens: TokenPlan | None = None
+    #: Inputs of diffusers' ``_cp_plan`` that stay whole (replicated text).
+    whole: tuple[str, ...] = ("encoder_hidden_states", "encoder_attention_mask")
+    #: The config entry holding the number of attention heads.
+    heads: str = "num_attention_heads"
+
+
+def check_heads(state: ParallelState, num_heads: int) -> None:
+    """The one place a plan checks the heads against the layout."""
+    state.check_heads(num_heads)
+
+
+def apply_plan(model: nn.Module, plan: ModelPlan, state: ParallelState) -> None:
+    """Prepare ``model`` for ``state`` in place, as ``plan`` says."""
+    tp = state.group("tp")
+    if tp.world_size > 1:
+        _split_layers(model, plan, tp)
+    length = SequenceLength()
+    attention = DistributedAttention(
+        getattr(model.config, plan.heads),
+        ulysses_group=state.group("ulysses"),
+        ring_group=state.group("ring"),
+    )
+    processor = plan.processor(attention, state, length)
+    pattern = re.compile(plan.attention)
+    for name, module in model.named_modules():
+        if pattern.fullmatch(name):
+            module.set_processor(processor)
+    _TokenHooks(model, token_plan(model, plan), state.group("sp"), length)
+
+
+def token_plan(model: nn.Module, plan: ModelPlan) -> TokenPlan:
+    """The plan's own token splits, else those of the class's diffusers ``_cp_plan`` (the
+    ``whole`` inputs left out)."""
+    if plan.tokens is not None:
+        return plan.tokens
+    cp_plan = getattr(type(model), "_cp_plan", None)
+    if not cp_plan:
+        raise TypeError(
+            f"{type(model).__name__} has no vidpar token plan and no diffusers _cp_plan"
+        )
+    tokens: dict[str, Any] = {}
+    for path, entry in cp_plan.items():
+        if hasattr(entry, "gather_dim"):
+            tokens[path] = Gather(entry.gather_dim)
+            continue
+        splits = {}
+        for key, spec in entry.items():
+            if key in plan.whole:
+                continue
+            spec = spec[0] if isinstance(spec, list | tuple) else spec
+            splits[key] = Split(spec.split_dim, spec.expected_dims, spec.split_output)
+        if splits:
+            tokens[path] = splits
+    return tokens
+
+
+def _split_layers(model: nn.Module, plan: ModelPlan, tp: GroupCoordinator) -> None:
+    """This rank's tp shards of the layers the plan's patterns name."""
+    styles = [
+        (re.compile(p), lambda m, path: column_parallel(m, tp, path)) for p in plan.column
+    ] + [(re.compile(p), lambda m, path: row_parallel(m, tp, path)) for p in plan.row]
+    styles += [(re.compile(p), lambda m, path: HeadShardedRMSNorm(m, tp)) for p in plan.head_norms]
+    split = 0
+    for path, module in list(model.named_modules()):
+        for pattern, shard in styles:
+            if pattern.fullmatch(path):
+                replace_module(model, path, shard(module, path))
+                split += 1
+                break
+    if not split:
+        raise ValueError(
+            f"{type(model).__name__} runs sequence parallel only: its plan names no layers "
+            f"to split over tp({tp.world_size}); set parallel.tp=1"
+        )
+
+
+class _TokenHooks:
+    """The forward hooks that split the tokens once and gather them once."""
+
+    def __init__(
+        self, model: nn.Module, tokens: TokenPlan, sp: GroupCoordinator, length: SequenceLength
+    ) -> None:
+        self._sp = GroupRef(sp)
+        self.length = length
+        model.register_forward_pre_hook(self._start, prepend=True)
+        for path, entry in tokens.items():
+            module = model.get_submodule(path)
+            if isinstance(entry, Gather):
+                module.register_forward_hook(self._gather(entry))
+                continue
+            inputs = {k: s for k, s in entry.items() if not s.output}
+            outputs = {k: s for k, s in entry.items() if s.output}
+            if inputs:
+                hook = self._split_inputs(inspect.signature(module.forward), inputs)
+                module.register_forward_pre_hook(hook, with_kwargs=True)
+            if outputs:
+                module.register_forward_hook(self._split_outputs(outputs))
+
+    def _start(self, module: nn.Module, args: tuple) -> None:
+        self.length.value = None
+
+    def _split(self, value: Any, split: Split) -> Any:
+        if isinstance(value, tuple | list):
+            return type(value)(self._split(v, split) for v in value)
+        if not isinstance(value, torch.Tensor) or (split.ndim and value.ndim != split.ndim):
+            return value
+        self.length.record(value.shape[split.dim])
+        return shard_tokens(value, self._sp.group, split.dim)
+
+    def _split_inputs(self, signature: inspect.Signature, splits: dict) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            bound = signature.bind_partial(*args, **kwargs)
+            for name, split in splits.items():
+                if name in bound.arguments:
+                    bound.arguments[name] = self._split(bound.arguments[name], split)
+            return bound.args, bound.kwargs
+
+        return hook
+
+    def _split_outputs(self, splits: dict) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            if None in splits:
+                return self._split(output, splits[None])
+            items = list(output)
+            for index, split in splits.items():
+                items[index] = self._split(items[index], split)
+            return type(output)(items)
+
+        return hook
+
+    def _gather(self, gather: Gather) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return gather_sequence(output, self._sp.group, self.length.get(), gather.dim)
+
+        return hook
