@@ -6,8 +6,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vidpar.config import ParallelConfig
 from vidpar.distributed.full_weights import tensor_parallel_shard
 from vidpar.distributed.state import get_parallel_state
+
+#: The layouts every family's outputs and gradients are compared under.
+LAYOUTS = {
+    "sp2": ParallelConfig(sp=2),
+    "ring2": ParallelConfig(ring=2),
+    "ulysses2_ring2": ParallelConfig(ulysses=2, ring=2),
+    "tp2": ParallelConfig(tp=2),
+    "tp2_sp2": ParallelConfig(tp=2, sp=2),
+}
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-300) -> float:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers.models.normalization import FP32LayerNorm
 
-from models_oracle import backward_both, gradient_errors, relative_error, worst
-from vidpar.config import ParallelConfig
+from models_oracle import LAYOUTS, backward_both, gradient_errors, relative_error, worst
 from vidpar.models import SUPPORTED_MODELS, parallelize
 from vidpar.models import testing as tiny
 
@@ -22,13 +22,6 @@ TOLERANCE = 1e-9
 #: Gradients diffusers itself rounds to float32 while they are partial sums over tokens
 #: (FP32LayerNorm weights, Wan-like time embeddings): under sp they agree to float32.
 FLOAT32_TOLERANCE = 1e-6
-LAYOUTS = {
-    "sp2": ParallelConfig(sp=2),
-    "ring2": ParallelConfig(ring=2),
-    "ulysses2_ring2": ParallelConfig(ulysses=2, ring=2),
-    "tp2": ParallelConfig(tp=2),
-    "tp2_sp2": ParallelConfig(tp=2, sp=2),
-}
 BATCH, TEXT = 2, 5
 
 
@@ -55,9 +48,9 @@ FAMILIES = {
     "skyreels_v2": Family(
         tiny.tiny_skyreels_v2,
         lambda: {
-            "hidden_states": _noise(1, BATCH, 4, 3, 6, 6),
+            "hidden_states": _noise(1, BATCH, 16, 3, 6, 6),
             "timestep": torch.tensor([100.0, 700.0], dtype=torch.float64),
-            "encoder_hidden_states": _noise(2, BATCH, TEXT, 16),
+            "encoder_hidden_states": _noise(2, BATCH, TEXT, 32),
         },
         ("condition_embedder.time_",),
     ),
@@ -71,6 +64,17 @@ FAMILIES = {
             "num_frames": 3,
             "height": 3,
             "width": 3,
+        },
+    ),
+    "hunyuan_video": Family(
+        tiny.tiny_hunyuan_video,
+        lambda: {
+            "hidden_states": _noise(1, BATCH, 4, 3, 3, 3),
+            "timestep": torch.tensor([100.0, 700.0], dtype=torch.float64),
+            "encoder_hidden_states": _noise(2, BATCH, TEXT, 16),
+            "encoder_attention_mask": _text_mask(),
+            "pooled_projections": _noise(3, BATCH, 8),
+            "guidance": torch.tensor([3000.0, 5000.0], dtype=torch.float64),
         },
     ),
 }
@@ -111,5 +115,93 @@ def test_outputs_and_gradients_equal_diffusers(worlds, family, layout):
 
 
 def test_every_family_is_listed():
-    for name in ("SkyReelsV2Transformer3DModel", "LTXVideoTransformer3DModel"):
+    for name in (
+        "SkyReelsV2Transformer3DModel",
+        "LTXVideoTransformer3DModel",
+        "HunyuanVideoTransformer3DModel",
+    ):
         assert name in SUPPORTED_MODELS
+
+
+STEPS, LR = 2, 1e-2
+
+
+def train(model: torch.nn.Module, family: str) -> list[float]:
+    """``STEPS`` SGD steps on a flow-matching-like loss (the squared error to a fixed
+    target), the gradients summed over sp as the strategy's reduction does; the losses."""
+    from vidpar.distributed.state import get_parallel_state
+
+    sp = get_parallel_state().group("sp")
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        out = model(**FAMILIES[family].inputs(), return_dict=False)[0]
+        loss = (out - _noise(10 + step, *out.shape)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        for param in model.parameters():
+            param.grad = sp.all_reduce(param.grad)
+        optimizer.step()
+        losses.append(float(loss))
+    return losses
+
+
+def _train_and_save(family: str, path: str) -> list[float]:
+    from vidpar.distributed.checkpoint import save_sharded
+
+    model = parallelize(FAMILIES[family].make().double())
+    losses = train(model, family)
+    save_sharded(Path(path), model, [], {})
+    return losses
+
+
+def _load_full_weights(family: str, path: str) -> dict[str, torch.Tensor]:
+    from vidpar.distributed.checkpoint import load_sharded
+    from vidpar.distributed.full_weights import full_state_dict
+
+    model = parallelize(FAMILIES[family].make(seed=3).double())  # other weights, then the file's
+    load_sharded(Path(path), model, [])
+    return full_state_dict(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_under_tp2_sp2_equals_one_process_and_reshards_to_tp1(worlds, family, tmp_path):
+    reference = FAMILIES[family].make().double()
+    expected_losses = train(reference, family)
+    layout = LAYOUTS["tp2_sp2"]
+    runs = worlds(4).run(_train_and_save, family, str(tmp_path / "ckpt"), layout=layout)
+    for losses in runs:
+        assert max(abs(a - b) / b for a, b in zip(losses, expected_losses, strict=True)) <= 1e-9
+    loaded = worlds(2).run(
+        _load_full_weights, family, str(tmp_path / "ckpt"), layout=LAYOUTS["sp2"]
+    )[0]
+    expected = reference.state_dict()
+    assert list(loaded) == list(expected)
+    errors = {name: relative_error(loaded[name], expected[name]) for name in expected}
+    assert max(errors.values()) <= FLOAT32_TOLERANCE, max(errors.items(), key=lambda e: e[1])
+
+
+def test_a_class_with_only_a_diffusers_cp_plan_is_refused_naming_the_families():
+    from diffusers import FluxTransformer2DModel
+
+    flux = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=8,
+        pooled_projection_dim=8,
+        axes_dims_rope=(4, 4, 8),
+    )
+    with pytest.raises(TypeError, match=r"FluxTransformer2DModel \(its diffusers _cp_plan.*LTX"):
+        parallelize(flux)
+
+
+def test_the_lightning_module_names_the_families_it_does_not_train(tmp_path):
+    from vidpar.lightning import DiffusersFlowModule
+
+    tiny.tiny_ltx().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"LTXVideoTransformer3DModel: DiffusersFlowModule trains"):
+        DiffusersFlowModule(str(tmp_path))

@@ -3,20 +3,31 @@
 Public API:
 
 * :func:`parallelize(model, *, compile=False) <vidpar.models.parallelize.parallelize>`:
-  called inside a layout, prepares a diffusers ``WanTransformer3DModel`` or
-  ``CogVideoXTransformer3DModel`` for it in place and returns it (sequence parallel over
+  called inside a layout, prepares a diffusers video transformer of a known family
+  (:data:`SUPPORTED_MODELS`) for it in place, from the family's plan, and returns it (sequence parallel over
   sp = ulysses × ring, heads and FFN over tp, weights under their diffusers names, the
   forward signature and the outputs of the single-device model). Outside any layout it
   changes nothing (``compile`` still compiles the repeated blocks).
-* :data:`SUPPORTED_MODELS`: the class names it knows.
+* :data:`SUPPORTED_MODELS`: the class names it knows; :data:`PLANS` their plans
+  (:class:`~vidpar.models.plan.ModelPlan`, with :class:`~vidpar.models.plan.Split` and
+  :class:`~vidpar.models.plan.Gather` for the tokens): add one to add a family.
 * :func:`peft_to_adapter <vidpar.nn.lora.peft_to_adapter>` turns a diffusers/PEFT LoRA
   file into the adapter that :class:`vidpar.nn.lora.LoraManager` merges under any tp.
 
-``import vidpar.models`` does not import diffusers: the adapters work on the model
-objects they are given.
+``import vidpar.models`` does not import diffusers: the plans work on the model objects
+they are given.
 """
 
-from vidpar.models.parallelize import SUPPORTED_MODELS, parallelize
+from vidpar.models.parallelize import PLANS, SUPPORTED_MODELS, parallelize
+from vidpar.models.plan import Gather, ModelPlan, Split
 from vidpar.nn.lora import peft_to_adapter
 
-__all__ = ["SUPPORTED_MODELS", "parallelize", "peft_to_adapter"]
+__all__ = [
+    "PLANS",
+    "SUPPORTED_MODELS",
+    "Gather",
+    "ModelPlan",
+    "Split",
+    "parallelize",
+    "peft_to_adapter",
+]

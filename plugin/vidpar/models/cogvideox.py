@@ -29,71 +29,36 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vidpar.distributed.state import ParallelState
-from vidpar.models.plan import Gather, ModelPlan, SequenceLength, Split
-from vidpar.models.sequence import replicated_query_attention
+from vidpar.models.plan import AttentionCall, Gather, ModelPlan, PlanProcessor, Split, split_layers
+from vidpar.models.sequence import rotate_pairs
 from vidpar.models.tensor_parallel import layer_norm_shared
-from vidpar.nn.attention import DistributedAttention
-from vidpar.nn.linear import GroupRef
 
 __all__ = ["COGVIDEOX_PLAN", "CogVideoXAttnProcessor"]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """diffusers' ``apply_rotary_emb`` (real, interleaved pairs) on ``[B, S, H, D]`` with
-    ``cos``/``sin`` ``[S, D]``, its float32 computation included."""
-    real, imag = x.unflatten(-1, (-1, 2)).unbind(-1)
-    rotated = torch.stack((-imag, real), -1).flatten(-2)
-    cos, sin = cos[:, None], sin[:, None]
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+class CogVideoXAttnProcessor(PlanProcessor):
+    """CogVideoX's joint attention on a layout (see the module doc)."""
 
-
-class CogVideoXAttnProcessor:
-    """CogVideoX's joint attention on a layout (see the module doc); heads are this rank's
-    tp share."""
-
-    def __init__(
-        self, attention: DistributedAttention, state: ParallelState, length: SequenceLength
-    ) -> None:
-        self.attention = attention
-        self.length = length
-        self._tp = GroupRef(state.group("tp"))
-        self._sp = GroupRef(state.group("sp"))
-
-    def __call__(
-        self,
-        attn: nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if attention_mask is not None:
+    def attend(self, attn: nn.Module, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+        if call.attention_mask is not None:
             raise ValueError("vidpar's CogVideoX attention takes no attention_mask")
-        seq_len = self.length.get()
-        text_len = encoder_hidden_states.shape[1]
-        x = torch.cat((encoder_hidden_states, hidden_states), 1)
+        text_len = call.encoder_hidden_states.shape[1]
+        x = torch.cat((call.encoder_hidden_states, call.hidden_states), 1)
         head_dim = attn.inner_dim // attn.heads
         q, k, v = (
             proj(x).unflatten(2, (-1, head_dim)) for proj in (attn.to_q, attn.to_k, attn.to_v)
         )
-        tp = self._tp.group
         if attn.norm_q is not None:
-            q = layer_norm_shared(q, attn.norm_q, tp)
+            q = layer_norm_shared(q, attn.norm_q, self.tp)
         if attn.norm_k is not None:
-            k = layer_norm_shared(k, attn.norm_k, tp)
+            k = layer_norm_shared(k, attn.norm_k, self.tp)
         (q_text, q_video), (k_text, k_video), (v_text, v_video) = (
             (t[:, :text_len], t[:, text_len:]) for t in (q, k, v)
         )
-        if image_rotary_emb is not None:
-            q_video = _rotate(q_video, *image_rotary_emb)
-            k_video = _rotate(k_video, *image_rotary_emb)
-        video = self.attention(
-            q_video, k_video, v_video, seq_len=seq_len, joint_k=k_text, joint_v=v_text
-        )
-        text = replicated_query_attention(
-            q_text, k_video, v_video, self._sp.group, seq_len, k_text, v_text
-        )
+        if call.rotary_emb is not None:
+            cos, sin = (t[:, None] for t in call.rotary_emb)  # [S, 1, D]
+            q_video, k_video = rotate_pairs(q_video, cos, sin), rotate_pairs(k_video, cos, sin)
+        video, text = self.joint_attention((q_video, k_video, v_video), (q_text, k_text, v_text))
         out = torch.cat((text, video), 1).flatten(2, 3)
         out = attn.to_out[1](attn.to_out[0](out))
         return out[:, text_len:], out[:, :text_len]
@@ -107,8 +72,7 @@ COGVIDEOX_PLAN = ModelPlan(
     blocks=("CogVideoXBlock",),
     attention=_ATTENTION,
     processor=CogVideoXAttnProcessor,
-    column=(_ATTENTION + r"\.(to_q|to_k|to_v)", r"transformer_blocks\.\d+\.ff\.net\.0\.proj"),
-    row=(_ATTENTION + r"\.to_out\.0", r"transformer_blocks\.\d+\.ff\.net\.2"),
+    **split_layers(_ATTENTION, r"transformer_blocks\.\d+\.ff"),
     tokens={
         "": {"image_rotary_emb": Split(0, 2)},
         "transformer_blocks.0": {"hidden_states": Split(1, 3)},

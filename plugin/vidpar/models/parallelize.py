@@ -8,6 +8,7 @@ from torch import nn
 
 from vidpar.distributed.state import get_parallel_state, model_parallel_is_initialized
 from vidpar.models.cogvideox import COGVIDEOX_PLAN
+from vidpar.models.hunyuan_video import HUNYUAN_VIDEO_PLAN
 from vidpar.models.ltx import LTX_PLAN
 from vidpar.models.plan import ModelPlan, apply_plan, check_heads
 from vidpar.models.wan import SKYREELS_V2_PLAN, WAN_PLAN
@@ -23,6 +24,7 @@ PLANS: dict[str, ModelPlan] = {
     "SkyReelsV2Transformer3DModel": SKYREELS_V2_PLAN,
     "CogVideoXTransformer3DModel": COGVIDEOX_PLAN,
     "LTXVideoTransformer3DModel": LTX_PLAN,
+    "HunyuanVideoTransformer3DModel": HUNYUAN_VIDEO_PLAN,
 }
 #: The diffusers model classes :func:`parallelize` knows.
 SUPPORTED_MODELS: tuple[str, ...] = tuple(PLANS)
@@ -40,7 +42,7 @@ def _plan(model: nn.Module) -> tuple[str, ModelPlan]:
         f"vidpar.models.parallelize does not know {type(model).__module__}."
         f"{type(model).__qualname__} ({cp_plan or 'no plan'} how its attention and layers "
         f"split: see README 'Adding a family'); it knows these diffusers models: "
-        f"{', '.join(SUPPORTED_MODELS)}"
+        f"{', '.join(PLANS)}"
     )
 
 

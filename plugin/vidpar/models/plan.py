@@ -30,7 +30,7 @@ import inspect
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ from torch import nn
 from vidpar.distributed.communication_op import gather_sequence
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.distributed.state import ParallelState
+from vidpar.models.sequence import replicated_query_attention
 from vidpar.models.tensor_parallel import (
     HeadShardedRMSNorm,
     column_parallel,
@@ -48,7 +49,17 @@ from vidpar.nn.attention import DistributedAttention
 from vidpar.nn.dit import shard_tokens
 from vidpar.nn.linear import GroupRef
 
-__all__ = ["Gather", "ModelPlan", "SequenceLength", "Split", "apply_plan", "check_heads"]
+__all__ = [
+    "AttentionCall",
+    "Gather",
+    "ModelPlan",
+    "PlanProcessor",
+    "SequenceLength",
+    "Split",
+    "apply_plan",
+    "check_heads",
+    "split_layers",
+]
 
 
 @dataclass(frozen=True)
@@ -98,8 +109,95 @@ class SequenceLength:
         self.value = length
 
 
-#: ``(attention, state, sequence length) -> processor``.
-ProcessorFactory = Callable[[DistributedAttention, ParallelState, SequenceLength], Any]
+#: Queries, keys and values ``[B, S, H, D]``.
+QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class AttentionCall(NamedTuple):
+    """What diffusers passes an attention processor besides the attention module."""
+
+    hidden_states: torch.Tensor
+    encoder_hidden_states: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    rotary_emb: Any
+
+
+class PlanProcessor:
+    """Base of the families' attention processors: one per model, around its
+    :class:`~vidpar.nn.attention.DistributedAttention`, with the tp and sp groups and the
+    :class:`SequenceLength` of the forward in flight. A family implements :meth:`attend`
+    on this rank's tp share of the heads (the projections' width tells how many)."""
+
+    def __init__(
+        self, attention: DistributedAttention, state: ParallelState, length: SequenceLength
+    ) -> None:
+        self.attention = attention
+        self.length = length
+        self._tp = GroupRef(state.group("tp"))
+        self._sp = GroupRef(state.group("sp"))
+
+    @property
+    def tp(self) -> GroupCoordinator:
+        return self._tp.group
+
+    @property
+    def sp(self) -> GroupCoordinator:
+        return self._sp.group
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+    ) -> Any:
+        call = AttentionCall(hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        return self.attend(attn, call)
+
+    def attend(self, attn: nn.Module, call: AttentionCall) -> Any:
+        raise NotImplementedError
+
+    def joint_attention(
+        self, video: QKV, text: QKV, text_lengths: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint attention of this rank's video tokens and the whole text (both queries
+        and keys), ``[B, S, H, D]`` each: the video queries through the distributed
+        attention with the text as joint keys, the text queries (held whole on every sp
+        rank) by :func:`~vidpar.models.sequence.replicated_query_attention`. With
+        ``text_lengths`` only each sample's first ``text_lengths[b]`` text keys count (a
+        padded prompt): the samples run one at a time. Returns ``(video, text)``."""
+        if text_lengths is not None and min(text_lengths) < text[1].shape[1]:
+            outs = [
+                self.joint_attention(
+                    tuple(t[b : b + 1] for t in video),
+                    tuple(t[b : b + 1] if i == 0 else t[b : b + 1, :n] for i, t in enumerate(text)),
+                )
+                for b, n in enumerate(text_lengths)
+            ]
+            return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        seq_len = self.length.get()
+        (q, k, v), (q_text, k_text, v_text) = video, text
+        joint = {} if k_text.shape[1] == 0 else {"joint_k": k_text, "joint_v": v_text}
+        out = self.attention(q, k, v, seq_len=seq_len, **joint)
+        extra = (k_text, v_text) if joint else (None, None)
+        text_out = replicated_query_attention(q_text, k, v, self.sp, seq_len, *extra)
+        return out, text_out
+
+
+def split_layers(
+    attention: str, ffn: str, projections: str = "to_q|to_k|to_v", norms: str | None = None
+) -> dict[str, tuple[str, ...]]:
+    """diffusers' usual tp split (``column``, ``row`` and ``head_norms`` of a
+    :class:`ModelPlan`): the ``projections`` of the ``attention`` modules and the FFN's
+    first linear column-parallel, the attention output and the FFN's last linear
+    row-parallel, and the attention's RMSNorms across all heads ``norms`` head-sharded
+    (path patterns)."""
+    return {
+        "column": (rf"{attention}\.({projections})", rf"{ffn}\.net\.0\.proj"),
+        "row": (rf"{attention}\.to_out\.0", rf"{ffn}\.net\.2"),
+        "head_norms": (rf"{attention}\.({norms})",) if norms else (),
+    }
 
 
 @dataclass(frozen=True)
@@ -110,8 +208,8 @@ class ModelPlan:
     blocks: tuple[str, ...]
     #: Attention modules (a path pattern) that get ``processor``.
     attention: str
-    #: Builds the family's attention processor.
-    processor: ProcessorFactory
+    #: The family's attention processor class.
+    processor: type[PlanProcessor]
     column: tuple[str, ...] = ()
     row: tuple[str, ...] = ()
     head_norms: tuple[str, ...] = ()

@@ -15,7 +15,16 @@ from vidpar.distributed.group import GroupCoordinator
 from vidpar.nn.attention_kernels import attention_backward, attention_forward, heads_first
 from vidpar.nn.softmax_merge import SoftmaxMerge
 
-__all__ = ["local_length", "replicated_query_attention"]
+__all__ = ["local_length", "replicated_query_attention", "rotate_pairs"]
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """diffusers' real rotary embedding of interleaved channel pairs (``apply_rotary_emb``
+    of CogVideoX, HunyuanVideo and LTX), in float32 or wider: ``cos``/``sin`` broadcast
+    against ``x`` over its last dim."""
+    real, imag = x.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack((-imag, real), -1).flatten(-2)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
 def local_length(seq_len: int, shard_len: int, group: GroupCoordinator) -> int:

@@ -55,19 +55,6 @@ def make_tiny_wan(path: str | os.PathLike, seed: int = 0, **config: Any) -> Path
     return Path(path)
 
 
-#: A two-block SkyReels-V2 (Wan's layers) of the tests' sizes.
-TINY_SKYREELS_V2: dict[str, Any] = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 4,
-    "attention_head_dim": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "text_dim": 16,
-    "freq_dim": 32,
-    "ffn_dim": 64,
-    "num_layers": 2,
-    "rope_max_seq_len": 32,
-}
 #: A two-block LTX-Video on tokens of 8 channels (patch 1), 4 heads.
 TINY_LTX: dict[str, Any] = {
     "in_channels": 8,
@@ -79,13 +66,29 @@ TINY_LTX: dict[str, Any] = {
     "caption_channels": 16,
 }
 
+#: A HunyuanVideo of one dual- and one single-stream block, 4 heads of 8 (rope 2 + 2 + 4).
+TINY_HUNYUAN_VIDEO: dict[str, Any] = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "num_attention_heads": 4,
+    "attention_head_dim": 8,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "num_refiner_layers": 1,
+    "patch_size": 1,
+    "patch_size_t": 1,
+    "text_embed_dim": 16,
+    "pooled_projection_dim": 8,
+    "rope_axes_dim": (2, 2, 4),
+}
+
 
 def tiny_skyreels_v2(seed: int = 0, **config: Any) -> Any:
-    """A tiny random ``SkyReelsV2Transformer3DModel`` (``TINY_SKYREELS_V2`` updated)."""
+    """A tiny random ``SkyReelsV2Transformer3DModel`` (Wan's layers: ``TINY_WAN`` updated)."""
     from diffusers import SkyReelsV2Transformer3DModel
 
     torch.manual_seed(seed)
-    return SkyReelsV2Transformer3DModel(**{**TINY_SKYREELS_V2, **config})
+    return SkyReelsV2Transformer3DModel(**{**TINY_WAN, **config})
 
 
 def tiny_ltx(seed: int = 0, **config: Any) -> Any:
@@ -94,6 +97,14 @@ def tiny_ltx(seed: int = 0, **config: Any) -> Any:
 
     torch.manual_seed(seed)
     return LTXVideoTransformer3DModel(**{**TINY_LTX, **config})
+
+
+def tiny_hunyuan_video(seed: int = 0, **config: Any) -> Any:
+    """A tiny random ``HunyuanVideoTransformer3DModel`` (``TINY_HUNYUAN_VIDEO`` updated)."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    return HunyuanVideoTransformer3DModel(**{**TINY_HUNYUAN_VIDEO, **config})
 
 
 def make_tiny_wan_vae(path: str | os.PathLike, seed: int = 0, **config: Any) -> Path:

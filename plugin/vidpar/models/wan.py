@@ -17,13 +17,13 @@ Everything else (embeddings, modulation tables, norms, ``proj_out``) stays repli
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidpar.distributed.state import ParallelState
-from vidpar.models.plan import Gather, ModelPlan, SequenceLength, Split
-from vidpar.nn.attention import DistributedAttention
+from vidpar.models.plan import AttentionCall, Gather, ModelPlan, PlanProcessor, Split, split_layers
 
 __all__ = ["SKYREELS_V2_PLAN", "WAN_PLAN", "WanAttnProcessor"]
 
@@ -44,35 +44,23 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-class WanAttnProcessor:
+class WanAttnProcessor(PlanProcessor):
     """Wan attention on a layout: self-attention (``encoder_hidden_states is None``)
-    through ``attention`` over the sp-sharded tokens, cross-attention locally. Heads are
-    this rank's tp share (the projections' output width tells how many)."""
+    through the distributed attention over the sp-sharded tokens, cross-attention
+    locally."""
 
-    def __init__(
-        self, attention: DistributedAttention, state: ParallelState, length: SequenceLength
-    ) -> None:
-        self.attention = attention
-        self.length = length
-
-    def __call__(
-        self,
-        attn: nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        if attention_mask is not None:
+    def attend(self, attn: nn.Module, call: AttentionCall) -> torch.Tensor:
+        if call.attention_mask is not None:
             raise ValueError(
                 "vidpar's Wan attention takes no attention_mask (SkyReels-V2's diffusion "
                 "forcing causal mask is not supported yet)"
             )
         head_dim = attn.inner_dim // attn.heads
-        if encoder_hidden_states is None:
-            out = self._self_attention(attn, hidden_states, rotary_emb, head_dim)
+        x, context = call.hidden_states, call.encoder_hidden_states
+        if context is None:
+            out = self._self_attention(attn, x, call.rotary_emb, head_dim)
         else:
-            out = self._cross_attention(attn, hidden_states, encoder_hidden_states, head_dim)
+            out = self._cross_attention(attn, x, context, head_dim)
         return attn.to_out[1](attn.to_out[0](out))
 
     def _self_attention(
@@ -109,21 +97,17 @@ WAN_PLAN = ModelPlan(
     blocks=("WanTransformerBlock",),
     attention=_ATTENTION,
     processor=WanAttnProcessor,
-    column=(
-        _ATTENTION + r"\.(to_q|to_k|to_v|add_k_proj|add_v_proj)",
-        r"blocks\.\d+\.ffn\.net\.0\.proj",
+    **split_layers(
+        _ATTENTION,
+        r"blocks\.\d+\.ffn",
+        projections="to_q|to_k|to_v|add_k_proj|add_v_proj",
+        norms="norm_q|norm_k|norm_added_k",
     ),
-    row=(_ATTENTION + r"\.to_out\.0", r"blocks\.\d+\.ffn\.net\.2"),
-    head_norms=(_ATTENTION + r"\.(norm_q|norm_k|norm_added_k)",),
 )
 #: ``SkyReelsV2Transformer3DModel``: Wan's layers; diffusers declares no ``_cp_plan``.
-SKYREELS_V2_PLAN = ModelPlan(
+SKYREELS_V2_PLAN = replace(
+    WAN_PLAN,
     blocks=("SkyReelsV2TransformerBlock",),
-    attention=WAN_PLAN.attention,
-    processor=WanAttnProcessor,
-    column=WAN_PLAN.column,
-    row=WAN_PLAN.row,
-    head_norms=WAN_PLAN.head_norms,
     tokens={
         "rope": {0: Split(1, 4, output=True), 1: Split(1, 4, output=True)},
         "blocks.0": {"hidden_states": Split(1, 3)},
