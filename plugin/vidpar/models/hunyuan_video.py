@@ -1,5 +1,7 @@
-"""diffusers' ``HunyuanVideoTransformer3DModel`` (HunyuanVideo T2V) on a vidpar layout: its
-plan and its joint-attention processor.
+"""diffusers' ``HunyuanVideoTransformer3DModel`` (HunyuanVideo T2V) and
+``HunyuanVideo15Transformer3DModel`` (HunyuanVideo 1.5: dual-stream blocks only, padded
+text tokens masked as queries too) on a vidpar layout: their plans and joint-attention
+processors.
 
 HunyuanVideo attends video and text tokens jointly in both of its block kinds: the
 dual-stream blocks (``transformer_blocks``: the text has its own projections ``add_*_proj``
@@ -20,6 +22,8 @@ replicated. The text refiner (``context_embedder``) and the embeddings stay repl
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -28,7 +32,12 @@ from vidpar.models.plan import AttentionCall, Gather, ModelPlan, PlanProcessor, 
 from vidpar.models.sequence import rotate_pairs
 from vidpar.models.tensor_parallel import shared_over
 
-__all__ = ["HUNYUAN_VIDEO_PLAN", "HunyuanVideoAttnProcessor"]
+__all__ = [
+    "HUNYUAN_VIDEO_15_PLAN",
+    "HUNYUAN_VIDEO_PLAN",
+    "HunyuanVideo15AttnProcessor",
+    "HunyuanVideoAttnProcessor",
+]
 
 
 class HunyuanVideoAttnProcessor(PlanProcessor):
@@ -44,9 +53,19 @@ class HunyuanVideoAttnProcessor(PlanProcessor):
                 out[i] = shared_over(norm, out[i], self.tp)
         return out
 
+    def text_lengths(self, mask: torch.Tensor) -> list[int]:
+        """Each prompt's real text tokens, from the mask HunyuanVideo passes:
+        ``[B, 1, 1, video + text]``, the text last."""
+        return mask[:, 0, 0, -self.text_len :].sum(-1).tolist()
+
+    def padded_text(self, text: torch.Tensor, lengths: list[int] | None) -> torch.Tensor:
+        """The attention output of the text queries: padded ones attend like the rest."""
+        return text
+
     def attend(self, attn: nn.Module, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
         head_dim = attn.inner_dim // attn.heads
         x, text = call.hidden_states, call.encoder_hidden_states
+        self.text_len = text.shape[1]
         own = (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k)
         q, k, v = self._project(x, *own, head_dim)
         if call.rotary_emb is not None:
@@ -59,10 +78,9 @@ class HunyuanVideoAttnProcessor(PlanProcessor):
             )
         else:
             text_qkv = self._project(text, *own, head_dim)
-        lengths = None
-        if call.attention_mask is not None:  # [B, 1, 1, video + text]: the text part
-            lengths = call.attention_mask[:, 0, 0, -text.shape[1] :].sum(-1).tolist()
+        lengths = None if call.attention_mask is None else self.text_lengths(call.attention_mask)
         video, text = self.joint_attention((q, k, v), tuple(text_qkv), lengths)
+        text = self.padded_text(text, lengths)
         video, text = video.flatten(2, 3).to(q.dtype), text.flatten(2, 3).to(q.dtype)
         if getattr(attn, "to_out", None) is None:  # single-stream: its proj_out is whole
             return gather_from_group(video, self.tp, -1), gather_from_group(text, self.tp, -1)
@@ -89,4 +107,28 @@ HUNYUAN_VIDEO_PLAN = ModelPlan(
         "x_embedder": {None: Split(1, 3, output=True)},
         "proj_out": Gather(1),
     },
+)
+
+
+class HunyuanVideo15AttnProcessor(HunyuanVideoAttnProcessor):
+    """HunyuanVideo 1.5's joint attention: its dual-stream blocks take the text mask
+    ``[B, text]`` (real tokens first), and a padded text token neither is attended nor
+    attends (its output is zero)."""
+
+    def text_lengths(self, mask: torch.Tensor) -> list[int]:
+        return mask.sum(-1).tolist()
+
+    def padded_text(self, text: torch.Tensor, lengths: list[int] | None) -> torch.Tensor:
+        if lengths is None:
+            return text
+        positions = torch.arange(text.shape[1], device=text.device)
+        real = positions < torch.tensor(lengths, device=text.device)[:, None]
+        return text * real[..., None, None]
+
+
+#: ``HunyuanVideo15Transformer3DModel``: HunyuanVideo's dual-stream layers and tokens.
+HUNYUAN_VIDEO_15_PLAN = replace(
+    HUNYUAN_VIDEO_PLAN,
+    blocks=("HunyuanVideo15TransformerBlock",),
+    processor=HunyuanVideo15AttnProcessor,
 )

@@ -8,7 +8,7 @@ from torch import nn
 
 from vidpar.distributed.state import get_parallel_state, model_parallel_is_initialized
 from vidpar.models.cogvideox import COGVIDEOX_PLAN
-from vidpar.models.hunyuan_video import HUNYUAN_VIDEO_PLAN
+from vidpar.models.hunyuan_video import HUNYUAN_VIDEO_15_PLAN, HUNYUAN_VIDEO_PLAN
 from vidpar.models.ltx import LTX_PLAN
 from vidpar.models.plan import ModelPlan, apply_plan, check_heads
 from vidpar.models.wan import SKYREELS_V2_PLAN, WAN_PLAN
@@ -25,6 +25,7 @@ PLANS: dict[str, ModelPlan] = {
     "CogVideoXTransformer3DModel": COGVIDEOX_PLAN,
     "LTXVideoTransformer3DModel": LTX_PLAN,
     "HunyuanVideoTransformer3DModel": HUNYUAN_VIDEO_PLAN,
+    "HunyuanVideo15Transformer3DModel": HUNYUAN_VIDEO_15_PLAN,
 }
 #: The diffusers model classes :func:`parallelize` knows.
 SUPPORTED_MODELS: tuple[str, ...] = tuple(PLANS)

@@ -82,6 +82,20 @@ TINY_HUNYUAN_VIDEO: dict[str, Any] = {
     "rope_axes_dim": (2, 2, 4),
 }
 
+#: A two-block HunyuanVideo 1.5 (4 heads of 8), text 16 + 8 (ByT5) wide, images 8 wide.
+TINY_HUNYUAN_VIDEO_15: dict[str, Any] = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "num_attention_heads": 4,
+    "attention_head_dim": 8,
+    "num_layers": 2,
+    "num_refiner_layers": 1,
+    "text_embed_dim": 16,
+    "text_embed_2_dim": 8,
+    "image_embed_dim": 8,
+    "rope_axes_dim": (2, 2, 4),
+}
+
 
 def tiny_skyreels_v2(seed: int = 0, **config: Any) -> Any:
     """A tiny random ``SkyReelsV2Transformer3DModel`` (Wan's layers: ``TINY_WAN`` updated)."""
@@ -105,6 +119,15 @@ def tiny_hunyuan_video(seed: int = 0, **config: Any) -> Any:
 
     torch.manual_seed(seed)
     return HunyuanVideoTransformer3DModel(**{**TINY_HUNYUAN_VIDEO, **config})
+
+
+def tiny_hunyuan_video_15(seed: int = 0, **config: Any) -> Any:
+    """A tiny random ``HunyuanVideo15Transformer3DModel`` (``TINY_HUNYUAN_VIDEO_15``
+    updated)."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    torch.manual_seed(seed)
+    return HunyuanVideo15Transformer3DModel(**{**TINY_HUNYUAN_VIDEO_15, **config})
 
 
 def make_tiny_wan_vae(path: str | os.PathLike, seed: int = 0, **config: Any) -> Path:
