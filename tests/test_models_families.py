@@ -23,7 +23,8 @@ TOLERANCE = 1e-9
 #: Gradients diffusers itself rounds to float32 while they are partial sums over tokens
 #: (FP32LayerNorm weights, Wan-like time embeddings, and HunyuanVideo's text path, whose
 #: per-head RMSNorms compute in float32 while each sp rank holds a share of the text's
-#: gradient): under sp they agree to float32.
+#: gradient, most under Ring), or sums in float32 in another order (Mochi's learned rope
+#: frequencies): they agree to float32.
 FLOAT32_TOLERANCE = 1e-6
 BATCH, TEXT = 2, 5
 
@@ -37,6 +38,20 @@ def _text_mask() -> torch.Tensor:
     mask = torch.ones(BATCH, TEXT)
     mask[1, -2:] = 0
     return mask
+
+
+#: HunyuanVideo's text path: the text refiners, the dual-stream blocks' text layers, and
+#: the query and key projections the text shares with the video (their gradients meet the
+#: text's float32-rounded ones in the joint attention).
+HUNYUAN_TEXT_PATH = (
+    r"context_embedder|transformer_blocks\.\d+\.(attn\.(add_|to_add_out|norm_added)|"
+    r"norm1_context|ff_context)|(single_)?transformer_blocks\.\d+\.attn\.(to|norm)_[qk]\.|"
+    r"cond_type_embed"
+)
+
+#: Mochi's text path, likewise (its per-head RMSNorms compute in float32), and its learned
+#: rope frequencies (float32).
+MOCHI_TEXT_PATH = r"pos_frequencies|time_embed|transformer_blocks\.\d+\.(attn1\.(add_|to_add_out|norm_added|to_[qk]\.)|norm1_context|ff_context)"
 
 
 @dataclass(frozen=True)
@@ -79,7 +94,7 @@ FAMILIES = {
             "pooled_projections": _noise(3, BATCH, 8),
             "guidance": torch.tensor([3000.0, 5000.0], dtype=torch.float64),
         },
-        r"context_embedder\.|transformer_blocks\.\d+\.(attn\.add_[qk]_proj|norm1_context)\.",
+        HUNYUAN_TEXT_PATH,
     ),
     "hunyuan_video_15": Family(
         tiny.tiny_hunyuan_video_15,
@@ -92,7 +107,17 @@ FAMILIES = {
             "encoder_attention_mask_2": torch.tensor([[1, 1, 1], [1, 0, 0]]),
             "image_embeds": torch.zeros(BATCH, 2, 8, dtype=torch.float64),  # T2V
         },
-        r"context_embedder(_2)?\.|transformer_blocks\.\d+\.(attn\.add_[qk]_proj|norm1_context)\.",
+        HUNYUAN_TEXT_PATH,
+    ),
+    "mochi": Family(
+        tiny.tiny_mochi,
+        lambda: {
+            "hidden_states": _noise(1, BATCH, 4, 3, 6, 6),
+            "encoder_hidden_states": _noise(2, BATCH, TEXT, 16),
+            "timestep": torch.tensor([100.0, 700.0], dtype=torch.float64),
+            "encoder_attention_mask": _text_mask().bool(),
+        },
+        MOCHI_TEXT_PATH,
     ),
 }
 
@@ -123,7 +148,7 @@ def test_outputs_and_gradients_equal_diffusers(worlds, family, layout):
     config = LAYOUTS[layout]
     errors = worst(worlds(config.world_size).run(_matches_diffusers, family, layout=config))
     assert errors.pop("output") <= TOLERANCE
-    loose = _float32_gradients(family) if config.sp > 1 else set()
+    loose = _float32_gradients(family)
     bad = {
         name: error
         for name, error in errors.items()
@@ -138,6 +163,7 @@ def test_every_family_is_listed():
         "LTXVideoTransformer3DModel",
         "HunyuanVideoTransformer3DModel",
         "HunyuanVideo15Transformer3DModel",
+        "MochiTransformer3DModel",
     ):
         assert name in SUPPORTED_MODELS
 
@@ -159,7 +185,8 @@ def train(model: torch.nn.Module, family: str) -> list[float]:
         optimizer.zero_grad()
         loss.backward()
         for param in model.parameters():
-            param.grad = sp.all_reduce(param.grad)
+            if param.grad is not None:  # None: a branch the inputs do not use
+                param.grad = sp.all_reduce(param.grad)
         optimizer.step()
         losses.append(float(loss))
     return losses

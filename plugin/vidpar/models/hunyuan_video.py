@@ -53,6 +53,11 @@ class HunyuanVideoAttnProcessor(PlanProcessor):
                 out[i] = shared_over(norm, out[i], self.tp)
         return out
 
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, ...]:
+        """The video queries and keys rotated by the rope's ``(cos, sin)`` ``[S, D]``."""
+        cos, sin = (t[:, None] for t in rope)  # [S, 1, D]
+        return rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
+
     def text_lengths(self, mask: torch.Tensor) -> list[int]:
         """Each prompt's real text tokens, from the mask HunyuanVideo passes:
         ``[B, 1, 1, video + text]``, the text last."""
@@ -69,8 +74,7 @@ class HunyuanVideoAttnProcessor(PlanProcessor):
         own = (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k)
         q, k, v = self._project(x, *own, head_dim)
         if call.rotary_emb is not None:
-            cos, sin = (t[:, None] for t in call.rotary_emb)  # [S, 1, D]
-            q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
+            q, k = self.rotate(q, k, call.rotary_emb)
         if attn.add_q_proj is not None:  # dual-stream: the text's own projections
             projections = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
             text_qkv = self._project(
@@ -84,7 +88,10 @@ class HunyuanVideoAttnProcessor(PlanProcessor):
         video, text = video.flatten(2, 3).to(q.dtype), text.flatten(2, 3).to(q.dtype)
         if getattr(attn, "to_out", None) is None:  # single-stream: its proj_out is whole
             return gather_from_group(video, self.tp, -1), gather_from_group(text, self.tp, -1)
-        return attn.to_out[1](attn.to_out[0](video)), attn.to_add_out(text)
+        to_add_out = getattr(attn, "to_add_out", None)  # none where the text ends
+        return attn.to_out[1](attn.to_out[0](video)), text if to_add_out is None else to_add_out(
+            text
+        )
 
 
 _DUAL = r"transformer_blocks\.\d+"

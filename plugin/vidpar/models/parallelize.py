@@ -10,6 +10,7 @@ from vidpar.distributed.state import get_parallel_state, model_parallel_is_initi
 from vidpar.models.cogvideox import COGVIDEOX_PLAN
 from vidpar.models.hunyuan_video import HUNYUAN_VIDEO_15_PLAN, HUNYUAN_VIDEO_PLAN
 from vidpar.models.ltx import LTX_PLAN
+from vidpar.models.mochi import MOCHI_PLAN
 from vidpar.models.plan import ModelPlan, apply_plan, check_heads
 from vidpar.models.wan import SKYREELS_V2_PLAN, WAN_PLAN
 from vidpar.nn.regional_compile import CompileSetting, compile_options
@@ -26,6 +27,7 @@ PLANS: dict[str, ModelPlan] = {
     "LTXVideoTransformer3DModel": LTX_PLAN,
     "HunyuanVideoTransformer3DModel": HUNYUAN_VIDEO_PLAN,
     "HunyuanVideo15Transformer3DModel": HUNYUAN_VIDEO_15_PLAN,
+    "MochiTransformer3DModel": MOCHI_PLAN,
 }
 #: The diffusers model classes :func:`parallelize` knows.
 SUPPORTED_MODELS: tuple[str, ...] = tuple(PLANS)

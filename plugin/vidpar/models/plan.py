@@ -241,7 +241,10 @@ def apply_plan(model: nn.Module, plan: ModelPlan, state: ParallelState) -> None:
     pattern = re.compile(plan.attention)
     for name, module in model.named_modules():
         if pattern.fullmatch(name):
-            module.set_processor(processor)
+            if hasattr(module, "set_processor"):
+                module.set_processor(processor)
+            else:  # an attention class of its own (Mochi's)
+                module.processor = processor
     _TokenHooks(model, token_plan(model, plan), state.group("sp"), length)
 
 

@@ -96,6 +96,19 @@ TINY_HUNYUAN_VIDEO_15: dict[str, Any] = {
     "rope_axes_dim": (2, 2, 4),
 }
 
+#: A two-block Mochi (4 heads of 8), patch 2, text 16 wide.
+TINY_MOCHI: dict[str, Any] = {
+    "patch_size": 2,
+    "num_attention_heads": 4,
+    "attention_head_dim": 8,
+    "num_layers": 2,
+    "pooled_projection_dim": 16,
+    "in_channels": 4,
+    "text_embed_dim": 16,
+    "time_embed_dim": 4,
+    "max_sequence_length": 16,
+}
+
 
 def tiny_skyreels_v2(seed: int = 0, **config: Any) -> Any:
     """A tiny random ``SkyReelsV2Transformer3DModel`` (Wan's layers: ``TINY_WAN`` updated)."""
@@ -128,6 +141,14 @@ def tiny_hunyuan_video_15(seed: int = 0, **config: Any) -> Any:
 
     torch.manual_seed(seed)
     return HunyuanVideo15Transformer3DModel(**{**TINY_HUNYUAN_VIDEO_15, **config})
+
+
+def tiny_mochi(seed: int = 0, **config: Any) -> Any:
+    """A tiny random ``MochiTransformer3DModel`` (``TINY_MOCHI`` updated)."""
+    from diffusers import MochiTransformer3DModel
+
+    torch.manual_seed(seed)
+    return MochiTransformer3DModel(**{**TINY_MOCHI, **config})
 
 
 def make_tiny_wan_vae(path: str | os.PathLike, seed: int = 0, **config: Any) -> Path:
