@@ -58,10 +58,10 @@ class HunyuanVideoAttnProcessor(PlanProcessor):
         cos, sin = (t[:, None] for t in rope)  # [S, 1, D]
         return rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
 
-    def text_lengths(self, mask: torch.Tensor) -> list[int]:
+    def text_lengths(self, mask: torch.Tensor, text_len: int) -> list[int]:
         """Each prompt's real text tokens, from the mask HunyuanVideo passes:
         ``[B, 1, 1, video + text]``, the text last."""
-        return mask[:, 0, 0, -self.text_len :].sum(-1).tolist()
+        return mask[:, 0, 0, -text_len:].sum(-1).tolist()
 
     def padded_text(self, text: torch.Tensor, lengths: list[int] | None) -> torch.Tensor:
         """The attention output of the text queries: padded ones attend like the rest."""
@@ -70,7 +70,6 @@ class HunyuanVideoAttnProcessor(PlanProcessor):
     def attend(self, attn: nn.Module, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
         head_dim = attn.inner_dim // attn.heads
         x, text = call.hidden_states, call.encoder_hidden_states
-        self.text_len = text.shape[1]
         own = (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k)
         q, k, v = self._project(x, *own, head_dim)
         if call.rotary_emb is not None:
@@ -82,7 +81,8 @@ class HunyuanVideoAttnProcessor(PlanProcessor):
             )
         else:
             text_qkv = self._project(text, *own, head_dim)
-        lengths = None if call.attention_mask is None else self.text_lengths(call.attention_mask)
+        mask = call.attention_mask
+        lengths = None if mask is None else self.text_lengths(mask, text.shape[1])
         video, text = self.joint_attention((q, k, v), tuple(text_qkv), lengths)
         text = self.padded_text(text, lengths)
         video, text = video.flatten(2, 3).to(q.dtype), text.flatten(2, 3).to(q.dtype)
@@ -122,7 +122,7 @@ class HunyuanVideo15AttnProcessor(HunyuanVideoAttnProcessor):
     ``[B, text]`` (real tokens first), and a padded text token neither is attended nor
     attends (its output is zero)."""
 
-    def text_lengths(self, mask: torch.Tensor) -> list[int]:
+    def text_lengths(self, mask: torch.Tensor, text_len: int) -> list[int]:
         return mask.sum(-1).tolist()
 
     def padded_text(self, text: torch.Tensor, lengths: list[int] | None) -> torch.Tensor:
