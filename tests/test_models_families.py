@@ -251,3 +251,31 @@ def test_the_lightning_module_names_the_families_it_does_not_train(tmp_path):
     tiny.tiny_ltx().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"LTXVideoTransformer3DModel: DiffusersFlowModule trains"):
         DiffusersFlowModule(str(tmp_path))
+
+
+def test_the_lightning_module_trains_skyreels_v2(tmp_path):
+    import lightning.pytorch as pl
+
+    from vidpar.data import LatentsDataModule
+    from vidpar.lightning import DiffusersFlowModule
+
+    tiny.tiny_skyreels_v2().save_pretrained(tmp_path / "model")
+    tiny.make_tiny_latents(tmp_path / "latents", tmp_path / "model")
+    module = DiffusersFlowModule(str(tmp_path / "model"), lr=1e-2)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    before = tiny.tiny_skyreels_v2().state_dict()
+    trainer.fit(module, datamodule=LatentsDataModule(str(tmp_path / "latents"), batch_size=2))
+    assert type(module.model).__name__ == "SkyReelsV2Transformer3DModel"
+    assert trainer.global_step == 2
+    after = module.model.state_dict()
+    assert not torch.equal(
+        after["blocks.0.attn1.to_q.weight"], before["blocks.0.attn1.to_q.weight"]
+    )
