@@ -9,6 +9,7 @@ import copy
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,7 @@ class Family:
 
 FAMILIES = {
     "skyreels_v2": Family(
-        tiny.tiny_skyreels_v2,
+        partial(tiny.tiny_transformer, "SkyReelsV2Transformer3DModel"),
         lambda: {
             "hidden_states": _noise(1, BATCH, 16, 3, 6, 6),
             "timestep": torch.tensor([100.0, 700.0], dtype=torch.float64),
@@ -73,7 +74,7 @@ FAMILIES = {
         r"condition_embedder\.time_",
     ),
     "ltx": Family(
-        tiny.tiny_ltx,
+        partial(tiny.tiny_transformer, "LTXVideoTransformer3DModel"),
         lambda: {
             "hidden_states": _noise(1, BATCH, 27, 8),
             "encoder_hidden_states": _noise(2, BATCH, TEXT, 16),
@@ -85,7 +86,7 @@ FAMILIES = {
         },
     ),
     "hunyuan_video": Family(
-        tiny.tiny_hunyuan_video,
+        partial(tiny.tiny_transformer, "HunyuanVideoTransformer3DModel"),
         lambda: {
             "hidden_states": _noise(1, BATCH, 4, 3, 3, 3),
             "timestep": torch.tensor([100.0, 700.0], dtype=torch.float64),
@@ -97,7 +98,7 @@ FAMILIES = {
         HUNYUAN_TEXT_PATH,
     ),
     "hunyuan_video_15": Family(
-        tiny.tiny_hunyuan_video_15,
+        partial(tiny.tiny_transformer, "HunyuanVideo15Transformer3DModel"),
         lambda: {
             "hidden_states": _noise(1, BATCH, 4, 3, 3, 3),
             "timestep": torch.tensor([100.0, 700.0], dtype=torch.float64),
@@ -110,7 +111,7 @@ FAMILIES = {
         HUNYUAN_TEXT_PATH,
     ),
     "mochi": Family(
-        tiny.tiny_mochi,
+        partial(tiny.tiny_transformer, "MochiTransformer3DModel"),
         lambda: {
             "hidden_states": _noise(1, BATCH, 4, 3, 6, 6),
             "encoder_hidden_states": _noise(2, BATCH, TEXT, 16),
@@ -248,7 +249,7 @@ def test_a_class_with_only_a_diffusers_cp_plan_is_refused_naming_the_families():
 def test_the_lightning_module_names_the_families_it_does_not_train(tmp_path):
     from vidpar.lightning import DiffusersFlowModule
 
-    tiny.tiny_ltx().save_pretrained(tmp_path)
+    tiny.tiny_transformer("LTXVideoTransformer3DModel").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"LTXVideoTransformer3DModel: DiffusersFlowModule trains"):
         DiffusersFlowModule(str(tmp_path))
 
@@ -259,7 +260,7 @@ def test_the_lightning_module_trains_skyreels_v2(tmp_path):
     from vidpar.data import LatentsDataModule
     from vidpar.lightning import DiffusersFlowModule
 
-    tiny.tiny_skyreels_v2().save_pretrained(tmp_path / "model")
+    tiny.tiny_transformer("SkyReelsV2Transformer3DModel").save_pretrained(tmp_path / "model")
     tiny.make_tiny_latents(tmp_path / "latents", tmp_path / "model")
     module = DiffusersFlowModule(str(tmp_path / "model"), lr=1e-2)
     trainer = pl.Trainer(
@@ -271,7 +272,7 @@ def test_the_lightning_module_trains_skyreels_v2(tmp_path):
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    before = tiny.tiny_skyreels_v2().state_dict()
+    before = tiny.tiny_transformer("SkyReelsV2Transformer3DModel").state_dict()
     trainer.fit(module, datamodule=LatentsDataModule(str(tmp_path / "latents"), batch_size=2))
     assert type(module.model).__name__ == "SkyReelsV2Transformer3DModel"
     assert trainer.global_step == 2

@@ -66,34 +66,30 @@ TINY_LTX: dict[str, Any] = {
     "caption_channels": 16,
 }
 
-#: A HunyuanVideo of one dual- and one single-stream block, 4 heads of 8 (rope 2 + 2 + 4).
-TINY_HUNYUAN_VIDEO: dict[str, Any] = {
+#: What the tiny HunyuanVideo 1 and 1.5 share: 4 heads of 8 (rope 2 + 2 + 4), text 16 wide.
+_TINY_HUNYUAN: dict[str, Any] = {
     "in_channels": 4,
     "out_channels": 4,
     "num_attention_heads": 4,
     "attention_head_dim": 8,
-    "num_layers": 1,
-    "num_single_layers": 1,
     "num_refiner_layers": 1,
-    "patch_size": 1,
-    "patch_size_t": 1,
     "text_embed_dim": 16,
-    "pooled_projection_dim": 8,
     "rope_axes_dim": (2, 2, 4),
 }
-
-#: A two-block HunyuanVideo 1.5 (4 heads of 8), text 16 + 8 (ByT5) wide, images 8 wide.
+#: A HunyuanVideo of one dual- and one single-stream block.
+TINY_HUNYUAN_VIDEO: dict[str, Any] = {
+    **_TINY_HUNYUAN,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "patch_size": 1,
+    "pooled_projection_dim": 8,
+}
+#: A two-block HunyuanVideo 1.5 with ByT5 text and images 8 wide.
 TINY_HUNYUAN_VIDEO_15: dict[str, Any] = {
-    "in_channels": 4,
-    "out_channels": 4,
-    "num_attention_heads": 4,
-    "attention_head_dim": 8,
+    **_TINY_HUNYUAN,
     "num_layers": 2,
-    "num_refiner_layers": 1,
-    "text_embed_dim": 16,
     "text_embed_2_dim": 8,
     "image_embed_dim": 8,
-    "rope_axes_dim": (2, 2, 4),
 }
 
 #: A two-block Mochi (4 heads of 8), patch 2, text 16 wide.
@@ -110,45 +106,23 @@ TINY_MOCHI: dict[str, Any] = {
 }
 
 
-def tiny_skyreels_v2(seed: int = 0, **config: Any) -> Any:
-    """A tiny random ``SkyReelsV2Transformer3DModel`` (Wan's layers: ``TINY_WAN`` updated)."""
-    from diffusers import SkyReelsV2Transformer3DModel
+#: The tiny config of each family :func:`tiny_transformer` makes.
+TINY_FAMILIES: dict[str, dict[str, Any]] = {
+    "SkyReelsV2Transformer3DModel": TINY_WAN,  # Wan's layers
+    "LTXVideoTransformer3DModel": TINY_LTX,
+    "HunyuanVideoTransformer3DModel": TINY_HUNYUAN_VIDEO,
+    "HunyuanVideo15Transformer3DModel": TINY_HUNYUAN_VIDEO_15,
+    "MochiTransformer3DModel": TINY_MOCHI,
+}
+
+
+def tiny_transformer(class_name: str, seed: int = 0, **config: Any) -> Any:
+    """A tiny random diffusers transformer of a family of :data:`TINY_FAMILIES`, its tiny
+    config updated with ``config``."""
+    import diffusers
 
     torch.manual_seed(seed)
-    return SkyReelsV2Transformer3DModel(**{**TINY_WAN, **config})
-
-
-def tiny_ltx(seed: int = 0, **config: Any) -> Any:
-    """A tiny random ``LTXVideoTransformer3DModel`` (``TINY_LTX`` updated)."""
-    from diffusers import LTXVideoTransformer3DModel
-
-    torch.manual_seed(seed)
-    return LTXVideoTransformer3DModel(**{**TINY_LTX, **config})
-
-
-def tiny_hunyuan_video(seed: int = 0, **config: Any) -> Any:
-    """A tiny random ``HunyuanVideoTransformer3DModel`` (``TINY_HUNYUAN_VIDEO`` updated)."""
-    from diffusers import HunyuanVideoTransformer3DModel
-
-    torch.manual_seed(seed)
-    return HunyuanVideoTransformer3DModel(**{**TINY_HUNYUAN_VIDEO, **config})
-
-
-def tiny_hunyuan_video_15(seed: int = 0, **config: Any) -> Any:
-    """A tiny random ``HunyuanVideo15Transformer3DModel`` (``TINY_HUNYUAN_VIDEO_15``
-    updated)."""
-    from diffusers import HunyuanVideo15Transformer3DModel
-
-    torch.manual_seed(seed)
-    return HunyuanVideo15Transformer3DModel(**{**TINY_HUNYUAN_VIDEO_15, **config})
-
-
-def tiny_mochi(seed: int = 0, **config: Any) -> Any:
-    """A tiny random ``MochiTransformer3DModel`` (``TINY_MOCHI`` updated)."""
-    from diffusers import MochiTransformer3DModel
-
-    torch.manual_seed(seed)
-    return MochiTransformer3DModel(**{**TINY_MOCHI, **config})
+    return getattr(diffusers, class_name)(**{**TINY_FAMILIES[class_name], **config})
 
 
 def make_tiny_wan_vae(path: str | os.PathLike, seed: int = 0, **config: Any) -> Path:
