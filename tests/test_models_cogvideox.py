@@ -11,7 +11,7 @@ import torch
 from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
-from models_oracle import backward_both, gradient_errors, relative_error, worst
+from models_oracle import LAYOUTS, backward_both, gradient_errors, relative_error, worst
 from vidpar.config import ParallelConfig
 from vidpar.models import parallelize
 
@@ -35,13 +35,6 @@ TEXT = 5
 GRID = (3, 3, 3)  # latent frames × (height, width) / patch: 27 video tokens
 TOLERANCE = 1e-9
 
-LAYOUTS = {
-    "sp2": ParallelConfig(sp=2),
-    "ring2": ParallelConfig(ring=2),
-    "ulysses2_ring2": ParallelConfig(ulysses=2, ring=2),
-    "tp2": ParallelConfig(tp=2),
-    "tp2_sp2": ParallelConfig(tp=2, sp=2),
-}
 #: CogVideoX 1.0 5B (rotary embedding), 1.0 2B (sin-cos positions added to the tokens),
 #: 1.5 (a temporal patch of 2, a linear patch embedding).
 VARIANTS = {

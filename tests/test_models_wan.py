@@ -16,7 +16,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.normalization import FP32LayerNorm
 from safetensors.torch import load_file, save_file
 
-from models_oracle import backward_both, gradient_errors, relative_error, worst
+from models_oracle import LAYOUTS, backward_both, gradient_errors, relative_error, worst
 from vidpar.config import ParallelConfig
 from vidpar.distributed.full_weights import full_state_dict, load_full_weights
 from vidpar.distributed.state import get_parallel_state
@@ -49,13 +49,6 @@ TOLERANCE = 1e-9
 FLOAT32_EMBEDDERS = ("condition_embedder.time_", "condition_embedder.image_embedder.")
 FLOAT32_TOLERANCE = 1e-6
 
-LAYOUTS = {
-    "sp2": ParallelConfig(sp=2),
-    "ring2": ParallelConfig(ring=2),
-    "ulysses2_ring2": ParallelConfig(ulysses=2, ring=2),
-    "tp2": ParallelConfig(tp=2),
-    "tp2_sp2": ParallelConfig(tp=2, sp=2),
-}
 #: Model and input variants (config overrides, input options, gradient checkpointing):
 #: Wan2.1 T2V, the same with diffusers' gradient checkpointing (the blocks recompute in
 #: the backward), Wan2.2 TI2V (a timestep per token), Wan2.1 I2V (image tokens before 512

@@ -14,6 +14,7 @@ import torch
 from vidpar.data.latents import LATENTS, NEGATIVE, PROMPT
 from vidpar.lightning.module import sample_cfg_dropout, sample_noise_and_time
 from vidpar.lightning.nonfinite import NonFiniteGuard, OnNonFinite, check_on_nonfinite
+from vidpar.models import SUPPORTED_MODELS
 from vidpar.models.pretrained import (
     TIMESTEP_SCALE,
     WEIGHTS,
@@ -25,6 +26,9 @@ from vidpar.models.pretrained import (
 )
 from vidpar.nn.lora_layers import LoraSettings, add_lora, check_lora
 from vidpar.pipelines.flow_matching import flow_matching_loss, shift_timesteps
+
+#: The diffusers classes DiffusersFlowModule trains.
+TRAINED_FAMILIES = ("WanTransformer3DModel", "SkyReelsV2Transformer3DModel")
 
 
 def class_prompt_embeds(
@@ -98,6 +102,15 @@ class DiffusersFlowModule(pl.LightningModule):
             )
         self.folder = find_model_folder(path, subfolder)
         self.transformer_config = read_config(self.folder)
+        family = self.transformer_config["_class_name"]
+        if family not in TRAINED_FAMILIES:
+            raise ValueError(
+                f"{self.folder} holds a {family}: DiffusersFlowModule trains "
+                f"{' and '.join(TRAINED_FAMILIES)} (a forward of latents [B, C, T, H, W], "
+                "timestep and prompt embeddings); vidpar.models.parallelize runs the other "
+                f"families ({', '.join(SUPPORTED_MODELS)}), but this module does not train "
+                "them yet"
+            )
         channels = self.transformer_config.get("in_channels")
         if video_shape is not None and channels is not None and video_shape[0] != channels:
             raise ValueError(

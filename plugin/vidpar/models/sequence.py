@@ -1,12 +1,5 @@
-"""Tokens sharded over sp once per forward, and the attention pieces that need it.
-
-An adapter shards the video tokens after the patch embedding with
-:func:`~vidpar.nn.dit.shard_tokens` (end-padded to a multiple of sp; the backward keeps
-this rank's share) and gathers them before the output with
-:func:`~vidpar.distributed.communication_op.gather_sequence`. In between, the attention
-processors receive a :class:`TokenShard` where diffusers passes the rotary embedding:
-this rank's slice of it plus the true token count, so padded keys are ignored. Being an
-argument of every block, it travels with activation checkpointing's recomputation.
+"""Attention pieces for tokens sharded over sp (end-padded to a multiple of sp by the
+plan's splits, :mod:`vidpar.models.plan`).
 
 Text queries of joint attention (:func:`replicated_query_attention`) are held whole on
 every sp rank while the video keys are sharded; each rank attends them to its own keys on
@@ -15,8 +8,6 @@ a fused kernel and the partial results are merged exactly by their log-sum-exp.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
@@ -24,18 +15,16 @@ from vidpar.distributed.group import GroupCoordinator
 from vidpar.nn.attention_kernels import attention_backward, attention_forward, heads_first
 from vidpar.nn.softmax_merge import SoftmaxMerge
 
-__all__ = ["TokenShard", "local_length", "replicated_query_attention"]
+__all__ = ["local_length", "replicated_query_attention", "rotate_pairs"]
 
 
-class TokenShard(NamedTuple):
-    """What a parallelised attention processor receives in place of the rotary embedding.
-
-    ``rope``: this rank's ``(cos, sin)`` rows (end-padded like the tokens), or ``None``;
-    ``seq_len``: the number of real tokens in the full sequence.
-    """
-
-    rope: tuple[torch.Tensor, torch.Tensor] | None
-    seq_len: int
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """diffusers' real rotary embedding of interleaved channel pairs (``apply_rotary_emb``
+    of CogVideoX, HunyuanVideo and LTX), in float32 or wider: ``cos``/``sin`` broadcast
+    against ``x`` over its last dim."""
+    real, imag = x.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack((-imag, real), -1).flatten(-2)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
 def local_length(seq_len: int, shard_len: int, group: GroupCoordinator) -> int:

@@ -24,6 +24,7 @@ __all__ = [
     "replace_module",
     "replicated_over",
     "row_parallel",
+    "shared_over",
 ]
 
 
@@ -128,6 +129,16 @@ def replicated_over(param: torch.Tensor | None, group: GroupCoordinator) -> torc
     per-head norm weight shared by all heads while the heads are split over tp): the
     same value, with its gradient summed over the group."""
     return None if param is None else copy_to_group(param, group)
+
+
+def shared_over(module: nn.Module, x: torch.Tensor, group: GroupCoordinator) -> torch.Tensor:
+    """``module(x)`` for a module whose parameters every head shares (a per-head RMSNorm)
+    while this rank holds only its tp share of the heads: the module's own numerics, its
+    parameters' gradients summed over ``group``."""
+    if group.world_size == 1:
+        return module(x)
+    params = {name: replicated_over(p, group) for name, p in module.named_parameters()}
+    return torch.func.functional_call(module, params, (x,))
 
 
 def layer_norm_shared(x: torch.Tensor, norm: nn.LayerNorm, group: GroupCoordinator) -> torch.Tensor:

@@ -58,6 +58,76 @@ def make_tiny_wan(path: str | os.PathLike, seed: int = 0, **config: Any) -> Path
     return Path(path)
 
 
+#: A two-block LTX-Video on tokens of 8 channels (patch 1), 4 heads.
+TINY_LTX: dict[str, Any] = {
+    "in_channels": 8,
+    "out_channels": 8,
+    "num_attention_heads": 4,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 32,
+    "num_layers": 2,
+    "caption_channels": 16,
+}
+
+#: What the tiny HunyuanVideo 1 and 1.5 share: 4 heads of 8 (rope 2 + 2 + 4), text 16 wide.
+_TINY_HUNYUAN: dict[str, Any] = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "num_attention_heads": 4,
+    "attention_head_dim": 8,
+    "num_refiner_layers": 1,
+    "text_embed_dim": 16,
+    "rope_axes_dim": (2, 2, 4),
+}
+#: A HunyuanVideo of one dual- and one single-stream block.
+TINY_HUNYUAN_VIDEO: dict[str, Any] = {
+    **_TINY_HUNYUAN,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "patch_size": 1,
+    "pooled_projection_dim": 8,
+}
+#: A two-block HunyuanVideo 1.5 with ByT5 text and images 8 wide.
+TINY_HUNYUAN_VIDEO_15: dict[str, Any] = {
+    **_TINY_HUNYUAN,
+    "num_layers": 2,
+    "text_embed_2_dim": 8,
+    "image_embed_dim": 8,
+}
+
+#: A two-block Mochi (4 heads of 8), patch 2, text 16 wide.
+TINY_MOCHI: dict[str, Any] = {
+    "patch_size": 2,
+    "num_attention_heads": 4,
+    "attention_head_dim": 8,
+    "num_layers": 2,
+    "pooled_projection_dim": 16,
+    "in_channels": 4,
+    "text_embed_dim": 16,
+    "time_embed_dim": 4,
+    "max_sequence_length": 16,
+}
+
+
+#: The tiny config of each family :func:`tiny_transformer` makes.
+TINY_FAMILIES: dict[str, dict[str, Any]] = {
+    "SkyReelsV2Transformer3DModel": TINY_WAN,  # Wan's layers
+    "LTXVideoTransformer3DModel": TINY_LTX,
+    "HunyuanVideoTransformer3DModel": TINY_HUNYUAN_VIDEO,
+    "HunyuanVideo15Transformer3DModel": TINY_HUNYUAN_VIDEO_15,
+    "MochiTransformer3DModel": TINY_MOCHI,
+}
+
+
+def tiny_transformer(class_name: str, seed: int = 0, **config: Any) -> Any:
+    """A tiny random diffusers transformer of a family of :data:`TINY_FAMILIES`, its tiny
+    config updated with ``config``."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    return getattr(diffusers, class_name)(**{**TINY_FAMILIES[class_name], **config})
+
+
 def make_tiny_wan_vae(path: str | os.PathLike, seed: int = 0, **config: Any) -> Path:
     """Save a tiny ``AutoencoderKLWan`` (``TINY_WAN_VAE`` updated with ``config``) to
     ``path``; returns ``path``."""

@@ -1,0 +1,363 @@
+"""A model family as data: a :class:`ModelPlan`, and :func:`apply_plan`, the one function
+that prepares a model for the current :class:`~vidpar.distributed.ParallelState` from it.
+
+A plan says, by module paths and name patterns (regular expressions matched against the
+whole dotted path):
+
+* **tensor parallel**: which ``nn.Linear`` layers become column-parallel (output features
+  split over tp) and row-parallel (input features split), and which RMSNorms normalise
+  over all heads while the heads are split
+  (:class:`~vidpar.models.tensor_parallel.HeadShardedRMSNorm`);
+* **tokens**: where the video tokens (and the rotary embedding, and any per-token
+  conditioning) are split over sp and where the output is gathered: diffusers'
+  ``_cp_plan`` vocabulary (:class:`Split` ~ ``ContextParallelInput``, :class:`Gather` ~
+  ``ContextParallelOutput``). A plan without ``tokens`` reads the model class's own
+  diffusers ``_cp_plan``, leaving whole the entries it names in ``whole`` (the text:
+  vidpar replicates the text tokens on every sp rank);
+* **attention**: which attention modules get the family's processor (built once per model
+  around a :class:`~vidpar.nn.attention.DistributedAttention`; processors stay per family
+  where the attention really differs);
+* **blocks**: the repeated block classes that regional compilation compiles.
+
+Splits end-pad to a multiple of sp (:func:`~vidpar.nn.dit.shard_tokens`), so no token
+count needs to divide sp; the true count of the forward in flight is kept in a
+:class:`SequenceLength` that the processors read, so padded keys are ignored.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from vidpar.distributed.communication_op import gather_sequence
+from vidpar.distributed.group import GroupCoordinator
+from vidpar.distributed.state import ParallelState
+from vidpar.models.sequence import replicated_query_attention
+from vidpar.models.tensor_parallel import (
+    HeadShardedRMSNorm,
+    column_parallel,
+    replace_module,
+    row_parallel,
+)
+from vidpar.nn.attention import DistributedAttention
+from vidpar.nn.dit import shard_tokens
+from vidpar.nn.linear import GroupRef
+
+__all__ = [
+    "AttentionCall",
+    "Gather",
+    "ModelPlan",
+    "PlanProcessor",
+    "SequenceLength",
+    "Split",
+    "apply_plan",
+    "check_heads",
+    "split_layers",
+]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Split a tensor (or each tensor of a tuple) over sp along ``dim``: a forward input
+    (keyed by argument name) or, with ``output``, a module output (keyed by its index, or
+    ``None`` for the whole output). A tensor of other than ``ndim`` dims is left whole
+    (Wan's timestep: split only when there is one per token)."""
+
+    dim: int
+    ndim: int | None = None
+    output: bool = False
+
+
+@dataclass(frozen=True)
+class Gather:
+    """Gather a module's output over sp along ``dim`` (unpadded to the true length)."""
+
+    dim: int
+
+
+#: ``{module path ("" the model): {argument name or output index: Split} | Gather}``.
+TokenPlan = Mapping[str, Mapping[str | int | None, Split] | Gather]
+
+
+class SequenceLength:
+    """The true (unpadded) token count of the forward in flight: set by the splits, read
+    by the processors and the gather."""
+
+    def __init__(self) -> None:
+        self.value: int | None = None
+
+    def get(self) -> int:
+        if self.value is None:
+            raise RuntimeError(
+                "no tokens were split in this forward: call the whole parallelised model, "
+                "not one of its blocks on its own"
+            )
+        return self.value
+
+    def record(self, length: int) -> None:
+        if self.value is not None and self.value != length:
+            raise ValueError(
+                f"this forward splits sequences of {self.value} and {length} tokens; a "
+                "plan's splits must all be of the video tokens"
+            )
+        self.value = length
+
+
+#: Queries, keys and values ``[B, S, H, D]``.
+QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class AttentionCall(NamedTuple):
+    """What diffusers passes an attention processor besides the attention module."""
+
+    hidden_states: torch.Tensor
+    encoder_hidden_states: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    rotary_emb: Any
+
+
+class PlanProcessor:
+    """Base of the families' attention processors: one per model, around its
+    :class:`~vidpar.nn.attention.DistributedAttention`, with the tp and sp groups and the
+    :class:`SequenceLength` of the forward in flight. A family implements :meth:`attend`
+    on this rank's tp share of the heads (the projections' width tells how many)."""
+
+    def __init__(
+        self, attention: DistributedAttention, state: ParallelState, length: SequenceLength
+    ) -> None:
+        self.attention = attention
+        self.length = length
+        self._tp = GroupRef(state.group("tp"))
+        self._sp = GroupRef(state.group("sp"))
+
+    @property
+    def tp(self) -> GroupCoordinator:
+        return self._tp.group
+
+    @property
+    def sp(self) -> GroupCoordinator:
+        return self._sp.group
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+    ) -> Any:
+        call = AttentionCall(hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        return self.attend(attn, call)
+
+    def attend(self, attn: nn.Module, call: AttentionCall) -> Any:
+        raise NotImplementedError
+
+    def joint_attention(
+        self, video: QKV, text: QKV, text_lengths: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint attention of this rank's video tokens and the whole text (both queries
+        and keys), ``[B, S, H, D]`` each: the video queries through the distributed
+        attention with the text as joint keys, the text queries (held whole on every sp
+        rank) by :func:`~vidpar.models.sequence.replicated_query_attention`. With
+        ``text_lengths`` only each sample's first ``text_lengths[b]`` text keys count (a
+        padded prompt): the samples run one at a time. Returns ``(video, text)``."""
+        if text_lengths is not None and min(text_lengths) < text[1].shape[1]:
+            outs = [
+                self.joint_attention(
+                    tuple(t[b : b + 1] for t in video),
+                    tuple(t[b : b + 1] if i == 0 else t[b : b + 1, :n] for i, t in enumerate(text)),
+                )
+                for b, n in enumerate(text_lengths)
+            ]
+            return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        seq_len = self.length.get()
+        (q, k, v), (q_text, k_text, v_text) = video, text
+        joint = {} if k_text.shape[1] == 0 else {"joint_k": k_text, "joint_v": v_text}
+        out = self.attention(q, k, v, seq_len=seq_len, **joint)
+        extra = (k_text, v_text) if joint else (None, None)
+        text_out = replicated_query_attention(q_text, k, v, self.sp, seq_len, *extra)
+        return out, text_out
+
+
+def split_layers(
+    attention: str, ffn: str, projections: str = "to_q|to_k|to_v", norms: str | None = None
+) -> dict[str, tuple[str, ...]]:
+    """diffusers' usual tp split (``column``, ``row`` and ``head_norms`` of a
+    :class:`ModelPlan`): the ``projections`` of the ``attention`` modules and the FFN's
+    first linear column-parallel, the attention output and the FFN's last linear
+    row-parallel, and the attention's RMSNorms across all heads ``norms`` head-sharded
+    (path patterns)."""
+    return {
+        "column": (rf"{attention}\.({projections})", rf"{ffn}\.net\.0\.proj"),
+        "row": (rf"{attention}\.to_out\.0", rf"{ffn}\.net\.2"),
+        "head_norms": (rf"{attention}\.({norms})",) if norms else (),
+    }
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """How one diffusers model family runs on a layout (see the module doc)."""
+
+    #: The repeated transformer block classes (regional compilation).
+    blocks: tuple[str, ...]
+    #: Attention modules (a path pattern) that get ``processor``.
+    attention: str
+    #: The family's attention processor class.
+    processor: type[PlanProcessor]
+    column: tuple[str, ...] = ()
+    row: tuple[str, ...] = ()
+    head_norms: tuple[str, ...] = ()
+    #: The token splits and gathers; ``None``: the model class's diffusers ``_cp_plan``.
+    tokens: TokenPlan | None = None
+    #: Inputs of diffusers' ``_cp_plan`` that stay whole (replicated text).
+    whole: tuple[str, ...] = ("encoder_hidden_states", "encoder_attention_mask")
+    #: The config entry holding the number of attention heads.
+    heads: str = "num_attention_heads"
+
+
+def check_heads(state: ParallelState, num_heads: int) -> None:
+    """The one place a plan checks the heads against the layout: every rank needs a head,
+    and a plan's tp layers split heads evenly (uneven heads work over Ulysses)."""
+    state.check_heads(num_heads)
+    tp = state.config.tp
+    if num_heads % tp:
+        raise ValueError(
+            f"num_heads({num_heads}) is not divisible by tp({tp}): a diffusers model's heads "
+            f"split over tp evenly only (over ulysses they need not); choose a tp that "
+            f"divides {num_heads}"
+        )
+
+
+def apply_plan(model: nn.Module, plan: ModelPlan, state: ParallelState) -> None:
+    """Prepare ``model`` for ``state`` in place, as ``plan`` says."""
+    tp = state.group("tp")
+    if tp.world_size > 1:
+        _split_layers(model, plan, tp)
+    length = SequenceLength()
+    attention = DistributedAttention(
+        getattr(model.config, plan.heads),
+        ulysses_group=state.group("ulysses"),
+        ring_group=state.group("ring"),
+    )
+    processor = plan.processor(attention, state, length)
+    pattern = re.compile(plan.attention)
+    for name, module in model.named_modules():
+        if pattern.fullmatch(name):
+            if hasattr(module, "set_processor"):
+                module.set_processor(processor)
+            else:  # an attention class of its own (Mochi's)
+                module.processor = processor
+    _TokenHooks(model, token_plan(model, plan), state.group("sp"), length)
+
+
+def token_plan(model: nn.Module, plan: ModelPlan) -> TokenPlan:
+    """The plan's own token splits, else those of the class's diffusers ``_cp_plan`` (the
+    ``whole`` inputs left out)."""
+    if plan.tokens is not None:
+        return plan.tokens
+    cp_plan = getattr(type(model), "_cp_plan", None)
+    if not cp_plan:
+        raise TypeError(
+            f"{type(model).__name__} has no vidpar token plan and no diffusers _cp_plan"
+        )
+    tokens: dict[str, Any] = {}
+    for path, entry in cp_plan.items():
+        if hasattr(entry, "gather_dim"):
+            tokens[path] = Gather(entry.gather_dim)
+            continue
+        splits = {}
+        for key, spec in entry.items():
+            if key in plan.whole:
+                continue
+            spec = spec[0] if isinstance(spec, list | tuple) else spec
+            splits[key] = Split(spec.split_dim, spec.expected_dims, spec.split_output)
+        if splits:
+            tokens[path] = splits
+    return tokens
+
+
+def _split_layers(model: nn.Module, plan: ModelPlan, tp: GroupCoordinator) -> None:
+    """This rank's tp shards of the layers the plan's patterns name."""
+    styles = [
+        (re.compile(p), lambda m, path: column_parallel(m, tp, path)) for p in plan.column
+    ] + [(re.compile(p), lambda m, path: row_parallel(m, tp, path)) for p in plan.row]
+    styles += [(re.compile(p), lambda m, path: HeadShardedRMSNorm(m, tp)) for p in plan.head_norms]
+    split = 0
+    for path, module in list(model.named_modules()):
+        for pattern, shard in styles:
+            if pattern.fullmatch(path):
+                replace_module(model, path, shard(module, path))
+                split += 1
+                break
+    if not split:
+        raise ValueError(
+            f"{type(model).__name__} runs sequence parallel only: its plan names no layers "
+            f"to split over tp({tp.world_size}); set parallel.tp=1"
+        )
+
+
+class _TokenHooks:
+    """The forward hooks that split the tokens once and gather them once."""
+
+    def __init__(
+        self, model: nn.Module, tokens: TokenPlan, sp: GroupCoordinator, length: SequenceLength
+    ) -> None:
+        self._sp = GroupRef(sp)
+        self.length = length
+        model.register_forward_pre_hook(self._start, prepend=True)
+        for path, entry in tokens.items():
+            module = model.get_submodule(path)
+            if isinstance(entry, Gather):
+                module.register_forward_hook(self._gather(entry))
+                continue
+            inputs = {k: s for k, s in entry.items() if not s.output}
+            outputs = {k: s for k, s in entry.items() if s.output}
+            if inputs:
+                hook = self._split_inputs(inspect.signature(module.forward), inputs)
+                module.register_forward_pre_hook(hook, with_kwargs=True)
+            if outputs:
+                module.register_forward_hook(self._split_outputs(outputs))
+
+    def _start(self, module: nn.Module, args: tuple) -> None:
+        self.length.value = None
+
+    def _split(self, value: Any, split: Split) -> Any:
+        if isinstance(value, tuple | list):
+            return type(value)(self._split(v, split) for v in value)
+        if not isinstance(value, torch.Tensor) or (split.ndim and value.ndim != split.ndim):
+            return value
+        self.length.record(value.shape[split.dim])
+        return shard_tokens(value, self._sp.group, split.dim)
+
+    def _split_inputs(self, signature: inspect.Signature, splits: dict) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            bound = signature.bind_partial(*args, **kwargs)
+            for name, split in splits.items():
+                if name in bound.arguments:
+                    bound.arguments[name] = self._split(bound.arguments[name], split)
+            return bound.args, bound.kwargs
+
+        return hook
+
+    def _split_outputs(self, splits: dict) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            if None in splits:
+                return self._split(output, splits[None])
+            items = list(output)
+            for index, split in splits.items():
+                items[index] = self._split(items[index], split)
+            return type(output)(items)
+
+        return hook
+
+    def _gather(self, gather: Gather) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return gather_sequence(output, self._sp.group, self.length.get(), gather.dim)
+
+        return hook

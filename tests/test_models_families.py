@@ -1,0 +1,282 @@
+"""vidpar.models.parallelize on the diffusers families beyond Wan and CogVideoX (one
+parametrised test per family × layout): outputs and parameter gradients equal the
+unparallelised diffusers model's in float64, with 27 video tokens (a multiple of neither
+2 nor 4) and, where the family takes one, a text mask with padding."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.models.normalization import FP32LayerNorm
+
+from models_oracle import LAYOUTS, backward_both, gradient_errors, relative_error, worst
+from vidpar.models import SUPPORTED_MODELS, parallelize
+from vidpar.models import testing as tiny
+
+TOLERANCE = 1e-9
+#: Gradients diffusers itself rounds to float32 while they are partial sums over tokens
+#: (FP32LayerNorm weights, Wan-like time embeddings, and HunyuanVideo's text path, whose
+#: per-head RMSNorms compute in float32 while each sp rank holds a share of the text's
+#: gradient, most under Ring), or sums in float32 in another order (Mochi's learned rope
+#: frequencies): they agree to float32.
+FLOAT32_TOLERANCE = 1e-6
+BATCH, TEXT = 2, 5
+
+
+def _noise(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _text_mask() -> torch.Tensor:
+    """The second prompt is 2 tokens shorter: its last 2 text tokens are padding."""
+    mask = torch.ones(BATCH, TEXT)
+    mask[1, -2:] = 0
+    return mask
+
+
+#: HunyuanVideo's text path: the text refiners, the dual-stream blocks' text layers, and
+#: the query and key projections the text shares with the video (their gradients meet the
+#: text's float32-rounded ones in the joint attention).
+HUNYUAN_TEXT_PATH = (
+    r"context_embedder|transformer_blocks\.\d+\.(attn\.(add_|to_add_out|norm_added)|"
+    r"norm1_context|ff_context)|(single_)?transformer_blocks\.\d+\.attn\.(to|norm)_[qk]\.|"
+    r"cond_type_embed"
+)
+
+#: Mochi rotates its queries and keys in float32, even in a float64 model: every gradient
+#: upstream of a rope (and its learned frequencies) agrees to float32.
+MOCHI_FLOAT32 = r".+"
+
+
+@dataclass(frozen=True)
+class Family:
+    make: Callable[..., torch.nn.Module]
+    inputs: Callable[[], dict]
+    #: Parameters (a name pattern) whose gradients diffusers rounds to float32.
+    float32: str | None = None
+
+
+FAMILIES = {
+    "skyreels_v2": Family(
+        partial(tiny.tiny_transformer, "SkyReelsV2Transformer3DModel"),
+        lambda: {
+            "hidden_states": _noise(1, BATCH, 16, 3, 6, 6),
+            "timestep": torch.tensor([100.0, 700.0], dtype=torch.float64),
+            "encoder_hidden_states": _noise(2, BATCH, TEXT, 32),
+        },
+        r"condition_embedder\.time_",
+    ),
+    "ltx": Family(
+        partial(tiny.tiny_transformer, "LTXVideoTransformer3DModel"),
+        lambda: {
+            "hidden_states": _noise(1, BATCH, 27, 8),
+            "encoder_hidden_states": _noise(2, BATCH, TEXT, 16),
+            "timestep": torch.tensor([100.0, 700.0], dtype=torch.float64),
+            "encoder_attention_mask": _text_mask(),
+            "num_frames": 3,
+            "height": 3,
+            "width": 3,
+        },
+    ),
+    "hunyuan_video": Family(
+        partial(tiny.tiny_transformer, "HunyuanVideoTransformer3DModel"),
+        lambda: {
+            "hidden_states": _noise(1, BATCH, 4, 3, 3, 3),
+            "timestep": torch.tensor([100.0, 700.0], dtype=torch.float64),
+            "encoder_hidden_states": _noise(2, BATCH, TEXT, 16),
+            "encoder_attention_mask": _text_mask(),
+            "pooled_projections": _noise(3, BATCH, 8),
+            "guidance": torch.tensor([3000.0, 5000.0], dtype=torch.float64),
+        },
+        HUNYUAN_TEXT_PATH,
+    ),
+    "hunyuan_video_15": Family(
+        partial(tiny.tiny_transformer, "HunyuanVideo15Transformer3DModel"),
+        lambda: {
+            "hidden_states": _noise(1, BATCH, 4, 3, 3, 3),
+            "timestep": torch.tensor([100.0, 700.0], dtype=torch.float64),
+            "encoder_hidden_states": _noise(2, BATCH, TEXT, 16),
+            "encoder_attention_mask": _text_mask(),
+            "encoder_hidden_states_2": _noise(3, BATCH, 3, 8),
+            "encoder_attention_mask_2": torch.tensor([[1, 1, 1], [1, 0, 0]]),
+            "image_embeds": torch.zeros(BATCH, 2, 8, dtype=torch.float64),  # T2V
+        },
+        HUNYUAN_TEXT_PATH,
+    ),
+    "mochi": Family(
+        partial(tiny.tiny_transformer, "MochiTransformer3DModel"),
+        lambda: {
+            "hidden_states": _noise(1, BATCH, 4, 3, 6, 6),
+            "encoder_hidden_states": _noise(2, BATCH, TEXT, 16),
+            "timestep": torch.tensor([100.0, 700.0], dtype=torch.float64),
+            "encoder_attention_mask": _text_mask().bool(),
+        },
+        MOCHI_FLOAT32,
+    ),
+}
+
+
+def _matches_diffusers(family: str) -> dict[str, float]:
+    reference = FAMILIES[family].make().double()
+    model = parallelize(copy.deepcopy(reference))
+    inputs = FAMILIES[family].inputs()
+    expected = reference(**inputs, return_dict=False)[0]
+    out = model(**inputs, return_dict=False)[0]
+    backward_both(expected, out)
+    return {"output": relative_error(out, expected), **gradient_errors(reference, model)}
+
+
+def _float32_gradients(family: str) -> set[str]:
+    model = FAMILIES[family].make()
+    pattern = FAMILIES[family].float32
+    names = {n for n, _ in model.named_parameters() if pattern and re.match(pattern, n)}
+    for prefix, module in model.named_modules():
+        if isinstance(module, FP32LayerNorm):
+            names |= {f"{prefix}.{n}" for n, _ in module.named_parameters()}
+    return names
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_outputs_and_gradients_equal_diffusers(worlds, family, layout):
+    config = LAYOUTS[layout]
+    errors = worst(worlds(config.world_size).run(_matches_diffusers, family, layout=config))
+    assert errors.pop("output") <= TOLERANCE
+    loose = _float32_gradients(family)
+    bad = {
+        name: error
+        for name, error in errors.items()
+        if error > (FLOAT32_TOLERANCE if name in loose else TOLERANCE)
+    }
+    assert not bad, bad
+
+
+def test_every_family_is_listed():
+    for name in (
+        "SkyReelsV2Transformer3DModel",
+        "LTXVideoTransformer3DModel",
+        "HunyuanVideoTransformer3DModel",
+        "HunyuanVideo15Transformer3DModel",
+        "MochiTransformer3DModel",
+    ):
+        assert name in SUPPORTED_MODELS
+
+
+STEPS, LR = 2, 1e-2
+
+
+def train(model: torch.nn.Module, family: str) -> list[float]:
+    """``STEPS`` SGD steps on a flow-matching-like loss (the squared error to a fixed
+    target), the gradients summed over sp as the strategy's reduction does; the losses."""
+    from vidpar.distributed.state import get_parallel_state
+
+    sp = get_parallel_state().group("sp")
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        out = model(**FAMILIES[family].inputs(), return_dict=False)[0]
+        loss = (out - _noise(10 + step, *out.shape)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        for param in model.parameters():
+            if param.grad is not None:  # None: a branch the inputs do not use
+                param.grad = sp.all_reduce(param.grad)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _train_and_save(family: str, path: str) -> list[float]:
+    from vidpar.distributed.checkpoint import save_sharded
+
+    model = parallelize(FAMILIES[family].make().double())
+    losses = train(model, family)
+    save_sharded(Path(path), model, [], {})
+    return losses
+
+
+def _load_full_weights(family: str, path: str) -> dict[str, torch.Tensor]:
+    from vidpar.distributed.checkpoint import load_sharded
+    from vidpar.distributed.full_weights import full_state_dict
+
+    model = parallelize(FAMILIES[family].make(seed=3).double())  # other weights, then the file's
+    load_sharded(Path(path), model, [])
+    return full_state_dict(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_under_tp2_sp2_equals_one_process_and_reshards_to_tp1(worlds, family, tmp_path):
+    reference = FAMILIES[family].make().double()
+    expected_losses = train(reference, family)
+    layout = LAYOUTS["tp2_sp2"]
+    runs = worlds(4).run(_train_and_save, family, str(tmp_path / "ckpt"), layout=layout)
+    for losses in runs:
+        assert max(abs(a - b) / b for a, b in zip(losses, expected_losses, strict=True)) <= 1e-9
+    loaded = worlds(2).run(
+        _load_full_weights, family, str(tmp_path / "ckpt"), layout=LAYOUTS["sp2"]
+    )[0]
+    expected = reference.state_dict()
+    assert list(loaded) == list(expected)
+    errors = {name: relative_error(loaded[name], expected[name]) for name in expected}
+    assert max(errors.values()) <= FLOAT32_TOLERANCE, max(errors.items(), key=lambda e: e[1])
+
+
+def test_a_class_with_only_a_diffusers_cp_plan_is_refused_naming_the_families():
+    from diffusers import FluxTransformer2DModel
+
+    flux = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=8,
+        pooled_projection_dim=8,
+        axes_dims_rope=(4, 4, 8),
+    )
+    with pytest.raises(TypeError, match=r"FluxTransformer2DModel \(its diffusers _cp_plan.*LTX"):
+        parallelize(flux)
+
+
+def test_the_lightning_module_names_the_families_it_does_not_train(tmp_path):
+    from vidpar.lightning import DiffusersFlowModule
+
+    tiny.tiny_transformer("LTXVideoTransformer3DModel").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"LTXVideoTransformer3DModel: DiffusersFlowModule trains"):
+        DiffusersFlowModule(str(tmp_path))
+
+
+def test_the_lightning_module_trains_skyreels_v2(tmp_path):
+    import lightning.pytorch as pl
+
+    from vidpar.data import LatentsDataModule
+    from vidpar.lightning import DiffusersFlowModule
+
+    tiny.tiny_transformer("SkyReelsV2Transformer3DModel").save_pretrained(tmp_path / "model")
+    tiny.make_tiny_latents(tmp_path / "latents", tmp_path / "model")
+    module = DiffusersFlowModule(str(tmp_path / "model"), lr=1e-2)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    before = tiny.tiny_transformer("SkyReelsV2Transformer3DModel").state_dict()
+    trainer.fit(module, datamodule=LatentsDataModule(str(tmp_path / "latents"), batch_size=2))
+    assert type(module.model).__name__ == "SkyReelsV2Transformer3DModel"
+    assert trainer.global_step == 2
+    after = module.model.state_dict()
+    assert not torch.equal(
+        after["blocks.0.attn1.to_q.weight"], before["blocks.0.attn1.to_q.weight"]
+    )
