@@ -4,7 +4,10 @@
 #   bash benchmarks/gpu_session.sh tests kernels comm          # steps, in order
 # Steps: tests (pytest -m gpu), kernels (attention kernels rows), comm (pynccl vs torch's
 # NCCL on one GPU), models (diffusers' Wan through parallelize at world 1), dit (VideoDiT
-# eager/compiled vs diffusers' Wan), dit_wan (the same, one command: dit.compare=wan), train (the Wan-sized diffusers training step).
+# eager/compiled vs diffusers' Wan), dit_wan (the same, one command: dit.compare=wan), train (the Wan-sized diffusers training step),
+# newgpu (the GPU tests of the round-3 modules: VAE, compile, elementwise), families (each plan
+# family at its published size vs plain diffusers), lora (LoRA vs full fine-tuning),
+# pipeline (each stage of a prompt-to-video generation vs diffusers' WanPipeline).
 # Wheels the machine lacks travel in .whl (see the device tool's README).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -44,6 +47,13 @@ for step in "$@"; do
     models) bench models 240 suite=models repeats=4 warmup=1 runs=3 ;;
     dit) bench dit 330 suite=dit ${DIT_ARGS:-} ;;
     dit_wan) bench dit_wan 570 suite=dit dit.compare=wan repeats=4 warmup=1 runs=3 ;;
+    newgpu) VIDPAR_GPU_OUT=$OUT timeout 240 python3 -m pytest -q -rs -s -m gpu -p no:cacheprovider \
+        tests/test_parallel_vae_gpu.py tests/test_gpu.py tests/test_elementwise.py 2>&1 | tee "$OUT/newgpu.txt" ;;
+    families) timeout 300 python3 benchmarks/families_gpu.py --runs 3 --out "$OUT/families_gpu.json" \
+        2>&1 | tee "$OUT/families.txt" ;;
+    lora) timeout 240 python3 benchmarks/lora_vs_full.py --steps 3 2>&1 | tee "$OUT/lora.txt" ;;
+    pipeline) timeout 560 python3 benchmarks/pipeline_stages.py --root /tmp/wan-random \
+        --layouts single --steps ${PIPELINE_STEPS:-4} 2>&1 | tee "$OUT/pipeline.txt" ;;
     train) timeout 300 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_diffusers_gpu.py \
         2>&1 | tee "$OUT/train.txt" ;;
     *) echo "unknown step $step" ;;
