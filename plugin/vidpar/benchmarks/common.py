@@ -1,5 +1,5 @@
-"""What every benchmark suite shares: settings, sizes, timers, statistics, host facts,
-layouts inside Executor workers, and plain-text tables."""
+"""What every benchmark suite shares: settings, sizes, timers, statistics, a step's GPU
+peak, host facts, layouts inside Executor workers, and plain-text tables."""
 
 from __future__ import annotations
 
@@ -187,6 +187,23 @@ class IterationTimer:
 
 
 # Layouts inside workers ---------------------------------------------------------------
+
+
+def peak_bytes(model: Any, step: Callable[[], Any], device: torch.device) -> int | None:
+    """The model's weights plus the peak of one ``step()`` above what was allocated before
+    it (CUDA; ``None`` elsewhere). A first step allocates the gradients, as in training."""
+    if device.type != "cuda":
+        return None
+    step()
+    model.zero_grad(set_to_none=True)
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    synchronize(device)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    return torch.cuda.max_memory_allocated(device) - before + weights
 
 
 def use_layout(**sizes: int) -> Any:

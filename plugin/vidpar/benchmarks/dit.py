@@ -108,7 +108,7 @@ def resolved(options: DiTOptions, common: Common) -> dict[str, Any]:
     }
 
 
-def _build(
+def build_dit(
     model_sizes: dict[str, Any],
     device: torch.device,
     dtype: torch.dtype,
@@ -154,11 +154,11 @@ def _measure_mode(worker, size: dict[str, Any], mode: str, common: Common) -> di
     )
     with single_process():
         reference = (
-            _build(size["model"], device, dtype, size["checkpointing"])
+            build_dit(size["model"], device, dtype, size["checkpointing"])
             if world.rank_in_group == 0
             else None
         )
-    parallel = _build(size["model"], device, dtype, size["checkpointing"])
+    parallel = build_dit(size["model"], device, dtype, size["checkpointing"])
 
     out: dict[str, Any] = {"mode": mode}
     for pass_name in size["passes"]:
@@ -194,7 +194,7 @@ def run(options: DiTOptions, common: Common) -> dict[str, Any]:
             raise ValueError(f"dit.compare must be wan or null, got {options.compare!r}")
         from vidpar.benchmarks import dit_compare
 
-        return dit_compare.run(options, common)
+        return dit_compare.run(options, common, build_dit)
     size = resolved(options, common)
     results = []
     with Executor(ParallelConfig(dp=options.world), devices=common.device) as ex:

@@ -25,11 +25,11 @@ from vidpar.benchmarks.common import (
     format_seconds,
     format_table,
     interleaved_runs,
+    peak_bytes,
     summarise_speedup,
     torch_dtype,
     use_layout,
 )
-from vidpar.benchmarks.memory import peak_bytes
 
 PASSES = ("forward", "backward")
 #: Wan2.1-T2V-1.3B's transformer.
