@@ -6,7 +6,7 @@ registry behind it can change in one place.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.distributed.state import get_parallel_state, model_parallel_is_initialized
@@ -37,4 +37,4 @@ def _current_layout() -> Layout | None:
     if not model_parallel_is_initialized():
         return None
     state = get_parallel_state()
-    return Layout(*(state.group(name) for name in ("tp", "sp", "ulysses", "ring")))
+    return Layout(**{f.name: state.group(f.name) for f in fields(Layout)})
