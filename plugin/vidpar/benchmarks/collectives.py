@@ -22,6 +22,7 @@ import torch.distributed as dist
 from vidpar.benchmarks.common import (
     Common,
     IterationTimer,
+    check_choices,
     check_world,
     format_bytes,
     format_seconds,
@@ -141,9 +142,7 @@ def run(options: CollectivesOptions, common: Common) -> dict[str, Any]:
     from vidpar.executor import Executor
 
     check_world("collectives", options.world)
-    for op in options.ops:
-        if op not in OPS:
-            raise ValueError(f"unknown collective {op!r}; choose from {OPS}")
+    check_choices("collective", options.ops, OPS)
     sizes = sizes_for(options, common)
     per_run = []
     with Executor(ParallelConfig(dp=options.world), devices=common.device) as ex:

@@ -50,6 +50,14 @@ def check_world(suite: str, world: int) -> None:
         raise ValueError(f"{suite}.world must be at least 2, got {world}")
 
 
+def check_choices(what: str, values: Iterable[str], choices: Iterable[str]) -> None:
+    """A ``ValueError`` naming the choices for the first of ``values`` not among them."""
+    known = list(choices)
+    for value in values:
+        if value not in known:
+            raise ValueError(f"unknown {what} {value!r}; choose from {known}")
+
+
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
     if device == "auto":

@@ -21,6 +21,7 @@ import torch
 from vidpar.benchmarks.common import (
     Common,
     IterationTimer,
+    check_choices,
     format_bytes,
     format_seconds,
     format_table,
@@ -158,9 +159,7 @@ def run(options: CommunicatorsOptions, common: Common) -> dict[str, Any]:
         raise ValueError("communicators compares CUDA paths: run it with device=cuda")
     if options.world < 1:
         raise ValueError(f"communicators.world must be at least 1, got {options.world}")
-    for op in options.ops:
-        if op not in OPS:
-            raise ValueError(f"unknown collective {op!r}; choose from {OPS}")
+    check_choices("collective", options.ops, OPS)
     sizes = geometric_sizes(
         parse_bytes(options.min_bytes), parse_bytes(options.max_bytes), options.factor
     )

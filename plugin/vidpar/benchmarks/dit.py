@@ -19,6 +19,7 @@ import torch
 
 from vidpar.benchmarks.common import (
     Common,
+    check_choices,
     interleaved_runs,
     speedup_table,
     summarise_speedup,
@@ -82,18 +83,15 @@ def resolved(options: DiTOptions, common: Common) -> dict[str, Any]:
     latent = list(options.latent or (GPU_LATENT if common.cuda else CPU_LATENT))
     if len(latent) != 3:
         raise ValueError(f"dit.latent must be [T, H, W], got {latent}")
+    check_choices("dit mode", options.modes, MODES)
+    check_choices("pass", options.passes, PASSES)
     for mode in options.modes:
-        if mode not in MODES:
-            raise ValueError(f"unknown dit mode {mode!r}; choose from {list(MODES)}")
         world = math.prod(MODES[mode].values())
         if world != options.world:
             raise ValueError(f"mode {mode} needs a world of {world}, but dit.world={options.world}")
         parts = MODES[mode].get("tp", 1) * MODES[mode].get("ulysses", 1)
         if config.num_heads % parts:
             raise ValueError(f"num_heads({config.num_heads}) must divide by tp × ulysses in {mode}")
-    for p in options.passes:
-        if p not in PASSES:
-            raise ValueError(f"unknown pass {p!r}; choose from {PASSES}")
     patch = config.patch_size
     tokens = math.prod(n // p for n, p in zip(latent, patch, strict=True))
     dtype = options.dtype or ("bfloat16" if common.cuda else "float32")

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from vidpar.benchmarks import models
 from vidpar.benchmarks.common import (
     Common,
     IterationTimer,
@@ -47,24 +48,26 @@ COMPARED = (
     ("vidpar_compiled", "wan_compiled"),
     ("vidpar_compiled_keep_attention", "wan_compiled"),
 )
+
+
+def video_dit_sizes(wan: dict[str, Any]) -> dict[str, Any]:
+    """A ``WanTransformer3DModel`` config's sizes as VideoDiT fields (:func:`_wan` maps
+    them back), so both models of a run hold the same parameters."""
+    heads = wan["num_attention_heads"]
+    return {
+        "in_channels": wan["in_channels"],
+        "hidden_size": heads * wan["attention_head_dim"],
+        "num_heads": heads,
+        "depth": wan["num_layers"],
+        "ffn_dim": wan["ffn_dim"],
+        "context_dim": wan["text_dim"],
+    }
+
+
 #: Wan2.1-T2V-1.3B as a VideoDiT conditioned on text (T5 embeddings).
-GPU_MODEL = {
-    "in_channels": 16,
-    "hidden_size": 1536,
-    "num_heads": 12,
-    "depth": 30,
-    "ffn_dim": 8960,
-    "context_dim": 4096,
-}
+GPU_MODEL = video_dit_sizes(models.GPU_MODEL)
 #: A tiny pair for CPU runs (the suite's own check).
-CPU_MODEL = {
-    "in_channels": 4,
-    "hidden_size": 64,
-    "num_heads": 4,
-    "depth": 2,
-    "ffn_dim": 128,
-    "context_dim": 32,
-}
+CPU_MODEL = video_dit_sizes(models.CPU_MODEL)
 CPU_LATENT = [2, 8, 8]
 CPU_TEXT = 8
 
