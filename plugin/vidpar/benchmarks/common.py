@@ -97,8 +97,10 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds:.3f} s"
 
 
-def geometric_sizes(low: int, high: int, factor: int = 2) -> list[int]:
-    """``low, low·factor, ...`` up to ``high`` (inclusive)."""
+def geometric_sizes(low: int | str, high: int | str, factor: int = 2) -> list[int]:
+    """``low, low·factor, ...`` up to ``high`` (inclusive); sizes in bytes or as
+    :func:`parse_bytes` reads them (``"64KiB"``)."""
+    low, high = parse_bytes(low), parse_bytes(high)
     if low < 1 or high < low or factor < 2:
         raise ValueError(f"need 1 <= low <= high and factor >= 2, got {low}, {high}, {factor}")
     sizes, size = [], low
@@ -122,6 +124,14 @@ def median(values: Iterable[float]) -> float:
 def rank_max(per_rank: Sequence[Sequence[float]]) -> list[float]:
     """Per-iteration time of a collective step: the slowest rank of each iteration."""
     return [max(times) for times in zip(*per_rank, strict=True)]
+
+
+def slowest_rank_stats(
+    per_run: Sequence[Sequence[Any]], times: Callable[[Any], Sequence[float]]
+) -> dict[str, Any]:
+    """:func:`run_stats` of ``runs × ranks`` results, each iteration timed by its slowest
+    rank (``times(rank result)``: that rank's per-iteration times)."""
+    return run_stats([rank_max([times(rank) for rank in run]) for run in per_run])
 
 
 def run_stats(run_times: Sequence[Sequence[float]]) -> dict[str, Any]:
