@@ -18,7 +18,7 @@ from cuda_timing import kernel_table
 from torch.profiler import ProfilerActivity, profile
 
 from vidpar.benchmarks.common import Common
-from vidpar.benchmarks.dit import DiTOptions
+from vidpar.benchmarks.dit import DiTOptions, build_dit
 from vidpar.benchmarks.dit_compare import _variants, resolved
 from vidpar.distributed import state as ps
 
@@ -52,7 +52,7 @@ def main() -> None:
     call = "forward + backward" if backward else "forward"
     size = resolved(DiTOptions(compare="wan", passes=["forward"]), Common(device="cuda"))
     with ps.single_process():
-        variants = _variants(size, torch.device("cuda"), torch.bfloat16)
+        variants = _variants(size, torch.device("cuda"), torch.bfloat16, build_dit)
         for name in names:
             _, step = variants[name]
             for _ in range(3):

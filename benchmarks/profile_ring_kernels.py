@@ -17,8 +17,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from vidpar.benchmarks.ring_kernels import _inputs
 from vidpar.nn import attention_kernels as ak
-from vidpar.nn.attention import LocalRing, ring_attention
+from vidpar.nn.attention import ring_attention
 from vidpar.nn.softmax_merge import merge_into
+from vidpar.nn.testing import LocalRing
 
 SIZE = {"batch": 1, "tokens": 32760, "heads": 12, "head_dim": 128, "dtype": "bfloat16"}
 SCALE = SIZE["head_dim"] ** -0.5

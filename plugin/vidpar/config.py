@@ -12,7 +12,8 @@ import itertools
 import math
 from dataclasses import dataclass, replace
 
-#: Layout order, slowest-varying first.
+#: The layout's dimension names, slowest-varying first: the one place they and their order
+#: are spelled (the mesh, the groups, ``describe()`` and the CLI's usage all read it).
 DIMS: tuple[str, ...] = ("dp", "cfg", "ring", "ulysses", "tp")
 #: Named groups and the layout dimensions whose coordinate varies inside each of them.
 GROUP_DIMS: dict[str, tuple[str, ...]] = {
@@ -69,10 +70,9 @@ class ParallelConfig:
     world_size: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("tp", "sp", "ulysses", "ring", "cfg", "world_size"):
-            _check_positive(name, getattr(self, name))
-        if self.dp != -1:
-            _check_positive("dp", self.dp)
+        for name in (*DIMS, "sp", "world_size"):
+            if not (name == "dp" and self.dp == -1):
+                _check_positive(name, getattr(self, name))
         ulysses, ring, sp = self.ulysses, self.ring, self.sp
         if ulysses is None and ring is None:
             ulysses, ring = sp or 1, 1

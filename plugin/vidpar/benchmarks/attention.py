@@ -24,6 +24,7 @@ from torch import nn
 
 from vidpar.benchmarks.common import (
     Common,
+    check_choices,
     check_world,
     interleaved_runs,
     speedup_table,
@@ -92,9 +93,7 @@ def resolved(options: AttentionOptions, common: Common) -> dict[str, Any]:
                 f"heads({size['heads']}) is not divisible by ulysses({uly}) in mode {mode}; "
                 "use ring or usp"
             )
-    for p in options.passes:
-        if p not in PASSES:
-            raise ValueError(f"unknown pass {p!r}; choose from {PASSES}")
+    check_choices("pass", options.passes, PASSES)
     if options.layer not in ("projections", "core"):
         raise ValueError(f"attention.layer must be projections or core, got {options.layer!r}")
     return {**size, "modes": modes, "batch": options.batch, "layer": options.layer}

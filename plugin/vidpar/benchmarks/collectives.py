@@ -22,6 +22,7 @@ import torch.distributed as dist
 from vidpar.benchmarks.common import (
     Common,
     IterationTimer,
+    check_choices,
     check_world,
     format_bytes,
     format_seconds,
@@ -30,9 +31,7 @@ from vidpar.benchmarks.common import (
     host_info,
     median,
     paired_ratio,
-    parse_bytes,
-    rank_max,
-    run_stats,
+    slowest_rank_stats,
     synchronize,
     torch_dtype,
 )
@@ -60,7 +59,7 @@ class CollectivesOptions:
 
 def sizes_for(options: CollectivesOptions, common: Common) -> list[int]:
     high = options.max_bytes or ("1GiB" if common.cuda else "16MiB")
-    return geometric_sizes(parse_bytes(options.min_bytes), parse_bytes(high), options.factor)
+    return geometric_sizes(options.min_bytes, high, options.factor)
 
 
 def _make_ops(
@@ -141,9 +140,7 @@ def run(options: CollectivesOptions, common: Common) -> dict[str, Any]:
     from vidpar.executor import Executor
 
     check_world("collectives", options.world)
-    for op in options.ops:
-        if op not in OPS:
-            raise ValueError(f"unknown collective {op!r}; choose from {OPS}")
+    check_choices("collective", options.ops, OPS)
     sizes = sizes_for(options, common)
     per_run = []
     with Executor(ParallelConfig(dp=options.world), devices=common.device) as ex:
@@ -154,10 +151,8 @@ def run(options: CollectivesOptions, common: Common) -> dict[str, Any]:
     rows = []
     for index, first in enumerate(per_run[0][0]):
         op, nbytes = first["op"], first["bytes"]
-        # runs × ranks × iterations -> runs × iterations (slowest rank)
-        vidpar = [rank_max([rank[index]["vidpar"] for rank in run]) for run in per_run]
-        raw = [rank_max([rank[index]["raw"] for rank in run]) for run in per_run]
-        v, r = run_stats(vidpar), run_stats(raw)
+        v = slowest_rank_stats(per_run, lambda rank, i=index: rank[i]["vidpar"])
+        r = slowest_rank_stats(per_run, lambda rank, i=index: rank[i]["raw"])
         ratio = paired_ratio(v["run_medians_s"], r["run_medians_s"])
         row = {"op": op, "bytes": nbytes, "world": options.world}
         for name, stats in (("vidpar", v), ("raw", r)):

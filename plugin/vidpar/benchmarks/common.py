@@ -1,5 +1,5 @@
-"""What every benchmark suite shares: settings, sizes, timers, statistics, host facts,
-layouts inside Executor workers, and plain-text tables."""
+"""What every benchmark suite shares: settings, sizes, timers, statistics, a step's GPU
+peak, host facts, layouts inside Executor workers, and plain-text tables."""
 
 from __future__ import annotations
 
@@ -50,6 +50,14 @@ def check_world(suite: str, world: int) -> None:
         raise ValueError(f"{suite}.world must be at least 2, got {world}")
 
 
+def check_choices(what: str, values: Iterable[str], choices: Iterable[str]) -> None:
+    """A ``ValueError`` naming the choices for the first of ``values`` not among them."""
+    known = list(choices)
+    for value in values:
+        if value not in known:
+            raise ValueError(f"unknown {what} {value!r}; choose from {known}")
+
+
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
     if device == "auto":
@@ -89,8 +97,10 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds:.3f} s"
 
 
-def geometric_sizes(low: int, high: int, factor: int = 2) -> list[int]:
-    """``low, low·factor, ...`` up to ``high`` (inclusive)."""
+def geometric_sizes(low: int | str, high: int | str, factor: int = 2) -> list[int]:
+    """``low, low·factor, ...`` up to ``high`` (inclusive); sizes in bytes or as
+    :func:`parse_bytes` reads them (``"64KiB"``)."""
+    low, high = parse_bytes(low), parse_bytes(high)
     if low < 1 or high < low or factor < 2:
         raise ValueError(f"need 1 <= low <= high and factor >= 2, got {low}, {high}, {factor}")
     sizes, size = [], low
@@ -114,6 +124,14 @@ def median(values: Iterable[float]) -> float:
 def rank_max(per_rank: Sequence[Sequence[float]]) -> list[float]:
     """Per-iteration time of a collective step: the slowest rank of each iteration."""
     return [max(times) for times in zip(*per_rank, strict=True)]
+
+
+def slowest_rank_stats(
+    per_run: Sequence[Sequence[Any]], times: Callable[[Any], Sequence[float]]
+) -> dict[str, Any]:
+    """:func:`run_stats` of ``runs × ranks`` results, each iteration timed by its slowest
+    rank (``times(rank result)``: that rank's per-iteration times)."""
+    return run_stats([rank_max([times(rank) for rank in run]) for run in per_run])
 
 
 def run_stats(run_times: Sequence[Sequence[float]]) -> dict[str, Any]:
@@ -187,6 +205,23 @@ class IterationTimer:
 
 
 # Layouts inside workers ---------------------------------------------------------------
+
+
+def peak_bytes(model: Any, step: Callable[[], Any], device: torch.device) -> int | None:
+    """The model's weights plus the peak of one ``step()`` above what was allocated before
+    it (CUDA; ``None`` elsewhere). A first step allocates the gradients, as in training."""
+    if device.type != "cuda":
+        return None
+    step()
+    model.zero_grad(set_to_none=True)
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    synchronize(device)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    return torch.cuda.max_memory_allocated(device) - before + weights
 
 
 def use_layout(**sizes: int) -> Any:

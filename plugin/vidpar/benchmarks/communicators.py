@@ -21,15 +21,14 @@ import torch
 from vidpar.benchmarks.common import (
     Common,
     IterationTimer,
+    check_choices,
     format_bytes,
     format_seconds,
     format_table,
     geometric_sizes,
     median,
     paired_ratio,
-    parse_bytes,
-    rank_max,
-    run_stats,
+    slowest_rank_stats,
     synchronize,
     torch_dtype,
 )
@@ -140,8 +139,9 @@ def summarise(per_run: list[list[dict[str, Any]]], world: int) -> list[dict[str,
         for path in PATHS:
             if path not in first:
                 continue
-            runs = [rank_max([rank["rows"][index][path] for rank in run]) for run in per_run]
-            row[path] = run_stats(runs)
+            row[path] = slowest_rank_stats(
+                per_run, lambda rank, i=index, p=path: rank["rows"][i][p]
+            )
             medians[path] = row[path]["run_medians_s"]
         for path in medians.keys() - {"torch"}:
             row[f"{path}_over_torch"] = paired_ratio(medians[path], medians["torch"])["ratio"]
@@ -158,12 +158,8 @@ def run(options: CommunicatorsOptions, common: Common) -> dict[str, Any]:
         raise ValueError("communicators compares CUDA paths: run it with device=cuda")
     if options.world < 1:
         raise ValueError(f"communicators.world must be at least 1, got {options.world}")
-    for op in options.ops:
-        if op not in OPS:
-            raise ValueError(f"unknown collective {op!r}; choose from {OPS}")
-    sizes = geometric_sizes(
-        parse_bytes(options.min_bytes), parse_bytes(options.max_bytes), options.factor
-    )
+    check_choices("collective", options.ops, OPS)
+    sizes = geometric_sizes(options.min_bytes, options.max_bytes, options.factor)
     sweep = (sizes, options.ops, options.dtype, options.graph, common)
     with Executor(ParallelConfig(dp=options.world), devices="cuda") as ex:
         per_run = [ex.collective_rpc(_worker_sweep, *sweep) for _ in range(common.runs)]

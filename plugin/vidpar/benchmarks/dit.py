@@ -19,6 +19,7 @@ import torch
 
 from vidpar.benchmarks.common import (
     Common,
+    check_choices,
     interleaved_runs,
     speedup_table,
     summarise_speedup,
@@ -82,18 +83,15 @@ def resolved(options: DiTOptions, common: Common) -> dict[str, Any]:
     latent = list(options.latent or (GPU_LATENT if common.cuda else CPU_LATENT))
     if len(latent) != 3:
         raise ValueError(f"dit.latent must be [T, H, W], got {latent}")
+    check_choices("dit mode", options.modes, MODES)
+    check_choices("pass", options.passes, PASSES)
     for mode in options.modes:
-        if mode not in MODES:
-            raise ValueError(f"unknown dit mode {mode!r}; choose from {list(MODES)}")
         world = math.prod(MODES[mode].values())
         if world != options.world:
             raise ValueError(f"mode {mode} needs a world of {world}, but dit.world={options.world}")
         parts = MODES[mode].get("tp", 1) * MODES[mode].get("ulysses", 1)
         if config.num_heads % parts:
             raise ValueError(f"num_heads({config.num_heads}) must divide by tp × ulysses in {mode}")
-    for p in options.passes:
-        if p not in PASSES:
-            raise ValueError(f"unknown pass {p!r}; choose from {PASSES}")
     patch = config.patch_size
     tokens = math.prod(n // p for n, p in zip(latent, patch, strict=True))
     dtype = options.dtype or ("bfloat16" if common.cuda else "float32")
@@ -108,7 +106,7 @@ def resolved(options: DiTOptions, common: Common) -> dict[str, Any]:
     }
 
 
-def _build(
+def build_dit(
     model_sizes: dict[str, Any],
     device: torch.device,
     dtype: torch.dtype,
@@ -154,11 +152,11 @@ def _measure_mode(worker, size: dict[str, Any], mode: str, common: Common) -> di
     )
     with single_process():
         reference = (
-            _build(size["model"], device, dtype, size["checkpointing"])
+            build_dit(size["model"], device, dtype, size["checkpointing"])
             if world.rank_in_group == 0
             else None
         )
-    parallel = _build(size["model"], device, dtype, size["checkpointing"])
+    parallel = build_dit(size["model"], device, dtype, size["checkpointing"])
 
     out: dict[str, Any] = {"mode": mode}
     for pass_name in size["passes"]:
@@ -194,7 +192,7 @@ def run(options: DiTOptions, common: Common) -> dict[str, Any]:
             raise ValueError(f"dit.compare must be wan or null, got {options.compare!r}")
         from vidpar.benchmarks import dit_compare
 
-        return dit_compare.run(options, common)
+        return dit_compare.run(options, common, build_dit)
     size = resolved(options, common)
     results = []
     with Executor(ParallelConfig(dp=options.world), devices=common.device) as ex:

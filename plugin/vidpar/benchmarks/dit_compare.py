@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from vidpar.benchmarks import models
 from vidpar.benchmarks.common import (
     Common,
     IterationTimer,
@@ -27,14 +29,16 @@ from vidpar.benchmarks.common import (
     format_seconds,
     format_table,
     paired_ratio,
+    peak_bytes,
     run_stats,
     synchronize,
     torch_dtype,
     use_layout,
 )
-from vidpar.benchmarks.memory import peak_bytes
 from vidpar.benchmarks.models import GPU_LATENT, cast_like_from_pretrained, wan_run
 
+#: ``(model sizes, device, dtype, checkpointing) -> VideoDiT`` with seeded weights.
+BuildDiT = Callable[[dict[str, Any], torch.device, torch.dtype, bool | str], torch.nn.Module]
 VARIANTS = ("vidpar", "vidpar_compiled", "vidpar_compiled_keep_attention", "wan", "wan_compiled")
 #: Measured in forward + backward only (their forward is ``vidpar_compiled``'s).
 BACKWARD_ONLY = ("vidpar_compiled_keep_attention",)
@@ -44,24 +48,26 @@ COMPARED = (
     ("vidpar_compiled", "wan_compiled"),
     ("vidpar_compiled_keep_attention", "wan_compiled"),
 )
+
+
+def video_dit_sizes(wan: dict[str, Any]) -> dict[str, Any]:
+    """A ``WanTransformer3DModel`` config's sizes as VideoDiT fields (:func:`_wan` maps
+    them back), so both models of a run hold the same parameters."""
+    heads = wan["num_attention_heads"]
+    return {
+        "in_channels": wan["in_channels"],
+        "hidden_size": heads * wan["attention_head_dim"],
+        "num_heads": heads,
+        "depth": wan["num_layers"],
+        "ffn_dim": wan["ffn_dim"],
+        "context_dim": wan["text_dim"],
+    }
+
+
 #: Wan2.1-T2V-1.3B as a VideoDiT conditioned on text (T5 embeddings).
-GPU_MODEL = {
-    "in_channels": 16,
-    "hidden_size": 1536,
-    "num_heads": 12,
-    "depth": 30,
-    "ffn_dim": 8960,
-    "context_dim": 4096,
-}
+GPU_MODEL = video_dit_sizes(models.GPU_MODEL)
 #: A tiny pair for CPU runs (the suite's own check).
-CPU_MODEL = {
-    "in_channels": 4,
-    "hidden_size": 64,
-    "num_heads": 4,
-    "depth": 2,
-    "ffn_dim": 128,
-    "context_dim": 32,
-}
+CPU_MODEL = video_dit_sizes(models.CPU_MODEL)
 CPU_LATENT = [2, 8, 8]
 CPU_TEXT = 8
 
@@ -119,18 +125,18 @@ def _wan(size: dict[str, Any], device: torch.device, dtype: torch.dtype):
     return wan
 
 
-def _variants(size: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def _variants(
+    size: dict[str, Any], device: torch.device, dtype: torch.dtype, build_dit: BuildDiT
+) -> dict[str, Any]:
     """``name -> (model, step(backward))``. vidpar's compiled variant is the same model
     with its compile switch on (the same weights)."""
-    from vidpar.benchmarks.dit import _build
-
     gen = torch.Generator().manual_seed(1)
     b, c = size["batch"], size["model"]["in_channels"]
     x = torch.randn((b, c, *size["latent"]), generator=gen).to(device=device, dtype=dtype)
     text = torch.randn((b, size["text"], size["model"]["context_dim"]), generator=gen)
     text = text.to(device=device, dtype=dtype)
     t = torch.full((b,), 0.5, device=device)
-    ours = _build(size["model"], device, dtype, size["checkpointing"])
+    ours = build_dit(size["model"], device, dtype, size["checkpointing"])
 
     def vidpar_step(compiled: bool, checkpointing: bool | str):
         def step(backward: bool) -> torch.Tensor:
@@ -170,12 +176,12 @@ def _step(model, args: tuple, kwargs: dict, backward: bool) -> torch.Tensor:
     return out
 
 
-def _measure(worker, size: dict[str, Any], common: Common) -> dict[str, Any]:
+def _measure(worker, size: dict[str, Any], common: Common, build_dit: BuildDiT) -> dict[str, Any]:
     """In the worker: every variant's first call (compilation), interleaved timed runs,
     then each variant's peak memory alone."""
     use_layout()
     device, dtype = worker.device, torch_dtype(size["dtype"])
-    variants = _variants(size, device, dtype)
+    variants = _variants(size, device, dtype, build_dit)
     out: dict[str, Any] = {
         "params": {
             name: sum(p.numel() for p in m.parameters()) for name, (m, _) in variants.items()
@@ -218,14 +224,15 @@ def _measure(worker, size: dict[str, Any], common: Common) -> dict[str, Any]:
     return out
 
 
-def run(options: Any, common: Common) -> dict[str, Any]:
-    """Every variant in one worker on one device."""
+def run(options: Any, common: Common, build_dit: BuildDiT) -> dict[str, Any]:
+    """Every variant in one worker on one device; ``build_dit`` is the ``dit`` suite's
+    seeded VideoDiT (:func:`vidpar.benchmarks.dit.build_dit`)."""
     from vidpar.config import ParallelConfig
     from vidpar.executor import Executor
 
     size = resolved(options, common)
     with Executor(ParallelConfig(), devices=common.device) as ex:
-        (measured,) = ex.collective_rpc(_measure, size, common)
+        (measured,) = ex.collective_rpc(_measure, size, common, build_dit)
     flop = forward_flop(size)
     results = []
     for pass_name in size["passes"]:

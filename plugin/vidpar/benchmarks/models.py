@@ -21,15 +21,17 @@ import torch
 
 from vidpar.benchmarks.common import (
     Common,
+    check_choices,
     format_bytes,
     format_seconds,
     format_table,
     interleaved_runs,
+    peak_bytes,
     summarise_speedup,
     torch_dtype,
     use_layout,
 )
-from vidpar.benchmarks.memory import peak_bytes
+from vidpar.models.testing import TINY_WAN
 
 PASSES = ("forward", "backward")
 #: Wan2.1-T2V-1.3B's transformer.
@@ -45,17 +47,8 @@ GPU_MODEL = {
 }
 GPU_LATENT = [21, 60, 104]
 GPU_TEXT = 512
-#: A tiny Wan for CPU runs (the suite's own check).
-CPU_MODEL = {
-    "num_attention_heads": 2,
-    "attention_head_dim": 16,
-    "ffn_dim": 64,
-    "num_layers": 2,
-    "in_channels": 4,
-    "out_channels": 4,
-    "text_dim": 16,
-    "freq_dim": 32,
-}
+#: A tiny Wan for CPU runs (the suite's own check): the tiny Wan vidpar's tests use.
+CPU_MODEL = TINY_WAN
 CPU_LATENT = [3, 8, 8]
 CPU_TEXT = 8
 
@@ -84,9 +77,7 @@ def resolved(options: ModelsOptions, common: Common) -> dict[str, Any]:
     latent = list(options.latent or (GPU_LATENT if common.cuda else CPU_LATENT))
     if len(latent) != 3 or latent[1] % 2 or latent[2] % 2:
         raise ValueError(f"models.latent must be [T, H, W] with even H and W, got {latent}")
-    for p in options.passes:
-        if p not in PASSES:
-            raise ValueError(f"unknown pass {p!r}; choose from {PASSES}")
+    check_choices("pass", options.passes, PASSES)
     return {**wan_run(options, common, model, latent, CPU_TEXT), "compile": options.compile}
 
 

@@ -20,7 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from vidpar.benchmarks.common import Common, check_world, format_seconds, format_table, median
+from vidpar.benchmarks.common import (
+    Common,
+    check_choices,
+    check_world,
+    format_seconds,
+    format_table,
+    median,
+)
 
 #: comparison -> ((vidpar strategy, model impl), (baseline strategy, model impl))
 COMPARISONS: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {
@@ -116,9 +123,7 @@ def run(options: TrainOptions, common: Common) -> dict[str, Any]:
     from vidpar.executor import Executor
 
     check_world("train", options.world)
-    for name in options.comparisons:
-        if name not in COMPARISONS:
-            raise ValueError(f"unknown comparison {name!r}; choose from {list(COMPARISONS)}")
+    check_choices("comparison", options.comparisons, COMPARISONS)
     if options.global_batch % options.world:
         raise ValueError(
             f"global_batch({options.global_batch}) must divide by world({options.world})"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from vidpar.config import PRESETS, ParallelConfig
+from vidpar.config import DIMS, PRESETS, ParallelConfig
 from vidpar.resources import CONFIG_DIR
 
 #: Per command: what it does, examples, and its main overrides with what they do. Every
@@ -95,7 +95,7 @@ def usage(command: str) -> str:
     summary, examples, overrides = COMMANDS[command]
     lines = [summary, "", "Usage:", *(f"  {e}" for e in examples), "", "Main overrides:"]
     lines += _table(overrides + [(f"{g}=...", "|".join(options(g))) for g in GROUPS[command]])
-    lines += ["", "Parallel presets (parallel=NAME; world = dp × cfg × ring × ulysses × tp):"]
+    lines += ["", f"Parallel presets (parallel=NAME; world = {' × '.join(DIMS)}):"]
     lines += _table([(name, ParallelConfig(**sizes).describe()) for name, sizes in PRESETS.items()])
     if command == "train":
         recipes = sorted((Path(CONFIG_DIR) / "recipe").glob("*.yaml"))

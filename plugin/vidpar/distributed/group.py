@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import torch
@@ -18,7 +19,9 @@ class GroupCoordinator:
     Holds the group's ``ranks``, this process's ``rank_in_group``, a gloo ``cpu_group``
     for objects and control, a ``device_group`` for tensors and the ``communicator`` that
     moves them. Sources and destinations are ranks in the group. A group of one rank
-    communicates nothing and returns at once. Every tensor collective is timed into the
+    communicates nothing and returns at once: its collectives return their input, and its
+    point-to-point ops are a loopback (what it sends to itself, rank 0, waits in order for
+    the matching receive; receiving with nothing sent, or from another rank, is an error). Every tensor collective is timed into the
     active :mod:`~vidpar.distributed.telemetry` recorder, if any. While ``torch.compile``
     traces, all-reduce, all-gather, reduce-scatter and all-to-all become the custom ops of
     :mod:`~vidpar.distributed.collective_ops` (out of place), which run these same methods
@@ -43,6 +46,9 @@ class GroupCoordinator:
         self.device_group = device_group
         self.device = device
         self.communicator: DeviceCommunicator | None = None
+        #: What a group of one sent itself and has not received yet (tensors, objects).
+        self._loopback: deque[torch.Tensor] = deque()
+        self._loopback_objects: deque[Any] = deque()
         #: The name this group's traceable collectives know it by.
         self.key = collective_ops.group_key(self, name)
         if self.world_size > 1:
@@ -104,6 +110,7 @@ class GroupCoordinator:
 
     def gather(self, tensor: torch.Tensor, dst: int = 0, dim: int = 0) -> torch.Tensor | None:
         """Concatenation along ``dim`` on rank ``dst``; ``None`` on the others."""
+        self._peer(dst, dst, "gather")
         if self.world_size == 1:
             return tensor
         nbytes = tensor.numel() * tensor.element_size() * self.world_size
@@ -133,22 +140,53 @@ class GroupCoordinator:
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Rank ``src``'s ``tensor`` copied into every rank's ``tensor`` (in place)."""
+        self._peer(src, src, "broadcast")
         if self.world_size == 1:
             return tensor
         with self._measure("broadcast", tensor):
             return self.communicator.broadcast(tensor, src)
 
+    def _peer(self, peer: int | None, default: int, op: str) -> int:
+        """``peer`` (or ``default``), checked to be a rank of the group."""
+        peer = default if peer is None else peer
+        if not 0 <= peer < self.world_size:
+            raise ValueError(
+                f"{op}: rank {peer} is not in group {self.name!r} of {self.world_size} rank(s)"
+            )
+        return peer
+
+    def _loopback_take(self, queue: deque, op: str) -> Any:
+        if not queue:
+            raise RuntimeError(
+                f"{op} on group {self.name!r} of one rank: nothing was sent to this rank"
+                " (a group of one receives only what it sent itself, in order)"
+            )
+        return queue.popleft()
+
     def send(self, tensor: torch.Tensor, dst: int | None = None) -> None:
-        """Send to rank ``dst`` of the group (default: the next rank)."""
-        dst = self.next_rank if dst is None else dst
+        """Send to rank ``dst`` of the group (default: the next rank). A group of one keeps
+        a copy for its own :meth:`recv`."""
+        dst = self._peer(dst, self.next_rank, "send")
+        if self.world_size == 1:
+            self._loopback.append(tensor.detach().to(self.device, copy=True))
+            return
         with self._measure("send", tensor):
             self.communicator.send(tensor, dst)
 
     def recv(
         self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, src: int | None = None
     ) -> torch.Tensor:
-        """Receive a tensor of ``shape`` and ``dtype`` from rank ``src`` (default: previous)."""
-        src = self.prev_rank if src is None else src
+        """Receive a tensor of ``shape`` and ``dtype`` from rank ``src`` (default: previous).
+        A group of one returns the oldest tensor it sent itself, which must match."""
+        src = self._peer(src, self.prev_rank, "recv")
+        if self.world_size == 1:
+            sent = self._loopback_take(self._loopback, "recv")
+            if sent.shape != torch.Size(shape) or sent.dtype != dtype:
+                raise RuntimeError(
+                    f"recv on group {self.name!r} of one rank: expected {tuple(shape)} {dtype},"
+                    f" but this rank sent itself {tuple(sent.shape)} {sent.dtype}"
+                )
+            return sent
         tensor = torch.empty(shape, dtype=dtype, device=self.device)
         with self._measure("recv", tensor):
             return self.communicator.recv(tensor, src)
@@ -157,6 +195,7 @@ class GroupCoordinator:
 
     def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
         """Rank ``src``'s picklable ``obj`` on every rank."""
+        self._peer(src, src, "broadcast_object")
         if self.world_size == 1:
             return obj
         box = [obj if self.rank_in_group == src else None]
@@ -168,6 +207,7 @@ class GroupCoordinator:
     ) -> dict[str, Any]:
         """Rank ``src``'s dict on every rank: metadata over the cpu group, tensors over the
         device group (one broadcast each), other values pickled with the metadata."""
+        self._peer(src, src, "broadcast_tensor_dict")
         if self.world_size == 1:
             return tensor_dict
         is_src = self.rank_in_group == src
@@ -193,12 +233,17 @@ class GroupCoordinator:
 
     def send_object(self, obj: Any, dst: int | None = None) -> None:
         """Send a picklable ``obj`` to rank ``dst`` of the group (default: the next rank)."""
-        dst = self.next_rank if dst is None else dst
+        dst = self._peer(dst, self.next_rank, "send_object")
+        if self.world_size == 1:
+            self._loopback_objects.append(obj)
+            return
         dist.send_object_list([obj], group=self.cpu_group, group_dst=dst)
 
     def recv_object(self, src: int | None = None) -> Any:
         """Receive an object from rank ``src`` of the group (default: the previous rank)."""
-        src = self.prev_rank if src is None else src
+        src = self._peer(src, self.prev_rank, "recv_object")
+        if self.world_size == 1:
+            return self._loopback_take(self._loopback_objects, "recv_object")
         box = [None]
         dist.recv_object_list(box, group=self.cpu_group, group_src=src)
         return box[0]

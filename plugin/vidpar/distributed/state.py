@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 
 class ParallelState:
     """One process's view of a layout: the resolved ``config``, a
-    :class:`GroupCoordinator` per group name (``GROUP_DIMS``) and a ``DeviceMesh`` with dims
-    ``(dp, cfg, ring, ulysses, tp)`` built from the same process groups.
+    :class:`GroupCoordinator` per group name (``GROUP_DIMS``) and a ``DeviceMesh`` whose
+    dims are the layout's (``DIMS``), built from the same process groups.
 
     :meth:`group` is the one way to resolve a group.
     """
@@ -90,7 +90,7 @@ class ParallelState:
 
     @property
     def mesh(self):
-        """A ``DeviceMesh`` with dims ``(dp, cfg, ring, ulysses, tp)`` over this layout's own
+        """A ``DeviceMesh`` whose dims are :data:`~vidpar.config.DIMS` over this layout's own
         process groups (made from them, so no group is created twice)."""
         if self._mesh is None:
             if not self._mesh_groups:
@@ -313,7 +313,7 @@ def parallel_context(
         destroy_distributed_environment()
 
 
-# Getters: one-line delegates to the current state ------------------------------------
+# Getters: one per group name of vidpar.config.GROUP_DIMS, delegates to the current state
 
 
 def get_world_group() -> GroupCoordinator:
@@ -323,22 +323,41 @@ def get_world_group() -> GroupCoordinator:
     return get_parallel_state().group("world")
 
 
-def _group_getter(name: str, doc: str) -> Callable[[], GroupCoordinator]:
-    def getter() -> GroupCoordinator:
-        return get_parallel_state().group(name)
-
-    getter.__name__ = getter.__qualname__ = f"get_{name}_group"
-    getter.__doc__ = f"The current layout's {doc} group."
-    return getter
+def get_tp_group() -> GroupCoordinator:
+    """The current layout's tensor-parallel group (heads and FFN columns are split over it)."""
+    return get_parallel_state().group("tp")
 
 
-get_tp_group = _group_getter("tp", "tensor-parallel")
-get_sp_group = _group_getter("sp", "sequence-parallel (ulysses × ring)")
-get_ulysses_group = _group_getter("ulysses", "Ulysses")
-get_ring_group = _group_getter("ring", "ring")
-get_cfg_group = _group_getter("cfg", "classifier-free-guidance")
-get_dp_group = _group_getter("dp", "data-parallel")
-get_dp_sp_group = _group_getter("dp_sp", "replica (dp × sp: gradients are reduced over it)")
+def get_sp_group() -> GroupCoordinator:
+    """The current layout's sequence-parallel group (ulysses × ring: tokens are split over it)."""
+    return get_parallel_state().group("sp")
+
+
+def get_ulysses_group() -> GroupCoordinator:
+    """The current layout's Ulysses group (the all-to-all of attention runs over it)."""
+    return get_parallel_state().group("ulysses")
+
+
+def get_ring_group() -> GroupCoordinator:
+    """The current layout's ring group (K/V blocks travel around it)."""
+    return get_parallel_state().group("ring")
+
+
+def get_cfg_group() -> GroupCoordinator:
+    """The current layout's classifier-free-guidance group (conditional and unconditional
+    branches run on its two ranks)."""
+    return get_parallel_state().group("cfg")
+
+
+def get_dp_group() -> GroupCoordinator:
+    """The current layout's data-parallel group (each member sees other samples)."""
+    return get_parallel_state().group("dp")
+
+
+def get_dp_sp_group() -> GroupCoordinator:
+    """The current layout's replica group (dp × sp: gradients of one tp shard are averaged
+    over it)."""
+    return get_parallel_state().group("dp_sp")
 
 
 def get_parallel_config() -> ParallelConfig:

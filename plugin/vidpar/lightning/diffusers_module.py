@@ -12,7 +12,11 @@ import lightning.pytorch as pl
 import torch
 
 from vidpar.data.latents import LATENTS, NEGATIVE, PROMPT
-from vidpar.lightning.module import sample_cfg_dropout, sample_noise_and_time
+from vidpar.lightning.module import (
+    check_timestep_sampling,
+    sample_cfg_dropout,
+    sample_noise_and_time,
+)
 from vidpar.lightning.nonfinite import NonFiniteGuard, OnNonFinite, check_on_nonfinite
 from vidpar.models import SUPPORTED_MODELS
 from vidpar.models.pretrained import (
@@ -96,10 +100,7 @@ class DiffusersFlowModule(pl.LightningModule):
         super().__init__()
         check_on_nonfinite(on_nonfinite)
         self.lora = LoraSettings.of(lora)
-        if timestep_sampling not in ("uniform", "logit_normal"):
-            raise ValueError(
-                f"timestep_sampling must be 'uniform' or 'logit_normal', got {timestep_sampling!r}"
-            )
+        check_timestep_sampling(timestep_sampling)
         self.folder = find_model_folder(path, subfolder)
         self.transformer_config = read_config(self.folder)
         family = self.transformer_config["_class_name"]

@@ -39,13 +39,25 @@ from vidpar.executor import Executor, RemoteError, WorkerDiedError
 from vidpar.lightning.supervision import TrainingInterrupted, signal_name
 
 if TYPE_CHECKING:
-    from vidpar.lightning.strategy import VidParStrategy
+    from lightning.pytorch.strategies import ParallelStrategy
+
+    from vidpar.config import ParallelConfig
+
+    class LaunchedStrategy(ParallelStrategy):
+        """What the launcher reads of :class:`vidpar.lightning.strategy.VidParStrategy`
+        (declared here, so that the launcher and the strategy do not import each other)."""
+
+        parallel_config: ParallelConfig
+        communicator: str
+        heartbeat_timeout_s: float | None
+        checkpoint_on_interrupt: bool
+        _timeout: Any
 
 
 class VidParLauncher(_MultiProcessingLauncher):
     """Runs the Trainer's function in one Executor worker per device."""
 
-    def __init__(self, strategy: VidParStrategy) -> None:
+    def __init__(self, strategy: LaunchedStrategy) -> None:
         super().__init__(strategy, start_method="spawn")
 
     def launch(self, function, *args: Any, trainer=None, **kwargs: Any) -> Any:

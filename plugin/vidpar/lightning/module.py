@@ -4,15 +4,26 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import lightning.pytorch as pl
 import torch
 
 from vidpar.lightning.nonfinite import NonFiniteGuard, OnNonFinite, check_on_nonfinite
 from vidpar.nn.dit import DiTConfig, VideoDiT
-from vidpar.pipelines.flow_matching import FlowMatchEulerSampler, flow_matching_loss
+from vidpar.pipelines.flow_matching import (
+    FlowMatchEulerSampler,
+    TimestepSampling,
+    flow_matching_loss,
+)
 from vidpar.pipelines.video_io import to_uint8_frames, write_video
+
+
+def check_timestep_sampling(value: str) -> None:
+    """A ``ValueError`` naming the choices unless ``value`` is a known timestep sampling."""
+    if value not in get_args(TimestepSampling):
+        choices = " or ".join(repr(c) for c in get_args(TimestepSampling))
+        raise ValueError(f"timestep_sampling must be {choices}, got {value!r}")
 
 
 def sample_noise_and_time(
@@ -83,10 +94,7 @@ class VideoDiffusionModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         check_on_nonfinite(on_nonfinite)
-        if timestep_sampling not in ("uniform", "logit_normal"):
-            raise ValueError(
-                f"timestep_sampling must be 'uniform' or 'logit_normal', got {timestep_sampling!r}"
-            )
+        check_timestep_sampling(timestep_sampling)
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0 turns EMA off), got {ema_decay}")
         dit = dit if isinstance(dit, DiTConfig) else DiTConfig(**(dit or {}))

@@ -32,6 +32,9 @@ replicated parameters expects.
 
 from __future__ import annotations
 
+import enum
+from typing import Protocol
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -46,7 +49,7 @@ from vidpar.nn.attention_kernels import attention_backward, attention_forward, h
 from vidpar.nn.linear import GroupRef
 from vidpar.nn.softmax_merge import SoftmaxMerge
 
-__all__ = ["DistributedAttention", "LocalRing", "ring_attention"]
+__all__ = ["DistributedAttention", "RingMessage", "RingPeers", "ring_attention"]
 
 
 class DistributedAttention(nn.Module):
@@ -218,7 +221,7 @@ def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    group: GroupCoordinator | LocalRing,
+    group: GroupCoordinator | RingPeers,
     valid: list[int],
     joint_k: torch.Tensor | None = None,
     joint_v: torch.Tensor | None = None,
@@ -229,13 +232,14 @@ def ring_attention(
     ``q, k, v``: ``[B, S_block, H, D]``, rank ``i`` of ``group`` holding block ``i``;
     ``valid[j]``: the number of real (unpadded) tokens at the start of block ``j``.
     ``joint_k/joint_v``: ``[B, L, H, D]`` local extra keys attended by every query.
-    ``group`` may be a :class:`LocalRing`: rank 0's work with the blocks on one device.
+    ``group`` may be other :class:`RingPeers` (such as :class:`vidpar.nn.testing.LocalRing`:
+    rank 0's work with the blocks on one device), run as a plain autograd function.
     Each block runs on a fused kernel of :mod:`vidpar.nn.attention_kernels`. With a real
     group the whole ring (its exchanges overlapped with the blocks' kernels) is one custom
     op, forward and backward, so ``torch.compile`` traces it as one node of the graph.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if isinstance(group, LocalRing):
+    if not isinstance(group, GroupCoordinator):
         return _RingAttention.apply(q, k, v, joint_k, joint_v, group, tuple(valid), scale)
     out, _ = torch.ops.vidpar.ring_attention(q, k, v, joint_k, joint_v, group.key, valid, scale)
     return out
@@ -256,6 +260,34 @@ def _stack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.stack((k, v))
 
 
+class RingMessage(enum.Enum):
+    """What travels around the ring: K/V blocks, or the dK/dV accumulators of a backward."""
+
+    KV = "kv"
+    GRADS = "grads"
+
+
+#: The NCCL/gloo tag each message kind travels under (so the two exchanges in flight
+#: together during a backward never match each other's receives).
+_P2P_TAGS = {RingMessage.KV: 0, RingMessage.GRADS: 1}
+
+
+class RingPending(Protocol):
+    def wait(self) -> torch.Tensor:
+        """The tensor received from the previous rank."""
+        ...
+
+
+class RingPeers(Protocol):
+    """A ring as the ring attention sees it: this member's ``rank`` of ``size``, and an
+    exchange that sends ``tensor`` to the next member while one comes from the previous."""
+
+    rank: int
+    size: int
+
+    def start(self, tensor: torch.Tensor, message: RingMessage) -> RingPending: ...
+
+
 class _RingExchange:
     """Send a tensor to the next rank of a ring group and receive one of the same shape
     from the previous rank, asynchronously (one batched isend/irecv pair)."""
@@ -266,12 +298,12 @@ class _RingExchange:
         self.next = group.ranks[group.next_rank]
         self.prev = group.ranks[group.prev_rank]
 
-    def start(self, tensor: torch.Tensor, tag: int) -> _Pending | _Ready:
+    def start(self, tensor: torch.Tensor, message: RingMessage) -> _Pending | _Ready:
         if self.size == 1:  # a ring of one (no layout): the tensor comes back to this rank
             return _Ready(tensor)
         tensor = tensor.contiguous()
         received = torch.empty_like(tensor)
-        pg = self.group.device_group
+        pg, tag = self.group.device_group, _P2P_TAGS[message]
         ops = [
             dist.P2POp(dist.isend, tensor, self.next, pg, tag),
             dist.P2POp(dist.irecv, received, self.prev, pg, tag),
@@ -292,28 +324,6 @@ class _Pending:
         return self.received
 
 
-class LocalRing:
-    """Rank 0 of a ring of ``len(kv_blocks)`` ranks on one device, with no communication:
-    what one ring rank computes, for benchmarks and single-device tests. ``kv_blocks[j]``
-    (``[2, B, S_block, H, D]``, K and V stacked) is block ``j``; the rank holding block ``j``
-    receives block ``j - 1``. The dK/dV accumulators handed on are appended to
-    ``sent_grads`` when ``keep_grads`` (the ``s``-th of a backward carries block ``-s mod
-    size``) and zeros come back."""
-
-    def __init__(self, kv_blocks: list[torch.Tensor], keep_grads: bool = False) -> None:
-        self.rank, self.size = 0, len(kv_blocks)
-        self.kv_blocks, self.keep_grads = kv_blocks, keep_grads
-        self.sent_grads: list[torch.Tensor] = []
-
-    def start(self, tensor: torch.Tensor, tag: int) -> _Ready:
-        if tag == 0:  # a block this class handed out, or else rank 0's own
-            held = next((j for j, b in enumerate(self.kv_blocks) if b is tensor), 0)
-            return _Ready(self.kv_blocks[(held - 1) % self.size])
-        if self.keep_grads:
-            self.sent_grads.append(tensor)
-        return _Ready(torch.zeros_like(tensor))
-
-
 class _Ready:
     def __init__(self, tensor: torch.Tensor) -> None:
         self.tensor = tensor
@@ -323,7 +333,8 @@ class _Ready:
 
 
 class _RingAttention(torch.autograd.Function):
-    """The ring over a :class:`LocalRing` (no communication), for benchmarks and tests."""
+    """The ring over other :class:`RingPeers` than a group (no custom op), such as the
+    single-device :class:`vidpar.nn.testing.LocalRing` of benchmarks and tests."""
 
     @staticmethod
     def forward(ctx, q, k, v, joint_k, joint_v, ring, valid, scale):
@@ -428,7 +439,7 @@ def _ring_forward(q, k, v, joint_k, joint_v, ring, valid, scale):
         kv = _stack_kv(k, v)
         merge = SoftmaxMerge()
         for step in range(size):
-            pending = ring.start(kv, tag=0) if step < size - 1 else None
+            pending = ring.start(kv, RingMessage.KV) if step < size - 1 else None
             n = valid[(rank - step) % size]  # this step's block came from rank - step
             if n > 0:
                 kb, vb = (heads_first(t[:, :n]) for t in kv)
@@ -454,7 +465,7 @@ def _ring_backward(dout, q, k, v, joint_k, joint_v, out, lse, ring, valid, scale
         kv = _stack_kv(k, v)
         grads = None  # dK/dV accumulated for the block held, travelling with it
         for step in range(size):
-            kv_pending = ring.start(kv, tag=0) if step < size - 1 else None
+            kv_pending = ring.start(kv, RingMessage.KV) if step < size - 1 else None
             n = valid[(rank - step) % size]
             if n > 0:
                 kb, vb = (heads_first(t[:, :n]) for t in kv)
@@ -473,7 +484,7 @@ def _ring_backward(dout, q, k, v, joint_k, joint_v, out, lse, ring, valid, scale
                     block_grads[1, :, :n].add_(dvb.transpose(1, 2))
             if n > 0:
                 del dqb, dkb, dvb  # freed before the next block's kernel allocates its own
-            grads = ring.start(block_grads, tag=1)
+            grads = ring.start(block_grads, RingMessage.GRADS)
             if kv_pending is not None:
                 kv = kv_pending.wait()
         dk, dv = grads.wait().to(k.dtype).unbind(0)  # this rank's own block, complete
