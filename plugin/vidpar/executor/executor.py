@@ -15,9 +15,11 @@ processes they started (politely where they can still listen, by ``SIGKILL`` oth
 from __future__ import annotations
 
 import atexit
+import ipaddress
 import logging
 import os
 import select
+import socket
 import threading
 import time
 import weakref
@@ -51,6 +53,42 @@ _STARTUP_HINT = (
 )
 
 
+def loopback_store(host: str) -> torch.distributed.TCPStore:
+    """The rendezvous store of a single-host world, listening on ``host`` alone.
+
+    TCPStore binds its own socket to every interface (IPv4 and IPv6) whatever the host it
+    is given, so any host that reaches this one could read and write rendezvous keys. This
+    one listens on a socket bound to the loopback address ``host`` (the OS picks the port,
+    so no worker can lose a race for one), which the store then owns.
+    """
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(
+            f"master_addr={host!r}: the Executor's workers all run on this host, so its "
+            "rendezvous store listens on a loopback address only; pass 127.0.0.1 or ::1"
+        )
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.bind((host, 0))
+        listener.listen(socket.SOMAXCONN)
+        port = listener.getsockname()[1]
+    except BaseException:
+        listener.close()
+        raise
+    return torch.distributed.TCPStore(
+        host,
+        port,
+        is_master=True,
+        wait_for_workers=False,
+        master_listen_fd=listener.detach(),
+        use_libuv=True,
+    )
+
+
 class Executor:
     """Runs one :class:`~vidpar.executor.Worker` process per rank of ``config``.
 
@@ -75,7 +113,8 @@ class Executor:
         error_grace_s: once a rank has raised, seconds the other ranks of the call get to
             answer; ranks still busy after that are taken as stuck (e.g. in a collective
             with the failed rank) and the Executor is shut down.
-        master_addr: rendezvous host.
+        master_addr: the loopback address the rendezvous store listens on (only there:
+            no other host can reach it).
         heartbeat_timeout_s: a worker whose heartbeat thread has been silent this long
             during a call, and that is not busy on a CPU, is stuck (stopped, blocked in the
             kernel or waiting with the GIL held): :class:`WorkerStuckError` names it, with
@@ -146,11 +185,7 @@ class Executor:
         communicator: str,
         master_addr: str,
     ) -> None:
-        # The rendezvous store runs here for the Executor's whole life: the OS picks its
-        # port, so no worker can lose a race for one.
-        self._store = torch.distributed.TCPStore(
-            master_addr, 0, is_master=True, wait_for_workers=False
-        )
+        self._store = loopback_store(master_addr)
         # The death signal fires when the spawning *thread* ends: only trust the main
         # thread; elsewhere the worker's watchdog (and the reaper's poll) does the job.
         main_thread = threading.current_thread() is threading.main_thread()
