@@ -2,11 +2,11 @@
 
 The parent keeps one duplex pipe per worker. A call encodes its request once
 (:func:`~vidpar.executor.wire.encode`), writes the same frame to every chosen worker, then
-waits with ``poll`` on the chosen workers' pipes together with *every* worker's process
-sentinel, so a worker that dies is noticed at once even while a call is in flight, and
-reads the workers' heartbeats (:mod:`~vidpar.executor.liveness`) every second or so, so a
-worker that stops making progress is named (with its Python stacks) within
-``heartbeat_timeout_s``. Failures never leave processes behind: a dead or stuck worker, a
+waits with ``poll`` on the chosen workers' pipes together with *every* worker's pidfd
+(:mod:`~vidpar.executor.processes`), so a worker that dies is noticed at once even while a
+call is in flight, and reads the workers' heartbeats (:mod:`~vidpar.executor.liveness`)
+every second or so, so a worker that stops making progress is named (with its Python
+stacks) within ``heartbeat_timeout_s``. Failures never leave processes behind: a dead or stuck worker, a
 timeout, a rank still busy after another one raised, ``KeyboardInterrupt`` in the caller,
 ``shutdown()``, garbage collection and interpreter exit all stop every worker and the
 processes they started (politely where they can still listen, by ``SIGKILL`` otherwise).
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 #: Seconds the other ranks of a call get to answer once one rank has raised.
 ERROR_GRACE_S = 1.5
-#: Seconds without a heartbeat after which an idle (not CPU-busy) worker is stuck.
+#: Seconds without a heartbeat after which a worker that is not busy is stuck.
 HEARTBEAT_TIMEOUT_S = 60.0
 _STARTUP_HINT = (
     " (its output above says why; a script that starts an Executor needs an "
@@ -116,10 +116,11 @@ class Executor:
         master_addr: the loopback address the rendezvous store listens on (only there:
             no other host can reach it).
         heartbeat_timeout_s: a worker whose heartbeat thread has been silent this long
-            during a call, and that is not busy on a CPU, is stuck (stopped, blocked in the
-            kernel or waiting with the GIL held): :class:`WorkerStuckError` names it, with
-            its activity and Python stacks, and every worker is stopped. ``None``: never.
-            Not applied during start-up (``startup_timeout`` is).
+            during a call, and none of whose threads is running or waiting for a CPU, is
+            stuck (stopped, blocked in the kernel or waiting with the GIL held), however
+            little CPU the machine gives it: :class:`WorkerStuckError` names it, with its
+            activity and Python stacks, and every worker is stopped. ``None``: never. Not
+            applied during start-up (``startup_timeout`` is).
         catch_sigterm: workers turn ``SIGTERM`` into a stop request
             (:func:`vidpar.executor.liveness.stop_requested`) instead of dying, so a
             training loop can save and stop (SLURM signals every process of a job).
@@ -163,7 +164,7 @@ class Executor:
         self.pids: list[int] = []
         self._lock = threading.RLock()
         self._seq = 0
-        self._sentinel_ranks: dict[int, int] = {}
+        self._exit_ranks: dict[int, int] = {}
         self._workers = WorkerProcesses()
         atexit.register(self._workers.stop)
         # Stops the workers if the Executor is garbage-collected; at interpreter exit the
@@ -208,7 +209,7 @@ class Executor:
         workers = self._workers
         try:
             workers.spawn(base, self.devices, worker_cls, worker_factory, self.heartbeat_timeout_s)
-            self._sentinel_ranks = {p.sentinel: r for r, p in enumerate(workers.procs)}
+            self._exit_ranks = {fd: r for r, fd in enumerate(workers.exit_fds)}
             # One failed rank fails the start at once: the others may wait for it forever.
             everyone = list(range(self.world_size))
             replies = self._gather(
@@ -304,7 +305,7 @@ class Executor:
         seq: int = -1,
         watch: bool = True,
     ) -> dict[int, tuple]:
-        """One reply from each of ``ranks``, watching every worker's sentinel and (with
+        """One reply from each of ``ranks``, watching every worker's end and (with
         ``watch``) the pending ranks' heartbeats meanwhile.
 
         After the first error reply the others get ``error_grace`` s (default
@@ -314,9 +315,9 @@ class Executor:
         channels = self._workers.channels
         monitor = self._workers.monitor
         pending = {channels[r].fileno(): r for r in ranks}
-        sentinels = self._sentinel_ranks
+        ended = self._exit_ranks
         poller = select.poll()
-        for fd in (*pending, *sentinels):
+        for fd in (*pending, *ended):
             poller.register(fd, select.POLLIN)
         replies: dict[int, tuple] = {}
         now = time.monotonic()
@@ -337,9 +338,9 @@ class Executor:
                 look_ms = max(1, int((next_look - time.monotonic()) * 1000) + 1)
                 wait_ms = look_ms if wait_ms < 0 else min(wait_ms, look_ms)
             for fd, _ in poller.poll(wait_ms):
-                if fd in sentinels:
+                if fd in ended:
                     hint = _STARTUP_HINT if what == "start-up" else ""
-                    self._died(sentinels[fd], f"during {what}{hint}")
+                    self._died(ended[fd], f"during {what}{hint}")
                 rank = pending.pop(fd, None)
                 if rank is None:
                     continue
@@ -416,7 +417,7 @@ class Executor:
     @property
     def is_alive(self) -> bool:
         """Whether the Executor is open and every worker process still runs."""
-        return not self._workers.closed and all(p.is_alive() for p in self._workers.procs)
+        return not self._workers.closed and all(self._workers.running())
 
     def shutdown(self, grace: float = SHUTDOWN_GRACE_S) -> None:
         """Stop every worker (politely, then by force after ``grace`` s). Idempotent; also

@@ -4,9 +4,11 @@ Every worker owns one small block of shared memory. A thread in the worker bumps
 counter every ``interval`` seconds; the worker records the RPC it runs, and code inside it
 (the Lightning strategy's callback) says what it is doing through :func:`set_activity`.
 While the Executor waits for replies it reads the blocks (:class:`Monitor`): a worker whose
-counter has not moved for ``timeout`` seconds and whose process is not busy on a CPU (a long
-C call holding the GIL is) is stuck: stopped (``SIGSTOP``), blocked in the kernel, or
-waiting while it holds the GIL. Its Python stacks are then dumped by ``faulthandler`` (on
+counter has not moved for ``timeout`` seconds and that is not busy (a long C call holding
+the GIL is) is stuck: stopped (``SIGSTOP``), blocked in the kernel, or waiting while it
+holds the GIL. Busy means that one of its threads ran *or waited for a CPU* for at least
+:data:`BUSY_SHARE` of the time between two looks (``/proc/PID/task/*/schedstat``), so the
+verdict does not depend on how much CPU a crowded machine gives the worker. Its Python stacks are then dumped by ``faulthandler`` (on
 :data:`STACK_SIGNAL`) into an unnamed per-worker file the Executor reads.
 
 The block also carries a stop request the other way: a signal number that the Executor's
@@ -31,6 +33,9 @@ from vidpar.executor.errors import WorkerStuckError
 
 #: The signal that makes a worker write its Python stacks (all threads) to its stacks file.
 STACK_SIGNAL = signal.SIGUSR2
+#: A silent worker is busy when one of its threads ran or waited to run at least this
+#: share of the time between two looks (a stuck one's threads barely wake).
+BUSY_SHARE = 0.5
 _RPC_BYTES = 96
 _ACTIVITY_BYTES = 160
 
@@ -162,6 +167,45 @@ def process_state(pid: int) -> tuple[str, float] | None:
     return fields[0].decode(), (int(fields[11]) + int(fields[12])) / ticks
 
 
+def thread_runnable_ns(pid: int) -> dict[str, int] | None:
+    """Nanoseconds each thread of ``pid`` has spent running or waiting in a run queue
+    (``/proc/PID/task/TID/schedstat``); ``None`` where the kernel does not say."""
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    runnable = {}
+    for tid in threads:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as stat:
+                on_cpu, waiting = stat.read().split()[:2]
+        except (OSError, ValueError):
+            continue  # the thread ended meanwhile
+        runnable[tid] = int(on_cpu) + int(waiting)
+    return runnable or None
+
+
+@dataclass
+class _Probe:
+    """What a look saw of a silent worker's use of (and wait for) the CPU."""
+
+    at: float  # time.monotonic()
+    cpu: float  # CPU seconds of the whole process
+    runnable: dict[str, int] | None  # per thread, from thread_runnable_ns
+
+    def busy_since(self, earlier: _Probe) -> bool:
+        """Whether the worker was busy between ``earlier`` and this look: a thread of it
+        ran or waited for a CPU :data:`BUSY_SHARE` of the time (without scheduler
+        statistics: it got any CPU time at all)."""
+        if self.runnable is None or earlier.runnable is None:
+            return self.cpu > earlier.cpu
+        window_ns = max(self.at - earlier.at, 1e-3) * 1e9
+        busiest = max(
+            (ns - earlier.runnable.get(tid, 0) for tid, ns in self.runnable.items()), default=0
+        )
+        return busiest >= BUSY_SHARE * window_ns
+
+
 @dataclass
 class Stall:
     """A worker found stuck: ``silent_s`` seconds without a heartbeat, in ``state``."""
@@ -175,14 +219,14 @@ class Stall:
 class _Seen:
     beats: int
     since: float  # when ``beats`` was first seen (this process's monotonic clock)
-    cpu: float | None = None  # CPU seconds when the silence passed the timeout
+    probe: _Probe | None = None  # the last look since the silence passed the timeout
 
 
 class Monitor:
     """The Executor's view of its workers' blocks, and their stacks files.
 
-    ``timeout``: seconds without a heartbeat after which a worker that is not busy on a
-    CPU is stuck (``None``: never). Heartbeats come every ``interval`` seconds.
+    ``timeout``: seconds without a heartbeat after which a worker that is not busy (see
+    the module's description) is stuck (``None``: never). Heartbeats come every ``interval`` seconds.
     """
 
     def __init__(self, ctx: Any, world_size: int, timeout: float | None) -> None:
@@ -237,11 +281,12 @@ class Monitor:
                 continue
             status = process_state(pids[rank])
             if status is None:
-                continue  # gone: its sentinel says so
+                continue  # gone: the Executor sees its end
             state, cpu = status
-            if state in "Tt" or (seen.cpu is not None and cpu <= seen.cpu):
+            probe = _Probe(time.monotonic(), cpu, thread_runnable_ns(pids[rank]))
+            if state in "Tt" or (seen.probe is not None and not probe.busy_since(seen.probe)):
                 return Stall(rank, silent, _STATES.get(state, f"in state {state}"))
-            seen.cpu = cpu  # busy on a CPU (holding the GIL?): look again next time
+            seen.probe = probe  # busy (holding the GIL?) or first look: look again next time
         return None
 
     def silent(self, ranks: list[int], pids: list[int]) -> list[int]:
