@@ -389,3 +389,40 @@ def test_gpu_worker_busy_is_not_stuck_and_stopped_is_named(tmp_path):
             ex.collective_rpc(_matmuls_on_cuda, 600.0, str(tmp_path))
         stopper.join()
     assert info.value.rank == 0 and "_matmuls_on_cuda" in info.value.stacks
+
+
+# The generators ----------------------------------------------------------------------
+
+
+def _tiny_generator(kind: str, root: Path):
+    """A one-worker generator of ``kind`` with the tests' heartbeat timeout, and its call."""
+    from vidpar.models.testing import TINY_WAN, make_tiny_wan
+    from vidpar.nn import DiTConfig
+    from vidpar.pipelines import DiffusersVideoGenerator, VideoGenerator
+
+    if kind == "dit":
+        config = DiTConfig(in_channels=3, hidden_size=32, num_heads=4, depth=1, num_classes=2)
+        gen = VideoGenerator(config, devices="cpu", heartbeat_timeout_s=HEARTBEAT)
+        return gen, lambda: gen.generate(0, 2, 8, 8, steps=1, show_progress=False)
+    gen = DiffusersVideoGenerator(
+        make_tiny_wan(root / "wan"), devices="cpu", heartbeat_timeout_s=HEARTBEAT
+    )
+    prompt = torch.zeros(2, TINY_WAN["text_dim"])
+    return gen, lambda: gen.generate(prompt, steps=1, height=4, width=4, show_progress=False)
+
+
+@pytest.mark.parametrize("kind", ["dit", "diffusers"])
+def test_a_generators_heartbeat_timeout_names_its_stopped_worker(kind, tmp_path):
+    """Both generators take ``heartbeat_timeout_s`` (they used to keep the minute-long
+    default): a SIGSTOPped worker fails the next call within it."""
+    gen, generate = _tiny_generator(kind, tmp_path)
+    with gen:
+        generate()  # the workers work
+        (pid,) = gen.executor.pids
+        os.kill(pid, signal.SIGSTOP)
+        called = time.monotonic()
+        with pytest.raises(WorkerStuckError) as info:
+            generate()
+    assert time.monotonic() - called < HEARTBEAT_TIMEOUT_S / 2
+    assert info.value.pid == pid and "stopped" in info.value.state
+    assert _gone(pid)
