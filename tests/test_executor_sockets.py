@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import psutil
 import pytest
+import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from vidpar import ParallelConfig
@@ -66,6 +67,48 @@ def _join_through_env(worker: Worker) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method="env://")
+
+
+def _all_reduce(worker: Worker) -> float:
+    """An all-reduce over the world (NCCL sets up its communicator, sockets and all)."""
+    from vidpar.distributed import state as ps
+
+    tensor = torch.ones(1, device=worker.device)
+    return ps.get_world_group().all_reduce(tensor).item()
+
+
+@pytest.mark.gpu
+def test_a_live_gpu_executor_listens_on_loopback_only():
+    """NCCL's and gloo's sockets too, on a node whose host name resolves to a network
+    address (they listen there unless told the interface)."""
+    world = min(2, torch.cuda.device_count())
+    with Executor(ParallelConfig(dp=world), startup_timeout=START) as ex:
+        assert ex.collective_rpc(_all_reduce) == [float(world)] * world
+        exposed = ex.collective_rpc(_exposed, os.getpid())
+    print("host name resolves to", socket.gethostbyname(socket.gethostname()))
+    assert exposed == [[]] * world, exposed
+
+
+def _socket_interfaces(worker: Worker) -> list[str | None]:
+    return [os.environ.get(k) for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")]
+
+
+def test_gloo_and_nccl_are_told_the_loopback_interface_unless_the_caller_chose():
+    """gloo and NCCL listen where the host name resolves to (a network address on a
+    cluster node) unless told an interface."""
+    (loopback,) = [
+        name
+        for name, addresses in psutil.net_if_addrs().items()
+        if any(a.address == "127.0.0.1" for a in addresses)
+    ]
+    with Executor(
+        ParallelConfig(),
+        devices="cpu",
+        init_distributed=False,
+        env={"NCCL_SOCKET_IFNAME": "ib0"},
+        startup_timeout=START,
+    ) as ex:
+        assert ex.collective_rpc(_socket_interfaces) == [[loopback, "ib0"]]
 
 
 def test_a_non_loopback_master_addr_is_refused_before_any_worker_starts():

@@ -89,6 +89,18 @@ def loopback_store(host: str) -> torch.distributed.TCPStore:
     )
 
 
+def loopback_sockets_env() -> dict[str, str]:
+    """``GLOO_SOCKET_IFNAME`` and ``NCCL_SOCKET_IFNAME`` naming the loopback interface:
+    gloo's and NCCL's own sockets otherwise listen on the address the host name resolves
+    to (a network one on a cluster node). Empty where no interface has 127.0.0.1."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == "127.0.0.1" for a in addresses):
+            return {"GLOO_SOCKET_IFNAME": name, "NCCL_SOCKET_IFNAME": name}
+    return {}
+
+
 class Executor:
     """Runs one :class:`~vidpar.executor.Worker` process per rank of ``config``.
 
@@ -129,7 +141,9 @@ class Executor:
     :class:`WorkerDiedError` or :class:`RpcTimeoutError` and leave no process behind. Unless
     ``OMP_NUM_THREADS`` is set, each worker gets ``cpu_count // world_size`` threads. Each
     worker leads a process group of its own: what it starts dies with it, and with this
-    process.
+    process. No other host can reach the world: the rendezvous store listens on
+    ``master_addr`` and, unless ``GLOO_SOCKET_IFNAME``/``NCCL_SOCKET_IFNAME`` are set, gloo
+    and NCCL on the loopback interface.
     """
 
     def __init__(
@@ -158,8 +172,13 @@ class Executor:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.catch_sigterm = catch_sigterm
         self._env = {str(k): str(v) for k, v in (env or {}).items()}
-        if "OMP_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in self._env:
-            self._env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.world_size))
+        defaults = {
+            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // self.world_size)),
+            **loopback_sockets_env(),  # the world is on this host: no other may reach it
+        }
+        for key, value in defaults.items():
+            if key not in os.environ and key not in self._env:
+                self._env[key] = value
         self.startup_timeout = startup_timeout
         self.pids: list[int] = []
         self._lock = threading.RLock()
