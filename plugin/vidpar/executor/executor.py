@@ -6,10 +6,11 @@ waits with ``poll`` on the chosen workers' pipes together with *every* worker's 
 (:mod:`~vidpar.executor.processes`), so a worker that dies is noticed at once even while a
 call is in flight, and reads the workers' heartbeats (:mod:`~vidpar.executor.liveness`)
 every second or so, so a worker that stops making progress is named (with its Python
-stacks) within ``heartbeat_timeout_s``. Failures never leave processes behind: a dead or stuck worker, a
-timeout, a rank still busy after another one raised, ``KeyboardInterrupt`` in the caller,
-``shutdown()``, garbage collection and interpreter exit all stop every worker and the
-processes they started (politely where they can still listen, by ``SIGKILL`` otherwise).
+stacks) within ``heartbeat_timeout_s``. Failures never leave processes behind: a dead or
+stuck worker, a timeout, a rank still busy after another one raised, ``KeyboardInterrupt``
+in the caller, ``shutdown()``, garbage collection and interpreter exit all stop every
+worker and the processes they started (politely where they can still listen, by
+``SIGKILL`` otherwise).
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ counter has not moved for ``timeout`` seconds and that is not busy (a long C cal
 the GIL is) is stuck: stopped (``SIGSTOP``), blocked in the kernel, or waiting while it
 holds the GIL. Busy means that one of its threads ran *or waited for a CPU* for at least
 :data:`BUSY_SHARE` of the time between two looks (``/proc/PID/task/*/schedstat``), so the
-verdict does not depend on how much CPU a crowded machine gives the worker. Its Python stacks are then dumped by ``faulthandler`` (on
-:data:`STACK_SIGNAL`) into an unnamed per-worker file the Executor reads.
+verdict does not depend on how much CPU a crowded machine gives the worker. Its Python
+stacks are then dumped by ``faulthandler`` (on :data:`STACK_SIGNAL`) into an unnamed
+per-worker file the Executor reads.
 
 The block also carries a stop request the other way: a signal number that the Executor's
 process (:meth:`Monitor.request_stop`) or the worker's own ``SIGTERM`` handler sets, and
@@ -226,7 +227,8 @@ class Monitor:
     """The Executor's view of its workers' blocks, and their stacks files.
 
     ``timeout``: seconds without a heartbeat after which a worker that is not busy (see
-    the module's description) is stuck (``None``: never). Heartbeats come every ``interval`` seconds.
+    the module's description) is stuck (``None``: never). Heartbeats come every
+    ``interval`` seconds.
     """
 
     def __init__(self, ctx: Any, world_size: int, timeout: float | None) -> None:
