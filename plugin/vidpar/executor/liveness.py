@@ -6,10 +6,11 @@ counter every ``interval`` seconds; the worker records the RPC it runs, and code
 While the Executor waits for replies it reads the blocks (:class:`Monitor`): a worker whose
 counter has not moved for ``timeout`` seconds and that is not busy (a long C call holding
 the GIL is) is stuck: stopped (``SIGSTOP``), blocked in the kernel, or waiting while it
-holds the GIL. Busy means that one of its threads ran *or waited for a CPU* for at least
-:data:`BUSY_SHARE` of the time between two looks (``/proc/PID/task/*/schedstat``), so the
-verdict does not depend on how much CPU a crowded machine gives the worker. Its Python
-stacks are then dumped by ``faulthandler`` (on :data:`STACK_SIGNAL`) into an unnamed
+holds the GIL. Busy means that one of its threads stayed runnable (running, or waiting
+for a CPU) from one look to the next without ever sleeping: in state ``R`` both times, its
+voluntary context switches unchanged (``/proc/PID/task/*/status``). The verdict therefore
+does not depend on how much CPU a crowded machine gives the worker. Its Python stacks are
+then dumped by ``faulthandler`` (on :data:`STACK_SIGNAL`) into an unnamed
 per-worker file the Executor reads.
 
 The block also carries a stop request the other way: a signal number that the Executor's
@@ -34,9 +35,6 @@ from vidpar.executor.errors import WorkerStuckError
 
 #: The signal that makes a worker write its Python stacks (all threads) to its stacks file.
 STACK_SIGNAL = signal.SIGUSR2
-#: A silent worker is busy when one of its threads ran or waited to run at least this
-#: share of the time between two looks (a stuck one's threads barely wake).
-BUSY_SHARE = 0.5
 _RPC_BYTES = 96
 _ACTIVITY_BYTES = 160
 
@@ -168,43 +166,42 @@ def process_state(pid: int) -> tuple[str, float] | None:
     return fields[0].decode(), (int(fields[11]) + int(fields[12])) / ticks
 
 
-def thread_runnable_ns(pid: int) -> dict[str, int] | None:
-    """Nanoseconds each thread of ``pid`` has spent running or waiting in a run queue
-    (``/proc/PID/task/TID/schedstat``); ``None`` where the kernel does not say."""
+def thread_states(pid: int) -> dict[str, tuple[str, int]] | None:
+    """``{tid: (state letter, voluntary context switches)}`` of the threads of ``pid``
+    (``/proc/PID/task/TID/status``); ``None`` where the kernel does not say."""
     try:
         threads = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return None
-    runnable = {}
+    states = {}
     for tid in threads:
         try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as stat:
-                on_cpu, waiting = stat.read().split()[:2]
-        except (OSError, ValueError):
+            with open(f"/proc/{pid}/task/{tid}/status", "rb") as status:
+                fields = dict(line.split(b":", 1) for line in status.read().splitlines())
+            state = fields[b"State"].split()[0].decode()
+            states[tid] = (state, int(fields[b"voluntary_ctxt_switches"]))
+        except (OSError, KeyError, ValueError, IndexError):
             continue  # the thread ended meanwhile
-        runnable[tid] = int(on_cpu) + int(waiting)
-    return runnable or None
+    return states or None
 
 
 @dataclass
 class _Probe:
-    """What a look saw of a silent worker's use of (and wait for) the CPU."""
+    """What a look saw of a silent worker: its CPU time and its threads' states."""
 
-    at: float  # time.monotonic()
     cpu: float  # CPU seconds of the whole process
-    runnable: dict[str, int] | None  # per thread, from thread_runnable_ns
+    threads: dict[str, tuple[str, int]] | None  # from thread_states
 
     def busy_since(self, earlier: _Probe) -> bool:
-        """Whether the worker was busy between ``earlier`` and this look: a thread of it
-        ran or waited for a CPU :data:`BUSY_SHARE` of the time (without scheduler
-        statistics: it got any CPU time at all)."""
-        if self.runnable is None or earlier.runnable is None:
+        """Whether a thread stayed runnable since ``earlier`` (state ``R`` then and now,
+        no sleep in between), however long it waited for a CPU; without per-thread states:
+        whether the process got any CPU time."""
+        if self.threads is None or earlier.threads is None:
             return self.cpu > earlier.cpu
-        window_ns = max(self.at - earlier.at, 1e-3) * 1e9
-        busiest = max(
-            (ns - earlier.runnable.get(tid, 0) for tid, ns in self.runnable.items()), default=0
+        return any(
+            state == "R" and earlier.threads.get(tid) == (state, switches)
+            for tid, (state, switches) in self.threads.items()
         )
-        return busiest >= BUSY_SHARE * window_ns
 
 
 @dataclass
@@ -285,7 +282,7 @@ class Monitor:
             if status is None:
                 continue  # gone: the Executor sees its end
             state, cpu = status
-            probe = _Probe(time.monotonic(), cpu, thread_runnable_ns(pids[rank]))
+            probe = _Probe(cpu, thread_states(pids[rank]))
             if state in "Tt" or (seen.probe is not None and not probe.busy_since(seen.probe)):
                 return Stall(rank, silent, _STATES.get(state, f"in state {state}"))
             seen.probe = probe  # busy (holding the GIL?) or first look: look again next time
