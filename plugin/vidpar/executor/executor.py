@@ -16,18 +16,14 @@ worker and the processes they started (politely where they can still listen, by
 from __future__ import annotations
 
 import atexit
-import ipaddress
 import logging
 import os
 import select
-import socket
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
-
-import torch
 
 from vidpar.config import ParallelConfig
 from vidpar.executor.errors import (
@@ -39,6 +35,7 @@ from vidpar.executor.errors import (
 from vidpar.executor.liveness import Stall
 from vidpar.executor.orphans import kill_group
 from vidpar.executor.processes import SHUTDOWN_GRACE_S, WorkerProcesses, resolve_devices
+from vidpar.executor.rendezvous import loopback_sockets_env, loopback_store
 from vidpar.executor.wire import encode
 from vidpar.executor.worker import Worker, WorkerSpec
 
@@ -52,54 +49,6 @@ _STARTUP_HINT = (
     " (its output above says why; a script that starts an Executor needs an "
     "`if __name__ == '__main__':` guard)"
 )
-
-
-def loopback_store(host: str) -> torch.distributed.TCPStore:
-    """The rendezvous store of a single-host world, listening on ``host`` alone.
-
-    TCPStore binds its own socket to every interface (IPv4 and IPv6) whatever the host it
-    is given, so any host that reaches this one could read and write rendezvous keys. This
-    one listens on a socket bound to the loopback address ``host`` (the OS picks the port,
-    so no worker can lose a race for one), which the store then owns.
-    """
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise ValueError(
-            f"master_addr={host!r}: the Executor's workers all run on this host, so its "
-            "rendezvous store listens on a loopback address only; pass 127.0.0.1 or ::1"
-        )
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        listener.bind((host, 0))
-        listener.listen(socket.SOMAXCONN)
-        port = listener.getsockname()[1]
-    except BaseException:
-        listener.close()
-        raise
-    return torch.distributed.TCPStore(
-        host,
-        port,
-        is_master=True,
-        wait_for_workers=False,
-        master_listen_fd=listener.detach(),
-        use_libuv=True,
-    )
-
-
-def loopback_sockets_env() -> dict[str, str]:
-    """``GLOO_SOCKET_IFNAME`` and ``NCCL_SOCKET_IFNAME`` naming the loopback interface:
-    gloo's and NCCL's own sockets otherwise listen on the address the host name resolves
-    to (a network one on a cluster node). Empty where no interface has 127.0.0.1."""
-    import psutil
-
-    for name, addresses in psutil.net_if_addrs().items():
-        if any(a.family == socket.AF_INET and a.address == "127.0.0.1" for a in addresses):
-            return {"GLOO_SOCKET_IFNAME": name, "NCCL_SOCKET_IFNAME": name}
-    return {}
 
 
 class Executor:
