@@ -100,8 +100,11 @@ def test_losing_the_fork_server_fails_no_live_executor():
         assert new_server != server
         workers = list(executor.pids)
         os.kill(workers[1], signal.SIGKILL)  # a worker's death is still seen, at once
-        with pytest.raises(WorkerDiedError, match="rank 1 died"):
+        with pytest.raises(WorkerDiedError, match="rank 1 died") as info:
             executor.collective_rpc(_surroundings, timeout=60.0)
+        assert info.value.exitcode is None and "fork server that started it is gone" in str(
+            info.value
+        )
     for pid in workers:
         _wait_until_gone(pid, 10.0)
 

@@ -365,11 +365,12 @@ class Executor:
     def _died(self, rank: int, detail: str) -> NoReturn:
         """Stop every worker and raise :class:`WorkerDiedError` (or a shut-down error)."""
         closing = self._workers.closed
-        proc = self._workers.procs[rank] if rank < len(self._workers.procs) else None
-        if proc is not None:
-            kill_group(proc.pid)  # what it started; before join, so its pid is still ours
-            proc.join(timeout=1.0)
-        exitcode = proc.exitcode if proc is not None else None
+        exitcode = None
+        if rank < len(self._workers.procs):
+            kill_group(self._workers.procs[rank].pid)  # what it started
+            exitcode = self._workers.exit_code(rank, wait_s=1.0)
+            if exitcode is None:
+                detail += " (its exit code is unknown: the fork server that started it is gone)"
         self._workers.kill()
         if closing:
             raise ExecutorError(f"the Executor was shut down {detail}")

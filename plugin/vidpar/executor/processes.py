@@ -100,6 +100,7 @@ class WorkerProcesses:
         #: the worker where the platform has them, else multiprocessing's sentinel.
         self.exit_fds: list[int] = []
         self._pidfds: list[int | None] = []
+        self._server_pidfd: int | None = None  # the fork server's, which reports exit codes
         self.channels: list[Channel] = []
         self.monitor: Monitor | None = None
         self.reaper: subprocess.Popen | None = None
@@ -117,6 +118,16 @@ class WorkerProcesses:
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
+
+    def exit_code(self, rank: int, wait_s: float) -> int | None:
+        """The exit code of ``rank``, which has ended (waiting up to ``wait_s`` s for it);
+        ``None`` if the fork server that would report it is gone."""
+        proc = self.procs[rank]
+        proc.join(timeout=wait_s)
+        server = self._server_pidfd
+        if proc.exitcode == 255 and server is not None and select.select([server], [], [], 0)[0]:
+            return None  # what multiprocessing reads when the server's pipe closed
+        return proc.exitcode
 
     def spawn(
         self,
@@ -154,6 +165,8 @@ class WorkerProcesses:
                 proc.start()
             child_end.close()
             pidfd = _open_pidfd(proc.pid)
+            if caller.forked and self._server_pidfd is None:
+                self._server_pidfd = _open_pidfd(_parent(proc.pid))
             self.procs.append(proc)
             self._pidfds.append(pidfd)
             self.exit_fds.append(proc.sentinel if pidfd is None else pidfd)
@@ -234,7 +247,7 @@ class WorkerProcesses:
         for proc in self.procs:
             with contextlib.suppress(ValueError):
                 proc.close()
-        for pidfd in self._pidfds:
+        for pidfd in (*self._pidfds, self._server_pidfd):
             if pidfd is not None:
                 os.close(pidfd)
         if self.reaper is not None:
@@ -243,7 +256,7 @@ class WorkerProcesses:
         if self.monitor is not None:
             self.monitor.close()
         self.procs, self.channels, self.reaper = [], [], None
-        self.exit_fds, self._pidfds = [], []
+        self.exit_fds, self._pidfds, self._server_pidfd = [], [], None
 
     def _kill(self, rank: int) -> None:
         """SIGKILL one worker (through its pidfd: never another process that took its pid)."""
@@ -253,6 +266,16 @@ class WorkerProcesses:
                 self.procs[rank].kill()
             else:
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+
+def _parent(pid: int) -> int | None:
+    """The parent of ``pid`` (``None`` if it has gone)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).ppid()
+    except psutil.Error:
+        return None
 
 
 def _open_pidfd(pid: int | None) -> int | None:
