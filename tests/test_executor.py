@@ -80,14 +80,19 @@ def _unpicklable_result(worker: Worker):
 # Helpers -----------------------------------------------------------------------------
 
 
+#: multiprocessing's helpers that serve every Executor of the process, and outlive them.
+_SHARED_HELPERS = ("resource_tracker", "multiprocessing.forkserver")
+
+
 def _children() -> set[int]:
-    """Live child processes of this test process (multiprocessing's resource tracker aside)."""
+    """Live child processes of this test process (multiprocessing's resource tracker and
+    the workers' fork server aside)."""
     pids = set()
     for child in psutil.Process().children(recursive=True):
         try:
             if child.status() == psutil.STATUS_ZOMBIE:
                 continue
-            if any("resource_tracker" in part for part in child.cmdline()):
+            if any(k in part for part in child.cmdline() for k in _SHARED_HELPERS):
                 continue
         except psutil.NoSuchProcess:
             continue

@@ -4,8 +4,12 @@ rank that stopped, and a rank that raises stops the others within the error grac
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -160,6 +164,67 @@ def test_a_worker_busy_holding_the_gil_is_not_stuck():
     ) as ex:
         held = ex.collective_rpc(_hold_the_gil, 4.0, ranks=[1], timeout=120.0)
     assert held[0] >= 2.0
+
+
+def _hold_the_gil_timed(worker: Worker, seconds: float) -> tuple[float, float]:
+    """:func:`_hold_the_gil`: the wall seconds it took and the CPU seconds it got."""
+    cpu = time.thread_time()
+    wall = _hold_the_gil(worker, seconds)
+    return wall, time.thread_time() - cpu
+
+
+@contextlib.contextmanager
+def _crowded_cpu(pid: int, hogs: int = 6):
+    """``pid``'s main thread shares one CPU with ``hogs`` busy loops (a crowded node)."""
+    cpu = min(os.sched_getaffinity(0))
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(hogs)]
+    try:
+        for loop in loops:
+            os.sched_setaffinity(loop.pid, {cpu})
+        os.sched_setaffinity(pid, {cpu})
+        yield
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+
+
+def test_a_busy_worker_starved_of_cpu_is_not_stuck():
+    """Holding the GIL on a CPU shared with six busy loops, the worker gets a seventh of
+    it: time waiting for the CPU is not being stuck (it used to be called stuck)."""
+    with Executor(
+        ParallelConfig(),
+        init_distributed=False,
+        devices="cpu",
+        startup_timeout=START,
+        heartbeat_timeout_s=1.0,
+    ) as ex:
+        ex.collective_rpc(_hold_the_gil, 0.0, timeout=120.0)  # the worker imports this module
+        with _crowded_cpu(ex.pids[0]):
+            [(wall, cpu)] = ex.collective_rpc(_hold_the_gil_timed, 4.0, timeout=120.0)
+    assert wall >= 2.0 and cpu < 0.5 * wall, (wall, cpu)  # it was starved: the case at hand
+
+
+def _sleep_holding_the_gil(worker: Worker, seconds: int) -> None:
+    """Asleep in a C call that keeps the GIL: not busy, yet the other threads cannot run."""
+    ctypes.PyDLL(None).sleep(seconds)
+
+
+def test_a_worker_asleep_holding_the_gil_is_stuck():
+    """The other side: its threads barely wake (the heartbeat's bids for the GIL), so it is
+    named within the timeout although its process is not stopped."""
+    with (
+        pytest.raises(WorkerStuckError) as info,
+        Executor(
+            ParallelConfig(),
+            init_distributed=False,
+            devices="cpu",
+            startup_timeout=START,
+            heartbeat_timeout_s=1.0,
+        ) as ex,
+    ):
+        ex.collective_rpc(_sleep_holding_the_gil, 600, timeout=120.0)
+    assert "asleep" in info.value.state, info.value.state
 
 
 def _sleep(worker: Worker, seconds: float) -> float:
@@ -324,3 +389,40 @@ def test_gpu_worker_busy_is_not_stuck_and_stopped_is_named(tmp_path):
             ex.collective_rpc(_matmuls_on_cuda, 600.0, str(tmp_path))
         stopper.join()
     assert info.value.rank == 0 and "_matmuls_on_cuda" in info.value.stacks
+
+
+# The generators ----------------------------------------------------------------------
+
+
+def _tiny_generator(kind: str, root: Path):
+    """A one-worker generator of ``kind`` with the tests' heartbeat timeout, and its call."""
+    from vidpar.models.testing import TINY_WAN, make_tiny_wan
+    from vidpar.nn import DiTConfig
+    from vidpar.pipelines import DiffusersVideoGenerator, VideoGenerator
+
+    if kind == "dit":
+        config = DiTConfig(in_channels=3, hidden_size=32, num_heads=4, depth=1, num_classes=2)
+        gen = VideoGenerator(config, devices="cpu", heartbeat_timeout_s=HEARTBEAT)
+        return gen, lambda: gen.generate(0, 2, 8, 8, steps=1, show_progress=False)
+    gen = DiffusersVideoGenerator(
+        make_tiny_wan(root / "wan"), devices="cpu", heartbeat_timeout_s=HEARTBEAT
+    )
+    prompt = torch.zeros(2, TINY_WAN["text_dim"])
+    return gen, lambda: gen.generate(prompt, steps=1, height=4, width=4, show_progress=False)
+
+
+@pytest.mark.parametrize("kind", ["dit", "diffusers"])
+def test_a_generators_heartbeat_timeout_names_its_stopped_worker(kind, tmp_path):
+    """Both generators take ``heartbeat_timeout_s`` (they used to keep the minute-long
+    default): a SIGSTOPped worker fails the next call within it."""
+    gen, generate = _tiny_generator(kind, tmp_path)
+    with gen:
+        generate()  # the workers work
+        (pid,) = gen.executor.pids
+        os.kill(pid, signal.SIGSTOP)
+        called = time.monotonic()
+        with pytest.raises(WorkerStuckError) as info:
+            generate()
+    assert time.monotonic() - called < HEARTBEAT_TIMEOUT_S / 2
+    assert info.value.pid == pid and "stopped" in info.value.state
+    assert _gone(pid)

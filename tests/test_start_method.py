@@ -12,12 +12,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from vidpar import ParallelConfig
-from vidpar.executor import Executor, Worker
+from vidpar.executor import Executor, Worker, WorkerDiedError
 from vidpar.executor.start_method import START_METHOD_ENV
 
 START = 120.0
@@ -68,6 +70,43 @@ def test_the_fork_server_outlives_a_sigterm_to_every_process(tmp_path):
         seen = executor.collective_rpc(_surroundings)
     assert [s["parent"] for s in seen] == [server] * 2
     assert all(s["sigterm"] for s in seen)  # workers take SIGTERM's default action again
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_until_gone(pid: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not _gone(pid):
+        assert time.monotonic() < deadline, f"pid {pid} still runs"
+        time.sleep(0.02)
+
+
+def test_losing_the_fork_server_fails_no_live_executor():
+    """An OOM kill or a stray kill of the server used to fail every live Executor's next
+    call with "worker rank 0 died (exit code 255)" while its workers lived on."""
+    with _start() as executor:
+        (server,) = {s["parent"] for s in executor.collective_rpc(_surroundings)}
+        os.kill(server, signal.SIGKILL)
+        _wait_until_gone(server)
+        seen = executor.collective_rpc(_surroundings)  # its workers live on, orphaned
+        assert executor.is_alive and [s["parent"] != server for s in seen] == [True] * 2
+        with _start() as second:  # a new Executor starts a new server
+            (new_server,) = {s["parent"] for s in second.collective_rpc(_surroundings)}
+        assert new_server != server
+        workers = list(executor.pids)
+        os.kill(workers[1], signal.SIGKILL)  # a worker's death is still seen, at once
+        with pytest.raises(WorkerDiedError, match="rank 1 died") as info:
+            executor.collective_rpc(_surroundings, timeout=60.0)
+        assert info.value.exitcode is None and "fork server that started it is gone" in str(
+            info.value
+        )
+    for pid in workers:
+        _wait_until_gone(pid, 10.0)
 
 
 def test_a_forked_worker_runs_its_exit_handlers(tmp_path):
@@ -152,3 +191,30 @@ def test_the_fork_server_keeps_the_callers_environment_not_a_workers(tmp_path):
         "MASTER_PORT": None,
         "TORCHELASTIC_USE_AGENT_STORE": None,
     }
+
+
+_FROM_STDIN = """
+from vidpar import ParallelConfig
+from vidpar.executor import Executor
+
+if __name__ == "__main__":
+    with Executor(ParallelConfig(dp=2), devices="cpu", startup_timeout=120) as executor:
+        print("ranks", executor.collective_rpc("ping"))
+"""
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_a_script_on_standard_input_starts_its_workers(tmp_path, start_method):
+    """``python - <<EOF`` used to fail with "worker rank 0 died (exit code 1) during
+    start-up" and no word of why: each worker tried to run the file ``<stdin>`` again."""
+    env = {**os.environ, START_METHOD_ENV: start_method}
+    shown = subprocess.run(
+        ["bash", "-c", f"{sys.executable} - <<'EOF'\n{_FROM_STDIN}\nEOF\n"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert "ranks [0, 1]" in shown.stdout

@@ -96,8 +96,8 @@ class RpcTimeoutError(ExecutorError, TimeoutError):
 
 
 class WorkerStuckError(ExecutorError, TimeoutError):
-    """A worker stopped making progress (no heartbeat for the liveness timeout while not
-    busy on a CPU); the Executor has stopped every worker.
+    """A worker stopped making progress (no heartbeat for the liveness timeout while none
+    of its threads ran or waited for a CPU); the Executor has stopped every worker.
 
     ``rank``, ``pid``, ``silent_s`` (seconds without a heartbeat), ``state`` (what its
     process was doing), ``activity`` (the RPC and training step it was in) and ``stacks``

@@ -2,14 +2,15 @@
 
 The parent keeps one duplex pipe per worker. A call encodes its request once
 (:func:`~vidpar.executor.wire.encode`), writes the same frame to every chosen worker, then
-waits with ``poll`` on the chosen workers' pipes together with *every* worker's process
-sentinel, so a worker that dies is noticed at once even while a call is in flight, and
-reads the workers' heartbeats (:mod:`~vidpar.executor.liveness`) every second or so, so a
-worker that stops making progress is named (with its Python stacks) within
-``heartbeat_timeout_s``. Failures never leave processes behind: a dead or stuck worker, a
-timeout, a rank still busy after another one raised, ``KeyboardInterrupt`` in the caller,
-``shutdown()``, garbage collection and interpreter exit all stop every worker and the
-processes they started (politely where they can still listen, by ``SIGKILL`` otherwise).
+waits with ``poll`` on the chosen workers' pipes together with *every* worker's pidfd
+(:mod:`~vidpar.executor.processes`), so a worker that dies is noticed at once even while a
+call is in flight, and reads the workers' heartbeats (:mod:`~vidpar.executor.liveness`)
+every second or so, so a worker that stops making progress is named (with its Python
+stacks) within ``heartbeat_timeout_s``. Failures never leave processes behind: a dead or
+stuck worker, a timeout, a rank still busy after another one raised, ``KeyboardInterrupt``
+in the caller, ``shutdown()``, garbage collection and interpreter exit all stop every
+worker and the processes they started (politely where they can still listen, by
+``SIGKILL`` otherwise).
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
-import torch
-
 from vidpar.config import ParallelConfig
 from vidpar.executor.errors import (
     ExecutorError,
@@ -36,6 +35,7 @@ from vidpar.executor.errors import (
 from vidpar.executor.liveness import Stall
 from vidpar.executor.orphans import kill_group
 from vidpar.executor.processes import SHUTDOWN_GRACE_S, WorkerProcesses, resolve_devices
+from vidpar.executor.rendezvous import loopback_sockets_env, loopback_store
 from vidpar.executor.wire import encode
 from vidpar.executor.worker import Worker, WorkerSpec
 
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 #: Seconds the other ranks of a call get to answer once one rank has raised.
 ERROR_GRACE_S = 1.5
-#: Seconds without a heartbeat after which an idle (not CPU-busy) worker is stuck.
+#: Seconds without a heartbeat after which a worker that is not busy is stuck.
 HEARTBEAT_TIMEOUT_S = 60.0
 _STARTUP_HINT = (
     " (its output above says why; a script that starts an Executor needs an "
@@ -75,12 +75,14 @@ class Executor:
         error_grace_s: once a rank has raised, seconds the other ranks of the call get to
             answer; ranks still busy after that are taken as stuck (e.g. in a collective
             with the failed rank) and the Executor is shut down.
-        master_addr: rendezvous host.
+        master_addr: the loopback address the rendezvous store listens on (only there:
+            no other host can reach it).
         heartbeat_timeout_s: a worker whose heartbeat thread has been silent this long
-            during a call, and that is not busy on a CPU, is stuck (stopped, blocked in the
-            kernel or waiting with the GIL held): :class:`WorkerStuckError` names it, with
-            its activity and Python stacks, and every worker is stopped. ``None``: never.
-            Not applied during start-up (``startup_timeout`` is).
+            during a call, and none of whose threads is running or waiting for a CPU, is
+            stuck (stopped, blocked in the kernel or waiting with the GIL held), however
+            little CPU the machine gives it: :class:`WorkerStuckError` names it, with its
+            activity and Python stacks, and every worker is stopped. ``None``: never. Not
+            applied during start-up (``startup_timeout`` is).
         catch_sigterm: workers turn ``SIGTERM`` into a stop request
             (:func:`vidpar.executor.liveness.stop_requested`) instead of dying, so a
             training loop can save and stop (SLURM signals every process of a job).
@@ -89,7 +91,9 @@ class Executor:
     :class:`WorkerDiedError` or :class:`RpcTimeoutError` and leave no process behind. Unless
     ``OMP_NUM_THREADS`` is set, each worker gets ``cpu_count // world_size`` threads. Each
     worker leads a process group of its own: what it starts dies with it, and with this
-    process.
+    process. No other host can reach the world: the rendezvous store listens on
+    ``master_addr`` and, unless ``GLOO_SOCKET_IFNAME``/``NCCL_SOCKET_IFNAME`` are set, gloo
+    and NCCL on the loopback interface.
     """
 
     def __init__(
@@ -118,13 +122,18 @@ class Executor:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.catch_sigterm = catch_sigterm
         self._env = {str(k): str(v) for k, v in (env or {}).items()}
-        if "OMP_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in self._env:
-            self._env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.world_size))
+        defaults = {
+            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // self.world_size)),
+            **loopback_sockets_env(),  # the world is on this host: no other may reach it
+        }
+        for key, value in defaults.items():
+            if key not in os.environ and key not in self._env:
+                self._env[key] = value
         self.startup_timeout = startup_timeout
         self.pids: list[int] = []
         self._lock = threading.RLock()
         self._seq = 0
-        self._sentinel_ranks: dict[int, int] = {}
+        self._exit_ranks: dict[int, int] = {}
         self._workers = WorkerProcesses()
         atexit.register(self._workers.stop)
         # Stops the workers if the Executor is garbage-collected; at interpreter exit the
@@ -146,11 +155,7 @@ class Executor:
         communicator: str,
         master_addr: str,
     ) -> None:
-        # The rendezvous store runs here for the Executor's whole life: the OS picks its
-        # port, so no worker can lose a race for one.
-        self._store = torch.distributed.TCPStore(
-            master_addr, 0, is_master=True, wait_for_workers=False
-        )
+        self._store = loopback_store(master_addr)
         # The death signal fires when the spawning *thread* ends: only trust the main
         # thread; elsewhere the worker's watchdog (and the reaper's poll) does the job.
         main_thread = threading.current_thread() is threading.main_thread()
@@ -173,7 +178,7 @@ class Executor:
         workers = self._workers
         try:
             workers.spawn(base, self.devices, worker_cls, worker_factory, self.heartbeat_timeout_s)
-            self._sentinel_ranks = {p.sentinel: r for r, p in enumerate(workers.procs)}
+            self._exit_ranks = {fd: r for r, fd in enumerate(workers.exit_fds)}
             # One failed rank fails the start at once: the others may wait for it forever.
             everyone = list(range(self.world_size))
             replies = self._gather(
@@ -269,7 +274,7 @@ class Executor:
         seq: int = -1,
         watch: bool = True,
     ) -> dict[int, tuple]:
-        """One reply from each of ``ranks``, watching every worker's sentinel and (with
+        """One reply from each of ``ranks``, watching every worker's end and (with
         ``watch``) the pending ranks' heartbeats meanwhile.
 
         After the first error reply the others get ``error_grace`` s (default
@@ -279,9 +284,9 @@ class Executor:
         channels = self._workers.channels
         monitor = self._workers.monitor
         pending = {channels[r].fileno(): r for r in ranks}
-        sentinels = self._sentinel_ranks
+        ended = self._exit_ranks
         poller = select.poll()
-        for fd in (*pending, *sentinels):
+        for fd in (*pending, *ended):
             poller.register(fd, select.POLLIN)
         replies: dict[int, tuple] = {}
         now = time.monotonic()
@@ -302,9 +307,9 @@ class Executor:
                 look_ms = max(1, int((next_look - time.monotonic()) * 1000) + 1)
                 wait_ms = look_ms if wait_ms < 0 else min(wait_ms, look_ms)
             for fd, _ in poller.poll(wait_ms):
-                if fd in sentinels:
+                if fd in ended:
                     hint = _STARTUP_HINT if what == "start-up" else ""
-                    self._died(sentinels[fd], f"during {what}{hint}")
+                    self._died(ended[fd], f"during {what}{hint}")
                 rank = pending.pop(fd, None)
                 if rank is None:
                     continue
@@ -360,11 +365,12 @@ class Executor:
     def _died(self, rank: int, detail: str) -> NoReturn:
         """Stop every worker and raise :class:`WorkerDiedError` (or a shut-down error)."""
         closing = self._workers.closed
-        proc = self._workers.procs[rank] if rank < len(self._workers.procs) else None
-        if proc is not None:
-            kill_group(proc.pid)  # what it started; before join, so its pid is still ours
-            proc.join(timeout=1.0)
-        exitcode = proc.exitcode if proc is not None else None
+        exitcode = None
+        if rank < len(self._workers.procs):
+            kill_group(self._workers.procs[rank].pid)  # what it started
+            exitcode = self._workers.exit_code(rank, wait_s=1.0)
+            if exitcode is None:
+                detail += " (its exit code is unknown: the fork server that started it is gone)"
         self._workers.kill()
         if closing:
             raise ExecutorError(f"the Executor was shut down {detail}")
@@ -381,7 +387,7 @@ class Executor:
     @property
     def is_alive(self) -> bool:
         """Whether the Executor is open and every worker process still runs."""
-        return not self._workers.closed and all(p.is_alive() for p in self._workers.procs)
+        return not self._workers.closed and all(self._workers.running())
 
     def shutdown(self, grace: float = SHUTDOWN_GRACE_S) -> None:
         """Stop every worker (politely, then by force after ``grace`` s). Idempotent; also

@@ -4,10 +4,14 @@ Every worker owns one small block of shared memory. A thread in the worker bumps
 counter every ``interval`` seconds; the worker records the RPC it runs, and code inside it
 (the Lightning strategy's callback) says what it is doing through :func:`set_activity`.
 While the Executor waits for replies it reads the blocks (:class:`Monitor`): a worker whose
-counter has not moved for ``timeout`` seconds and whose process is not busy on a CPU (a long
-C call holding the GIL is) is stuck: stopped (``SIGSTOP``), blocked in the kernel, or
-waiting while it holds the GIL. Its Python stacks are then dumped by ``faulthandler`` (on
-:data:`STACK_SIGNAL`) into an unnamed per-worker file the Executor reads.
+counter has not moved for ``timeout`` seconds and that is not busy (a long C call holding
+the GIL is) is stuck: stopped (``SIGSTOP``), blocked in the kernel, or waiting while it
+holds the GIL. Busy means that one of its threads stayed runnable (running, or waiting
+for a CPU) from one look to the next without ever sleeping: in state ``R`` both times, its
+voluntary context switches unchanged (``/proc/PID/task/*/status``). The verdict therefore
+does not depend on how much CPU a crowded machine gives the worker. Its Python stacks are
+then dumped by ``faulthandler`` (on :data:`STACK_SIGNAL`) into an unnamed
+per-worker file the Executor reads.
 
 The block also carries a stop request the other way: a signal number that the Executor's
 process (:meth:`Monitor.request_stop`) or the worker's own ``SIGTERM`` handler sets, and
@@ -162,6 +166,44 @@ def process_state(pid: int) -> tuple[str, float] | None:
     return fields[0].decode(), (int(fields[11]) + int(fields[12])) / ticks
 
 
+def thread_states(pid: int) -> dict[str, tuple[str, int]] | None:
+    """``{tid: (state letter, voluntary context switches)}`` of the threads of ``pid``
+    (``/proc/PID/task/TID/status``); ``None`` where the kernel does not say."""
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    states = {}
+    for tid in threads:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status", "rb") as status:
+                fields = dict(line.split(b":", 1) for line in status.read().splitlines())
+            state = fields[b"State"].split()[0].decode()
+            states[tid] = (state, int(fields[b"voluntary_ctxt_switches"]))
+        except (OSError, KeyError, ValueError, IndexError):
+            continue  # the thread ended meanwhile
+    return states or None
+
+
+@dataclass
+class _Probe:
+    """What a look saw of a silent worker: its CPU time and its threads' states."""
+
+    cpu: float  # CPU seconds of the whole process
+    threads: dict[str, tuple[str, int]] | None  # from thread_states
+
+    def busy_since(self, earlier: _Probe) -> bool:
+        """Whether a thread stayed runnable since ``earlier`` (state ``R`` then and now,
+        no sleep in between), however long it waited for a CPU; without per-thread states:
+        whether the process got any CPU time."""
+        if self.threads is None or earlier.threads is None:
+            return self.cpu > earlier.cpu
+        return any(
+            state == "R" and earlier.threads.get(tid) == (state, switches)
+            for tid, (state, switches) in self.threads.items()
+        )
+
+
 @dataclass
 class Stall:
     """A worker found stuck: ``silent_s`` seconds without a heartbeat, in ``state``."""
@@ -175,14 +217,15 @@ class Stall:
 class _Seen:
     beats: int
     since: float  # when ``beats`` was first seen (this process's monotonic clock)
-    cpu: float | None = None  # CPU seconds when the silence passed the timeout
+    probe: _Probe | None = None  # the last look since the silence passed the timeout
 
 
 class Monitor:
     """The Executor's view of its workers' blocks, and their stacks files.
 
-    ``timeout``: seconds without a heartbeat after which a worker that is not busy on a
-    CPU is stuck (``None``: never). Heartbeats come every ``interval`` seconds.
+    ``timeout``: seconds without a heartbeat after which a worker that is not busy (see
+    the module's description) is stuck (``None``: never). Heartbeats come every
+    ``interval`` seconds.
     """
 
     def __init__(self, ctx: Any, world_size: int, timeout: float | None) -> None:
@@ -237,11 +280,12 @@ class Monitor:
                 continue
             status = process_state(pids[rank])
             if status is None:
-                continue  # gone: its sentinel says so
+                continue  # gone: the Executor sees its end
             state, cpu = status
-            if state in "Tt" or (seen.cpu is not None and cpu <= seen.cpu):
+            probe = _Probe(cpu, thread_states(pids[rank]))
+            if state in "Tt" or (seen.probe is not None and not probe.busy_since(seen.probe)):
                 return Stall(rank, silent, _STATES.get(state, f"in state {state}"))
-            seen.cpu = cpu  # busy on a CPU (holding the GIL?): look again next time
+            seen.probe = probe  # busy (holding the GIL?) or first look: look again next time
         return None
 
     def silent(self, ranks: list[int], pids: list[int]) -> list[int]:

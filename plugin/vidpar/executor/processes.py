@@ -1,4 +1,10 @@
-"""The Executor's worker processes and how they are stopped, children and all."""
+"""The Executor's worker processes and how they are stopped, children and all.
+
+A worker's end is watched through a pidfd of the worker itself (Linux), not through
+multiprocessing's sentinel: a forked worker's sentinel is its fork server's word, which
+would read as every worker dying if the server died (an OOM kill, a stray ``kill``) while
+the workers live on.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import dataclasses
 import logging
 import multiprocessing as mp
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -20,7 +27,7 @@ import torch
 
 from vidpar.executor.liveness import Monitor
 from vidpar.executor.orphans import kill_group, start_reaper
-from vidpar.executor.start_method import CallerState, worker_context
+from vidpar.executor.start_method import CallerState, main_script_runnable, worker_context
 from vidpar.executor.wire import Channel, decode, describe_exception, encode
 from vidpar.executor.worker import Worker, WorkerSpec, worker_environment, worker_main
 
@@ -89,6 +96,11 @@ class WorkerProcesses:
 
     def __init__(self) -> None:
         self.procs: list[mp.process.BaseProcess] = []
+        #: One file descriptor per worker that becomes readable when it ends: a pidfd of
+        #: the worker where the platform has them, else multiprocessing's sentinel.
+        self.exit_fds: list[int] = []
+        self._pidfds: list[int | None] = []
+        self._server_pidfd: int | None = None  # the fork server's, which reports exit codes
         self.channels: list[Channel] = []
         self.monitor: Monitor | None = None
         self.reaper: subprocess.Popen | None = None
@@ -96,8 +108,26 @@ class WorkerProcesses:
         self._lock = threading.Lock()
         self._reap_lock = threading.Lock()
 
+    def running(self) -> list[bool]:
+        """Whether each worker still runs (its exit fd is not readable yet)."""
+        poller = select.poll()
+        for fd in self.exit_fds:
+            poller.register(fd, select.POLLIN)
+        ended = {fd for fd, _ in poller.poll(0)}
+        return [fd not in ended for fd in self.exit_fds]
+
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
+
+    def exit_code(self, rank: int, wait_s: float) -> int | None:
+        """The exit code of ``rank``, which has ended (waiting up to ``wait_s`` s for it);
+        ``None`` if the fork server that would report it is gone."""
+        proc = self.procs[rank]
+        proc.join(timeout=wait_s)
+        server = self._server_pidfd
+        if proc.exitcode == 255 and server is not None and select.select([server], [], [], 0)[0]:
+            return None  # what multiprocessing reads when the server's pipe closed
+        return proc.exitcode
 
     def spawn(
         self,
@@ -131,10 +161,15 @@ class WorkerProcesses:
             # A forked worker takes its environment from ``caller``; the fork server, which
             # may start here, keeps the caller's own.
             env = {} if caller.forked else worker_environment(spec)
-            with spawn_environment(env):
+            with spawn_environment(env), main_script_runnable():
                 proc.start()
             child_end.close()
+            pidfd = _open_pidfd(proc.pid)
+            if caller.forked and self._server_pidfd is None:
+                self._server_pidfd = _open_pidfd(_parent(proc.pid))
             self.procs.append(proc)
+            self._pidfds.append(pidfd)
+            self.exit_fds.append(proc.sentinel if pidfd is None else pidfd)
             self.channels.append(Channel(parent_end))
         self.reaper = start_reaper(self.pids(), use_death_signal=base.use_death_signal)
 
@@ -161,8 +196,8 @@ class WorkerProcesses:
         atexit.unregister(self.stop)
         if grace > 0:
             frame, fd = encode((0, "shutdown", (), {}))
-            for proc, channel in zip(self.procs, self.channels, strict=True):
-                if proc.is_alive():
+            for running, channel in zip(self.running(), self.channels, strict=True):
+                if running:
                     with contextlib.suppress(OSError, ValueError):
                         channel.send_encoded(frame, fd)
         self._reap(grace)
@@ -182,32 +217,73 @@ class WorkerProcesses:
 
     def _reap_locked(self, grace: float) -> None:
         deadline = time.monotonic() + grace
-        alive = [p for p in self.procs if p.exitcode is None]
+        ranks = range(len(self.procs))
+        alive = [r for r, running in zip(ranks, self.running(), strict=True) if running]
         while alive and grace > 0:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            wait([p.sentinel for p in alive], timeout=remaining)
-            alive = [p for p in alive if p.exitcode is None]
-        for pid in descendants(alive):  # children that left their worker's group
+            wait([self.exit_fds[r] for r in alive], timeout=remaining)
+            running = self.running()
+            alive = [r for r in alive if running[r]]
+        for pid in descendants([self.procs[r] for r in alive]):  # left their worker's group
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-        for proc in alive:
-            kill_group(proc.pid)  # the worker and what it started
-            with contextlib.suppress(OSError, ValueError):
-                proc.kill()
-        for proc in self.procs:
-            proc.join(timeout=30)
-            if proc.exitcode is None:  # cannot happen after SIGKILL, but never hang here
-                logger.error("worker pid %s did not exit after SIGKILL", proc.pid)
+        for rank in alive:
+            kill_group(self.procs[rank].pid)  # the worker and what it started
+            self._kill(rank)
+        kill_deadline = time.monotonic() + 30
+        while alive and time.monotonic() < kill_deadline:
+            wait([self.exit_fds[r] for r in alive], timeout=kill_deadline - time.monotonic())
+            running = self.running()
+            alive = [r for r in alive if running[r]]
+        for rank, running in zip(ranks, self.running(), strict=True):
+            if running:  # cannot happen after SIGKILL, but never hang here
+                logger.error("worker pid %s did not exit after SIGKILL", self.procs[rank].pid)
+        for proc in self.procs:  # collects the exit codes (at once if the server is gone)
+            proc.join(timeout=5)
         for channel in self.channels:
             channel.close()
         for proc in self.procs:
             with contextlib.suppress(ValueError):
                 proc.close()
+        for pidfd in (*self._pidfds, self._server_pidfd):
+            if pidfd is not None:
+                os.close(pidfd)
         if self.reaper is not None:
             self.reaper.kill()
             self.reaper.wait()
         if self.monitor is not None:
             self.monitor.close()
         self.procs, self.channels, self.reaper = [], [], None
+        self.exit_fds, self._pidfds, self._server_pidfd = [], [], None
+
+    def _kill(self, rank: int) -> None:
+        """SIGKILL one worker (through its pidfd: never another process that took its pid)."""
+        pidfd = self._pidfds[rank]
+        with contextlib.suppress(OSError, ValueError):
+            if pidfd is None:
+                self.procs[rank].kill()
+            else:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+
+def _parent(pid: int) -> int | None:
+    """The parent of ``pid`` (``None`` if it has gone)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).ppid()
+    except psutil.Error:
+        return None
+
+
+def _open_pidfd(pid: int | None) -> int | None:
+    """A pidfd of ``pid``; ``None`` where the platform has none (or it has already gone,
+    when its sentinel tells the same)."""
+    if pid is None or not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None

@@ -1,11 +1,11 @@
 """Imported by the workers' fork server alone (first in its preload list), never by the
 caller: the server ignores ``SIGTERM`` and lets go of the caller's stdout and stderr.
 
-The caller learns that a worker ended from the server, so a server that died would read
-as every worker dying. SLURM (and the tests) send ``SIGTERM`` to every process of a job,
-the server included; ignoring it, the server lives exactly as long as its caller (it
-exits when the caller closes its end), and ``SIGINT`` it ignores already. Workers restore
-the default and take the caller's output as they start
+SLURM (and the tests) send ``SIGTERM`` to every process of a job, the server included;
+ignoring it, the server lives exactly as long as its caller (it exits when the caller
+closes its end), and ``SIGINT`` it ignores already. (A server that dies all the same fails
+no running worker: the caller watches each one through a pidfd, not through the server.)
+Workers restore the default and take the caller's output as they start
 (:meth:`~vidpar.executor.start_method.CallerState.apply`), so the server needs none: holding
 it would keep a caller's pipes open after the caller exits, until the server's imports end.
 """

@@ -8,6 +8,10 @@ state now; :class:`CallerState` carries the caller's environment, stdout and std
 across (multiprocessing's own preparation data carries the working directory and
 ``sys.path``), so a worker starts as a spawned one would. ``VIDPAR_START_METHOD=spawn``
 spawns every worker afresh instead.
+
+A new worker runs the caller's main script again (as ``__mp_main__``) to find what it
+defines; a script read from standard input (``python -``) has no file to run again, so its
+workers start as those of ``python -c`` do, without it (:func:`main_script_runnable`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import multiprocessing as mp
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing import forkserver
 from multiprocessing.context import BaseContext
@@ -64,6 +69,27 @@ def start_server_early() -> None:
         return
     if worker_context(PRELOAD).get_start_method() == "forkserver":
         forkserver.ensure_running()
+
+
+_MAIN_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def main_script_runnable() -> Iterator[None]:
+    """While a worker starts: hide the main module's file name when there is no such file
+    (``"<stdin>"`` under ``python -``), which the worker would otherwise try to run again
+    and die of, before it has an output to say so."""
+    with _MAIN_LOCK:
+        main = sys.modules.get("__main__")
+        path = getattr(main, "__file__", None)
+        if path is None or getattr(main, "__spec__", None) is not None or os.path.exists(path):
+            yield
+            return
+        del main.__file__
+        try:
+            yield
+        finally:
+            main.__file__ = path
 
 
 def _open_fd(fd: int) -> bool:

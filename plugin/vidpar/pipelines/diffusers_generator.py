@@ -15,6 +15,7 @@ from vidpar.config import ParallelConfig
 from vidpar.distributed import telemetry
 from vidpar.distributed.state import get_parallel_state
 from vidpar.executor import Executor
+from vidpar.executor.executor import HEARTBEAT_TIMEOUT_S
 from vidpar.models.pretrained import (
     DiffusersVelocity,
     find_model_folder,
@@ -160,9 +161,10 @@ class DiffusersVideoGenerator(WorkerSession):
     ``AutoencoderKLWan`` folder, or a pipeline folder with ``vae/``) the first rank of each
     replica decodes the latents to videos. Sampling is :class:`FlowMatchEulerSampler` with
     Wan's timestep convention (``1000 t``) and schedule ``shift``. The same seed gives the
-    same latents on every layout. Use as a context manager, or call :meth:`close`.
-    For a whole pipeline folder and text prompts, sampled with the folder's own scheduler
-    as diffusers samples, use :class:`~vidpar.pipelines.DiffusersPipelineGenerator`.
+    same latents on every layout. A worker silent for ``heartbeat_timeout_s`` (as the
+    :class:`~vidpar.executor.Executor`'s) fails the call. Use as a context manager, or call
+    :meth:`close`. For a whole pipeline folder and text prompts, sampled with the folder's
+    own scheduler as diffusers samples, use :class:`~vidpar.pipelines.DiffusersPipelineGenerator`.
     """
 
     def __init__(
@@ -173,6 +175,7 @@ class DiffusersVideoGenerator(WorkerSession):
         subfolder: str | None = None,
         dtype: torch.dtype = torch.float32,
         devices: str | list[str] = "auto",
+        heartbeat_timeout_s: float | None = HEARTBEAT_TIMEOUT_S,
     ) -> None:
         self.folder = find_model_folder(path, subfolder)
         self.config = read_config(self.folder)
@@ -188,7 +191,11 @@ class DiffusersVideoGenerator(WorkerSession):
             dtype=dtype,
         )
         self.executor = Executor(
-            self.parallel, worker_factory=factory, devices=devices, worker_cls=GeneratorWorker
+            self.parallel,
+            worker_factory=factory,
+            devices=devices,
+            worker_cls=GeneratorWorker,
+            heartbeat_timeout_s=heartbeat_timeout_s,
         )
         self.last_records: list = []
 

@@ -18,6 +18,7 @@ from vidpar.config import ParallelConfig
 from vidpar.distributed import telemetry
 from vidpar.distributed.full_weights import HPARAMS_KEY, read_hyper_parameters, save_full_weights
 from vidpar.executor import Executor
+from vidpar.executor.executor import HEARTBEAT_TIMEOUT_S
 from vidpar.nn.dit import DiTConfig, VideoDiT
 from vidpar.pipelines.flow_matching import FlowMatchEulerSampler
 from vidpar.pipelines.generator_worker import GeneratorWorker
@@ -84,8 +85,9 @@ class VideoGenerator(WorkerSession):
     and tp the model shards itself, and with ``dp > 1`` each replica samples its share of
     the videos. The same seed gives the same videos for every layout (up to floating-point
     summation order). LoRA adapters are set and merged in every worker
-    (:meth:`set_lora_adapter`, :meth:`merge_lora`, :meth:`unmerge_lora`). Use as a context
-    manager, or call :meth:`close`.
+    (:meth:`set_lora_adapter`, :meth:`merge_lora`, :meth:`unmerge_lora`). A worker silent
+    for ``heartbeat_timeout_s`` (as the :class:`~vidpar.executor.Executor`'s) fails the
+    call. Use as a context manager, or call :meth:`close`.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class VideoGenerator(WorkerSession):
         parallel: ParallelConfig | None = None,
         devices: str | list[str] = "auto",
         data_info: dict[str, Any] | None = None,
+        heartbeat_timeout_s: float | None = HEARTBEAT_TIMEOUT_S,
     ) -> None:
         check_generatable(dit_config)
         self.dit_config = dit_config
@@ -105,7 +108,11 @@ class VideoGenerator(WorkerSession):
         self.class_names = self.data_info.get("class_names")
         factory = functools.partial(_build_dit, config=_as_dict(dit_config))
         self.executor = Executor(
-            self.parallel, worker_factory=factory, devices=devices, worker_cls=GeneratorWorker
+            self.parallel,
+            worker_factory=factory,
+            devices=devices,
+            worker_cls=GeneratorWorker,
+            heartbeat_timeout_s=heartbeat_timeout_s,
         )
         try:
             if weights is not None:
