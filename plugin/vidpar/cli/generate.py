@@ -21,6 +21,7 @@ from vidpar.distributed.checkpoint_integrity import CorruptCheckpointError, veri
 from vidpar.distributed.checkpoint_signing import UntrustedCheckpointError
 from vidpar.distributed.checkpoint_store import resolve
 from vidpar.distributed.telemetry import format_summary, summarize
+from vidpar.models.plan import check_heads
 from vidpar.nn.dit import DiTConfig
 
 register()
@@ -146,7 +147,7 @@ def check_prompt_request(conf: DictConfig, layout: ParallelConfig) -> dict[str, 
     if negative is not None and not isinstance(negative, str):
         negative = [str(n) for n in negative]
     try:
-        layout.check_heads(spec.transformer_config["num_attention_heads"])
+        check_heads(layout, spec.transformer_config["num_attention_heads"])
     except ValueError as err:
         raise UserError(
             f"The model does not fit the layout: {err}. Pick another parallel=."

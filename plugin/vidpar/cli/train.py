@@ -26,6 +26,7 @@ from vidpar.distributed.checkpoint_integrity import CorruptCheckpointError, veri
 from vidpar.distributed.checkpoint_signing import UntrustedCheckpointError
 from vidpar.distributed.checkpoint_state import load_trainer_state
 from vidpar.distributed.checkpoint_store import resolve
+from vidpar.models.plan import check_heads
 from vidpar.nn.activation_checkpointing import check_checkpointing
 from vidpar.nn.dit import DiTConfig
 
@@ -65,7 +66,10 @@ def check_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:
     """Every mistake we can see from the config fails here, before any process starts."""
     heads, _, source = model_facts(conf.model)
     try:
-        layout.check_heads(heads)
+        if "dit" in conf.model:
+            layout.check_heads(heads)
+        else:  # a diffusers model: its plan splits heads over tp evenly
+            check_heads(layout, heads)
     except ValueError as err:
         raise UserError(f"The model does not fit the layout: {err} (from {source}).") from None
     if "dit" in conf.model:

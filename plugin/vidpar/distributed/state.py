@@ -355,9 +355,15 @@ def get_dp_group() -> GroupCoordinator:
 
 
 def get_dp_sp_group() -> GroupCoordinator:
-    """The current layout's replica group (dp × sp: gradients of one tp shard are averaged
-    over it)."""
+    """The current layout's dp × sp group (gradients of one tp shard are averaged over
+    it)."""
     return get_parallel_state().group("dp_sp")
+
+
+def get_replica_group() -> GroupCoordinator:
+    """The current layout's replica group (cfg × sp × tp: the ranks that share a batch; a
+    pipeline's VAE and text encoder are split over it)."""
+    return get_parallel_state().group("replica")
 
 
 def get_parallel_config() -> ParallelConfig:

@@ -93,7 +93,7 @@ def parallelize(model: ModelT, *, compile: CompileSetting = False) -> ModelT:
                 f"this {name} is parallelised already (for {model._vidpar_layout}); "
                 "parallelize a fresh copy of the model"
             )
-        check_heads(state, getattr(model.config, plan.heads))
+        check_heads(state.config, getattr(model.config, plan.heads))
         if any(getattr(m, "fused_projections", False) for m in model.modules()):
             raise ValueError(
                 "the model's attention projections are fused; call "

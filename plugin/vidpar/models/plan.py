@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from vidpar.config import ParallelConfig
 from vidpar.distributed.communication_op import gather_sequence
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.distributed.state import ParallelState
@@ -221,11 +222,12 @@ class ModelPlan:
     heads: str = "num_attention_heads"
 
 
-def check_heads(state: ParallelState, num_heads: int) -> None:
-    """The one place a plan checks the heads against the layout: every rank needs a head,
-    and a plan's tp layers split heads evenly (uneven heads work over Ulysses)."""
-    state.check_heads(num_heads)
-    tp = state.config.tp
+def check_heads(config: ParallelConfig, num_heads: int) -> None:
+    """The one place a diffusers model's heads are checked against a layout (before launch,
+    and where a plan meets the layout): every rank needs a head, and a plan's tp layers
+    split heads evenly (uneven heads work over Ulysses)."""
+    config.check_heads(num_heads)
+    tp = config.tp
     if num_heads % tp:
         raise ValueError(
             f"num_heads({num_heads}) is not divisible by tp({tp}): a diffusers model's heads "

@@ -16,6 +16,7 @@ from vidpar.distributed import telemetry
 from vidpar.distributed.state import get_parallel_state
 from vidpar.executor import Executor
 from vidpar.executor.executor import HEARTBEAT_TIMEOUT_S
+from vidpar.models.plan import check_heads
 from vidpar.models.pretrained import (
     DiffusersVelocity,
     find_model_folder,
@@ -183,7 +184,7 @@ class DiffusersVideoGenerator(WorkerSession):
         self.vae_config = None if self.vae_folder is None else read_config(self.vae_folder)
         self.dtype = dtype
         self.parallel = parallel or ParallelConfig()
-        self.parallel.check_heads(self.config["num_attention_heads"])
+        check_heads(self.parallel, self.config["num_attention_heads"])
         factory = functools.partial(
             _build,
             folder=str(self.folder),

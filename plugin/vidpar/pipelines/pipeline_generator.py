@@ -18,6 +18,8 @@ from vidpar.config import ParallelConfig
 from vidpar.distributed import telemetry
 from vidpar.distributed.state import get_parallel_state
 from vidpar.executor import Executor
+from vidpar.executor.executor import HEARTBEAT_TIMEOUT_S
+from vidpar.models.plan import check_heads
 from vidpar.pipelines import prompt_encoding
 from vidpar.pipelines.generator import _dp_slice
 from vidpar.pipelines.generator_worker import GeneratorWorker
@@ -227,8 +229,9 @@ class DiffusersPipelineGenerator(WorkerSession):
     own loop over the folder's scheduler, so a seed gives the video ``WanPipeline`` gives.
     The text encoder is sharded (FSDP2) over the ranks of each dp replica, which split the
     prompts between them; ``text_encoder_offload="cpu"`` keeps it whole on the CPU of this
-    process instead. Every rank of a replica decodes (:func:`decode_latents`). Use as a
-    context manager, or call :meth:`close`.
+    process instead. Every rank of a replica decodes (:func:`decode_latents`). A worker
+    silent for ``heartbeat_timeout_s`` fails the call. Use as a context manager, or call
+    :meth:`close`.
     """
 
     def __init__(
@@ -238,6 +241,7 @@ class DiffusersPipelineGenerator(WorkerSession):
         dtype: torch.dtype = torch.float32,
         devices: str | list[str] = "auto",
         text_encoder_offload: Literal["none", "cpu"] | None = None,
+        heartbeat_timeout_s: float | None = HEARTBEAT_TIMEOUT_S,
     ) -> None:
         self.spec = read_pipeline_folder(path)
         if text_encoder_offload not in (None, "none", "cpu"):
@@ -246,7 +250,7 @@ class DiffusersPipelineGenerator(WorkerSession):
             )
         self.dtype = dtype
         self.parallel = parallel or ParallelConfig()
-        self.parallel.check_heads(self.spec.transformer_config["num_attention_heads"])
+        check_heads(self.parallel, self.spec.transformer_config["num_attention_heads"])
         self.tokenizer = prompt_encoding.load_tokenizer(self.spec.components["tokenizer"])
         self.text_encoder = None
         if text_encoder_offload == "cpu":
@@ -260,7 +264,11 @@ class DiffusersPipelineGenerator(WorkerSession):
             encode_on_workers=self.text_encoder is None,
         )
         self.executor = Executor(
-            self.parallel, worker_factory=factory, devices=devices, worker_cls=GeneratorWorker
+            self.parallel,
+            worker_factory=factory,
+            devices=devices,
+            worker_cls=GeneratorWorker,
+            heartbeat_timeout_s=heartbeat_timeout_s,
         )
         self.last_records: list = []
         #: Seconds per stage of the last ``generate`` on rank 0 (``encode_prompt``,
