@@ -18,96 +18,49 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vidpar.cli.hydra_setup import UserError, build_layout, console_command, register
-from vidpar.cli.validation import check_train_config
+from vidpar.cli.validation import (
+    check_data_fits_model,
+    check_model_before_launch,
+    check_train_config,
+)
 from vidpar.cli.wandb_runs import job_wandb_run
 from vidpar.config import ParallelConfig
 from vidpar.distributed.checkpoint import TRAINER_STATE, is_complete
 from vidpar.distributed.checkpoint_integrity import CorruptCheckpointError, verify
 from vidpar.distributed.checkpoint_store import resolve
-from vidpar.nn.activation_checkpointing import check_checkpointing
 from vidpar.nn.dit import DiTConfig
 
 register()
 
 
-def model_facts(model: DictConfig) -> tuple[int, int, str]:
-    """``(heads, in_channels, where they come from)`` of the configured network: the DiT's
-    config, or a diffusers model folder's ``config.json`` (``model.path``)."""
-    if "dit" in model:
-        return model.dit.num_heads, model.dit.in_channels, "model.dit"
-    from vidpar.models.pretrained import find_model_folder, read_config
-
-    path = None if OmegaConf.is_missing(model, "path") else model.get("path")
-    try:
-        folder = find_model_folder(path, model.get("subfolder"))
-        config = read_config(folder)
-    except (OSError, ValueError) as err:
-        raise UserError(
-            f"model.path: {err}. Give the local diffusers folder of the transformer (a "
-            "pipeline folder with transformer/, or the model folder itself): nothing is "
-            "downloaded."
-        ) from None
-    return config["num_attention_heads"], config["in_channels"], f"{folder}/config.json"
-
-
-def check_dit_config(dit: DictConfig, layout: ParallelConfig) -> None:
-    """``model.dit`` builds a DiTConfig, and its checkpointing works under ``layout``."""
-    try:
-        config = DiTConfig(**OmegaConf.to_container(dit, resolve=True))
-        check_checkpointing(config.activation_checkpointing, layout.ring)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"model.dit: {err}") from None
-
-
-def check_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:
-    """Every mistake we can see from the config fails here, before any process starts."""
-    heads, _, source = model_facts(conf.model)
-    try:
-        layout.check_heads(heads)
-    except ValueError as err:
-        raise UserError(f"The model does not fit the layout: {err} (from {source}).") from None
-    if "dit" in conf.model:
-        check_dit_config(conf.model.dit, layout)
-    if conf.trainer.accelerator == "gpu" and torch.cuda.device_count() < layout.world_size:
-        raise UserError(
-            f"The layout {layout.describe()} needs {layout.world_size} GPUs, but this machine "
-            f"has {torch.cuda.device_count()}. Use a smaller layout (e.g. parallel=sp2), or "
-            "trainer=cpu to run the same layout with CPU processes."
-        )
-    if conf.ckpt_path is not None and not is_complete(Path(conf.ckpt_path)):
+def check_resume(conf: DictConfig) -> None:
+    """``ckpt_path``: a complete checkpoint, intact, of the model the config describes."""
+    if conf.ckpt_path is None:
+        return
+    if not is_complete(Path(conf.ckpt_path)):
         raise UserError(
             f"ckpt_path={conf.ckpt_path} is not a complete vidpar checkpoint (a directory with "
             "trainer_state.pt and DCP metadata). Point it at a checkpoints/*.ckpt directory "
             "of an earlier run, or drop ckpt_path to start fresh."
         )
-    if conf.ckpt_path is not None:
-        ckpt = resolve(conf.ckpt_path)
-        try:
-            verify(ckpt)  # every file's size and checksum, before any worker starts
-        except CorruptCheckpointError as err:
-            raise UserError(str(err)) from None
-        check_checkpoint_model(ckpt, conf.model)
+    ckpt = resolve(conf.ckpt_path)
+    try:
+        verify(ckpt)  # every file's size and checksum, before any worker starts
+    except CorruptCheckpointError as err:
+        raise UserError(str(err)) from None
+    check_checkpoint_model(ckpt, conf.model)
+
+
+def check_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:
+    """Every mistake we can see from the config and its files fails here, before any
+    process starts: the model, its optimizer and devices, the data against the model,
+    and the checkpoint to resume."""
+    check_model_before_launch(conf, layout)
+    check_resume(conf)
 
 
 #: DiT settings that change how it runs, not its weights: free to differ on resume.
 RESUMABLE_DIT_CHANGES = frozenset({"activation_checkpointing", "compile"})
-
-
-def check_data_fits_model(video_shape: tuple[int, ...], model: DictConfig) -> None:
-    """The clips' (or latents') channels must be what the model's patch embedding takes."""
-    channels = video_shape[0]
-    _, in_channels, source = model_facts(model)
-    if channels != in_channels:
-        fix = (
-            f"Set model.dit.in_channels={channels}"
-            if "dit" in model
-            else f"Use a model folder whose transformer takes {channels} channels"
-        )
-        raise UserError(
-            f"The data gives {channels}-channel clips of shape {tuple(video_shape)} (C, T, H, "
-            f"W), but the model takes {in_channels} ({source}). {fix}, or use data whose "
-            f"clips have {in_channels} channels."
-        )
 
 
 def check_checkpoint_model(ckpt: Path, model: DictConfig) -> None:

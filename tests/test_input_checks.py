@@ -1,0 +1,169 @@
+"""Bad input is named before any work starts (issue #27): every file of a latents folder,
+the model class and optimizer settings, the output path and the memory a job needs are
+checked in the main process, each mistake one paragraph naming the file or value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from test_hydra_cli import compose_train, run_cli
+from vidpar.cli.hydra_setup import UserError, build_layout
+from vidpar.cli.train import check_before_launch
+from vidpar.cli.validation import check_train_config
+from vidpar.data import LatentsDataModule
+from vidpar.data.latents import LatentsFileError
+from vidpar.models.testing import make_tiny_latents, make_tiny_wan
+
+
+@pytest.fixture(scope="module")
+def tiny_wan(tmp_path_factory) -> Path:
+    return make_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan")
+
+
+def latents_with_bad_last_file(root: Path, model: Path, damage: str) -> tuple[Path, Path]:
+    """A tiny latents folder of 4 samples whose last file is damaged as ``damage`` says;
+    returns the folder and that file (the first file, all the old check read, is fine)."""
+    folder = make_tiny_latents(root / damage, model)
+    bad = folder / "000003.safetensors"
+    tensors = load_file(str(bad))
+    if damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:-40])
+        return folder, bad
+    if damage == "missing_key":
+        del tensors["prompt_embeds"]
+    elif damage == "wrong_shape":
+        tensors["latents"] = tensors["latents"][:, :, :4]
+    elif damage == "wrong_rank":
+        tensors["latents"] = tensors["latents"][0]
+    elif damage == "wrong_dtype":
+        tensors["latents"] = tensors["latents"].to(torch.int32)
+    elif damage == "text_width":
+        tensors["prompt_embeds"] = torch.zeros(3, 5)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(bad))
+    return folder, bad
+
+
+DAMAGES = {
+    "truncated": r"is not a readable safetensors file .* truncated",
+    "missing_key": r"has no 'prompt_embeds' tensor",
+    "wrong_shape": r"latents have shape \[16, 3, 4, 6\], but .* are \[16, 3, 6, 6\]",
+    "wrong_rank": r"latents has shape \[3, 6, 6\], expected \[C, T, H, W\]",
+    "wrong_dtype": r"latents is I32, expected a floating-point tensor",
+    "text_width": r"prompt_embeds has width D=5, but the folder's text embeddings have D=",
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_every_latents_file_is_checked_when_the_data_is_built(tmp_path, tiny_wan, damage) -> None:
+    folder, bad = latents_with_bad_last_file(tmp_path, tiny_wan, damage)
+    with pytest.raises(LatentsFileError, match=DAMAGES[damage]) as caught:
+        LatentsDataModule(str(folder))
+    assert str(bad) in str(caught.value)
+
+
+def train_config(model: Path, latents: Path, *overrides: str):
+    conf = compose_train(
+        "recipe=wan2_1_t2v_1p3b",
+        "trainer=cpu",
+        f"model.path={model}",
+        f"data.path={latents}",
+        *overrides,
+    )
+    return conf, build_layout(conf.parallel)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong_dtype"])
+def test_vidpar_train_names_a_bad_latents_file_before_launch(tmp_path, tiny_wan, damage) -> None:
+    folder, bad = latents_with_bad_last_file(tmp_path, tiny_wan, damage)
+    conf, layout = train_config(tiny_wan, folder)
+    check_train_config(conf, layout)
+    with pytest.raises(UserError, match=f"data.path={folder}: {bad}"):
+        check_before_launch(conf, layout)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ({"in_channels": 4}, r"latents have 16 channels .* takes in_channels=4"),
+        ({"text_dim": 24}, r"prompt_embeds are 32 wide, but .* takes text_dim=24"),
+    ],
+)
+def test_latents_that_do_not_fit_the_model_are_refused_by_name(tmp_path, sizes, message) -> None:
+    model = make_tiny_wan(tmp_path / "model", **sizes)
+    latents = make_tiny_latents(tmp_path / "latents", make_tiny_wan(tmp_path / "base"))
+    conf, layout = train_config(model, latents)
+    with pytest.raises(UserError, match=message) as caught:
+        check_before_launch(conf, layout)
+    assert f"{latents}/000000.safetensors" in str(caught.value)
+    assert f"{model}/config.json" in str(caught.value)
+
+
+def test_a_bad_latents_file_stops_vidpar_train_before_any_worker(tmp_path, tiny_wan) -> None:
+    folder, bad = latents_with_bad_last_file(tmp_path, tiny_wan, "missing_key")
+    result = run_cli(
+        "vidpar.cli.train",
+        "recipe=wan2_1_t2v_1p3b",
+        "trainer=cpu",
+        f"model.path={tiny_wan}",
+        f"data.path={folder}",
+        "logger=none",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"{bad} has no 'prompt_embeds' tensor" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "output in" not in result.stdout  # printed just before the workers start
+
+
+# The model and its optimizer ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.lr=-1", r"model\.lr=-1 is not a learning rate"),
+        ("model.lr=0", r"model\.lr=0 is not a learning rate"),
+        ("model.weight_decay=-0.1", r"model\.weight_decay=-0\.1 must be a number of at least 0"),
+        ("+model.betas=[0.9,1.5]", r"model\.betas=\[0\.9, 1\.5\] must be two numbers in \[0, 1\)"),
+        ("model.ema_decay=1.0", r"model\.ema_decay=1\.0 must be in \[0, 1\)"),
+    ],
+)
+def test_bad_optimizer_settings_are_refused_before_launch(override, message) -> None:
+    conf = compose_train(override)
+    with pytest.raises(UserError, match=message):
+        check_before_launch(conf, build_layout(conf.parallel))
+
+
+def test_an_unsupported_model_class_is_refused_in_one_line(tmp_path, tiny_wan) -> None:
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    config = (tiny_wan / "config.json").read_text()
+    (folder / "config.json").write_text(
+        config.replace('"WanTransformer3DModel"', '"UNet2DConditionModel"')
+    )
+    latents = make_tiny_latents(tmp_path / "latents", tiny_wan)
+    for path, override, message in (
+        (folder, "model.lr=1e-5", "is a UNet2DConditionModel, which vidpar cannot parallelise"),
+        (tiny_wan, "model.lr=-1", "model.lr=-1 is not a learning rate"),
+    ):
+        result = run_cli(
+            "vidpar.cli.train",
+            "recipe=wan2_1_t2v_1p3b",
+            "trainer=cpu",
+            f"model.path={path}",
+            f"data.path={latents}",
+            override,
+            "logger=none",
+            f"hydra.run.dir=run-{path.name}",
+            cwd=tmp_path,
+            timeout=120,
+        )
+        assert result.returncode == 2, result.stderr[-3000:]
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and message in lines[0], result.stderr[-3000:]
