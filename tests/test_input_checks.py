@@ -167,3 +167,33 @@ def test_an_unsupported_model_class_is_refused_in_one_line(tmp_path, tiny_wan) -
         assert result.returncode == 2, result.stderr[-3000:]
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and message in lines[0], result.stderr[-3000:]
+
+
+# A model without parallel layers -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("strategy", "message"),
+    [
+        ("vidpar_sp2", r"PlainTransformer has no sequence-parallel layer, but the layout .*sp=2"),
+        ("vidpar_tp2", r"PlainTransformer has no tensor-parallel layer, but the layout .*tp=2"),
+    ],
+)
+def test_a_plain_model_is_refused_under_sp_and_tp(strategy, message) -> None:
+    import lightning.pytorch as pl
+
+    from lightning_models import PlainTransformer
+
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(RuntimeError, match=message):  # the workers' RemoteError
+        trainer.fit(PlainTransformer())
+    assert trainer.global_step == 0

@@ -141,9 +141,13 @@ def check_model_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:
             "trainer=cpu to run the same layout with CPU processes."
         )
     data = conf.get("data")
-    if data is not None and data.get("_target_") == LATENTS_DATA:
-        if not OmegaConf.is_missing(data, "path") and data.path is not None:
-            check_latents_fit_model(data, conf.model)
+    if (
+        data is not None
+        and data.get("_target_") == LATENTS_DATA
+        and not OmegaConf.is_missing(data, "path")
+        and data.path is not None
+    ):
+        check_latents_fit_model(data, conf.model)
 
 
 def check_latents_fit_model(data: DictConfig, model: DictConfig) -> None:
