@@ -197,3 +197,50 @@ def test_a_plain_model_is_refused_under_sp_and_tp(strategy, message) -> None:
     with pytest.raises(RuntimeError, match=message):  # the workers' RemoteError
         trainer.fit(PlainTransformer())
     assert trainer.global_step == 0
+
+
+# LoRA files ----------------------------------------------------------------------------------
+
+
+def test_a_lora_with_nan_factors_is_refused_naming_its_file(tmp_path, tiny_wan) -> None:
+    from vidpar.models import peft_to_adapter
+    from vidpar.models.testing import make_tiny_wan_lora
+    from vidpar.nn.lora import LoraManager
+
+    peft = make_tiny_wan_lora(tmp_path / "lora", tiny_wan)
+    tensors = load_file(str(peft))
+    key = "transformer.blocks.0.attn1.to_k.lora_B.weight"
+    tensors[key][1, 0] = float("nan")
+    save_file(tensors, str(peft), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"to_k in .*: lora_B holds 1 NaN or infinite values"):
+        peft_to_adapter(peft)
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    adapter = tmp_path / "ours.safetensors"
+    save_file(
+        {
+            "0.weight.lora_A": torch.ones(1, 4),
+            "0.weight.lora_B": torch.tensor([[0.0], [float("inf")], [0.0], [0.0]]),
+        },
+        str(adapter),
+    )
+    manager = LoraManager(model)
+    with pytest.raises(ValueError, match=f"{adapter}: 0.weight.lora_B holds 1 NaN or infinite"):
+        manager.set_adapter("style", adapter)
+    assert manager.adapters == {}
+
+
+def test_a_truncated_lora_file_is_named(tmp_path, tiny_wan) -> None:
+    from vidpar.models import peft_to_adapter
+    from vidpar.models.testing import make_tiny_wan_lora
+    from vidpar.nn.lora import load_adapter
+
+    peft = make_tiny_wan_lora(tmp_path / "lora", tiny_wan)
+    peft.write_bytes(peft.read_bytes()[:-64])
+    with pytest.raises(ValueError, match=f"LoRA file {peft} cannot be read .* truncated"):
+        peft_to_adapter(peft)
+    saved = tmp_path / "adapter.pt"
+    torch.save({"0.weight.lora_A": torch.ones(1, 4)}, saved)
+    saved.write_bytes(saved.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"LoRA file {saved} cannot be read"):
+        load_adapter(saved)
