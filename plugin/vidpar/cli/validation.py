@@ -366,3 +366,30 @@ def check_generate_request(
     except RequestError as err:
         key = GENERATE_OVERRIDES.get(err.argument, err.argument)
         raise UserError(f"{key}={conf[key]} cannot be generated: {err}. Change {key}.") from None
+
+
+def check_generate_resources(
+    conf: DictConfig,
+    dit_config: DiTConfig,
+    layout: ParallelConfig,
+    labels: list[int],
+    shape: tuple[int, int, int, int],
+) -> None:
+    """``output`` can be written (folder, permissions, free space for the video) and the
+    sampling fits this machine's memory, before the generator starts its workers."""
+    from vidpar.pipelines.preflight import PreflightError, check_generation
+
+    try:
+        check_generation(
+            dit_config,
+            len(labels),
+            shape,
+            layout,
+            guided=conf.guidance_scale != 1.0,
+            output=conf.output,
+            device="cuda" if torch.cuda.is_available() else "cpu",
+        )
+    except PreflightError as err:
+        if err.argument == "output":
+            raise UserError(f"{err}. Change output (e.g. output=samples.mp4).") from None
+        raise UserError(f"{err}.") from None
