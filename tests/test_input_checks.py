@@ -8,15 +8,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 
 from test_hydra_cli import compose_train, run_cli
 from vidpar.cli.hydra_setup import UserError, build_layout
 from vidpar.cli.train import check_before_launch
-from vidpar.cli.validation import check_train_config
+from vidpar.cli.validation import (
+    check_generate_request,
+    check_generate_resources,
+    check_train_config,
+)
 from vidpar.data import LatentsDataModule
 from vidpar.data.latents import LatentsFileError
 from vidpar.models.testing import make_tiny_latents, make_tiny_wan
+from vidpar.nn.dit import DiTConfig, VideoDiT
+from vidpar.pipelines import VideoGenerator
+from vidpar.pipelines.generator import export_weights
+from vidpar.resources import CONFIG_DIR
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +253,81 @@ def test_a_truncated_lora_file_is_named(tmp_path, tiny_wan) -> None:
     saved.write_bytes(saved.read_bytes()[:100])
     with pytest.raises(ValueError, match=f"LoRA file {saved} cannot be read"):
         load_adapter(saved)
+
+
+# vidpar-generate and VideoGenerator: output path and memory ---------------------------------
+
+GEN_DIT = DiTConfig(
+    in_channels=3, hidden_size=32, num_heads=4, depth=1, patch_size=(1, 4, 4), num_classes=4
+)
+GEN_DATA = {"class_names": ["square", "circle", "triangle", "cross"], "video_shape": [3, 8, 16, 16]}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    return export_weights(VideoDiT(GEN_DIT), path, data_info=GEN_DATA)
+
+
+def generate_resources(tmp_path: Path, *overrides: str) -> None:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        conf = compose("generate", overrides=[f"output={tmp_path}/out/x.mp4", *overrides])
+    labels, shape = check_generate_request(conf, GEN_DIT, GEN_DATA)
+    check_generate_resources(conf, GEN_DIT, build_layout(conf.parallel), labels, shape)
+
+
+def test_generation_output_and_memory_are_checked_in_process(tmp_path) -> None:
+    generate_resources(tmp_path)  # the default request fits
+    assert (tmp_path / "out").is_dir()  # its folder is made (and was write-tested)
+    assert list((tmp_path / "out").iterdir()) == []
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(UserError, match=r"afile is a file, not a folder\. Change output"):
+        generate_resources(tmp_path, f"output={tmp_path}/afile/x.mp4")
+    (tmp_path / "taken.mp4").mkdir()
+    with pytest.raises(UserError, match=r"taken\.mp4 is a folder; give a file name"):
+        generate_resources(tmp_path, f"output={tmp_path}/taken.mp4")
+    with pytest.raises(UserError, match=r"cannot be written: No such file or directory"):
+        generate_resources(tmp_path, "output=/proc/vidpar-test/x.mp4")
+    with pytest.raises(
+        UserError,
+        match=r"Generating 4 video\(s\) of 8×16×1000000 .* needs about \d+\.\d GiB \(2 workers"
+        r" × .* this machine has \d+\.\d GiB of RAM available to all workers",
+    ):
+        generate_resources(tmp_path, "width=1000000")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("output=afile/x.mp4", "afile is a file, not a folder. Change output"),
+        ("width=1000000", "needs about"),
+    ],
+)
+def test_vidpar_generate_checks_output_and_memory_before_workers(
+    weights, tmp_path, override, message
+) -> None:
+    (tmp_path / "afile").write_text("not a folder")
+    result = run_cli(
+        "vidpar.cli.generate",
+        f"checkpoint={weights}",
+        override,
+        "hydra.run.dir=gen",
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert "generating from" not in result.stdout  # printed just before workers start
+
+
+def test_video_generator_checks_output_and_memory_before_sampling(weights, tmp_path) -> None:
+    from vidpar.pipelines.preflight import PreflightError
+
+    (tmp_path / "afile").write_text("not a folder")
+    with VideoGenerator(GEN_DIT, weights, data_info=GEN_DATA, devices="cpu") as generator:
+        with pytest.raises(PreflightError, match="afile is a file, not a folder"):
+            generator.generate([0], steps=1, output=tmp_path / "afile" / "x.mp4")
+        with pytest.raises(PreflightError, match=r"needs about .* GiB"):
+            generator.generate([0, 1, 2, 3], width=1000000, steps=1)
+        assert generator.generate([0], steps=1, show_progress=False).shape == (1, 8, 16, 16, 3)
