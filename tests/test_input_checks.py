@@ -331,3 +331,16 @@ def test_video_generator_checks_output_and_memory_before_sampling(weights, tmp_p
         with pytest.raises(PreflightError, match=r"needs about .* GiB"):
             generator.generate([0, 1, 2, 3], width=1000000, steps=1)
         assert generator.generate([0], steps=1, show_progress=False).shape == (1, 8, 16, 16, 3)
+
+
+def test_a_training_step_that_cannot_fit_memory_is_refused_before_launch(tmp_path) -> None:
+    default = compose_train()
+    check_before_launch(default, build_layout(default.parallel))  # the default job fits
+    huge = compose_train("data.height=4096", "data.width=4096", "data.num_frames=16")
+    with pytest.raises(
+        UserError,
+        match=r"A training step of about 1M parameters on data\.batch_size=8 samples of "
+        r"16777216 tokens \(3×16×4096×4096\) with .* needs about \d+\.\d GiB \(4 workers × "
+        r".* Lower data\.batch_size .* model\.dit\.activation_checkpointing=true",
+    ):
+        check_before_launch(huge, build_layout(huge.parallel))

@@ -18,11 +18,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vidpar.cli.hydra_setup import UserError, build_layout, console_command, register
-from vidpar.cli.validation import (
-    check_data_fits_model,
-    check_model_before_launch,
-    check_train_config,
-)
+from vidpar.cli.validation import check_train_config
+from vidpar.cli.validation_model import check_data_fits_model, check_model_before_launch
 from vidpar.cli.wandb_runs import job_wandb_run
 from vidpar.config import ParallelConfig
 from vidpar.distributed.checkpoint import TRAINER_STATE, is_complete

@@ -4,7 +4,6 @@ names the override to change."""
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,7 +15,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from vidpar.cli.hydra_setup import UserError
 from vidpar.config import ParallelConfig
 from vidpar.data.moving_shapes import SHAPES
-from vidpar.nn.activation_checkpointing import check_checkpointing
 from vidpar.nn.dit import DiTConfig
 
 #: The data modules whose keys :func:`check_data` knows.
@@ -37,158 +35,6 @@ def check_train_config(conf: DictConfig, layout: ParallelConfig) -> None:
     check_checkpoint_cadence(conf.checkpoint, conf.trainer.max_steps)
     if conf.get("data") is not None:
         check_data(conf.data, conf.get("model"), layout)
-
-
-def diffusers_config(model: DictConfig) -> tuple[dict[str, Any], str]:
-    """A diffusers model's ``config.json`` (``model.path``, ``model.subfolder``) and where
-    it was read, with the model class checked against what vidpar parallelises."""
-    from vidpar.models.parallelize import SUPPORTED_MODELS
-    from vidpar.models.pretrained import find_model_folder, read_config
-
-    path = None if OmegaConf.is_missing(model, "path") else model.get("path")
-    try:
-        folder = find_model_folder(path, model.get("subfolder"))
-        config = read_config(folder)
-    except (OSError, ValueError) as err:
-        raise UserError(
-            f"model.path: {err}. Give the local diffusers folder of the transformer (a "
-            "pipeline folder with transformer/, or the model folder itself): nothing is "
-            "downloaded."
-        ) from None
-    source = f"{folder}/config.json"
-    if config["_class_name"] not in SUPPORTED_MODELS:
-        raise UserError(
-            f"model.path={path}: {source} is a {config['_class_name']}, which vidpar cannot "
-            f"parallelise; it trains {', '.join(SUPPORTED_MODELS)}. Point model.path at such "
-            "a model's folder."
-        )
-    return config, source
-
-
-def model_facts(model: DictConfig) -> tuple[int, int, str]:
-    """``(heads, in_channels, where they come from)`` of the configured network: the DiT's
-    config, or a diffusers model folder's ``config.json`` (``model.path``)."""
-    if "dit" in model:
-        return model.dit.num_heads, model.dit.in_channels, "model.dit"
-    config, source = diffusers_config(model)
-    return config["num_attention_heads"], config["in_channels"], source
-
-
-def check_dit_config(dit: DictConfig, layout: ParallelConfig) -> None:
-    """``model.dit`` builds a DiTConfig, and its checkpointing works under ``layout``."""
-    try:
-        config = DiTConfig(**OmegaConf.to_container(dit, resolve=True))
-        check_checkpointing(config.activation_checkpointing, layout.ring)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"model.dit: {err}") from None
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_optimizer(model: DictConfig) -> None:
-    """The optimizer's settings in ``model``: ``lr`` > 0, ``weight_decay`` >= 0, and (where
-    the module takes them) ``betas`` in [0, 1), ``eps`` > 0, ``ema_decay`` in [0, 1)."""
-    lr = model.get("lr")
-    if lr is not None and not (_is_number(lr) and lr > 0):
-        raise UserError(
-            f"model.lr={lr} is not a learning rate: set model.lr to a positive number "
-            "(e.g. model.lr=1e-4)."
-        )
-    decay = model.get("weight_decay")
-    if decay is not None and not (_is_number(decay) and decay >= 0):
-        raise UserError(
-            f"model.weight_decay={decay} must be a number of at least 0 (0: no weight decay). "
-            "Set model.weight_decay."
-        )
-    betas = model.get("betas")
-    if betas is not None and not (
-        isinstance(betas, ListConfig | list | tuple)
-        and len(betas) == 2
-        and all(_is_number(b) and 0 <= b < 1 for b in betas)
-    ):
-        raise UserError(
-            f"model.betas={betas} must be two numbers in [0, 1) (Adam's, e.g. "
-            "model.betas=[0.9,0.999]). Set model.betas."
-        )
-    eps = model.get("eps")
-    if eps is not None and not (_is_number(eps) and eps > 0):
-        raise UserError(f"model.eps={eps} must be a positive number (e.g. 1e-8). Set model.eps.")
-    ema = model.get("ema_decay")
-    if ema is not None and not (_is_number(ema) and 0 <= ema < 1):
-        raise UserError(
-            f"model.ema_decay={ema} must be in [0, 1) (0 turns the EMA copy off). Set "
-            "model.ema_decay."
-        )
-
-
-def check_model_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:
-    """The model (its class, heads against the layout, DiT settings), its optimizer, the
-    devices the layout needs, and a latents folder against the model's sizes."""
-    heads, _, source = model_facts(conf.model)
-    try:
-        layout.check_heads(heads)
-    except ValueError as err:
-        raise UserError(f"The model does not fit the layout: {err} (from {source}).") from None
-    if "dit" in conf.model:
-        check_dit_config(conf.model.dit, layout)
-    check_optimizer(conf.model)
-    if conf.trainer.accelerator == "gpu" and torch.cuda.device_count() < layout.world_size:
-        raise UserError(
-            f"The layout {layout.describe()} needs {layout.world_size} GPUs, but this machine "
-            f"has {torch.cuda.device_count()}. Use a smaller layout (e.g. parallel=sp2), or "
-            "trainer=cpu to run the same layout with CPU processes."
-        )
-    data = conf.get("data")
-    if (
-        data is not None
-        and data.get("_target_") == LATENTS_DATA
-        and not OmegaConf.is_missing(data, "path")
-        and data.path is not None
-    ):
-        check_latents_fit_model(data, conf.model)
-
-
-def check_latents_fit_model(data: DictConfig, model: DictConfig) -> None:
-    """Every file of the latents folder ``data.path``, read by header, against the model's
-    ``in_channels`` and text width (``text_dim`` of a diffusers model)."""
-    dataset = _latents_dataset(data)
-    if "dit" in model:
-        in_channels, text_dim, source = model.dit.in_channels, None, "model.dit"
-    else:
-        config, source = diffusers_config(model)
-        in_channels, text_dim = config["in_channels"], config.get("text_dim")
-    try:
-        dataset.check_model(in_channels, text_dim, f"the model ({source})")
-    except ValueError as err:
-        raise UserError(f"data.path: {err}. Change data.path or model.path.") from None
-
-
-def _latents_dataset(data: DictConfig):
-    from vidpar.data.latents import LatentsDataset
-
-    try:
-        return LatentsDataset(Path(data.path).expanduser())
-    except (OSError, ValueError) as err:
-        raise UserError(f"data.path={data.path}: {err}.") from None
-
-
-def check_data_fits_model(video_shape: tuple[int, ...], model: DictConfig) -> None:
-    """The clips' (or latents') channels must be what the model's patch embedding takes."""
-    channels = video_shape[0]
-    _, in_channels, source = model_facts(model)
-    if channels != in_channels:
-        fix = (
-            f"Set model.dit.in_channels={channels}"
-            if "dit" in model
-            else f"Use a model folder whose transformer takes {channels} channels"
-        )
-        raise UserError(
-            f"The data gives {channels}-channel clips of shape {tuple(video_shape)} (C, T, H, "
-            f"W), but the model takes {in_channels} ({source}). {fix}, or use data whose "
-            f"clips have {in_channels} channels."
-        )
 
 
 def check_schedule(trainer: DictConfig) -> None:
@@ -288,7 +134,7 @@ def check_data(data: DictConfig, model: DictConfig | None, layout: ParallelConfi
             f"data.num_classes={classes}: the moving-shapes data has one class per shape, "
             f"1 to {len(SHAPES)} ({', '.join(SHAPES)}). Set data.num_classes in that range."
         )
-    patch = _patch_size(model)
+    patch = model_patch_size(model)
     for axis, key in enumerate(("num_frames", "height", "width")):
         value, low = data.get(key), 1 if key == "num_frames" else 4
         if not is_int(value) or value < low:
@@ -321,7 +167,7 @@ def _check_at_least(data: DictConfig, bounds: tuple[tuple[str, int], ...]) -> No
             )
 
 
-def _patch_size(model: DictConfig | None) -> tuple[int, int, int]:
+def model_patch_size(model: DictConfig | None) -> tuple[int, int, int]:
     dit = model.get("dit") if model is not None else None
     patch = dit.get("patch_size") if dit is not None else None
     return tuple(patch) if patch is not None else DiTConfig().patch_size
