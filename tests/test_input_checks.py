@@ -344,3 +344,20 @@ def test_a_training_step_that_cannot_fit_memory_is_refused_before_launch(tmp_pat
         r".* Lower data\.batch_size .* model\.dit\.activation_checkpointing=true",
     ):
         check_before_launch(huge, build_layout(huge.parallel))
+
+
+def test_diffusers_generator_checks_output_and_memory_before_sampling(tmp_path, tiny_wan):
+    from vidpar.models.testing import make_tiny_wan_vae
+    from vidpar.pipelines import DiffusersVideoGenerator
+    from vidpar.pipelines.preflight import PreflightError
+
+    vae = make_tiny_wan_vae(tmp_path / "vae")
+    (tmp_path / "afile").write_text("not a folder")
+    prompt = torch.randn(3, 32)
+    with DiffusersVideoGenerator(tiny_wan, vae=vae, devices="cpu") as generator:
+        with pytest.raises(PreflightError, match="afile is a file, not a folder"):
+            generator.generate(prompt, steps=1, output=tmp_path / "afile" / "x.mp4")
+        with pytest.raises(PreflightError, match=r"1×16×1000000 .* needs about .* GiB"):
+            generator.generate(prompt, steps=1, width=1000000)
+        frames = generator.generate(prompt, steps=1, output=tmp_path / "new" / "x.mp4")
+    assert frames.shape == (1, 1, 16, 16, 3) and (tmp_path / "new" / "x.mp4").is_file()

@@ -133,31 +133,49 @@ def transformer_params(hidden: int, depth: int, ffn: int) -> int:
     return depth * (8 * hidden * hidden + 2 * hidden * ffn)
 
 
-def dit_generation_bytes(
-    config, videos: int, shape: tuple[int, int, int, int], layout, guided: bool = True
+def generation_bytes(
+    transformer: tuple[int, int, int],
+    patch: tuple[int, int, int],
+    videos: int,
+    shape: tuple[int, int, int, int],
+    layout,
+    guided: bool = True,
 ) -> int:
-    """One worker's memory for :class:`~vidpar.pipelines.VideoGenerator` to sample
-    ``videos`` of ``shape`` ``(C, T, H, W)`` under ``layout``: the weights, every video's
-    noise, sample, velocity and output (each worker draws all of the noise), and one
-    block's activations on its share of the batch (dp, cfg) and tokens (sp)."""
+    """One worker's memory to sample ``videos`` of ``shape`` ``(C, T, H, W)`` (what the
+    transformer takes) under ``layout`` with a transformer of ``(hidden, depth, ffn)``
+    and ``patch``: the weights, every video's noise, sample, velocity and output (each
+    worker draws all of the noise), and one block's activations on its share of the batch
+    (dp, cfg) and tokens (sp)."""
+    hidden, depth, ffn = transformer
     c, t, h, w = shape
-    pt, ph, pw = config.patch_size
-    tokens = (t // pt) * (h // ph) * (w // pw)
+    tokens = (t // patch[0]) * (h // patch[1]) * (w // patch[2])
     batch = local_share(local_share(videos, layout.dp) * (2 if guided else 1), layout.cfg)
-    hidden = config.hidden_size
-    ffn = config.ffn_dim or int(hidden * config.mlp_ratio)
     activations = transformer_bytes(
         batch,
         local_share(tokens, layout.ulysses * layout.ring),
         hidden,
-        config.depth,
+        depth,
         training=False,
         checkpointing=False,
     )
     return (
-        transformer_params(hidden, config.depth, ffn) * FLOAT_BYTES
+        transformer_params(hidden, depth, ffn) * FLOAT_BYTES
         + videos * c * t * h * w * FLOAT_BYTES * 4
         + activations
+    )
+
+
+#: Floats per output pixel that a Wan-like VAE decode keeps alive: four frames at a time,
+#: 96 channels at full resolution, a few tensors of them.
+VAE_DECODE_FLOATS_PER_PIXEL = 4 * 96 * 4
+
+
+def decode_bytes(videos: int, frames: int, height: int, width: int) -> int:
+    """A VAE decode to ``videos`` of ``frames`` × ``height`` × ``width`` RGB: its working
+    set and the float videos it returns."""
+    pixels = height * width
+    return pixels * VAE_DECODE_FLOATS_PER_PIXEL * FLOAT_BYTES + (
+        videos * 3 * frames * pixels * FLOAT_BYTES * 2
     )
 
 
@@ -178,14 +196,56 @@ def check_generation(
     output: str | os.PathLike | None,
     device: str,
 ) -> None:
-    """Before :class:`~vidpar.pipelines.VideoGenerator` samples: ``output`` can be written
-    with room for the video, and the sampling fits the memory of ``device`` ("cpu" or
-    "cuda"). Raises :class:`PreflightError` naming the argument to change."""
+    """Before :class:`~vidpar.pipelines.VideoGenerator` (``config``: its DiTConfig)
+    samples: ``output`` can be written with room for the video, and the sampling fits the
+    memory of ``device`` ("cpu" or "cuda"). Raises :class:`PreflightError`."""
+    ffn = config.ffn_dim or int(config.hidden_size * config.mlp_ratio)
+    need = generation_bytes(
+        (config.hidden_size, config.depth, ffn), config.patch_size, videos, shape, layout, guided
+    )
+    _check_job(need, videos, shape[1:], layout, output=output, device=device)
+
+
+def check_diffusers_generation(
+    config: dict,
+    videos: int,
+    latent_shape: tuple[int, int, int, int],
+    video_size: tuple[int, int, int] | None,
+    layout,
+    *,
+    guided: bool,
+    output: str | os.PathLike | None,
+    device: str,
+) -> None:
+    """The same for :class:`~vidpar.pipelines.DiffusersVideoGenerator`: a transformer of
+    diffusers ``config`` on latents of ``latent_shape``, then (``video_size``: frames,
+    height, width) a VAE decode."""
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    transformer = (hidden, config["num_layers"], config.get("ffn_dim") or 4 * hidden)
+    patch = config["patch_size"]
+    if isinstance(patch, int):  # CogVideoX: a spatial size, and patch_size_t (or none)
+        patch = (config.get("patch_size_t") or 1, patch, patch)
+    need = generation_bytes(transformer, tuple(patch), videos, latent_shape, layout, guided)
+    size = video_size or latent_shape[1:]
+    if video_size is not None:
+        need += decode_bytes(videos, *video_size)
+    _check_job(need, videos, size, layout, output=output, device=device)
+
+
+def _check_job(
+    need: int,
+    videos: int,
+    size: tuple[int, int, int],
+    layout,
+    *,
+    output: str | os.PathLike | None,
+    device: str,
+) -> None:
+    t, h, w = size
     if output is not None:
-        check_output_path(output, video_file_bytes(videos, shape))
-    _, t, h, w = shape
+        check_output_path(output, video_file_bytes(videos, (3, t, h, w)))
     check_memory(
-        dit_generation_bytes(config, videos, shape, layout, guided),
+        need,
         layout.world_size,
         device,
         "size",
