@@ -152,6 +152,7 @@ def check_training_memory(conf: DictConfig, layout: ParallelConfig) -> None:
         TRAIN_BYTES_PER_PARAM,
         PreflightError,
         check_memory,
+        diffusers_sizes,
         local_share,
         transformer_bytes,
         transformer_params,
@@ -168,9 +169,7 @@ def check_training_memory(conf: DictConfig, layout: ParallelConfig) -> None:
         checkpointing = bool(dit.get("activation_checkpointing"))
         ema = (model.get("ema_decay") or 0) > 0
     else:
-        config, _ = diffusers_config(model)
-        hidden = config["num_attention_heads"] * config["attention_head_dim"]
-        depth, ffn, patch = config["num_layers"], config["ffn_dim"], config["patch_size"]
+        hidden, depth, ffn, patch = diffusers_sizes(diffusers_config(model)[0])
         checkpointing, ema = bool(model.get("gradient_checkpointing")), False
     c, t, h, w = shape
     tokens = (t // patch[0]) * (h // patch[1]) * (w // patch[2])

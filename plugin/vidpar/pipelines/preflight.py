@@ -206,6 +206,15 @@ def check_generation(
     _check_job(need, videos, shape[1:], layout, output=output, device=device)
 
 
+def diffusers_sizes(config: dict) -> tuple[int, int, int, tuple[int, int, int]]:
+    """``(hidden, depth, ffn, patch)`` of a diffusers video transformer's ``config``."""
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    patch = config["patch_size"]
+    if isinstance(patch, int):  # CogVideoX: a spatial size, and patch_size_t (or none)
+        patch = (config.get("patch_size_t") or 1, patch, patch)
+    return hidden, config["num_layers"], config.get("ffn_dim") or 4 * hidden, tuple(patch)
+
+
 def check_diffusers_generation(
     config: dict,
     videos: int,
@@ -220,12 +229,8 @@ def check_diffusers_generation(
     """The same for :class:`~vidpar.pipelines.DiffusersVideoGenerator`: a transformer of
     diffusers ``config`` on latents of ``latent_shape``, then (``video_size``: frames,
     height, width) a VAE decode."""
-    hidden = config["num_attention_heads"] * config["attention_head_dim"]
-    transformer = (hidden, config["num_layers"], config.get("ffn_dim") or 4 * hidden)
-    patch = config["patch_size"]
-    if isinstance(patch, int):  # CogVideoX: a spatial size, and patch_size_t (or none)
-        patch = (config.get("patch_size_t") or 1, patch, patch)
-    need = generation_bytes(transformer, tuple(patch), videos, latent_shape, layout, guided)
+    *transformer, patch = diffusers_sizes(config)
+    need = generation_bytes(tuple(transformer), patch, videos, latent_shape, layout, guided)
     size = video_size or latent_shape[1:]
     if video_size is not None:
         need += decode_bytes(videos, *video_size)
