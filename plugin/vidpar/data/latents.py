@@ -29,6 +29,7 @@ order; with it, its ``samples`` list (the ``prompt`` texts are kept as metadata)
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Sequence
@@ -237,6 +238,13 @@ class LatentsDataset(Dataset):
         chosen = range(len(files)) if indices is None else list(indices)
         self.files = [files[i] for i in chosen]
         self.prompts = [self.prompts[i] for i in chosen]
+
+    def subset(self, indices: Sequence[int]) -> LatentsDataset:
+        """The samples ``indices`` of this dataset, without reading the folder again."""
+        subset = copy.copy(self)
+        subset.files = [self.files[i] for i in indices]
+        subset.prompts = [self.prompts[i] for i in indices]
+        return subset
 
     def check_model(self, in_channels: int, text_dim: int | None, model: str) -> None:
         """Raise :class:`LatentsFileError` unless the samples are what ``model`` (named in

@@ -1,15 +1,18 @@
 """What a job needs from the machine, checked before any work: an output file it can write
 (its folder, permissions and room for it) and memory for its tensors.
 
-The memory estimates are deliberately rough and on the high side (float32 everywhere, no
-credit for tp splitting activations, every attention call's working set counted), so a
-refusal means the job would not have fitted; a job near the limit may still be refused,
-and ``VIDPAR_SKIP_MEMORY_CHECK=1`` turns the memory check off:
+The memory estimates are rough and on the high side (float32 everywhere, no credit for tp
+splitting activations): they catch jobs far out of reach (a video a million pixels wide)
+before any worker starts, not the last few percent, so a job near the machine's limit may
+be refused although it would have fitted (``VIDPAR_SKIP_MEMORY_CHECK=1`` starts it
+anyway). Their terms:
 
 * a transformer block's forward keeps about :data:`BLOCK_ACTIVATIONS` hidden-wide tensors
   per token alive at once (input, norm, q, k, v, attention output, the 4×-wide MLP,
-  Ulysses' all-to-all buffers); training keeps that for every block (one block plus one
-  tensor per block with activation checkpointing) and twice it in the backward pass;
+  Ulysses' all-to-all buffers; attention kernels that work in blocks, as SDPA's and
+  vidpar's do, keep no full score matrix); training keeps that for every block (one
+  block plus one tensor per block with activation checkpointing) and twice it in the
+  backward pass;
 * weights take 4 bytes a parameter for inference, :data:`TRAIN_BYTES_PER_PARAM` for
   training (weights, gradients, DDP's bucket copy, Adam's two moments);
 * on CPU all workers share the machine's available RAM; on GPUs each worker gets its
