@@ -206,9 +206,7 @@ def test_an_extracted_adapter_turns_the_base_into_the_fine_tune(tmp_path) -> Non
         change = (tuned[name] - reference().state_dict()[name]).reshape(shape)
         error = (tuned[name] - base.state_dict()[name]).reshape(shape)
         second = torch.linalg.svdvals(change)[1]
-        assert torch.linalg.matrix_norm(error, ord=2).item() == pytest.approx(
-            second.item(), rel=1e-9
-        )
+        assert torch.linalg.matrix_norm(error, ord=2).item() == pytest.approx(second.item(), rel=1e-9)
 
 
 def test_extracting_an_adapter_from_mismatched_weights_fails_clearly() -> None:
