@@ -315,14 +315,18 @@ class VidParStrategy(DDPStrategy):
 def check_model_splits(module: torch.nn.Module, layout: ParallelConfig) -> None:
     """Refuse a model that would be silently mis-trained under ``layout``: under sp > 1
     gradients are summed over sp, right only when each sp rank holds its own tokens
-    (a :class:`~vidpar.nn.DistributedAttention` over the layout's sp groups); under tp > 1
+    (a :class:`~vidpar.nn.DistributedAttention` over the layout's sp groups, or a diffusers
+    transformer that :func:`vidpar.models.parallelize` prepared); under tp > 1
     a model without tp-sharded layers (:class:`~vidpar.nn.TensorParallelModule` over the
     layout's tp group) would be duplicated on every tp rank."""
     sp = layout.ulysses * layout.ring
     name = type(module).__name__
     if sp > 1 and not any(
-        isinstance(m, DistributedAttention)
-        and m.ulysses_group.world_size * m.ring_group.world_size == sp
+        getattr(m, "_vidpar_layout", None) is not None  # vidpar.models.parallelize's mark
+        or (
+            isinstance(m, DistributedAttention)
+            and m.ulysses_group.world_size * m.ring_group.world_size == sp
+        )
         for m in module.modules()
     ):
         raise ValueError(
