@@ -122,7 +122,7 @@ def test_a_bad_latents_file_stops_vidpar_train_before_any_worker(tmp_path, tiny_
         "logger=none",
         "hydra.run.dir=run",
         cwd=tmp_path,
-        timeout=120,
+        timeout=300,
     )
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"{bad} has no 'prompt_embeds' tensor" in result.stderr
@@ -171,7 +171,7 @@ def test_an_unsupported_model_class_is_refused_in_one_line(tmp_path, tiny_wan) -
             "logger=none",
             f"hydra.run.dir=run-{path.name}",
             cwd=tmp_path,
-            timeout=120,
+            timeout=300,
         )
         assert result.returncode == 2, result.stderr[-3000:]
         lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -314,7 +314,7 @@ def test_vidpar_generate_checks_output_and_memory_before_workers(
         override,
         "hydra.run.dir=gen",
         cwd=tmp_path,
-        timeout=120,
+        timeout=300,
     )
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
