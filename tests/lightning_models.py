@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -71,3 +72,21 @@ def read_losses(log_dir: str | Path) -> list[float]:
 
 def full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class PlainTransformer(pl.LightningModule):
+    """A LightningModule of torch layers only (no vidpar layer): what a user brings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = torch.nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16)
+        self.encoder = torch.nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+
+    def training_step(self, batch, batch_idx):
+        return self.encoder(batch).pow(2).mean()
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(torch.randn(8, 4, 8, generator=torch.Generator().manual_seed(0)), 2)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)

@@ -278,6 +278,13 @@ class IndexRecorder(BoringModel):
         self.out_dir = out_dir
         self.seen: list[int] = []
 
+    def configure_model(self) -> None:
+        # Under sp the strategy takes only a model whose tokens are split over sp; this test
+        # is about the sampler, so the attention is there for that check alone.
+        from vidpar.nn import DistributedAttention
+
+        self.attention = DistributedAttention()
+
     def train_dataloader(self):
         from vidpar.data import MovingShapesDataset
 

@@ -16,6 +16,7 @@ from vidpar.config import ParallelConfig
 from vidpar.distributed import get_parallel_state
 from vidpar.executor import Executor
 from vidpar.lightning import VidParStrategy
+from vidpar.nn import ColumnParallelLinear, DistributedAttention
 
 #: Loaded by every Python process started with this folder first on PYTHONPATH (the
 #: command, and its spawned workers): counts ParallelConfig constructions per process.
@@ -127,6 +128,9 @@ class _TableModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         state = get_parallel_state()
+        # Layers that split over tp and ring (the strategy refuses a model without them).
+        self.layer = ColumnParallelLinear(2, 2)
+        self.attention = DistributedAttention()
         if not state.is_single:  # also called in the main process, to receive the weights
             path = Path(self.out_dir) / f"{state.rank}.json"
             path.write_text(json.dumps(state.rank_table()))

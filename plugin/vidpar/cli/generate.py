@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from vidpar.cli.hydra_setup import UserError, build_layout, console_command, register
-from vidpar.cli.validation import check_generate_request
+from vidpar.cli.validation import check_generate_request, check_generate_resources
 from vidpar.config import ParallelConfig
 from vidpar.distributed.checkpoint_integrity import CorruptCheckpointError, verify
 from vidpar.distributed.checkpoint_signing import UntrustedCheckpointError
@@ -238,7 +238,9 @@ def run(conf: DictConfig) -> list[Path]:
         )
     # Everything is checked here, before the generator starts its workers.
     weights, dit_config, data_info = read_checkpoint_model(checkpoint, layout, trust)
-    labels, (_, num_frames, height, width) = check_generate_request(conf, dit_config, data_info)
+    labels, shape = check_generate_request(conf, dit_config, data_info)
+    check_generate_resources(conf, dit_config, layout, labels, shape)
+    _, num_frames, height, width = shape
     print(f"vidpar: generating from {checkpoint} with {layout.describe()}")
     with VideoGenerator(dit_config, weights, parallel=layout, data_info=data_info) as generator:
         frames = generator.generate(

@@ -13,12 +13,12 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vidpar.cli.hydra_setup import UserError, build_layout, console_command, register
 from vidpar.cli.validation import check_train_config
+from vidpar.cli.validation_model import check_data_fits_model, check_model_before_launch
 from vidpar.cli.wandb_runs import job_wandb_run
 from vidpar.config import ParallelConfig
 from vidpar.distributed.checkpoint import TRAINER_STATE, CheckpointWriteError, is_complete
@@ -26,60 +26,32 @@ from vidpar.distributed.checkpoint_integrity import CorruptCheckpointError, veri
 from vidpar.distributed.checkpoint_signing import UntrustedCheckpointError
 from vidpar.distributed.checkpoint_state import load_trainer_state
 from vidpar.distributed.checkpoint_store import resolve
-from vidpar.models.plan import check_heads
-from vidpar.nn.activation_checkpointing import check_checkpointing
 from vidpar.nn.dit import DiTConfig
 
 register()
 
 
-def model_facts(model: DictConfig) -> tuple[int, int, str]:
-    """``(heads, in_channels, where they come from)`` of the configured network: the DiT's
-    config, or a diffusers model folder's ``config.json`` (``model.path``)."""
-    if "dit" in model:
-        return model.dit.num_heads, model.dit.in_channels, "model.dit"
-    from vidpar.models.pretrained import find_model_folder, read_config
-
-    path = None if OmegaConf.is_missing(model, "path") else model.get("path")
-    try:
-        folder = find_model_folder(path, model.get("subfolder"))
-        config = read_config(folder)
-    except (OSError, ValueError) as err:
+def check_resume(conf: DictConfig) -> None:
+    """``ckpt_path``: a complete checkpoint, intact, signed by this user (or trusted), of the
+    model the config describes."""
+    if conf.ckpt_path is None:
+        return
+    if not is_complete(Path(conf.ckpt_path)):
         raise UserError(
-            f"model.path: {err}. Give the local diffusers folder of the transformer (a "
-            "pipeline folder with transformer/, or the model folder itself): nothing is "
-            "downloaded."
-        ) from None
-    return config["num_attention_heads"], config["in_channels"], f"{folder}/config.json"
-
-
-def check_dit_config(dit: DictConfig, layout: ParallelConfig) -> None:
-    """``model.dit`` builds a DiTConfig, and its checkpointing works under ``layout``."""
-    try:
-        config = DiTConfig(**OmegaConf.to_container(dit, resolve=True))
-        check_checkpointing(config.activation_checkpointing, layout.ring)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"model.dit: {err}") from None
-
-
-def check_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:
-    """Every mistake we can see from the config fails here, before any process starts."""
-    heads, _, source = model_facts(conf.model)
-    try:
-        if "dit" in conf.model:
-            layout.check_heads(heads)
-        else:  # a diffusers model: its plan splits heads over tp evenly
-            check_heads(layout, heads)
-    except ValueError as err:
-        raise UserError(f"The model does not fit the layout: {err} (from {source}).") from None
-    if "dit" in conf.model:
-        check_dit_config(conf.model.dit, layout)
-    if conf.trainer.accelerator == "gpu" and torch.cuda.device_count() < layout.world_size:
-        raise UserError(
-            f"The layout {layout.describe()} needs {layout.world_size} GPUs, but this machine "
-            f"has {torch.cuda.device_count()}. Use a smaller layout (e.g. parallel=sp2), or "
-            "trainer=cpu to run the same layout with CPU processes."
+            f"ckpt_path={conf.ckpt_path} is not a complete vidpar checkpoint (a directory with "
+            "trainer_state.pt and DCP metadata). Point it at a checkpoints/*.ckpt directory "
+            "of an earlier run, or drop ckpt_path to start fresh."
         )
+    ckpt = resolve(conf.ckpt_path)
+    try:  # the signature, every file's size and checksums, before any worker starts
+        verify(ckpt, trust=bool(conf.get("trust_checkpoint", False)))
+    except (CorruptCheckpointError, UntrustedCheckpointError) as err:
+        raise UserError(str(err)) from None
+    check_checkpoint_model(ckpt, conf.model)
+
+
+def check_checkpoint_cadence(conf: DictConfig) -> None:
+    """``checkpoint.every_n_minutes``: a positive number of minutes, or null."""
     minutes = conf.checkpoint.get("every_n_minutes")
     if minutes is not None and (
         not isinstance(minutes, int | float) or isinstance(minutes, bool) or minutes <= 0
@@ -89,40 +61,19 @@ def check_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:
             "positive number (checkpoint.every_n_minutes=30 saves last.ckpt every half "
             "hour of training), or null for no time-based saves."
         )
-    if conf.ckpt_path is not None and not is_complete(Path(conf.ckpt_path)):
-        raise UserError(
-            f"ckpt_path={conf.ckpt_path} is not a complete vidpar checkpoint (a directory with "
-            "trainer_state.pt and DCP metadata). Point it at a checkpoints/*.ckpt directory "
-            "of an earlier run, or drop ckpt_path to start fresh."
-        )
-    if conf.ckpt_path is not None:
-        ckpt = resolve(conf.ckpt_path)
-        try:  # the signature, every file's size and checksums, before any worker starts
-            verify(ckpt, trust=bool(conf.get("trust_checkpoint", False)))
-        except (CorruptCheckpointError, UntrustedCheckpointError) as err:
-            raise UserError(str(err)) from None
-        check_checkpoint_model(ckpt, conf.model)
+
+
+def check_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:
+    """Every mistake we can see from the config and its files fails here, before any
+    process starts: the model, its optimizer and devices, the data against the model,
+    the checkpoint cadence and the checkpoint to resume."""
+    check_model_before_launch(conf, layout)
+    check_checkpoint_cadence(conf)
+    check_resume(conf)
 
 
 #: DiT settings that change how it runs, not its weights: free to differ on resume.
 RESUMABLE_DIT_CHANGES = frozenset({"activation_checkpointing", "compile"})
-
-
-def check_data_fits_model(video_shape: tuple[int, ...], model: DictConfig) -> None:
-    """The clips' (or latents') channels must be what the model's patch embedding takes."""
-    channels = video_shape[0]
-    _, in_channels, source = model_facts(model)
-    if channels != in_channels:
-        fix = (
-            f"Set model.dit.in_channels={channels}"
-            if "dit" in model
-            else f"Use a model folder whose transformer takes {channels} channels"
-        )
-        raise UserError(
-            f"The data gives {channels}-channel clips of shape {tuple(video_shape)} (C, T, H, "
-            f"W), but the model takes {in_channels} ({source}). {fix}, or use data whose "
-            f"clips have {in_channels} channels."
-        )
 
 
 def check_checkpoint_model(ckpt: Path, model: DictConfig) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vidpar.cli.hydra_setup import UserError
@@ -133,7 +134,7 @@ def check_data(data: DictConfig, model: DictConfig | None, layout: ParallelConfi
             f"data.num_classes={classes}: the moving-shapes data has one class per shape, "
             f"1 to {len(SHAPES)} ({', '.join(SHAPES)}). Set data.num_classes in that range."
         )
-    patch = _patch_size(model)
+    patch = model_patch_size(model)
     for axis, key in enumerate(("num_frames", "height", "width")):
         value, low = data.get(key), 1 if key == "num_frames" else 4
         if not is_int(value) or value < low:
@@ -166,7 +167,7 @@ def _check_at_least(data: DictConfig, bounds: tuple[tuple[str, int], ...]) -> No
             )
 
 
-def _patch_size(model: DictConfig | None) -> tuple[int, int, int]:
+def model_patch_size(model: DictConfig | None) -> tuple[int, int, int]:
     dit = model.get("dit") if model is not None else None
     patch = dit.get("patch_size") if dit is not None else None
     return tuple(patch) if patch is not None else DiTConfig().patch_size
@@ -211,3 +212,30 @@ def check_generate_request(
     except RequestError as err:
         key = GENERATE_OVERRIDES.get(err.argument, err.argument)
         raise UserError(f"{key}={conf[key]} cannot be generated: {err}. Change {key}.") from None
+
+
+def check_generate_resources(
+    conf: DictConfig,
+    dit_config: DiTConfig,
+    layout: ParallelConfig,
+    labels: list[int],
+    shape: tuple[int, int, int, int],
+) -> None:
+    """``output`` can be written (folder, permissions, free space for the video) and the
+    sampling fits this machine's memory, before the generator starts its workers."""
+    from vidpar.pipelines.preflight import PreflightError, check_generation
+
+    try:
+        check_generation(
+            dit_config,
+            len(labels),
+            shape,
+            layout,
+            guided=conf.guidance_scale != 1.0,
+            output=conf.output,
+            device="cuda" if torch.cuda.is_available() else "cpu",
+        )
+    except PreflightError as err:
+        if err.argument == "output":
+            raise UserError(f"{err}. Change output (e.g. output=samples.mp4).") from None
+        raise UserError(f"{err}.") from None

@@ -139,13 +139,14 @@ class LatentsDataModule(_ShardedDataModule):
         self.num_workers = num_workers
         self.shuffle = shuffle
         self.seed = seed
-        total = len(LatentsDataset(path))
+        samples = LatentsDataset(path)  # every file's header checked, once
+        total = len(samples)
         if not 0 <= num_val < total:
             raise ValueError(
                 f"num_val must be in [0, {total - 1}] for {total} samples, got {num_val}"
             )
-        self.train_set = LatentsDataset(path, range(total - num_val))
-        self.val_set = LatentsDataset(path, range(total - num_val, total))
+        self.train_set = samples.subset(range(total - num_val))
+        self.val_set = samples.subset(range(total - num_val, total))
 
     @property
     def video_shape(self) -> tuple[int, int, int, int]:

@@ -29,6 +29,7 @@ order; with it, its ``samples`` list (the ``prompt`` texts are kept as metadata)
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Sequence
@@ -123,12 +124,98 @@ def _check_inside(index_file: Path, name: object) -> None:
         )
 
 
-def _shapes(file: Path) -> dict[str, list[int]]:
-    """The tensors' shapes in a safetensors file, read from its header only."""
+#: safetensors dtype names of the floating-point tensors a latents file may hold.
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+
+class LatentsFileError(ValueError):
+    """A latents folder's file that cannot be trained on; the message names the file."""
+
+
+def read_header(file: Path) -> dict[str, tuple[str, list[int]]]:
+    """``{key: (dtype, shape)}`` of a safetensors file, from its header only. A truncated
+    or unreadable file (the header's sizes do not cover the file) raises
+    :class:`LatentsFileError` naming it."""
     from safetensors import safe_open
 
-    with safe_open(str(file), framework="pt") as f:
-        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {
+                k: (f.get_slice(k).get_dtype(), list(f.get_slice(k).get_shape()))
+                for k in f.keys()  # noqa: SIM118
+            }
+    except Exception as err:  # SafetensorError, OSError: a damaged or unreadable file
+        raise LatentsFileError(
+            f"{file} is not a readable safetensors file ({err}): it may be truncated or "
+            "damaged; write it again (vidpar.data.write_latents_folder) or remove it from the "
+            "folder"
+        ) from None
+
+
+def _check_tensor(file: Path, key: str, entry: tuple[str, list[int]] | None, rank: int) -> None:
+    if entry is None:
+        return
+    dtype, shape = entry
+    layout = "[C, T, H, W]" if rank == 4 else "[L, D]"
+    if len(shape) != rank or 0 in shape:
+        raise LatentsFileError(f"{file}: {key} has shape {shape}, expected {layout}")
+    if dtype not in FLOAT_DTYPES:
+        raise LatentsFileError(
+            f"{file}: {key} is {dtype}, expected a floating-point tensor "
+            f"({', '.join(sorted(FLOAT_DTYPES))})"
+        )
+
+
+def check_sample_files(
+    files: Sequence[Path], index: dict[str, Any]
+) -> tuple[tuple[int, ...], int, int]:
+    """Every sample file's header: ``latents`` [C, T, H, W] of one shape, ``prompt_embeds``
+    (and optional ``negative_prompt_embeds``) [L, D] of one width, all floating point and
+    within what ``dataset.json`` says. Returns ``(latent_shape, text_len, text_dim)``;
+    raises :class:`LatentsFileError` naming the first file that differs."""
+    index_file = files[0].parent / INDEX_FILE
+    latent_shape = tuple(index["latent_shape"]) if "latent_shape" in index else None
+    shape_source = f"{index_file}'s latent_shape"
+    text_dim = int(index["text_dim"]) if "text_dim" in index else None
+    text_len = 0
+    for file in files:
+        header = read_header(file)
+        for key in (LATENTS, PROMPT):
+            if key not in header:
+                raise LatentsFileError(
+                    f"{file} has no {key!r} tensor (it has {sorted(header)}): every sample "
+                    f"needs {LATENTS!r} [C, T, H, W] and {PROMPT!r} [L, D]"
+                )
+        _check_tensor(file, LATENTS, header[LATENTS], 4)
+        shape = tuple(header[LATENTS][1])
+        if latent_shape is None:
+            latent_shape, shape_source = shape, f"{file}'s"
+        elif shape != latent_shape:
+            raise LatentsFileError(
+                f"{file}: latents have shape {list(shape)}, but {shape_source} are "
+                f"{list(latent_shape)}: every sample of a folder has one latent shape"
+            )
+        for key in (PROMPT, NEGATIVE):
+            _check_tensor(file, key, header.get(key), 2)
+            if key not in header:
+                continue
+            length, width = header[key][1]
+            if text_dim is None:
+                text_dim = width
+            elif width != text_dim:
+                raise LatentsFileError(
+                    f"{file}: {key} has width D={width}, but the folder's text embeddings "
+                    f"have D={text_dim}"
+                )
+            text_len = max(text_len, length)
+    if "text_len" in index:
+        if text_len > int(index["text_len"]):
+            raise LatentsFileError(
+                f"{index_file} says text_len={index['text_len']}, but a "
+                f"sample's prompt has {text_len} tokens: set text_len to at least {text_len}"
+            )
+        text_len = int(index["text_len"])
+    return latent_shape, text_len, text_dim
 
 
 class LatentsDataset(Dataset):
@@ -159,21 +246,34 @@ class LatentsDataset(Dataset):
         if missing:
             raise FileNotFoundError(f"{self.path / INDEX_FILE} lists missing files {missing[:3]}")
         self.prompts = [s.get("prompt") for s in index.get("samples", [])] or [None] * len(files)
-        first = _shapes(files[0])
-        for key in (LATENTS, PROMPT):
-            if key not in first:
-                raise ValueError(f"{files[0]} has no {key!r} tensor (it has {sorted(first)})")
-        self.latent_shape = tuple(index.get("latent_shape", first[LATENTS]))
-        self.text_dim = int(index.get("text_dim", first[PROMPT][1]))
-        if "text_len" in index:
-            self.text_len = int(index["text_len"])
-        else:  # read every header once: the longest prompt sets the padded length
-            self.text_len = max(
-                shape[0] for f in files for k, shape in _shapes(f).items() if k != LATENTS
-            )
+        # Every file's header now (a fast read), so no bad file surfaces mid-training.
+        self.latent_shape, self.text_len, self.text_dim = check_sample_files(files, index)
         chosen = range(len(files)) if indices is None else list(indices)
         self.files = [files[i] for i in chosen]
         self.prompts = [self.prompts[i] for i in chosen]
+
+    def subset(self, indices: Sequence[int]) -> LatentsDataset:
+        """The samples ``indices`` of this dataset, without reading the folder again."""
+        subset = copy.copy(self)
+        subset.files = [self.files[i] for i in indices]
+        subset.prompts = [self.prompts[i] for i in indices]
+        return subset
+
+    def check_model(self, in_channels: int, text_dim: int | None, model: str) -> None:
+        """Raise :class:`LatentsFileError` unless the samples are what ``model`` (named in
+        the message) takes: ``in_channels`` latent channels and ``text_dim``-wide prompts."""
+        if self.latent_shape[0] != in_channels:
+            raise LatentsFileError(
+                f"{self.files[0] if self.files else self.path}: latents have "
+                f"{self.latent_shape[0]} channels (shape {list(self.latent_shape)}), but "
+                f"{model} takes in_channels={in_channels}: use latents encoded for this model"
+            )
+        if text_dim is not None and self.text_dim != text_dim:
+            raise LatentsFileError(
+                f"{self.files[0] if self.files else self.path}: prompt_embeds are "
+                f"{self.text_dim} wide, but {model} takes text_dim={text_dim}: use the "
+                "embeddings of this model's text encoder"
+            )
 
     def _read_index(self) -> dict[str, Any]:
         file = self.path / INDEX_FILE

@@ -29,6 +29,8 @@ from vidpar.distributed.telemetry import CollectiveRecord
 from vidpar.executor.executor import HEARTBEAT_TIMEOUT_S
 from vidpar.lightning.launcher import VidParLauncher
 from vidpar.lightning.supervision import RunSupervisor
+from vidpar.nn.attention import DistributedAttention
+from vidpar.nn.linear import TensorParallelModule
 
 _DEFAULT_TIMEOUT = timedelta(minutes=30)
 
@@ -170,6 +172,7 @@ class VidParStrategy(DDPStrategy):
 
     def setup(self, trainer) -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING
+        check_model_splits(self.lightning_module, self.parallel_state.config)
         if not any(isinstance(c, RunSupervisor) for c in trainer.callbacks):
             trainer.callbacks.append(RunSupervisor(self.checkpoint_on_interrupt))
         self.accelerator.setup(trainer)
@@ -313,6 +316,45 @@ class VidParStrategy(DDPStrategy):
                 continue
             description = "vidpar " + (", ".join(f"{k}={v}" for k, v in kwargs.items()) or "dp")
             strategy_registry.register(name, cls, description=description, **kwargs)
+
+
+def check_model_splits(module: torch.nn.Module, layout: ParallelConfig) -> None:
+    """Refuse a model that would be silently mis-trained under ``layout``: under sp > 1
+    gradients are summed over sp, right only when each sp rank holds its own tokens
+    (a :class:`~vidpar.nn.DistributedAttention` over the layout's sp groups, or a diffusers
+    transformer that :func:`vidpar.models.parallelize` prepared); under tp > 1
+    a model without tp-sharded layers (:class:`~vidpar.nn.TensorParallelModule` over the
+    layout's tp group) would be duplicated on every tp rank."""
+    sp = layout.ulysses * layout.ring
+    name = type(module).__name__
+    if sp > 1 and not any(
+        getattr(m, "_vidpar_layout", None) is not None  # vidpar.models.parallelize's mark
+        or (
+            isinstance(m, DistributedAttention)
+            and m.ulysses_group.world_size * m.ring_group.world_size == sp
+        )
+        for m in module.modules()
+    ):
+        raise ValueError(
+            f"{name} has no sequence-parallel layer, but the layout {layout.describe()} "
+            f"splits tokens over sp={sp}: every sp rank would run the whole model on the same "
+            f"batch and the gradients, summed over sp, would be {sp}× too large. Build its "
+            "attention from vidpar.nn.DistributedAttention inside configure_model (or call "
+            "vidpar.models.parallelize on a diffusers transformer there), or train it data "
+            "parallel (strategy='vidpar', or a layout with sp=1 and tp=1)."
+        )
+    if layout.tp > 1 and not any(
+        isinstance(m, TensorParallelModule) and m.tp_group.world_size == layout.tp
+        for m in module.modules()
+    ):
+        raise ValueError(
+            f"{name} has no tensor-parallel layer, but the layout {layout.describe()} splits "
+            f"the model over tp={layout.tp}: every tp rank would hold and train a full copy. "
+            "Build its layers from vidpar.nn (ColumnParallelLinear, RowParallelLinear, ...) "
+            "inside configure_model (or call vidpar.models.parallelize on a diffusers "
+            "transformer there), or train it data parallel (strategy='vidpar', or a layout "
+            "with sp=1 and tp=1)."
+        )
 
 
 def _sum_over_sp_mean_over_dp(state: tuple[dist.ProcessGroup, int], bucket):

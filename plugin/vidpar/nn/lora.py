@@ -47,29 +47,56 @@ Adapter = dict[str, torch.Tensor]
 
 
 def load_adapter(path_or_state: str | os.PathLike | Mapping[str, torch.Tensor]) -> Adapter:
-    """An adapter from a ``.safetensors`` file, a ``torch.save`` file, or a mapping."""
+    """An adapter from a ``.safetensors`` file, a ``torch.save`` file, or a mapping; a
+    damaged file or a NaN or infinite value raises ``ValueError`` naming the file."""
     if isinstance(path_or_state, Mapping):
         state = dict(path_or_state)
     elif isinstance(path_or_state, str | os.PathLike):
         path = Path(path_or_state)
         if not path.is_file():
             raise FileNotFoundError(f"LoRA adapter {path} does not exist")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(state, Mapping):
-                raise ValueError(f"{path} holds a {type(state).__name__}, not an adapter dict")
-            state = dict(state)
+        state = _read_lora_file(path)
     else:
         raise TypeError(
             f"a LoRA adapter is a path or a dict of tensors, got {type(path_or_state).__name__}"
         )
     if _SCALE in state and not isinstance(state[_SCALE], torch.Tensor):
         state[_SCALE] = torch.tensor(float(state[_SCALE]), dtype=torch.float64)
+    where = "LoRA adapter" + ("" if isinstance(path_or_state, Mapping) else f" {path_or_state}")
+    for key, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            _check_finite(where, key, tensor)
     return state
+
+
+def _read_lora_file(path: Path) -> Adapter:
+    """The tensors of a ``.safetensors`` or ``torch.save`` (``weights_only``) LoRA file; an
+    unreadable one (truncated, damaged, not a dict of tensors) raises ``ValueError``
+    naming it."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # SafetensorError, pickle and zip errors: a damaged file
+        raise ValueError(
+            f"LoRA file {path} cannot be read ({type(err).__name__}: {err}); it may be "
+            "truncated or damaged: copy or save it again"
+        ) from None
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not an adapter dict")
+    return dict(state)
+
+
+def _check_finite(where: str, key: str, tensor: torch.Tensor) -> None:
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        raise ValueError(
+            f"{where}: {key} holds {int((~finite).sum())} NaN or infinite values of "
+            f"{tensor.numel()}: merged, it would make every output NaN; use an intact adapter"
+        )
 
 
 #: Key prefixes of LoRA files written for whole pipelines or by PEFT, stripped on reading.
@@ -88,12 +115,12 @@ def _peft_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     if path.suffix != ".safetensors":
         return load_adapter(path), {}
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
+    state = _read_lora_file(path)  # names a damaged file
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     config = json.loads(metadata.get(_PEFT_METADATA_KEY, "{}"))
-    return load_file(str(path)), {k.rpartition(".")[2]: v for k, v in config.items()}
+    return state, {k.rpartition(".")[2]: v for k, v in config.items()}
 
 
 def peft_to_adapter(
@@ -150,6 +177,11 @@ def peft_to_adapter(
     for module, pair in sorted(factors.items()):
         if set(pair) != {_A, _B}:
             raise ValueError(f"LoRA factors of {module} are unpaired: found only {sorted(pair)}")
+        where = f"LoRA factors of {module}" + (
+            "" if isinstance(source, Mapping) else f" in {source}"
+        )
+        for key, tensor in (("lora_A", pair[_A]), ("lora_B", pair[_B])):
+            _check_finite(where, key, tensor)
         a = pair[_A].reshape(pair[_A].shape[0], -1)
         b = pair[_B].reshape(pair[_B].shape[0], -1)
         rank = a.shape[0]
@@ -159,6 +191,8 @@ def peft_to_adapter(
             if module_alpha is None
             else float(module_alpha) / (math.sqrt(rank) if rslora else rank)
         )
+        if not math.isfinite(factor):
+            raise ValueError(f"{where}: alpha {module_alpha} gives the scale {factor}")
         adapter[f"{module}.weight{_A}"] = a
         # Folded in float64: the scaled factor is as exact as the file's.
         adapter[f"{module}.weight{_B}"] = b if factor == 1.0 else b.double() * factor

@@ -26,6 +26,7 @@ from vidpar.models.pretrained import (
 from vidpar.pipelines.flow_matching import FlowMatchEulerSampler
 from vidpar.pipelines.generator import _dp_slice
 from vidpar.pipelines.generator_worker import GeneratorWorker
+from vidpar.pipelines.preflight import check_diffusers_generation
 from vidpar.pipelines.video_io import to_uint8_frames, write_video
 from vidpar.pipelines.worker_session import WorkerSession
 
@@ -279,6 +280,16 @@ class DiffusersVideoGenerator(WorkerSession):
             raise ValueError("writing a video needs a VAE: pass vae=<AutoencoderKLWan folder>")
         cond, null = self._embeds(prompt_embeds, negative_prompt_embeds)
         shape = (self.config["in_channels"], *self._latent_size(num_frames, height, width))
+        check_diffusers_generation(  # the output path and memory, before the workers sample
+            self.config,
+            len(cond),
+            shape,
+            (num_frames, height, width) if decode else None,
+            self.executor.config,
+            guided=guidance_scale != 1.0,
+            output=output,
+            device=str(self.executor.devices[0]).split(":")[0],
+        )
         results = self.executor.collective_rpc(
             _generate_on_worker,
             cond,

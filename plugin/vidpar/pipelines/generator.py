@@ -22,6 +22,7 @@ from vidpar.executor.executor import HEARTBEAT_TIMEOUT_S
 from vidpar.nn.dit import DiTConfig, VideoDiT
 from vidpar.pipelines.flow_matching import FlowMatchEulerSampler
 from vidpar.pipelines.generator_worker import GeneratorWorker
+from vidpar.pipelines.preflight import check_generation
 from vidpar.pipelines.video_io import VIDEO_EXTENSIONS, to_uint8_frames, write_video
 from vidpar.pipelines.worker_session import WorkerSession
 
@@ -175,6 +176,15 @@ class VideoGenerator(WorkerSession):
             guidance_scale=guidance_scale,
             seed=seed,
             output=output,
+        )
+        check_generation(  # the output path and memory, before the workers sample
+            self.dit_config,
+            len(labels),
+            shape,
+            self.executor.config,
+            guided=guidance_scale != 1.0,
+            output=output,
+            device=str(self.executor.devices[0]).split(":")[0],
         )
         results = self.executor.collective_rpc(
             _generate_on_worker, labels, shape, steps, guidance_scale, seed, show_progress
