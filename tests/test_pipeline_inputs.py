@@ -136,6 +136,8 @@ def test_the_command_line_refuses_bad_prompt_runs_before_workers_start(folder, t
     from vidpar.cli.hydra_setup import UserError
 
     path = f"model.path={folder}"
+    blocker = tmp_path / "a-file"  # the output's "folder" is a file: nothing can be written
+    blocker.write_text("")
     request = check_cli(path, "prompt=a fox", "num_frames=6", "height=16", "width=16")
     assert request["num_frames"] == 7 and request["prompt"] == "a fox"
     for overrides, message in [
@@ -145,6 +147,8 @@ def test_the_command_line_refuses_bad_prompt_runs_before_workers_start(folder, t
         ((path, "prompt=a", "model.dtype=float8"), "model.dtype=float8 is not one of"),
         ((path, "prompt=a", "parallel.tp=8", "parallel.cfg=1"), "does not fit the layout"),
         ((path, "prompt=a", "height=20"), "pass e.g. height=16"),
+        ((path, "prompt=a", f"output={blocker / 'x.npy'}"), "Change output"),
+        ((path, "prompt=a", "width=1000000"), "needs about .* GiB"),
     ]:
         with pytest.raises(UserError, match=message):
             check_cli(*overrides)

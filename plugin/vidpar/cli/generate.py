@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from vidpar.cli.hydra_setup import UserError, build_layout, console_command, register
-from vidpar.cli.validation import check_generate_request, check_generate_resources
+from vidpar.cli.validation import check_generate_request, check_generate_resources, preflight
 from vidpar.config import ParallelConfig
 from vidpar.distributed.checkpoint_integrity import CorruptCheckpointError, verify
 from vidpar.distributed.checkpoint_signing import UntrustedCheckpointError
@@ -127,7 +127,10 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 def check_prompt_request(conf: DictConfig, layout: ParallelConfig) -> dict[str, Any]:
     """Everything a prompt-to-video run asks for, checked before any worker starts; returns
     the keyword arguments of ``DiffusersPipelineGenerator.generate``."""
+    import torch
+
     from vidpar.pipelines.pipeline_folder import read_pipeline_folder
+    from vidpar.pipelines.preflight import check_diffusers_generation
 
     try:
         spec = read_pipeline_folder(conf.model.path)
@@ -181,6 +184,17 @@ def check_prompt_request(conf: DictConfig, layout: ParallelConfig) -> dict[str, 
         raise UserError(f"{err}.") from None
     if Path(conf.output).suffix not in (".mp4", ".gif", ".npy"):
         raise UserError(f"output={conf.output} must end in .mp4, .gif or .npy.")
+    preflight(  # the output path and the memory, before the workers start
+        check_diffusers_generation,
+        spec.transformer_config,
+        1 if isinstance(prompts, str) else len(prompts),
+        spec.latent_shape(num_frames, height, width),
+        (num_frames, height, width),
+        layout,
+        guided=conf.guidance_scale > 1.0,
+        output=conf.output,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
     return {
         "image": image,
         "prompt": prompts,

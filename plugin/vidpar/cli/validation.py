@@ -223,18 +223,27 @@ def check_generate_resources(
 ) -> None:
     """``output`` can be written (folder, permissions, free space for the video) and the
     sampling fits this machine's memory, before the generator starts its workers."""
-    from vidpar.pipelines.preflight import PreflightError, check_generation
+    from vidpar.pipelines.preflight import check_generation
+
+    preflight(
+        check_generation,
+        dit_config,
+        len(labels),
+        shape,
+        layout,
+        guided=conf.guidance_scale != 1.0,
+        output=conf.output,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
+
+
+def preflight(check, *args, **kwargs) -> None:
+    """Run a :mod:`vidpar.pipelines.preflight` check (output path, memory) before the
+    workers start; its failure becomes a :class:`UserError` naming what to change."""
+    from vidpar.pipelines.preflight import PreflightError
 
     try:
-        check_generation(
-            dit_config,
-            len(labels),
-            shape,
-            layout,
-            guided=conf.guidance_scale != 1.0,
-            output=conf.output,
-            device="cuda" if torch.cuda.is_available() else "cpu",
-        )
+        check(*args, **kwargs)
     except PreflightError as err:
         if err.argument == "output":
             raise UserError(f"{err}. Change output (e.g. output=samples.mp4).") from None

@@ -37,6 +37,7 @@ from vidpar.pipelines.pipeline_folder import (
     PipelineFolder,
     read_pipeline_folder,
 )
+from vidpar.pipelines.preflight import check_diffusers_generation
 from vidpar.pipelines.worker_session import WorkerSession
 
 Prompts = str | Sequence[str]
@@ -367,6 +368,16 @@ class DiffusersPipelineGenerator(WorkerSession):
                 request["embeds"] = tuple(embeds.chunk(2))
             else:
                 request["tokens"] = (ids, mask)
+        check_diffusers_generation(  # the output path and memory, before the workers sample
+            self.spec.transformer_config,
+            request["batch"],
+            request["latent_shape"],
+            request["video_size"] if request["decode"] else None,
+            self.executor.config,
+            guided=guidance_scale > 1.0,
+            output=output,
+            device=str(self.executor.devices[0]).split(":")[0],
+        )
         results = self.executor.collective_rpc(_generate_on_worker, request)
         self.last_records, self.last_timings = results[0][1], results[0][2]
         config = self.executor.config
