@@ -69,6 +69,19 @@ def test_video_equals_wan_pipeline(name, folder, expected):
     np.testing.assert_allclose(video, want, atol=2e-5)
 
 
+def test_bf16_feeds_the_transformer_in_its_dtype(folder):
+    """In bf16 (diffusers keeps some of Wan's modules in float32, so the first parameter
+    is float32) the latents enter the transformer in its dtype, as WanPipeline casts them,
+    and the video is diffusers' to bf16's precision."""
+    pipe = WanPipeline.from_pretrained(str(folder), torch_dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"num_inference_steps": 2, "generator": torch.Generator().manual_seed(SEED)}
+    want = pipe(prompt=PROMPTS[0], output_type="np", **kwargs, **SETTINGS).frames
+    with DiffusersPipelineGenerator(folder, dtype=torch.bfloat16, devices="cpu") as gen:
+        video = gen.generate(PROMPTS[0], steps=2, seed=SEED, **SETTINGS)
+    np.testing.assert_allclose(video, want, atol=2e-2)
+
+
 @pytest.fixture(scope="module")
 def i2v_folder(tmp_path_factory):
     return make_tiny_wan_i2v_pipeline(tmp_path_factory.mktemp("i2v") / "tiny-wan-i2v-pipeline")

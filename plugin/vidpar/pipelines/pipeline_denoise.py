@@ -50,7 +50,7 @@ def denoise(worker, latents, cond, null, image: ImageCondition | None, request) 
             model, scale = high, request["guidance_scale"]
         else:
             model, scale = worker.transformers["transformer_2"], request["guidance_scale_2"]
-        dtype = next(model.parameters()).dtype
+        dtype = model.dtype  # diffusers' transformer_dtype (fp32-kept modules aside)
         if first is not None:  # a timestep per token, 0 where the first frame is kept
             x = latents if image is None else (1 - first) * image.latents + first * latents
             timestep = (first[0][0][:, ::2, ::2] * t).flatten().unsqueeze(0)
