@@ -74,7 +74,8 @@ def diffusers_folders(tmp_path_factory) -> list[str]:
 
 @pytest.mark.parametrize("override", [f"{g}={o}" for g in GROUPS for o in options(g)])
 def test_every_shipped_option_passes_the_checks(override: str, diffusers_folders) -> None:
-    folders = diffusers_folders if override in ("data=latents", "recipe=wan2_1_t2v_1p3b") else []
+    diffusers = ("data=latents", "recipe=wan2_1_t2v_1p3b", "recipe=wan2_1_t2v_1p3b_lora")
+    folders = diffusers_folders if override in diffusers else []
     check_train(override, *NEEDS.get(override, []), *folders)
 
 

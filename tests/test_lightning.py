@@ -180,14 +180,18 @@ def test_export_full_checkpoint_loads_into_one_device_and_the_generator(tp2_sp2_
         assert frames.shape == (1, 2, 8, 8, 3)
 
 
-def test_generation_from_a_checkpoint_directory_uses_the_ema_weights(tp2_sp2_half, tmp_path):
+def test_generation_from_a_checkpoint_directory_uses_the_ema_weights(
+    tp2_sp2_half, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     log_dir, weights = tp2_sp2_half
     ckpt = tmp_path / "last.ckpt"
     shutil.copytree(log_dir / "ckpt" / "last.ckpt", ckpt)
     VideoGenerator.from_checkpoint(ckpt, devices="cpu").close()
     from safetensors.torch import load_file
 
-    exported = load_file(str(ckpt / "model.safetensors"))
+    (export,) = (tmp_path / "cache" / "vidpar" / "exports").glob("*.safetensors")
+    exported = load_file(str(export))
     ema = {k.removeprefix("ema_model."): v for k, v in weights.items() if k.startswith("ema_")}
     assert_weights_close(exported, ema, tol=0)
     torch.manual_seed(0)
