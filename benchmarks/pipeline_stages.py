@@ -58,8 +58,12 @@ PRESETS = {"single": {}, "sp2": {"ulysses": 2}, "cfg2": {"cfg": 2}, "tp2": {"tp"
 
 def write_folder(root: Path) -> Path:
     """The random-weight Wan2.1-T2V-1.3B pipeline folder (written once)."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
-    from diffusers import WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
     from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
     from vidpar.models.testing import make_tiny_tokenizer
@@ -104,14 +108,16 @@ def diffusers_stages(folder: Path, steps: int) -> dict[str, float]:
         lambda: pipe.encode_prompt(PROMPT, "", max_sequence_length=512, device="cuda")
     )
     latents, seconds["denoise"] = _sync_time(
-        lambda: pipe(
-            prompt_embeds=cond,
-            negative_prompt_embeds=null,
-            num_inference_steps=steps,
-            generator=torch.Generator().manual_seed(0),
-            output_type="latent",
-            **VIDEO,
-        ).frames
+        lambda: (
+            pipe(
+                prompt_embeds=cond,
+                negative_prompt_embeds=null,
+                num_inference_steps=steps,
+                generator=torch.Generator().manual_seed(0),
+                output_type="latent",
+                **VIDEO,
+            ).frames
+        )
     )
     shape = (1, vae.config.z_dim, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device)
@@ -120,8 +126,6 @@ def diffusers_stages(folder: Path, steps: int) -> dict[str, float]:
         _, seconds["decode"] = _sync_time(
             lambda: vae.decode(latents.float() * std + mean, return_dict=False)[0]
         )
-    del pipe, vae
-    torch.cuda.empty_cache()
     return seconds
 
 
@@ -147,6 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     folder = write_folder(args.root)
     rows = {"diffusers WanPipeline (1 GPU)": diffusers_stages(folder, args.steps)}
+    torch.cuda.empty_cache()  # the diffusers pipeline is gone with its function
     for layout in args.layouts.split(","):
         rows[f"vidpar {layout}"] = vidpar_stages(folder, layout, args.steps)
     stages = ["encode_prompt", "denoise", "decode", "total"]

@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from vidpar.benchmarks.ring_kernels import _inputs
 from vidpar.nn import attention_kernels as ak
-from vidpar.nn.attention import ring_attention
+from vidpar.nn.ring_attention import ring_attention
 from vidpar.nn.softmax_merge import merge_into
 from vidpar.nn.testing import LocalRing
 

@@ -197,7 +197,7 @@ def test_ring_math_stays_float32_under_autocast(worlds) -> None:
 
 def test_ring_sends_adjacent_k_and_v_without_a_copy() -> None:
     """After the Ulysses all-to-all, V follows K in one buffer: the ring sends a view."""
-    from vidpar.nn.attention import _stack_kv
+    from vidpar.nn.ring_attention import _stack_kv
 
     _, k, v = torch.randn(3, 1, 4, 2, 8).unbind(0)
     kv = _stack_kv(k, v)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vidpar.nn import attention_kernels as ak
-from vidpar.nn.attention import ring_attention
+from vidpar.nn.ring_attention import ring_attention
 from vidpar.nn.softmax_merge import SoftmaxMerge, merge_into
 from vidpar.nn.testing import LocalRing
 

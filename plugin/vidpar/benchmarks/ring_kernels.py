@@ -4,7 +4,7 @@ against one SDPA of the same queries over the concatenated keys, in the same run
 For a ring of ``r`` ranks over ``tokens`` tokens, rank 0 holds ``tokens / r`` queries; its
 work is ``r`` blocks of those queries × ``tokens / r`` keys plus the log-sum-exp merges
 (forward), and each block's fused backward plus the dQ and travelling dK/dV accumulations
-(backward). It runs through vidpar's own ring code (:func:`~vidpar.nn.attention.
+(backward). It runs through vidpar's own ring code (:func:`~vidpar.nn.ring_attention.
 ring_attention` on a :class:`~vidpar.nn.testing.LocalRing`: no communication). The
 reference is ``F.scaled_dot_product_attention`` of the same queries over all keys (torch's
 own kernel choice). ``matmul (before #16)`` is the ring as it was before issue #16 (float32
@@ -67,7 +67,7 @@ def _inputs(size: dict[str, Any], r: int, device: torch.device):
 
 def _variant(name: str, q, k, v, blocks, valid) -> Callable[[], torch.Tensor]:
     """A call computing rank 0's attention output (with autograd where inputs need it)."""
-    from vidpar.nn.attention import ring_attention
+    from vidpar.nn.ring_attention import ring_attention
     from vidpar.nn.testing import LocalRing
 
     if name == "sdpa":

@@ -4,7 +4,7 @@ Layers take their groups from the current layout (a world of one without one); f
 single-device weights of sharded models are in :mod:`vidpar.distributed.full_weights`.
 """
 
-from vidpar.nn.attention import DistributedAttention, ring_attention
+from vidpar.nn.attention import DistributedAttention
 from vidpar.nn.dit import DiTConfig, VideoDiT, shard_tokens
 from vidpar.nn.linear import (
     ColumnParallelLinear,
@@ -12,6 +12,7 @@ from vidpar.nn.linear import (
     RowParallelLinear,
     TensorParallelModule,
 )
+from vidpar.nn.ring_attention import ring_attention
 
 __all__ = [
     "ColumnParallelLinear",

@@ -4,7 +4,7 @@ Every block of a model runs the same code on parameters of the same shapes, so o
 ``torch.compile`` of the block serves all of them (parameters are graph inputs): the
 compile time is one block's, not the model's. Collectives inside a block (tp, Ulysses,
 Ring) are traced as custom ops (:mod:`vidpar.distributed.collective_ops`; the ring's whole
-exchange-and-merge is one op of :mod:`vidpar.nn.attention`), so a block is one graph under
+exchange-and-merge is one op of :mod:`vidpar.nn.ring_attention`), so a block is one graph under
 every layout (``{"fullgraph": True}`` holds) and inductor schedules around them.
 
 The setting, everywhere vidpar offers it (``DiTConfig.compile``,

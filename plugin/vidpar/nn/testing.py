@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vidpar.nn.attention import RingMessage
+from vidpar.nn.ring_attention import RingMessage
 
 __all__ = ["LocalRing"]
 
@@ -23,7 +23,7 @@ class _Delivered:
 
 class LocalRing:
     """Rank 0 of a ring of ``len(kv_blocks)`` ranks on one device, with no communication:
-    what one ring rank computes (pass it to :func:`~vidpar.nn.attention.ring_attention` as
+    what one ring rank computes (pass it to :func:`~vidpar.nn.ring_attention.ring_attention` as
     the group). ``kv_blocks[j]`` (``[2, B, S_block, H, D]``, K and V stacked) is block
     ``j``; the rank holding block ``j`` receives block ``j - 1``. The dK/dV accumulators
     handed on are appended to ``sent_grads`` when ``keep_grads`` (the ``s``-th of a backward
