@@ -6,7 +6,9 @@ leaves the compiled world-1 block alone.
     PYTHONPATH=NEW/plugin python benchmarks/world1_graph.py NEW/tests > after.txt
 """
 
-import sys, torch
+import sys
+
+import torch
 from torch._dynamo.testing import EagerAndRecordGraphs
 
 sys.path.insert(0, sys.argv[1])  # the tests folder of that checkout
