@@ -7,7 +7,9 @@
 # eager/compiled vs diffusers' Wan), dit_wan (the same, one command: dit.compare=wan), train (the Wan-sized diffusers training step),
 # newgpu (the GPU tests of the round-3 modules: VAE, compile, elementwise), families (each plan
 # family at its published size vs plain diffusers), lora (LoRA vs full fine-tuning),
-# pipeline (each stage of a prompt-to-video generation vs diffusers' WanPipeline).
+# pipeline (each stage of a prompt-to-video generation vs diffusers' WanPipeline),
+# scaling (issue #33: every layout of each world on all visible GPUs; SCALING_WORLDS,
+# SCALING_MODELS, SCALING_STEPS, SCALING_LAYOUTS override; the Executor starts one worker per GPU).
 # Wheels the machine lacks travel in .whl (see the device tool's README).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -54,6 +56,9 @@ for step in "$@"; do
     lora) timeout 240 python3 benchmarks/lora_vs_full.py --steps 3 2>&1 | tee "$OUT/lora.txt" ;;
     pipeline) timeout 560 python3 benchmarks/pipeline_stages.py --root /tmp/wan-random \
         --layouts single --steps ${PIPELINE_STEPS:-4} 2>&1 | tee "$OUT/pipeline.txt" ;;
+    scaling) timeout 590 python3 benchmarks/scaling.py --device cuda --worlds ${SCALING_WORLDS:-1,2,4,8} \
+        --models ${SCALING_MODELS:-1.3b} --steps ${SCALING_STEPS:-4} ${SCALING_LAYOUTS:+--layouts $SCALING_LAYOUTS} \
+        --root /tmp/wan-scaling --out "$OUT/scaling.json" --plot "$OUT/scaling.png" 2>&1 | tee "$OUT/scaling.txt" ;;
     train) timeout 300 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_diffusers_gpu.py \
         2>&1 | tee "$OUT/train.txt" ;;
     *) echo "unknown step $step" ;;
