@@ -13,7 +13,9 @@ import argparse
 import json
 import os
 import socket
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,22 +24,9 @@ from vidpar.distributed.state import parallel_context
 from vidpar.models import parallelize
 from vidpar.nn.lora_layers import LoraSettings, add_lora
 
-#: diffusers' Wan2.1-T2V-1.3B transformer config.
-WAN_1P3B = {
-    "patch_size": [1, 2, 2],
-    "num_attention_heads": 12,
-    "attention_head_dim": 128,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 8960,
-    "num_layers": 30,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "rope_max_seq_len": 1024,
-}
+sys.path.insert(0, str(Path(__file__).parent))
+from pipeline_stages import WAN_1P3B  # diffusers' Wan2.1-T2V-1.3B config
+
 LATENTS = (1, 16, 21, 60, 104)  # 21 · 30 · 52 = 32,760 tokens after the 1×2×2 patches
 TEXT = (1, 512, 4096)
 

@@ -24,13 +24,17 @@ from vidpar.resources import CONFIG_DIR
 STEPS, CRASH_AT = 5, 3
 
 
-def fit(out: Path, callbacks: list, ckpt_path: Path | None = None) -> pl.Trainer:
+def fit(
+    out: Path, callbacks: list, ckpt_path: Path | None = None, every_n_minutes: float | None = 1e-6
+) -> pl.Trainer:
+    """Train ``STEPS`` steps; ``last.ckpt`` saved every ``every_n_minutes`` (default: every
+    step, each ends after the interval)."""
     saver = VidParModelCheckpoint(
         dirpath=out / "checkpoints",
         save_last=True,
         save_top_k=0,
         every_n_train_steps=0,
-        every_n_minutes=1e-6,  # every step: each ends after the interval
+        every_n_minutes=every_n_minutes,
     )
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -87,26 +91,8 @@ def test_a_non_finite_step_saves_the_state_before_it_and_stops(tmp_path):
     """on_nonfinite="raise" (the default) saves the finite state before the bad step as
     last.ckpt, then stops; the checkpoint resumes."""
     out = tmp_path / "nan"
-    saver = VidParModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=VidParStrategy(),
-        max_steps=STEPS,
-        logger=False,
-        callbacks=[saver, NaNLossAtStep(CRASH_AT), NonFiniteGuard()],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=out,
-    )
-    data = MovingShapesDataModule(
-        num_train=24, num_val=2, batch_size=2, num_frames=2, height=8, width=8
-    )
-    module = VideoDiffusionModule(dit=TINY_DIT, lr=1e-2, num_sample_videos=0)
     with pytest.raises(Exception, match=r"NonFiniteError: .*saved .*last\.ckpt"):
-        trainer.fit(module, datamodule=data)
+        fit(out, [NaNLossAtStep(CRASH_AT), NonFiniteGuard()], every_n_minutes=None)
     last = out / "checkpoints" / "last.ckpt"
     assert load_trainer_state(store.resolve(last) / store.TRAINER_STATE)["global_step"] == CRASH_AT
     assert fit(tmp_path / "resumed", [], ckpt_path=last).global_step == STEPS
