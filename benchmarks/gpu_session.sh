@@ -55,7 +55,7 @@ for step in "$@"; do
         2>&1 | tee "$OUT/families.txt" ;;
     lora) timeout 240 python3 benchmarks/lora_vs_full.py --steps 3 2>&1 | tee "$OUT/lora.txt" ;;
     pipeline) timeout 560 python3 benchmarks/pipeline_stages.py --root /tmp/wan-random \
-        --layouts single --steps ${PIPELINE_STEPS:-4} 2>&1 | tee "$OUT/pipeline.txt" ;;
+        --layouts single --steps ${PIPELINE_STEPS:-4} --runs 3 --out "$OUT/pipeline_stages.json" 2>&1 | tee "$OUT/pipeline.txt" ;;
     scaling) timeout 590 python3 benchmarks/scaling.py --device cuda --worlds ${SCALING_WORLDS:-1,2,4,8} \
         --models ${SCALING_MODELS:-1.3b} --steps ${SCALING_STEPS:-4} ${SCALING_LAYOUTS:+--layouts $SCALING_LAYOUTS} \
         --root /tmp/wan-scaling --out "$OUT/scaling.json" --plot "$OUT/scaling.png" 2>&1 | tee "$OUT/scaling.txt" ;;

@@ -88,77 +88,148 @@ def write_folder(root: Path) -> Path:
     return root
 
 
-def _sync_time(fn):
+STAGES = ("encode_prompt", "denoise", "decode")
+
+
+def _stage(fn, seconds: dict, peaks: dict, name: str):
+    """Run ``fn`` as stage ``name``: its seconds (the GPU waited for) and its peak GiB."""
     torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     out = fn()
     torch.cuda.synchronize()
-    return out, time.perf_counter() - start
+    seconds[name] = time.perf_counter() - start
+    peaks[name] = torch.cuda.max_memory_allocated() / 2**30
+    return out
 
 
-def diffusers_stages(folder: Path, steps: int) -> dict[str, float]:
-    """Seconds per stage of diffusers' WanPipeline on one GPU (bf16, VAE in float32)."""
+def diffusers_runs(folder: Path, steps: int, runs: int) -> list[dict]:
+    """diffusers' WanPipeline on one GPU (bf16, VAE in float32, as its model card loads it):
+    per run, each stage's seconds and peak GiB, and one whole ``pipe(prompt)`` call's
+    seconds (``total``, frames out as ``output_type="np"``), after a warm-up call."""
     from diffusers import AutoencoderKLWan, WanPipeline
 
     vae = AutoencoderKLWan.from_pretrained(str(folder), subfolder="vae", torch_dtype=torch.float32)
     pipe = WanPipeline.from_pretrained(str(folder), vae=vae, torch_dtype=torch.bfloat16).to("cuda")
     pipe.set_progress_bar_config(disable=True)
-    seconds = {}
-    (cond, null), seconds["encode_prompt"] = _sync_time(
-        lambda: pipe.encode_prompt(PROMPT, "", max_sequence_length=512, device="cuda")
-    )
-    latents, seconds["denoise"] = _sync_time(
-        lambda: (
-            pipe(
-                prompt_embeds=cond,
-                negative_prompt_embeds=null,
-                num_inference_steps=steps,
-                generator=torch.Generator().manual_seed(0),
-                output_type="latent",
-                **VIDEO,
-            ).frames
-        )
-    )
     shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device)
-    std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device)
-    with torch.no_grad():
-        _, seconds["decode"] = _sync_time(
-            lambda: vae.decode(latents.float() * std + mean, return_dict=False)[0]
+    mean = torch.tensor(vae.config.latents_mean).view(shape).cuda()
+    std = torch.tensor(vae.config.latents_std).view(shape).cuda()
+
+    def whole() -> None:
+        pipe(
+            PROMPT,
+            negative_prompt="",
+            num_inference_steps=steps,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+            **VIDEO,
         )
-    return seconds
+
+    whole()  # warm-up: kernels, allocator, cuDNN plans
+    rows = []
+    for _ in range(runs):
+        seconds: dict[str, float] = {}
+        peaks: dict[str, float] = {}
+        cond, null = _stage(
+            lambda: pipe.encode_prompt(PROMPT, "", max_sequence_length=512, device="cuda"),
+            seconds,
+            peaks,
+            "encode_prompt",
+        )
+        latents = _stage(
+            lambda c=cond, n=null: (
+                pipe(
+                    prompt_embeds=c,
+                    negative_prompt_embeds=n,
+                    num_inference_steps=steps,
+                    generator=torch.Generator().manual_seed(0),
+                    output_type="latent",
+                    **VIDEO,
+                ).frames
+            ),
+            seconds,
+            peaks,
+            "denoise",
+        )
+        with torch.no_grad():
+            _stage(
+                lambda z=latents: vae.decode(z.float() * std + mean, return_dict=False)[0],
+                seconds,
+                peaks,
+                "decode",
+            )
+        _stage(whole, seconds, peaks, "total")
+        rows.append({"seconds": seconds, "peak_gib": peaks})
+    return rows
 
 
-def vidpar_stages(folder: Path, layout: str, steps: int) -> dict[str, float]:
-    """Seconds per stage of vidpar on ``layout`` (rank 0's, after one warm-up run)."""
+def vidpar_runs(folder: Path, layout: str, steps: int, runs: int) -> list[dict]:
+    """vidpar's DiffusersPipelineGenerator on ``layout``: per run, rank 0's seconds and peak
+    GiB per stage (``last_timings``/``last_peak_gib``) and the whole ``generate`` call's
+    seconds (frames out as numpy, like diffusers' ``output_type="np"``), after a warm-up."""
     from vidpar import ParallelConfig
     from vidpar.pipelines import DiffusersPipelineGenerator
 
     parallel = ParallelConfig(**PRESETS[layout])
+    rows = []
     with DiffusersPipelineGenerator(folder, parallel, dtype=torch.bfloat16) as gen:
-        gen.generate(PROMPT, steps=1, **VIDEO)  # warm-up
-        start = time.perf_counter()
-        gen.generate(PROMPT, steps=steps, **VIDEO)
-        total = time.perf_counter() - start
-        return {**gen.last_timings, "total": total}
+        gen.generate(PROMPT, steps=steps, seed=0, **VIDEO)  # warm-up
+        for _ in range(runs):
+            start = time.perf_counter()
+            gen.generate(PROMPT, steps=steps, seed=0, **VIDEO)
+            total = time.perf_counter() - start
+            rows.append(
+                {
+                    "seconds": {**gen.last_timings, "total": total},
+                    "peak_gib": dict(gen.last_peak_gib),
+                }
+            )
+    return rows
+
+
+def _median(rows: list[dict], kind: str, stage: str) -> float:
+    values = sorted(r[kind].get(stage, float("nan")) for r in rows)
+    return values[len(values) // 2]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=Path("/tmp/wan2.1-t2v-1.3b-random"))
-    parser.add_argument("--layouts", default="single,sp2,cfg2")
+    parser.add_argument("--layouts", default="single")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="JSON of every run")
     args = parser.parse_args()
     folder = write_folder(args.root)
-    rows = {"diffusers WanPipeline (1 GPU)": diffusers_stages(folder, args.steps)}
+    results = {"diffusers": diffusers_runs(folder, args.steps, args.runs)}
     torch.cuda.empty_cache()  # the diffusers pipeline is gone with its function
     for layout in args.layouts.split(","):
-        rows[f"vidpar {layout}"] = vidpar_stages(folder, layout, args.steps)
-    stages = ["encode_prompt", "denoise", "decode", "total"]
-    print(f"{'':32}" + "".join(f"{s:>15}" for s in stages))
-    for name, seconds in rows.items():
-        print(f"{name:32}" + "".join(f"{seconds.get(s, float('nan')):15.2f}" for s in stages))
-    print(json.dumps(rows, indent=1))
+        results[f"vidpar {layout}"] = vidpar_runs(folder, layout, args.steps, args.runs)
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, steps {args.steps}, "
+        f"median of {args.runs} runs; seconds (peak GiB) and ratio to diffusers"
+    )
+    base = results["diffusers"]
+    for name, rows in results.items():
+        cells = []
+        for stage in (*STAGES, "total"):
+            sec, ref = _median(rows, "seconds", stage), _median(base, "seconds", stage)
+            peak = _median(rows, "peak_gib", stage) if stage != "total" else float("nan")
+            cells.append(f"{stage} {sec:.3f} s ({peak:.2f} GiB) {sec / ref:.3f}x")
+        print(f"{name:20} | " + " | ".join(cells))
+    if args.out is not None:
+        args.out.write_text(
+            json.dumps(
+                {
+                    "device": torch.cuda.get_device_name(),
+                    "torch": torch.__version__,
+                    "steps": args.steps,
+                    "runs": results,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

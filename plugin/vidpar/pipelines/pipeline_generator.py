@@ -121,24 +121,32 @@ def _image_condition(worker, request: dict[str, Any], batch: int) -> ImageCondit
 
 
 class _StageTimer:
-    """Seconds per stage of one generation on this rank (the device waited for at each end)."""
+    """Seconds per stage of one generation on this rank (the device waited for at each end)
+    and, on CUDA, each stage's peak of allocated memory in GiB."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.seconds = device, {}
+        self.device, self.seconds, self.peak_gib = device, {}, {}
+        self._cuda = device.type == "cuda"
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         self._last = time.perf_counter()
 
     def lap(self, stage: str) -> None:
-        if self.device.type == "cuda":
+        if self._cuda:
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         self.seconds[stage] = now - self._last
         self._last = now
+        if self._cuda:
+            self.peak_gib[stage] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
 
 
-def _generate_on_worker(worker, request: dict[str, Any]) -> tuple[Any, list, dict]:
+def _generate_on_worker(worker, request: dict[str, Any]) -> tuple[Any, list, dict, dict]:
     """Runs on every rank: each dp replica encodes (unless the parent did) and samples its
     share of the prompts; its first rank returns ``(videos or latents, records, seconds
-    per stage)`` (records from rank 0 only), the others Nones."""
+    per stage, peak GiB per stage)`` (records from rank 0 only; peaks on CUDA only), the
+    others Nones."""
     config = worker.config
     batch = request["batch"]
     share = _dp_slice(batch, config.dp, config.coordinates(worker.rank)["dp"])
@@ -147,7 +155,7 @@ def _generate_on_worker(worker, request: dict[str, Any]) -> tuple[Any, list, dic
     noise = torch.randn((batch, *request["latent_shape"]), generator=gen, dtype=torch.float32)
     noise = noise[share].to(worker.device)
     if noise.shape[0] == 0:
-        return None, [], {}
+        return None, [], {}, {}
     timer = _StageTimer(worker.device)
     if "embeds" in request:
         cond, null = request["embeds"]
@@ -176,7 +184,7 @@ def _generate_on_worker(worker, request: dict[str, Any]) -> tuple[Any, list, dic
     finally:
         telemetry.stop_recording()
     if not get_parallel_state().group("replica").is_first_rank:
-        return None, [], {}
+        return None, [], {}, {}
     if request["decode"]:
         from diffusers.video_processor import VideoProcessor
 
@@ -184,7 +192,8 @@ def _generate_on_worker(worker, request: dict[str, Any]) -> tuple[Any, list, dic
         output = processor.postprocess_video(output.float().cpu(), output_type="np")
     else:
         output = output.cpu()
-    return output, recorder.records if worker.rank == 0 else [], timer.seconds
+    records = recorder.records if worker.rank == 0 else []
+    return output, records, timer.seconds, timer.peak_gib
 
 
 def _as_list(embeds: Embeds) -> list[torch.Tensor]:
@@ -275,6 +284,9 @@ class DiffusersPipelineGenerator(WorkerSession):
         #: Seconds per stage of the last ``generate`` on rank 0 (``encode_prompt``,
         #: ``encode_image``, ``denoise``, ``decode``).
         self.last_timings: dict[str, float] = {}
+        #: Rank 0's peak of allocated GPU memory (GiB) in each stage of the last
+        #: ``generate`` (empty off CUDA).
+        self.last_peak_gib: dict[str, float] = {}
 
     def _embeddings(
         self, prompt_embeds: Embeds, negative: Embeds | None
@@ -379,7 +391,7 @@ class DiffusersPipelineGenerator(WorkerSession):
             device=str(self.executor.devices[0]).split(":")[0],
         )
         results = self.executor.collective_rpc(_generate_on_worker, request)
-        self.last_records, self.last_timings = results[0][1], results[0][2]
+        _, self.last_records, self.last_timings, self.last_peak_gib = results[0]
         config = self.executor.config
         leaders = [results[config.rank({"dp": d})][0] for d in range(config.dp)]
         parts = [r for r in leaders if r is not None]
