@@ -208,6 +208,14 @@ class _ParallelLinear(TensorParallelModule):
             f"tp={self.tp_group.world_size}"
         )
 
+    def _need_even(self, option: str, features: str, advice: str) -> None:
+        """Refuse ``option``, which needs equal shards, on an uneven split of ``features``."""
+        if self.is_uneven:
+            raise ValueError(
+                f"{option} needs equal shards: {features}({getattr(self, features)}) split "
+                f"unevenly over tp({self.tp_group.world_size}); {advice}"
+            )
+
 
 class ColumnParallelLinear(_ParallelLinear):
     """``y = x Wᵀ + b`` with W's output rows split over tp: each rank computes its slice
@@ -221,11 +229,8 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def __init__(self, *args: Any, gather_output: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if gather_output and self.is_uneven:
-            raise ValueError(
-                f"gather_output needs equal shards: out_features({self.out_features}) split "
-                f"unevenly over tp({self.tp_group.world_size}); keep the output split"
-            )
+        if gather_output:
+            self._need_even("gather_output", "out_features", "keep the output split")
         self.gather_output = gather_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -246,11 +251,8 @@ class RowParallelLinear(_ParallelLinear):
 
     def __init__(self, *args: Any, input_is_parallel: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if not input_is_parallel and self.is_uneven:
-            raise ValueError(
-                f"input_is_parallel=False needs equal shards: in_features({self.in_features}) "
-                f"split unevenly over tp({self.tp_group.world_size}); pass the split input"
-            )
+        if not input_is_parallel:
+            self._need_even("input_is_parallel=False", "in_features", "pass the split input")
         self.input_is_parallel = input_is_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
