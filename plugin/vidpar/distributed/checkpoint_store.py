@@ -100,18 +100,24 @@ def prepare(path: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{path.name}{_PARTIAL}", dir=directory))
 
 
+def _install_next_version(path: Path, source: Path) -> Path:
+    """Rename ``source`` to the version after ``path``'s newest and point ``path`` at it."""
+    existing = versions(path)
+    seq = int(existing[-1].name.rsplit(".v", 1)[1]) + 1 if existing else 1
+    version = path.parent / f".{path.name}.v{seq:06d}"
+    os.rename(source, version)
+    fsync_directory(path.parent)
+    _point(path, version)
+    return version
+
+
 def commit(path: Path, staging: Path, keep_last: int = 1) -> Path:
     """Make the finished ``staging`` directory the current version of ``path`` (its files
     already fsynced by their writers) and keep ``keep_last`` versions; returns the version."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be at least 1, got {keep_last}")
     fsync_directory(staging)
-    existing = versions(path)
-    seq = int(existing[-1].name.rsplit(".v", 1)[1]) + 1 if existing else 1
-    version = path.parent / f".{path.name}.v{seq:06d}"
-    os.rename(staging, version)
-    fsync_directory(path.parent)
-    _point(path, version)
+    version = _install_next_version(path, staging)
     current = path.resolve()
     kept = set(versions(path)[-keep_last:]) | {current}
     for old in versions(path):
@@ -200,12 +206,7 @@ def _adopt(path: Path) -> None:
     if not holds_checkpoint(path):
         _delete(path)
         return
-    existing = versions(path)
-    seq = int(existing[-1].name.rsplit(".v", 1)[1]) + 1 if existing else 1
-    version = path.parent / f".{path.name}.v{seq:06d}"
-    os.rename(path, version)
-    fsync_directory(path.parent)
-    _point(path, version)
+    _install_next_version(path, path)
 
 
 def _delete(directory: Path) -> None:
