@@ -189,7 +189,8 @@ def _generate_on_worker(worker, request: dict[str, Any]) -> tuple[Any, list, dic
         from diffusers.video_processor import VideoProcessor
 
         processor = VideoProcessor(vae_scale_factor=worker.pipeline_spec.spatial_factor)
-        output = processor.postprocess_video(output.float().cpu(), output_type="np")
+        # On the device, as WanPipeline does: only the finished frames cross to the CPU.
+        output = processor.postprocess_video(output.float(), output_type="np")
     else:
         output = output.cpu()
     records = recorder.records if worker.rank == 0 else []
@@ -397,7 +398,7 @@ class DiffusersPipelineGenerator(WorkerSession):
         parts = [r for r in leaders if r is not None]
         if output_type == "latent":
             return torch.cat(parts)
-        videos = np.concatenate(parts)
+        videos = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if output is not None:
             write_output(output, videos, fps)
         return videos
