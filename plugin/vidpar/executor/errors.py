@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import pickle
 import signal
 from collections.abc import Sequence
+
+from vidpar.executor.wire import ExceptionInfo
 
 
 class ExecutorError(RuntimeError):
@@ -135,16 +135,15 @@ class WorkerStuckError(ExecutorError, TimeoutError):
         return (type(self), (*args, self.others))
 
 
-def remote_error(failures: dict[int, tuple], context: str) -> RemoteError:
-    """One :class:`RemoteError` for the error replies of a call (the lowest rank's, the
+def remote_error(failures: dict[int, ExceptionInfo], context: str) -> RemoteError:
+    """One :class:`RemoteError` for what the ranks of a call raised (the lowest rank's, the
     others in ``.errors``)."""
-    errors = {}
-    for rank, (_, _, exc_type, message, text, pickled) in sorted(failures.items()):
-        exception = None
-        if pickled is not None:
-            with contextlib.suppress(Exception):
-                exception = pickle.loads(pickled)
-        errors[rank] = RemoteError(rank, exc_type, message, text, exception, context)
+    errors = {
+        rank: RemoteError(
+            rank, info.exc_type, info.message, info.traceback, info.exception(), context
+        )
+        for rank, info in sorted(failures.items())
+    }
     first = next(iter(errors.values()))
     if len(errors) > 1:
         others = ", ".join(f"{r} ({e.exc_type})" for r, e in errors.items() if e is not first)

@@ -1,6 +1,8 @@
-"""The Executor's wire format: frames over a pipe, bulk data through shared memory.
+"""The Executor's wire: its messages, as frames over a pipe, bulk data through shared memory.
 
-Every message is one ``Connection.send_bytes`` frame. Its first byte holds flags. Without
+The parent sends :class:`Request` (one RPC) and :class:`Shutdown`; a worker answers a
+request with :class:`Reply` or :class:`ErrorReply` and its start-up with :class:`Ready` or
+:class:`ErrorReply`. Every message is one ``Connection.send_bytes`` frame. Its first byte holds flags. Without
 ``_FLAG_FD`` the rest is a pickle. With it, a segment table follows and one file descriptor
 (a ``memfd``) is passed right after the frame over the same Unix socket; large buffers
 (tensors, numpy arrays; and the pickle itself when it is large) live in that shared memory,
@@ -23,6 +25,8 @@ import socket
 import struct
 import sys
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, ClassVar
 
@@ -221,11 +225,88 @@ class Channel:
             self.conn.close()
 
 
-def describe_exception(exc: BaseException) -> tuple[str, str, str, bytes | None]:
-    """``(type name, message, traceback text, pickled exception or None)``."""
-    try:
-        pickled = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        pickled = None
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return type(exc).__name__, str(exc), text, pickled
+# Messages ------------------------------------------------------------------------------
+
+#: The sequence number of a worker's start-up messages (requests count from 1).
+STARTUP_SEQ = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """Run ``method`` (an RPC's name, or a callable taking the worker first) on a worker."""
+
+    seq: int
+    method: str | Callable[..., Any]
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The method's name, for messages."""
+        method = self.method
+        return method if isinstance(method, str) else getattr(method, "__qualname__", "callable")
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """Release the payload and the process groups, then end (no answer)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """A worker has started: its rank, process id and device."""
+
+    rank: int
+    pid: int
+    device: str
+    seq: int = STARTUP_SEQ
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The value request ``seq`` returned."""
+
+    seq: int
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ExceptionInfo:
+    """An exception raised in a worker, as it crosses the wire: its type's name, message,
+    formatted traceback and, when it pickles, the exception itself."""
+
+    exc_type: str
+    message: str
+    traceback: str
+    pickled: bytes | None = None
+
+    @classmethod
+    def of(cls, exc: BaseException, note: str = "") -> ExceptionInfo:
+        try:
+            pickled = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            pickled = None
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return cls(type(exc).__name__, str(exc), f"{note}\n{text}" if note else text, pickled)
+
+    def exception(self) -> BaseException | None:
+        """The original exception, when it can be unpickled here."""
+        if self.pickled is None:
+            return None
+        try:
+            return pickle.loads(self.pickled)
+        except Exception:
+            return None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    """Request ``seq`` (``STARTUP_SEQ``: the start-up; ``None``: not known, as when the
+    request or the reply could not be unpickled) raised ``error``."""
+
+    seq: int | None
+    error: ExceptionInfo
+
+
+#: What a worker may answer.
+Answer = Ready | Reply | ErrorReply

@@ -17,11 +17,9 @@ import torch
 from vidpar.config import ParallelConfig
 from vidpar.distributed import telemetry
 from vidpar.distributed.full_weights import HPARAMS_KEY, read_hyper_parameters, save_full_weights
-from vidpar.executor import Executor
 from vidpar.executor.executor import HEARTBEAT_TIMEOUT_S
 from vidpar.nn.dit import DiTConfig, VideoDiT
 from vidpar.pipelines.flow_matching import FlowMatchEulerSampler
-from vidpar.pipelines.generator_worker import GeneratorWorker
 from vidpar.pipelines.preflight import check_generation
 from vidpar.pipelines.video_io import VIDEO_EXTENSIONS, to_uint8_frames, write_video
 from vidpar.pipelines.worker_session import WorkerSession
@@ -33,14 +31,6 @@ DATA_INFO_FIELDS = ("class_names", "video_shape")
 def _build_dit(worker, config: dict[str, Any]) -> VideoDiT:
     """Worker factory: the DiT, sharded for the worker's layout, on its device."""
     return VideoDiT(DiTConfig(**config)).to(worker.device).eval()
-
-
-def _dp_slice(num_items: int, dp_size: int, dp_rank: int) -> slice:
-    """The contiguous share of ``num_items`` videos that data-parallel rank ``dp_rank``
-    generates (the first ``num_items % dp_size`` ranks take one more)."""
-    base, extra = divmod(num_items, dp_size)
-    start = dp_rank * base + min(dp_rank, extra)
-    return slice(start, start + base + (dp_rank < extra))
 
 
 def _generate_on_worker(
@@ -56,8 +46,7 @@ def _generate_on_worker(
     of each replica returns them (rank 0 also its collective records), the others
     ``(None, [])``."""
     model: VideoDiT = worker.model
-    coords = worker.config.coordinates(worker.rank)
-    share = _dp_slice(len(labels), worker.config.dp, coords["dp"])
+    share = worker.dp_share(len(labels))
     gen = torch.Generator().manual_seed(seed)
     # All the noise is drawn on every rank, so a video does not depend on the dp layout.
     noise = torch.randn((len(labels), *shape), generator=gen)[share].to(worker.device)
@@ -73,7 +62,7 @@ def _generate_on_worker(
             )
     finally:
         telemetry.stop_recording()
-    if any(c for dim, c in coords.items() if dim != "dp"):
+    if any(c for dim, c in worker.parallel.coordinates(worker.rank).items() if dim != "dp"):
         return None, []
     return videos.float().cpu(), recorder.records if worker.rank == 0 else []
 
@@ -101,27 +90,20 @@ class VideoGenerator(WorkerSession):
         heartbeat_timeout_s: float | None = HEARTBEAT_TIMEOUT_S,
     ) -> None:
         check_generatable(dit_config)
+        parallel = parallel or ParallelConfig()
+        parallel.check_heads(dit_config.num_heads)
         self.dit_config = dit_config
-        self.parallel = parallel or ParallelConfig()
-        self.parallel.check_heads(dit_config.num_heads)
         #: ``class_names`` and ``video_shape`` ``[C, T, H, W]`` of the training data, if known.
         self.data_info = data_info or {}
         self.class_names = self.data_info.get("class_names")
         factory = functools.partial(_build_dit, config=_as_dict(dit_config))
-        self.executor = Executor(
-            self.parallel,
-            worker_factory=factory,
-            devices=devices,
-            worker_cls=GeneratorWorker,
-            heartbeat_timeout_s=heartbeat_timeout_s,
-        )
+        super().__init__(parallel, factory, devices, heartbeat_timeout_s)
         try:
             if weights is not None:
                 self.executor.collective_rpc("load_weights", os.fspath(weights))
         except BaseException:
-            self.executor.shutdown()
+            self.close()
             raise
-        self.last_records: list = []
 
     @classmethod
     def from_checkpoint(
@@ -181,18 +163,16 @@ class VideoGenerator(WorkerSession):
             self.dit_config,
             len(labels),
             shape,
-            self.executor.config,
+            self.parallel,
             guided=guidance_scale != 1.0,
             output=output,
-            device=str(self.executor.devices[0]).split(":")[0],
+            device=self.device_type,
         )
         results = self.executor.collective_rpc(
             _generate_on_worker, labels, shape, steps, guidance_scale, seed, show_progress
         )
         self.last_records = results[0][1]
-        config = self.executor.config
-        replicas = [results[config.rank({"dp": d})][0] for d in range(config.dp)]
-        videos = torch.cat([v for v in replicas if v is not None])
+        videos = torch.cat([v for v, _ in self.replica_leaders(results) if v is not None])
         frames = np.stack([to_uint8_frames(v) for v in videos])
         if output is not None:
             write_video(output, np.concatenate(list(frames), axis=2), fps=fps)
