@@ -2,7 +2,7 @@
 
 The parent keeps one duplex pipe per worker. A call encodes its request once
 (:func:`~vidpar.executor.wire.encode`), writes the same frame to every chosen worker, then
-waits with ``poll`` on the chosen workers' pipes together with *every* worker's pidfd
+waits (:mod:`~vidpar.executor.answers`) with ``poll`` on the chosen workers' pipes together with *every* worker's pidfd
 (:mod:`~vidpar.executor.processes`), so a worker that dies is noticed at once even while a
 call is in flight, and reads the workers' heartbeats (:mod:`~vidpar.executor.liveness`)
 every second or so, so a worker that stops making progress is named (with its Python
@@ -16,62 +16,25 @@ worker and the processes they started (politely where they can still listen, by
 from __future__ import annotations
 
 import atexit
-import logging
 import os
-import select
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
-from typing import Any, NoReturn
+from typing import Any
 
 from vidpar.config import ParallelConfig
-from vidpar.executor.errors import (
-    ExecutorError,
-    RpcTimeoutError,
-    WorkerDiedError,
-    remote_error,
-)
-from vidpar.executor.liveness import Stall
-from vidpar.executor.orphans import kill_group
+from vidpar.executor.answers import STARTUP, gather, verdict, worker_died
+from vidpar.executor.errors import ExecutorError
 from vidpar.executor.processes import SHUTDOWN_GRACE_S, WorkerProcesses, resolve_devices
 from vidpar.executor.rendezvous import loopback_sockets_env, loopback_store
-from vidpar.executor.wire import STARTUP_SEQ, Answer, ErrorReply, Ready, Request, encode
+from vidpar.executor.wire import STARTUP_SEQ, Ready, Request, encode
 from vidpar.executor.worker import Worker, WorkerSpec
-
-logger = logging.getLogger(__name__)
 
 #: Seconds the other ranks of a call get to answer once one rank has raised.
 ERROR_GRACE_S = 1.5
 #: Seconds without a heartbeat after which a worker that is not busy is stuck.
 HEARTBEAT_TIMEOUT_S = 60.0
-_STARTUP = "start-up"
-_STARTUP_HINT = (
-    " (its output above says why; a script that starts an Executor needs an "
-    "`if __name__ == '__main__':` guard)"
-)
-
-
-class Deadline:
-    """A moment ``seconds`` from now; ``None``: never."""
-
-    __slots__ = ("at",)
-
-    def __init__(self, seconds: float | None) -> None:
-        self.at = None if seconds is None else time.monotonic() + seconds
-
-    def passed(self) -> bool:
-        return self.at is not None and time.monotonic() >= self.at
-
-    @staticmethod
-    def wait_ms(*deadlines: Deadline | None) -> int:
-        """Milliseconds to wait for the earliest of ``deadlines`` (at least 1; ``-1``:
-        none will come), as ``poll`` takes them."""
-        moments = [d.at for d in deadlines if d is not None and d.at is not None]
-        if not moments:
-            return -1
-        return max(1, int((min(moments) - time.monotonic()) * 1000) + 1)
 
 
 class Executor:
@@ -142,7 +105,6 @@ class Executor:
         self.pids: list[int] = []
         self._lock = threading.RLock()
         self._seq = STARTUP_SEQ
-        self._exit_ranks: dict[int, int] = {}
         self._workers = WorkerProcesses()
         atexit.register(self._workers.stop)
         # Stops the workers if the Executor is garbage-collected; at interpreter exit the
@@ -193,13 +155,12 @@ class Executor:
         workers = self._workers
         try:
             workers.spawn(self.spec, worker_cls, worker_factory, heartbeat_timeout_s)
-            self._exit_ranks = {fd: r for r, fd in enumerate(workers.exit_fds)}
             # One failed rank fails the start at once: the others may wait for it forever.
             everyone = list(range(self.spec.world_size))
-            answers = self._gather(
-                everyone, startup_timeout, _STARTUP, STARTUP_SEQ, error_grace=0.0, watch=False
+            answers = gather(
+                workers, [], everyone, STARTUP_SEQ, STARTUP, startup_timeout, 0.0, watch=False
             )
-            ready: dict[int, Ready] = _verdict(answers, "failed to start")
+            ready: dict[int, Ready] = verdict(answers, "failed to start")
         except BaseException:
             workers.kill()
             raise
@@ -227,7 +188,7 @@ class Executor:
         :class:`RpcTimeoutError` (a ``TimeoutError``) when ranks did not answer within
         ``timeout`` seconds; after those two the Executor is shut down.
         """
-        if method == "shutdown":
+        if isinstance(method, str) and method == "shutdown":
             raise ValueError(
                 "collective_rpc('shutdown') is not an RPC: call Executor.shutdown(), which "
                 "stops every worker (politely, then by force)"
@@ -240,13 +201,21 @@ class Executor:
             what = f"collective_rpc({request.name!r})"
             self._send(request, targets, what)
             try:
-                answers = self._gather(targets, timeout, what, request.seq)
+                answers = gather(
+                    self._workers,
+                    self.pids,
+                    targets,
+                    request.seq,
+                    what,
+                    timeout,
+                    self.error_grace_s,
+                )
             except (ExecutorError, TimeoutError):
                 raise
             except BaseException:  # e.g. KeyboardInterrupt: answers are pending, so stop
                 self._workers.kill()
                 raise
-        answers = _verdict(answers, f"in {what}")
+        answers = verdict(answers, f"in {what}")
         return [answers[r].value for r in targets]
 
     def _targets(self, ranks: Iterable[int] | None) -> list[int]:
@@ -274,123 +243,13 @@ class Executor:
                 try:
                     channels[rank].send_encoded(frame, fd)
                 except OSError as exc:
-                    self._died(rank, f"while {what} was being sent ({exc})")
+                    worker_died(self._workers, rank, f"while {what} was being sent ({exc})")
         except BaseException:
             self._workers.kill()
             raise
         finally:
             if fd is not None:
                 os.close(fd)
-
-    def _gather(
-        self,
-        ranks: list[int],
-        timeout: float | None,
-        what: str,
-        seq: int,
-        error_grace: float | None = None,
-        watch: bool = True,
-    ) -> dict[int, Answer]:
-        """The answers of ``ranks`` to request ``seq``, while every worker's end is watched
-        and (with ``watch``) the pending ranks' heartbeats.
-
-        After the first error the others get ``error_grace`` s (default
-        ``self.error_grace_s``); then, or after ``timeout`` s, :meth:`_give_up`.
-        """
-        error_grace = self.error_grace_s if error_grace is None else error_grace
-        monitor = self._workers.monitor
-        pending = {self._workers.channels[r].fileno(): r for r in ranks}
-        poller = select.poll()
-        for fd in (*pending, *self._exit_ranks):
-            poller.register(fd, select.POLLIN)
-        answers: dict[int, Answer] = {}
-        deadline, grace = Deadline(timeout), Deadline(None)
-        look = Deadline(monitor.interval) if watch and monitor.timeout is not None else None
-        monitor.watch(ranks)
-        while pending and not (deadline.passed() or grace.passed()):
-            for fd, _ in poller.poll(Deadline.wait_ms(deadline, grace, look)):
-                if fd in self._exit_ranks:
-                    hint = _STARTUP_HINT if what == _STARTUP else ""
-                    self._died(self._exit_ranks[fd], f"during {what}{hint}")
-                rank = pending.pop(fd, None)
-                if rank is None:
-                    continue
-                poller.unregister(fd)
-                answers[rank] = self._receive(rank, seq, what)
-                if isinstance(answers[rank], ErrorReply) and grace.at is None:
-                    grace = Deadline(error_grace)
-            if look is not None and look.passed() and pending:
-                look = Deadline(monitor.interval)
-                stall = monitor.find_stuck(sorted(pending.values()), self.pids)
-                if stall is not None:
-                    self._stuck(stall, sorted(pending.values()))
-        if pending:
-            self._give_up(sorted(pending.values()), answers, timeout, error_grace, what)
-        return answers
-
-    def _receive(self, rank: int, seq: int, what: str) -> Answer:
-        """The answer of ``rank``, which is readable; its death if there is none."""
-        answer = self._workers.receive(rank)
-        if answer is None:
-            self._died(rank, f"during {what}")
-        if answer.seq not in (seq, None):  # cannot happen unless the protocol broke
-            self._workers.kill()
-            raise ExecutorError(
-                f"rank {rank} answered request {answer.seq} during {what} (request {seq}); "
-                "every worker has been stopped"
-            )
-        return answer
-
-    def _give_up(
-        self,
-        missing: list[int],
-        answers: dict[int, Answer],
-        timeout: float | None,
-        error_grace: float,
-        what: str,
-    ) -> NoReturn:
-        """Stop every worker: ``missing`` did not answer. After another rank's error, raise
-        that (they are probably stuck waiting for it); else :class:`RpcTimeoutError`."""
-        failures = {r: a.error for r, a in answers.items() if isinstance(a, ErrorReply)}
-        if not failures:
-            self._timed_out(missing, timeout, what)
-        self._workers.kill()
-        if error_grace > 0:
-            note = (
-                f"ranks {missing} were still busy {error_grace:g} s later (stuck waiting for "
-                "the failed rank?)"
-            )
-        else:
-            note = f"ranks {missing} had not answered yet"
-        raise remote_error(failures, f"in {what}; {note}, so every worker was stopped")
-
-    def _timed_out(self, missing: list[int], timeout: float | None, what: str) -> NoReturn:
-        """Stop everything; raise :class:`RpcTimeoutError` naming the ranks gone silent."""
-        named, detail = self._workers.monitor.timeout_report(missing, self.pids)
-        self._workers.kill()
-        waiting = [r for r in missing if r not in named]
-        raise RpcTimeoutError(named, timeout, what, waiting, detail)
-
-    def _stuck(self, stall: Stall, pending: list[int]) -> NoReturn:
-        """Stop every worker and raise the stuck rank's :class:`WorkerStuckError`."""
-        error = self._workers.monitor.stuck_error(stall, pending, self.pids)
-        self._workers.kill()
-        logger.error("%s", error)
-        raise error
-
-    def _died(self, rank: int, detail: str) -> NoReturn:
-        """Stop every worker and raise :class:`WorkerDiedError` (or a shut-down error)."""
-        closing = self._workers.closed
-        exitcode = None
-        if rank < len(self._workers.procs):
-            kill_group(self._workers.procs[rank].pid)  # what it started
-            exitcode = self._workers.exit_code(rank, wait_s=1.0)
-            if exitcode is None:
-                detail += " (its exit code is unknown: the fork server that started it is gone)"
-        self._workers.kill()
-        if closing:
-            raise ExecutorError(f"the Executor was shut down {detail}")
-        raise WorkerDiedError(rank, exitcode, f"{detail}; every other worker has been stopped")
 
     # Life cycle ----------------------------------------------------------------------
 
@@ -422,15 +281,6 @@ class Executor:
     def __repr__(self) -> str:
         state = "closed" if self._workers.closed else f"pids={self._workers.pids()}"
         return f"Executor({self.parallel.describe()}, devices={self.devices}, {state})"
-
-
-def _verdict(answers: dict[int, Answer], context: str) -> dict[int, Any]:
-    """The answers of a call or start-up when none is an error; else the
-    :class:`RemoteError` of the ranks that raised (``context`` says where)."""
-    failures = {r: a.error for r, a in answers.items() if isinstance(a, ErrorReply)}
-    if failures:
-        raise remote_error(failures, context)
-    return answers
 
 
 def _worker_env(env: Mapping[str, str] | None, world_size: int) -> dict[str, str]:
