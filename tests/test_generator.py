@@ -24,7 +24,7 @@ from vidpar.pipelines import (
     read_video,
     to_uint8_frames,
 )
-from vidpar.pipelines.generator import _export_from_directory
+from vidpar.pipelines.dit_weights import _export_from_directory
 from vidpar.pipelines.generator_worker import dp_slice
 
 CONFIG = DiTConfig(
