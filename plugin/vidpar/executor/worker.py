@@ -33,6 +33,7 @@ from vidpar.executor.orphans import guard_against_orphaning, kill_own_group, lea
 from vidpar.executor.start_method import CallerState
 from vidpar.executor.wire import (
     STARTUP_SEQ,
+    Answer,
     Channel,
     ErrorReply,
     ExceptionInfo,
@@ -240,9 +241,10 @@ class Worker:
                     continue
                 if isinstance(request, Shutdown):
                     return
-                answer, what = self._run(request), f"the result of {request.name}"
+                name = request.name
+                answer = self._run(request, name)
                 del request  # its tensors are freed before the answer is encoded
-                send_answer(channel, answer, what)
+                send_answer(channel, answer, name)
         except (EOFError, OSError):  # the Executor hung up
             return
 
@@ -257,9 +259,9 @@ class Worker:
             )
         return getattr(self, method)
 
-    def _run(self, request: Request) -> Reply | ErrorReply:
-        """Run one request; its answer."""
-        liveness.begin_rpc(request.name)
+    def _run(self, request: Request, name: str) -> Reply | ErrorReply:
+        """Run one request (``name``: its method's); its answer."""
+        liveness.begin_rpc(name)
         try:
             return Reply(
                 request.seq, self._resolve(request.method)(*request.args, **request.kwargs)
@@ -270,12 +272,14 @@ class Worker:
             liveness.begin_rpc("")
 
 
-def send_answer(channel: Channel, answer: Ready | Reply | ErrorReply, what: str = "") -> None:
-    """Send ``answer``; when its value (``what``) cannot be pickled, the error that says so."""
+def send_answer(channel: Channel, answer: Answer, method: str = "") -> None:
+    """Send ``answer``; when the value that ``method`` returned cannot be pickled, the
+    error that says so."""
     try:
         frame, fd = encode(answer)
     except BaseException as exc:
-        error = pickle.PicklingError(f"{what or 'the answer'} could not be sent back: {exc!r}")
+        what = f"the result of {method}" if method else "the answer"
+        error = pickle.PicklingError(f"{what} could not be sent back: {exc!r}")
         error.__cause__ = exc
         frame, fd = encode(ErrorReply(answer.seq, ExceptionInfo.of(error)))
     try:
