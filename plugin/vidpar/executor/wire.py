@@ -2,8 +2,8 @@
 
 The parent sends :class:`Request` (one RPC) and :class:`Shutdown`; a worker answers a
 request with :class:`Reply` or :class:`ErrorReply` and its start-up with :class:`Ready` or
-:class:`ErrorReply`. Every message is one ``Connection.send_bytes`` frame. Its first byte holds flags. Without
-``_FLAG_FD`` the rest is a pickle. With it, a segment table follows and one file descriptor
+:class:`ErrorReply`. Every message is one ``Connection.send_bytes`` frame. Its first byte
+holds flags. Without ``_FLAG_FD`` the rest is a pickle of ``(tag, *fields)``. With it, a segment table follows and one file descriptor
 (a ``memfd``) is passed right after the frame over the same Unix socket; large buffers
 (tensors, numpy arrays; and the pickle itself when it is large) live in that shared memory,
 written once by the sender and mapped copy-on-write by each receiver. A request broadcast
