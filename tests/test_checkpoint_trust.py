@@ -32,7 +32,7 @@ from vidpar.distributed.checkpoint import (
 )
 from vidpar.distributed.full_weights import export_full_checkpoint
 from vidpar.lightning import VideoDiffusionModule
-from vidpar.pipelines.generator import checkpoint_weights
+from vidpar.pipelines.dit_weights import checkpoint_weights
 from vidpar.resources import CONFIG_DIR
 
 

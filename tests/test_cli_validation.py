@@ -23,7 +23,7 @@ from vidpar.cli.validation import check_generate_request, check_train_config
 from vidpar.distributed.checkpoint import is_complete
 from vidpar.models.testing import make_tiny_latents, make_tiny_wan
 from vidpar.nn.dit import DiTConfig, VideoDiT
-from vidpar.pipelines.generator import export_weights
+from vidpar.pipelines.dit_weights import export_weights
 from vidpar.resources import CONFIG_DIR
 
 # vidpar-train ----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from vidpar.distributed.checkpoint import TRAINER_STATE
 from vidpar.distributed.full_weights import load_full_weights, read_hyper_parameters
 from vidpar.nn import VideoDiT
 from vidpar.pipelines import FlowMatchEulerSampler, read_model_info
-from vidpar.pipelines.generator import checkpoint_weights
+from vidpar.pipelines.dit_weights import checkpoint_weights
 from vidpar.resources import CONFIG_DIR
 
 register()

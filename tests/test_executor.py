@@ -20,6 +20,7 @@ from vidpar.executor import (
     Worker,
     rpc,
 )
+from vidpar.executor.worker import rpc_names
 
 #: Generous: the machine is small and shared; latency is measured separately.
 START = 120.0
@@ -269,6 +270,16 @@ def test_missing_method_and_unpicklable_values(executor):
     assert info.value.exc_type == "TypeError"
     assert executor.collective_rpc("ping", timeout=CALL) == [0, 1]
     assert executor.is_alive
+
+
+def test_shutdown_is_the_executors_not_an_rpc(executor):
+    """One door: ``collective_rpc("shutdown")`` is refused (nothing is sent, the workers
+    stay up) and points at ``Executor.shutdown()``; workers offer no shutdown RPC."""
+    with pytest.raises(ValueError, match=r"Executor\.shutdown\(\)"):
+        executor.collective_rpc("shutdown")
+    assert "shutdown" not in rpc_names(_TestWorker)
+    assert executor.is_alive
+    assert executor.collective_rpc("ping", timeout=CALL) == [0, 1]
 
 
 # GPU ---------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from vidpar.pipelines import (
     read_video,
     to_uint8_frames,
 )
-from vidpar.pipelines.generator import _dp_slice, _export_from_directory
+from vidpar.pipelines.dit_weights import _export_from_directory
+from vidpar.pipelines.generator_worker import dp_slice
 
 CONFIG = DiTConfig(
     in_channels=3,
@@ -174,7 +175,7 @@ def test_dp_replicas_share_the_videos_evenly() -> None:
     dp=2 gives the single worker's videos; a world per case is too slow for the suite)."""
     for num_items in range(7):
         for dp in (1, 2, 3, 4):
-            shares = [list(range(num_items))[_dp_slice(num_items, dp, r)] for r in range(dp)]
+            shares = [list(range(num_items))[dp_slice(num_items, dp, r)] for r in range(dp)]
             assert [i for share in shares for i in share] == list(range(num_items))
             assert max(map(len, shares)) - min(map(len, shares)) <= 1
 

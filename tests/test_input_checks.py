@@ -24,7 +24,7 @@ from vidpar.data.latents import LatentsFileError
 from vidpar.models.testing import make_tiny_latents, make_tiny_wan
 from vidpar.nn.dit import DiTConfig, VideoDiT
 from vidpar.pipelines import VideoGenerator
-from vidpar.pipelines.generator import export_weights
+from vidpar.pipelines.dit_weights import export_weights
 from vidpar.resources import CONFIG_DIR
 
 

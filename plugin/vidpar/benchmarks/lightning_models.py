@@ -226,4 +226,4 @@ def restore_worker_environment(worker) -> None:
     worker's rendezvous variables back before the next Trainer."""
     from vidpar.executor.worker import worker_environment
 
-    os.environ.update(worker_environment(worker.spec))
+    os.environ.update(worker_environment(worker.spec, worker.rank))

@@ -102,7 +102,8 @@ def read_checkpoint_model(
 ) -> tuple[Path, DiTConfig, dict[str, Any]]:
     """The weights file, DiT config and training-data facts of ``checkpoint``, checked to
     be a model that ``VideoGenerator`` can sample with ``layout``."""
-    from vidpar.pipelines.generator import check_generatable, checkpoint_weights, read_model_info
+    from vidpar.pipelines.dit_weights import checkpoint_weights, read_model_info
+    from vidpar.pipelines.generator import check_generatable
 
     try:
         weights = checkpoint_weights(checkpoint, trust=trust)

@@ -2,66 +2,76 @@
 
 from __future__ import annotations
 
-import contextlib
-import pickle
 import signal
-from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+from vidpar.executor.wire import ExceptionInfo
 
 
 class ExecutorError(RuntimeError):
     """Base class of the Executor's errors."""
 
 
-class RemoteError(ExecutorError):
+class _FieldsError(ExecutorError):
+    """An error that is a dataclass of what it reports: its message is made from its
+    fields (:meth:`describe`), and it pickles as them."""
+
+    def __post_init__(self) -> None:
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def __reduce__(self):
+        return (type(self), tuple(getattr(self, f.name) for f in fields(self)))
+
+
+@dataclass(eq=False, repr=False)
+class RemoteError(_FieldsError):
     """An exception raised inside a worker.
 
     ``rank``, ``exc_type`` (the exception's type name), ``remote_traceback`` (its formatted
     traceback), ``exception`` (the original exception when it could be unpickled here, else
-    ``None``) and ``errors`` (every failing rank's :class:`RemoteError` of the same call).
+    ``None``; not pickled on) and ``errors`` (every failing rank's :class:`RemoteError` of
+    the same call).
     """
 
-    def __init__(
-        self,
-        rank: int,
-        exc_type: str,
-        message: str,
-        remote_traceback: str,
-        exception: BaseException | None = None,
-        note: str = "",
-    ) -> None:
-        self.rank = rank
-        self.exc_type = exc_type
-        self.message = message
-        self.remote_traceback = remote_traceback
-        self.exception = exception
-        self.note = note
-        self.errors: dict[int, RemoteError] = {rank: self}
-        text = f"rank {rank} raised {exc_type}: {message}"
-        if note:
-            text += f"\n{note}"
-        super().__init__(f"{text}\n--- remote traceback (rank {rank}) ---\n{remote_traceback}")
+    rank: int
+    exc_type: str
+    message: str
+    remote_traceback: str
+    exception: BaseException | None = None
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        self.errors: dict[int, RemoteError] = {self.rank: self}
+        super().__post_init__()
+
+    def describe(self) -> str:
+        text = f"rank {self.rank} raised {self.exc_type}: {self.message}"
+        if self.note:
+            text += f"\n{self.note}"
+        return f"{text}\n--- remote traceback (rank {self.rank}) ---\n{self.remote_traceback}"
 
     def __reduce__(self):
-        return (
-            type(self),
-            (self.rank, self.exc_type, self.message, self.remote_traceback, None, self.note),
-        )
+        cls, args = super().__reduce__()
+        return cls, (*args[:4], None, self.note)
 
 
-class WorkerDiedError(ExecutorError):
+@dataclass(eq=False, repr=False)
+class WorkerDiedError(_FieldsError):
     """A worker process ended unexpectedly; the Executor has stopped the others."""
 
-    def __init__(self, rank: int, exitcode: int | None, detail: str = "") -> None:
-        self.rank = rank
-        self.exitcode = exitcode
-        self.detail = detail
-        super().__init__(_death_message(rank, exitcode, detail))
+    rank: int
+    exitcode: int | None
+    detail: str = ""
 
-    def __reduce__(self):
-        return (type(self), (self.rank, self.exitcode, self.detail))
+    def describe(self) -> str:
+        return _death_message(self.rank, self.exitcode, self.detail)
 
 
-class RpcTimeoutError(ExecutorError, TimeoutError):
+@dataclass(eq=False, repr=False)
+class RpcTimeoutError(_FieldsError, TimeoutError):
     """Some workers did not answer in time; the Executor has been shut down.
 
     ``ranks`` are the ranks that stopped responding (no heartbeat, or a stopped process)
@@ -70,81 +80,66 @@ class RpcTimeoutError(ExecutorError, TimeoutError):
     ``detail`` what was seen of ``ranks`` (state, activity, Python stacks).
     """
 
-    def __init__(
-        self,
-        ranks: Sequence[int],
-        timeout: float,
-        what: str,
-        waiting: Sequence[int] = (),
-        detail: str = "",
-    ) -> None:
-        self.ranks = list(ranks)
-        self.timeout = timeout
-        self.what = what
-        self.waiting = list(waiting)
-        self.detail = detail
+    ranks: list[int]
+    timeout: float
+    what: str
+    waiting: list[int] = field(default_factory=list)
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        self.ranks, self.waiting = list(self.ranks), list(self.waiting)
+        super().__post_init__()
+
+    def describe(self) -> str:
         text = (
-            f"{what}: ranks {self.ranks} did not answer within {timeout:g} s; they are "
-            "considered stuck and every worker has been stopped"
+            f"{self.what}: ranks {self.ranks} did not answer within {self.timeout:g} s; they "
+            "are considered stuck and every worker has been stopped"
         )
         if self.waiting:
             text += f" (ranks {self.waiting} were still busy too, waiting for them?)"
-        super().__init__(f"{text}\n{detail}" if detail else text)
-
-    def __reduce__(self):
-        return (type(self), (self.ranks, self.timeout, self.what, self.waiting, self.detail))
+        return f"{text}\n{self.detail}" if self.detail else text
 
 
-class WorkerStuckError(ExecutorError, TimeoutError):
+@dataclass(eq=False, repr=False)
+class WorkerStuckError(_FieldsError, TimeoutError):
     """A worker stopped making progress (no heartbeat for the liveness timeout while none
     of its threads ran or waited for a CPU); the Executor has stopped every worker.
 
     ``rank``, ``pid``, ``silent_s`` (seconds without a heartbeat), ``state`` (what its
-    process was doing), ``activity`` (the RPC and training step it was in) and ``stacks``
-    (its Python stacks, dumped by ``faulthandler``; empty if it could not dump them).
+    process was doing), ``activity`` (the RPC and training step it was in), ``stacks``
+    (its Python stacks, dumped by ``faulthandler``; empty if it could not dump them) and
+    ``others`` (what the other pending ranks were doing).
     """
 
-    def __init__(
-        self,
-        rank: int,
-        pid: int,
-        silent_s: float,
-        state: str,
-        activity: str,
-        stacks: str,
-        others: str = "",
-    ) -> None:
-        self.rank = rank
-        self.pid = pid
-        self.silent_s = silent_s
-        self.state = state
-        self.activity = activity
-        self.stacks = stacks
-        self.others = others
+    rank: int
+    pid: int
+    silent_s: float
+    state: str
+    activity: str
+    stacks: str
+    others: str = ""
+
+    def describe(self) -> str:
         text = (
-            f"worker rank {rank} (pid {pid}) is stuck: no heartbeat for {silent_s:.0f} s and "
-            f"its process is {state}; it was {activity}. Every worker has been stopped."
+            f"worker rank {self.rank} (pid {self.pid}) is stuck: no heartbeat for "
+            f"{self.silent_s:.0f} s and its process is {self.state}; it was {self.activity}. "
+            "Every worker has been stopped."
         )
-        if others:
-            text += f"\nThe other ranks were: {others}"
-        dump = stacks.strip() or "(it did not dump them)"
-        super().__init__(f"{text}\n--- Python stacks of rank {rank} ---\n{dump}")
-
-    def __reduce__(self):
-        args = (self.rank, self.pid, self.silent_s, self.state, self.activity, self.stacks)
-        return (type(self), (*args, self.others))
+        if self.others:
+            text += f"\nThe other ranks were: {self.others}"
+        dump = self.stacks.strip() or "(it did not dump them)"
+        return f"{text}\n--- Python stacks of rank {self.rank} ---\n{dump}"
 
 
-def remote_error(failures: dict[int, tuple], context: str) -> RemoteError:
-    """One :class:`RemoteError` for the error replies of a call (the lowest rank's, the
+def remote_error(failures: dict[int, ExceptionInfo], context: str) -> RemoteError:
+    """One :class:`RemoteError` for what the ranks of a call raised (the lowest rank's, the
     others in ``.errors``)."""
-    errors = {}
-    for rank, (_, _, exc_type, message, text, pickled) in sorted(failures.items()):
-        exception = None
-        if pickled is not None:
-            with contextlib.suppress(Exception):
-                exception = pickle.loads(pickled)
-        errors[rank] = RemoteError(rank, exc_type, message, text, exception, context)
+    errors = {
+        rank: RemoteError(
+            rank, info.exc_type, info.message, info.traceback, info.exception(), context
+        )
+        for rank, info in sorted(failures.items())
+    }
     first = next(iter(errors.values()))
     if len(errors) > 1:
         others = ", ".join(f"{r} ({e.exc_type})" for r, e in errors.items() if e is not first)

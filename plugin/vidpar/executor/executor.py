@@ -2,7 +2,7 @@
 
 The parent keeps one duplex pipe per worker. A call encodes its request once
 (:func:`~vidpar.executor.wire.encode`), writes the same frame to every chosen worker, then
-waits with ``poll`` on the chosen workers' pipes together with *every* worker's pidfd
+waits (:mod:`~vidpar.executor.answers`) with ``poll`` on the chosen workers' pipes together with *every* worker's pidfd
 (:mod:`~vidpar.executor.processes`), so a worker that dies is noticed at once even while a
 call is in flight, and reads the workers' heartbeats (:mod:`~vidpar.executor.liveness`)
 every second or so, so a worker that stops making progress is named (with its Python
@@ -16,46 +16,32 @@ worker and the processes they started (politely where they can still listen, by
 from __future__ import annotations
 
 import atexit
-import logging
 import os
-import select
 import threading
-import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import timedelta
+from typing import Any
 
 from vidpar.config import ParallelConfig
-from vidpar.executor.errors import (
-    ExecutorError,
-    RpcTimeoutError,
-    WorkerDiedError,
-    remote_error,
-)
-from vidpar.executor.liveness import Stall
-from vidpar.executor.orphans import kill_group
+from vidpar.executor.answers import STARTUP, gather, verdict, worker_died
+from vidpar.executor.errors import ExecutorError
 from vidpar.executor.processes import SHUTDOWN_GRACE_S, WorkerProcesses, resolve_devices
 from vidpar.executor.rendezvous import loopback_sockets_env, loopback_store
-from vidpar.executor.wire import encode
+from vidpar.executor.wire import STARTUP_SEQ, Ready, Request, encode
 from vidpar.executor.worker import Worker, WorkerSpec
-
-logger = logging.getLogger(__name__)
 
 #: Seconds the other ranks of a call get to answer once one rank has raised.
 ERROR_GRACE_S = 1.5
 #: Seconds without a heartbeat after which a worker that is not busy is stuck.
 HEARTBEAT_TIMEOUT_S = 60.0
-_STARTUP_HINT = (
-    " (its output above says why; a script that starts an Executor needs an "
-    "`if __name__ == '__main__':` guard)"
-)
 
 
 class Executor:
-    """Runs one :class:`~vidpar.executor.Worker` process per rank of ``config``.
+    """Runs one :class:`~vidpar.executor.Worker` process per rank of ``parallel``.
 
     Args:
-        config: the parallel layout; ``config.world_size`` workers are started.
+        parallel: the parallel layout; ``parallel.world_size`` workers are started.
         worker_factory: ``worker_factory(worker)`` builds the payload (``worker.model``) in
             each worker after the parallel state is set up; must be picklable (a
             module-level function or class). ``None``: no payload.
@@ -68,8 +54,8 @@ class Executor:
             store, which ``env://`` joins as a client), ``RANK``, ``LOCAL_RANK``,
             ``WORLD_SIZE`` and set the device, for code that joins torch.distributed itself.
         communicator: passed to ``initialize_model_parallel``.
-        dist_timeout_s: torch.distributed's collective timeout in the workers (``None``:
-            torch's default).
+        dist_timeout: torch.distributed's collective timeout in the workers, a
+            ``datetime.timedelta`` as torch takes it (``None``: torch's default).
         worker_cls: a :class:`Worker` subclass (module-level) with more RPCs.
         startup_timeout: seconds to wait for every worker to report ready.
         error_grace_s: once a rank has raised, seconds the other ranks of the call get to
@@ -87,7 +73,8 @@ class Executor:
             (:func:`vidpar.executor.liveness.stop_requested`) instead of dying, so a
             training loop can save and stop (SLURM signals every process of a job).
 
-    Start-up failures raise :class:`RemoteError` (the failing rank's traceback),
+    :attr:`spec` (a :class:`~vidpar.executor.WorkerSpec`) is what every worker starts
+    with; :attr:`parallel` and :attr:`devices` read it. Start-up failures raise :class:`RemoteError` (the failing rank's traceback),
     :class:`WorkerDiedError` or :class:`RpcTimeoutError` and leave no process behind. Unless
     ``OMP_NUM_THREADS`` is set, each worker gets ``cpu_count // world_size`` threads. Each
     worker leads a process group of its own: what it starts dies with it, and with this
@@ -98,10 +85,10 @@ class Executor:
 
     def __init__(
         self,
-        config: ParallelConfig,
+        parallel: ParallelConfig,
         worker_factory: Callable[[Worker], Any] | None = None,
         devices: str | Sequence[str] | None = "auto",
-        env: dict[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
         init_distributed: bool = True,
         communicator: str = "auto",
         *,
@@ -109,31 +96,15 @@ class Executor:
         startup_timeout: float = 300.0,
         error_grace_s: float = ERROR_GRACE_S,
         master_addr: str = "127.0.0.1",
-        dist_timeout_s: float | None = None,
+        dist_timeout: timedelta | None = None,
         heartbeat_timeout_s: float | None = HEARTBEAT_TIMEOUT_S,
         catch_sigterm: bool = False,
     ) -> None:
-        self.config = config
-        self.dist_timeout_s = dist_timeout_s
-        self.world_size = config.world_size
-        self.devices = resolve_devices(devices, self.world_size)
-        self.init_distributed = init_distributed
+        devices = tuple(resolve_devices(devices, parallel.world_size))
         self.error_grace_s = error_grace_s
-        self.heartbeat_timeout_s = heartbeat_timeout_s
-        self.catch_sigterm = catch_sigterm
-        self._env = {str(k): str(v) for k, v in (env or {}).items()}
-        defaults = {
-            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // self.world_size)),
-            **loopback_sockets_env(),  # the world is on this host: no other may reach it
-        }
-        for key, value in defaults.items():
-            if key not in os.environ and key not in self._env:
-                self._env[key] = value
-        self.startup_timeout = startup_timeout
         self.pids: list[int] = []
         self._lock = threading.RLock()
-        self._seq = 0
-        self._exit_ranks: dict[int, int] = {}
+        self._seq = STARTUP_SEQ
         self._workers = WorkerProcesses()
         atexit.register(self._workers.stop)
         # Stops the workers if the Executor is garbage-collected; at interpreter exit the
@@ -141,10 +112,36 @@ class Executor:
         self._finalizer = weakref.finalize(self, self._workers.stop)
         self._finalizer.atexit = False
         try:
-            self._start(worker_cls, worker_factory, communicator, master_addr)
+            self._store = loopback_store(master_addr)
+            self.spec = WorkerSpec(
+                parallel=parallel,
+                devices=devices,
+                store_host=master_addr,
+                store_port=self._store.port,
+                init_distributed=init_distributed,
+                communicator=communicator,
+                dist_timeout=dist_timeout,
+                env=_worker_env(env, parallel.world_size),
+                parent_pid=os.getpid(),
+                # The death signal fires when the spawning *thread* ends: only trust the
+                # main thread; elsewhere the worker's watchdog (and the reaper) does the job.
+                use_death_signal=threading.current_thread() is threading.main_thread(),
+                catch_sigterm=catch_sigterm,
+            )
+            self._start(worker_cls, worker_factory, startup_timeout, heartbeat_timeout_s)
         except BaseException:
             self._finalizer.detach()
             raise
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        """The layout the workers run."""
+        return self.spec.parallel
+
+    @property
+    def devices(self) -> list[str]:
+        """Each rank's device."""
+        return list(self.spec.devices)
 
     # Start-up ------------------------------------------------------------------------
 
@@ -152,46 +149,22 @@ class Executor:
         self,
         worker_cls: type[Worker],
         worker_factory: Callable[[Worker], Any] | None,
-        communicator: str,
-        master_addr: str,
+        startup_timeout: float,
+        heartbeat_timeout_s: float | None,
     ) -> None:
-        self._store = loopback_store(master_addr)
-        # The death signal fires when the spawning *thread* ends: only trust the main
-        # thread; elsewhere the worker's watchdog (and the reaper's poll) does the job.
-        main_thread = threading.current_thread() is threading.main_thread()
-        base = WorkerSpec(
-            rank=0,
-            local_rank=0,
-            world_size=self.world_size,
-            device="cpu",
-            config=self.config,
-            store_host=master_addr,
-            store_port=self._store.port,
-            init_distributed=self.init_distributed,
-            communicator=communicator,
-            timeout_s=self.dist_timeout_s,
-            env=self._env,
-            parent_pid=os.getpid(),
-            use_death_signal=main_thread,
-            catch_sigterm=self.catch_sigterm,
-        )
         workers = self._workers
         try:
-            workers.spawn(base, self.devices, worker_cls, worker_factory, self.heartbeat_timeout_s)
-            self._exit_ranks = {fd: r for r, fd in enumerate(workers.exit_fds)}
+            workers.spawn(self.spec, worker_cls, worker_factory, heartbeat_timeout_s)
             # One failed rank fails the start at once: the others may wait for it forever.
-            everyone = list(range(self.world_size))
-            replies = self._gather(
-                everyone, self.startup_timeout, "start-up", error_grace=0.0, watch=False
+            everyone = list(range(self.spec.world_size))
+            answers = gather(
+                workers, [], everyone, STARTUP_SEQ, STARTUP, startup_timeout, 0.0, watch=False
             )
+            ready: dict[int, Ready] = verdict(answers, "failed to start")
         except BaseException:
             workers.kill()
             raise
-        failures = {r: m for r, m in replies.items() if m[0] == "error"}
-        if failures:
-            workers.kill()
-            raise remote_error(failures, "failed to start")
-        self.pids = [m[2]["pid"] for _, m in sorted(replies.items())]
+        self.pids = [ready[r].pid for r in everyone]
 
     # Calls ---------------------------------------------------------------------------
 
@@ -208,173 +181,75 @@ class Executor:
         ``method`` is a :class:`Worker` method name or a picklable callable called as
         ``method(worker, *args, **kwargs)``. ``ranks`` chooses some workers (results come
         in ascending rank order). Tensors cross as CPU tensors through shared memory.
+        ``"shutdown"`` is no RPC: :meth:`shutdown` stops the workers.
 
         Raises :class:`RemoteError` when a worker raised (the Executor stays usable when
         every chosen rank answered), :class:`WorkerDiedError` when a worker died and
         :class:`RpcTimeoutError` (a ``TimeoutError``) when ranks did not answer within
         ``timeout`` seconds; after those two the Executor is shut down.
         """
+        if isinstance(method, str) and method == "shutdown":
+            raise ValueError(
+                "collective_rpc('shutdown') is not an RPC: call Executor.shutdown(), which "
+                "stops every worker (politely, then by force)"
+            )
         targets = self._targets(ranks)
-        what = method if isinstance(method, str) else getattr(method, "__qualname__", "callable")
-        what = f"collective_rpc({what!r})"
-        if method == "shutdown":
-            self.shutdown()
-            return [None] * len(targets)
         with self._lock:
             self._check_open()
             self._seq += 1
-            frame, fd = encode((self._seq, method, args, kwargs))  # nothing sent if this fails
+            request = Request(self._seq, method, args, kwargs)
+            what = f"collective_rpc({request.name!r})"
+            self._send(request, targets, what)
             try:
-                channels = self._workers.channels
-                for rank in targets:
-                    try:
-                        channels[rank].send_encoded(frame, fd)
-                    except OSError as exc:
-                        self._died(rank, f"while {what} was being sent ({exc})")
-            except BaseException:
-                self._workers.kill()
-                raise
-            finally:
-                if fd is not None:
-                    os.close(fd)
-            try:
-                replies = self._gather(targets, timeout, what, seq=self._seq)
+                answers = gather(
+                    self._workers,
+                    self.pids,
+                    targets,
+                    request.seq,
+                    what,
+                    timeout,
+                    self.error_grace_s,
+                )
             except (ExecutorError, TimeoutError):
                 raise
-            except BaseException:  # e.g. KeyboardInterrupt: replies are pending, so stop
+            except BaseException:  # e.g. KeyboardInterrupt: answers are pending, so stop
                 self._workers.kill()
                 raise
-        failures = {r: m for r, m in replies.items() if m[0] == "error"}
-        if failures:
-            raise remote_error(failures, f"in {what}")
-        return [replies[r][2] for r in targets]
+        answers = verdict(answers, f"in {what}")
+        return [answers[r].value for r in targets]
 
     def _targets(self, ranks: Iterable[int] | None) -> list[int]:
+        world_size = self.spec.world_size
         if ranks is None:
-            return list(range(self.world_size))
+            return list(range(world_size))
         given = list(ranks)
         if len(set(given)) != len(given) or any(
-            not isinstance(r, int) or not 0 <= r < self.world_size for r in given
+            not isinstance(r, int) or not 0 <= r < world_size for r in given
         ):
-            raise ValueError(
-                f"ranks must be distinct integers in [0, {self.world_size}), got {given}"
-            )
+            raise ValueError(f"ranks must be distinct integers in [0, {world_size}), got {given}")
         return sorted(given)
 
     def _check_open(self) -> None:
         if self._workers.closed:
             raise ExecutorError("the Executor has been shut down")
 
-    def _gather(
-        self,
-        ranks: list[int],
-        timeout: float | None,
-        what: str,
-        error_grace: float | None = None,
-        seq: int = -1,
-        watch: bool = True,
-    ) -> dict[int, tuple]:
-        """One reply from each of ``ranks``, watching every worker's end and (with
-        ``watch``) the pending ranks' heartbeats meanwhile.
-
-        After the first error reply the others get ``error_grace`` s (default
-        ``self.error_grace_s``); if some are still silent then, every worker is stopped.
-        """
-        error_grace = self.error_grace_s if error_grace is None else error_grace
-        channels = self._workers.channels
-        monitor = self._workers.monitor
-        pending = {channels[r].fileno(): r for r in ranks}
-        ended = self._exit_ranks
-        poller = select.poll()
-        for fd in (*pending, *ended):
-            poller.register(fd, select.POLLIN)
-        replies: dict[int, tuple] = {}
-        now = time.monotonic()
-        deadline = None if timeout is None else now + timeout
-        error_deadline = None
-        watch = watch and monitor.timeout is not None
-        next_look = now + monitor.interval if watch else None
-        monitor.watch(ranks)
-        while pending:
-            limits = [d for d in (deadline, error_deadline) if d is not None]
-            wait_ms = -1
-            if limits:
-                remaining = min(limits) - time.monotonic()
-                if remaining <= 0:
-                    break
-                wait_ms = max(1, int(remaining * 1000) + 1)
-            if next_look is not None:
-                look_ms = max(1, int((next_look - time.monotonic()) * 1000) + 1)
-                wait_ms = look_ms if wait_ms < 0 else min(wait_ms, look_ms)
-            for fd, _ in poller.poll(wait_ms):
-                if fd in ended:
-                    hint = _STARTUP_HINT if what == "start-up" else ""
-                    self._died(ended[fd], f"during {what}{hint}")
-                rank = pending.pop(fd, None)
-                if rank is None:
-                    continue
-                poller.unregister(fd)
-                replies[rank] = reply = self._receive(rank, what)
-                if reply[1] not in (seq, -1):  # cannot happen unless the protocol broke
-                    self._workers.kill()
-                    raise ExecutorError(
-                        f"rank {rank} answered request {reply[1]} during {what} (request "
-                        f"{seq}); every worker has been stopped"
-                    )
-                if reply[0] == "error" and error_deadline is None:
-                    error_deadline = time.monotonic() + error_grace
-            if next_look is not None and time.monotonic() >= next_look and pending:
-                next_look = time.monotonic() + monitor.interval
-                stall = monitor.find_stuck(sorted(pending.values()), self.pids)
-                if stall is not None:
-                    self._stuck(stall, sorted(pending.values()))
-        if pending:
-            missing = sorted(pending.values())
-            failures = {r: m for r, m in replies.items() if m[0] == "error"}
-            if failures:
-                self._workers.kill()
-                if error_grace > 0:
-                    note = (
-                        f"ranks {missing} were still busy {error_grace:g} s later (stuck "
-                        "waiting for the failed rank?)"
-                    )
-                else:
-                    note = f"ranks {missing} had not answered yet"
-                raise remote_error(failures, f"in {what}; {note}, so every worker was stopped")
-            self._timed_out(missing, timeout, what)
-        return replies
-
-    def _timed_out(self, missing: list[int], timeout: float | None, what: str) -> None:
-        """Stop everything; raise :class:`RpcTimeoutError` naming the ranks gone silent."""
-        named, detail = self._workers.monitor.timeout_report(missing, self.pids)
-        self._workers.kill()
-        waiting = [r for r in missing if r not in named]
-        raise RpcTimeoutError(named, timeout, what, waiting, detail)
-
-    def _stuck(self, stall: Stall, pending: list[int]) -> None:
-        """Stop every worker and raise the stuck rank's :class:`WorkerStuckError`."""
-        error = self._workers.monitor.stuck_error(stall, pending, self.pids)
-        self._workers.kill()
-        logger.error("%s", error)
-        raise error
-
-    def _receive(self, rank: int, what: str) -> tuple:
-        reply = self._workers.receive(rank)
-        return reply if reply is not None else self._died(rank, f"during {what}")
-
-    def _died(self, rank: int, detail: str) -> NoReturn:
-        """Stop every worker and raise :class:`WorkerDiedError` (or a shut-down error)."""
-        closing = self._workers.closed
-        exitcode = None
-        if rank < len(self._workers.procs):
-            kill_group(self._workers.procs[rank].pid)  # what it started
-            exitcode = self._workers.exit_code(rank, wait_s=1.0)
-            if exitcode is None:
-                detail += " (its exit code is unknown: the fork server that started it is gone)"
-        self._workers.kill()
-        if closing:
-            raise ExecutorError(f"the Executor was shut down {detail}")
-        raise WorkerDiedError(rank, exitcode, f"{detail}; every other worker has been stopped")
+    def _send(self, request: Request, ranks: list[int], what: str) -> None:
+        """The same frame (and shared memory) to each of ``ranks``; nothing is sent when
+        the request cannot be encoded."""
+        frame, fd = encode(request)
+        try:
+            channels = self._workers.channels
+            for rank in ranks:
+                try:
+                    channels[rank].send_encoded(frame, fd)
+                except OSError as exc:
+                    worker_died(self._workers, rank, f"while {what} was being sent ({exc})")
+        except BaseException:
+            self._workers.kill()
+            raise
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     # Life cycle ----------------------------------------------------------------------
 
@@ -390,8 +265,10 @@ class Executor:
         return not self._workers.closed and all(self._workers.running())
 
     def shutdown(self, grace: float = SHUTDOWN_GRACE_S) -> None:
-        """Stop every worker (politely, then by force after ``grace`` s). Idempotent; also
-        runs at interpreter exit and when the Executor is garbage-collected."""
+        """Stop every worker: each is sent a :class:`~vidpar.executor.wire.Shutdown` and gets
+        ``grace`` s to release its payload and groups and leave, then is killed. The one way
+        to stop them; idempotent; also runs at interpreter exit and when the Executor is
+        garbage-collected."""
         self._workers.stop(grace)
         self._finalizer.detach()
 
@@ -403,4 +280,18 @@ class Executor:
 
     def __repr__(self) -> str:
         state = "closed" if self._workers.closed else f"pids={self._workers.pids()}"
-        return f"Executor({self.config.describe()}, devices={self.devices}, {state})"
+        return f"Executor({self.parallel.describe()}, devices={self.devices}, {state})"
+
+
+def _worker_env(env: Mapping[str, str] | None, world_size: int) -> dict[str, str]:
+    """The caller's ``env`` for the workers, with defaults unless this process or ``env``
+    sets them: an equal share of the CPUs' threads each, gloo and NCCL on loopback."""
+    worker_env = {str(k): str(v) for k, v in (env or {}).items()}
+    defaults = {
+        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world_size)),
+        **loopback_sockets_env(),  # the world is on this host: no other may reach it
+    }
+    for key, value in defaults.items():
+        if key not in os.environ and key not in worker_env:
+            worker_env[key] = value
+    return worker_env

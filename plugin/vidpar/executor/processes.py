@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -28,7 +27,7 @@ import torch
 from vidpar.executor.liveness import Monitor
 from vidpar.executor.orphans import kill_group, start_reaper
 from vidpar.executor.start_method import CallerState, main_script_runnable, worker_context
-from vidpar.executor.wire import Channel, decode, describe_exception, encode
+from vidpar.executor.wire import Answer, Channel, ErrorReply, ExceptionInfo, Shutdown
 from vidpar.executor.worker import Worker, WorkerSpec, worker_environment, worker_main
 
 logger = logging.getLogger(__name__)
@@ -131,36 +130,35 @@ class WorkerProcesses:
 
     def spawn(
         self,
-        base: WorkerSpec,
-        devices: list[str],
+        spec: WorkerSpec,
         worker_cls: type[Worker],
         worker_factory: Callable[[Worker], Any] | None,
         heartbeat_timeout_s: float | None,
     ) -> None:
-        """Start one worker per device (rank ``i`` on ``devices[i]``, the rest of its spec
-        from ``base``) with its liveness link, then the reaper."""
+        """Start one worker per rank of ``spec`` (rank ``r`` on ``spec.devices[r]``) with
+        its liveness link, then the reaper."""
         ctx = worker_context()
         caller = CallerState(forked=ctx.get_start_method() == "forkserver")
-        self.monitor = Monitor(ctx, len(devices), heartbeat_timeout_s)
-        for rank, device in enumerate(devices):
-            spec = dataclasses.replace(base, rank=rank, local_rank=rank, device=device)
+        self.monitor = Monitor(ctx, spec.world_size, heartbeat_timeout_s)
+        for rank in range(spec.world_size):
             parent_end, child_end = ctx.Pipe(duplex=True)
             proc = ctx.Process(
                 target=worker_main,
                 args=(
                     spec,
+                    rank,
                     child_end,
-                    self.monitor.link(spec.rank),
+                    self.monitor.link(rank),
                     caller,
                     worker_cls,
                     worker_factory,
                 ),
-                name=f"vidpar-worker-{spec.rank}",
+                name=f"vidpar-worker-{rank}",
                 daemon=False,  # workers may start processes of their own (data loaders)
             )
             # A forked worker takes its environment from ``caller``; the fork server, which
             # may start here, keeps the caller's own.
-            env = {} if caller.forked else worker_environment(spec)
+            env = {} if caller.forked else worker_environment(spec, rank)
             with spawn_environment(env), main_script_runnable():
                 proc.start()
             child_end.close()
@@ -171,20 +169,19 @@ class WorkerProcesses:
             self._pidfds.append(pidfd)
             self.exit_fds.append(proc.sentinel if pidfd is None else pidfd)
             self.channels.append(Channel(parent_end))
-        self.reaper = start_reaper(self.pids(), use_death_signal=base.use_death_signal)
+        self.reaper = start_reaper(self.pids(), use_death_signal=spec.use_death_signal)
 
-    def receive(self, rank: int) -> tuple | None:
-        """The next reply of ``rank`` (an error reply if it cannot be unpickled here);
-        ``None`` if its connection broke (it died)."""
+    def receive(self, rank: int) -> Answer | None:
+        """The next answer of ``rank`` (an :class:`ErrorReply` if it cannot be unpickled
+        here); ``None`` if its connection broke (it died)."""
         channel = self.channels[rank]
         try:
-            return decode(channel.conn.recv_bytes(), channel.sock)
+            return channel.recv()
         except (EOFError, OSError):
             return None
         except Exception as exc:  # e.g. the result's class cannot be imported here
-            name, message, text, _ = describe_exception(exc)
-            text = f"(the reply arrived but could not be unpickled in the caller)\n{text}"
-            return ("error", -1, name, message, text, None)
+            note = "(the reply arrived but could not be unpickled in the caller)"
+            return ErrorReply(None, ExceptionInfo.of(exc, note))
 
     def stop(self, grace: float = SHUTDOWN_GRACE_S) -> None:
         """Ask every worker to leave, wait up to ``grace`` s, then kill what remains.
@@ -195,11 +192,10 @@ class WorkerProcesses:
             self.closed = True
         atexit.unregister(self.stop)
         if grace > 0:
-            frame, fd = encode((0, "shutdown", (), {}))
             for running, channel in zip(self.running(), self.channels, strict=True):
                 if running:
                     with contextlib.suppress(OSError, ValueError):
-                        channel.send_encoded(frame, fd)
+                        channel.send(Shutdown())
         self._reap(grace)
 
     def kill(self) -> None:

@@ -1,7 +1,9 @@
-"""The Executor's wire format: frames over a pipe, bulk data through shared memory.
+"""The Executor's wire: its messages, as frames over a pipe, bulk data through shared memory.
 
-Every message is one ``Connection.send_bytes`` frame. Its first byte holds flags. Without
-``_FLAG_FD`` the rest is a pickle. With it, a segment table follows and one file descriptor
+The parent sends :class:`Request` (one RPC) and :class:`Shutdown`; a worker answers a
+request with :class:`Reply` or :class:`ErrorReply` and its start-up with :class:`Ready` or
+:class:`ErrorReply`. Every message is one ``Connection.send_bytes`` frame. Its first byte
+holds flags. Without ``_FLAG_FD`` the rest is a pickle of ``(tag, *fields)``. With it, a segment table follows and one file descriptor
 (a ``memfd``) is passed right after the frame over the same Unix socket; large buffers
 (tensors, numpy arrays; and the pickle itself when it is large) live in that shared memory,
 written once by the sender and mapped copy-on-write by each receiver. A request broadcast
@@ -23,8 +25,9 @@ import socket
 import struct
 import sys
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
@@ -38,6 +41,93 @@ _FLAG_BODY_IN_SHM = 2
 _COUNT = struct.Struct("<I")
 _SEGMENT = struct.Struct("<QQ")
 _HAS_MEMFD = hasattr(os, "memfd_create") and sys.platform.startswith("linux")
+
+
+# Messages ------------------------------------------------------------------------------
+
+#: The sequence number of a worker's start-up messages (requests count from 1).
+STARTUP_SEQ = 0
+
+
+class Request(NamedTuple):
+    """Run ``method`` (an RPC's name, or a callable taking the worker first) on a worker."""
+
+    seq: int
+    method: str | Callable[..., Any]
+    args: tuple
+    kwargs: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        """The method's name, for messages."""
+        method = self.method
+        return method if isinstance(method, str) else getattr(method, "__qualname__", "callable")
+
+
+class Shutdown(NamedTuple):
+    """Release the payload and the process groups, then end (no answer)."""
+
+
+class Ready(NamedTuple):
+    """A worker has started: its rank, process id and device."""
+
+    rank: int
+    pid: int
+    device: str
+    seq: int = STARTUP_SEQ
+
+
+class Reply(NamedTuple):
+    """The value request ``seq`` returned."""
+
+    seq: int
+    value: Any
+
+
+class ExceptionInfo(NamedTuple):
+    """An exception raised in a worker, as it crosses the wire: its type's name, message,
+    formatted traceback and, when it pickles, the exception itself."""
+
+    exc_type: str
+    message: str
+    traceback: str
+    pickled: bytes | None = None
+
+    @classmethod
+    def of(cls, exc: BaseException, note: str = "") -> ExceptionInfo:
+        try:
+            pickled = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            pickled = None
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return cls(type(exc).__name__, str(exc), f"{note}\n{text}" if note else text, pickled)
+
+    def exception(self) -> BaseException | None:
+        """The original exception, when it can be unpickled here."""
+        if self.pickled is None:
+            return None
+        try:
+            return pickle.loads(self.pickled)
+        except Exception:
+            return None
+
+
+class ErrorReply(NamedTuple):
+    """Request ``seq`` (``STARTUP_SEQ``: the start-up; ``None``: not known, as when the
+    request or the reply could not be unpickled) raised ``error``."""
+
+    seq: int | None
+    error: ExceptionInfo
+
+
+#: What a worker may answer.
+Answer = Ready | Reply | ErrorReply
+#: Every message, by the tag it crosses the wire with: a message is pickled as the plain
+#: tuple ``(tag, *fields)``, so no class is looked up by name on either side (that would
+#: cost a no-op RPC more than the rest of its pickling).
+MESSAGES: tuple[type, ...] = (Request, Shutdown, Ready, Reply, ErrorReply)
+_TAGS = {kind: tag for tag, kind in enumerate(MESSAGES)}
+Message = Request | Shutdown | Ready | Reply | ErrorReply
 
 
 def _rebuild_tensor(
@@ -91,8 +181,8 @@ def _write_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[written:], offset + written
 
 
-def encode(obj: Any) -> tuple[bytes, int | None]:
-    """One frame for ``obj`` and, when it carries bulk data, the memfd that holds it.
+def encode(message: Message) -> tuple[bytes, int | None]:
+    """One frame for ``message`` and, when it carries bulk data, the memfd that holds it.
 
     The caller sends the frame, then the descriptor (:meth:`Channel.send_encoded`) to as
     many receivers as it likes, and closes the descriptor afterwards.
@@ -117,7 +207,7 @@ def encode(obj: Any) -> tuple[bytes, int | None]:
 
     _Pickler(
         out, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=out_of_band if _HAS_MEMFD else None
-    ).dump(obj)
+    ).dump((_TAGS[type(message)], *message))
     if not buffers and (out.tell() <= INLINE_MAX_BYTES + 1 or not _HAS_MEMFD):
         return out.getvalue(), None
 
@@ -158,7 +248,7 @@ def _recv_fd(sock: socket.socket) -> int:
     return fds[0]
 
 
-def decode(frame: bytes, sock: socket.socket) -> Any:
+def decode(frame: bytes, sock: socket.socket) -> Message:
     """Inverse of :func:`encode`; reads the descriptor from ``sock`` when the frame says so.
 
     Shared memory is mapped copy-on-write: tensors are views of it (no copy), writes to
@@ -167,7 +257,7 @@ def decode(frame: bytes, sock: socket.socket) -> Any:
     view = memoryview(frame)
     flags = view[0]
     if not flags & _FLAG_FD:
-        return pickle.loads(view[1:])
+        return _message(pickle.loads(view[1:]))
     fd = _recv_fd(sock)
     try:
         (count,) = _COUNT.unpack_from(view, 1)
@@ -182,7 +272,12 @@ def decode(frame: bytes, sock: socket.socket) -> Any:
     segments = [memory[start : start + length] for start, length in table]
     in_shm = flags & _FLAG_BODY_IN_SHM
     body = segments.pop(0) if in_shm else view[5 + count * _SEGMENT.size :]
-    return pickle.loads(body, buffers=segments)
+    return _message(pickle.loads(body, buffers=segments))
+
+
+def _message(tagged: tuple) -> Message:
+    """The message of a decoded ``(tag, *fields)`` tuple."""
+    return tuple.__new__(MESSAGES[tagged[0]], tagged[1:])
 
 
 class Channel:
@@ -202,16 +297,16 @@ class Channel:
         if fd is not None:
             socket.send_fds(self.sock, [b"\x00"], [fd])
 
-    def send(self, obj: Any) -> None:
-        frame, fd = encode(obj)
+    def send(self, message: Message) -> None:
+        frame, fd = encode(message)
         try:
             self.send_encoded(frame, fd)
         finally:
             if fd is not None:
                 os.close(fd)
 
-    def recv(self) -> Any:
-        """The next object; ``EOFError`` when the other end has gone."""
+    def recv(self) -> Message:
+        """The next message; ``EOFError`` when the other end has gone."""
         return decode(self.conn.recv_bytes(), self.sock)
 
     def close(self) -> None:
@@ -219,13 +314,3 @@ class Channel:
             self.sock.close()
         with contextlib.suppress(OSError):
             self.conn.close()
-
-
-def describe_exception(exc: BaseException) -> tuple[str, str, str, bytes | None]:
-    """``(type name, message, traceback text, pickled exception or None)``."""
-    try:
-        pickled = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        pickled = None
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return type(exc).__name__, str(exc), text, pickled

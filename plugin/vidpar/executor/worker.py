@@ -18,9 +18,8 @@ import contextlib
 import os
 import pickle
 import signal
-import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from multiprocessing.connection import Connection
@@ -32,7 +31,19 @@ from vidpar.config import ParallelConfig
 from vidpar.executor import liveness
 from vidpar.executor.orphans import guard_against_orphaning, kill_own_group, lead_own_group
 from vidpar.executor.start_method import CallerState
-from vidpar.executor.wire import Channel, decode, describe_exception, encode
+from vidpar.executor.wire import (
+    STARTUP_SEQ,
+    Answer,
+    Channel,
+    ErrorReply,
+    ExceptionInfo,
+    Ready,
+    Reply,
+    Request,
+    Shutdown,
+    decode,
+    encode,
+)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _RPC_MARK = "__vidpar_rpc__"
@@ -50,25 +61,39 @@ def rpc_names(worker_cls: type) -> list[str]:
     return sorted(n for n in dir(worker_cls) if getattr(getattr(worker_cls, n), _RPC_MARK, False))
 
 
-@dataclass
+@dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a worker process is started with. ``store_host``/``store_port`` is the
-    Executor's rendezvous store (a TCPStore server held by the Executor's process)."""
+    """What every worker of one Executor starts with, built once by the Executor (and its
+    only copy): the layout ``parallel`` (resolved: its ``world_size`` workers run), rank
+    ``r``'s device ``devices[r]``, the rendezvous store ``store_host:store_port`` (a
+    TCPStore server held by the Executor's process), torch.distributed's collective
+    ``dist_timeout`` (``None``: torch's default) and how a worker guards its life."""
 
-    rank: int
-    local_rank: int
-    world_size: int
-    device: str
-    config: ParallelConfig
+    parallel: ParallelConfig
+    devices: tuple[str, ...]
     store_host: str
     store_port: int
     init_distributed: bool = True
     communicator: str = "auto"
-    timeout_s: float | None = None
-    env: dict[str, str] = field(default_factory=dict)
+    dist_timeout: timedelta | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
     parent_pid: int = 0
     use_death_signal: bool = True
     catch_sigterm: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.devices) != self.world_size:
+            raise ValueError(
+                f"{len(self.devices)} devices given for a world of size {self.world_size}"
+            )
+        if self.dist_timeout is not None and not isinstance(self.dist_timeout, timedelta):
+            raise TypeError(
+                f"dist_timeout must be a datetime.timedelta or None, got {self.dist_timeout!r}"
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.world_size
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
@@ -84,24 +109,31 @@ def _to_device(obj: Any, device: torch.device) -> Any:
 class Worker:
     """One process of the world, owning one device and a payload (usually a model).
 
-    Attributes: ``rank``, ``local_rank``, ``world_size``, ``device`` (a ``torch.device``),
-    ``config`` (the :class:`ParallelConfig`), ``state`` (the
+    Attributes: ``spec`` (the :class:`WorkerSpec` of every worker), ``rank`` (its local
+    rank too: the world is on one host), ``world_size``, ``device`` (a ``torch.device``),
+    ``parallel`` (the :class:`ParallelConfig`), ``state`` (the
     :class:`~vidpar.distributed.ParallelState` once the layout is built) and ``model``
     (what ``worker_factory(worker)`` returned, or ``None``). Methods marked :func:`rpc`
     are what ``executor.collective_rpc("name", ...)`` calls; subclass it (a module-level
-    class, passed as ``worker_cls``) to add RPCs.
+    class, passed as ``worker_cls``) to add RPCs, and extend :meth:`shutdown` to release
+    more.
     """
 
-    def __init__(self, spec: WorkerSpec) -> None:
+    def __init__(self, spec: WorkerSpec, rank: int) -> None:
         self.spec = spec
-        self.rank = spec.rank
-        self.local_rank = spec.local_rank
-        self.world_size = spec.world_size
-        self.device = torch.device(spec.device)
-        self.config = spec.config
+        self.rank = rank
+        self.device = torch.device(spec.devices[rank])
         self.state = None
         self.model: Any = None
-        self._stopping = False
+
+    @property
+    def world_size(self) -> int:
+        return self.spec.world_size
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        """The layout (resolved: the one the state is built from)."""
+        return self.spec.parallel
 
     # Start-up, called once by the worker process in this order ------------------------
 
@@ -118,24 +150,22 @@ class Worker:
         from vidpar.distributed import state as ps
 
         spec = self.spec
-        timeout = None if spec.timeout_s is None else timedelta(seconds=spec.timeout_s)
         store = dist.TCPStore(
             spec.store_host,
             spec.store_port,
             spec.world_size,
             is_master=False,
-            timeout=timeout or timedelta(minutes=5),
+            timeout=spec.dist_timeout or timedelta(minutes=5),
         )
         ps.init_distributed_environment(
             world_size=spec.world_size,
-            rank=spec.rank,
-            local_rank=(self.device.index or 0) if self.device.type == "cuda" else spec.local_rank,
+            rank=self.rank,
+            local_rank=(self.device.index or 0) if self.device.type == "cuda" else self.rank,
             backend="nccl" if self.device.type == "cuda" else "gloo",
-            timeout=timeout,
+            timeout=spec.dist_timeout,
             store=store,
         )
-        self.state = ps.initialize_model_parallel(spec.config, spec.communicator)
-        self.config = self.state.config
+        self.state = ps.initialize_model_parallel(spec.parallel, spec.communicator)
 
     def build(self, worker_factory: Callable[[Worker], Any] | None) -> None:
         """Build the payload through ``worker_factory(self)`` (``None``: no payload)."""
@@ -175,10 +205,11 @@ class Worker:
                 return model(*batch)
             return model(batch)
 
-    @rpc
+    # Shutdown ---------------------------------------------------------------------------
+
     def shutdown(self) -> None:
-        """Release the payload and the process groups; the event loop then ends."""
-        self._stopping = True
+        """Release the payload and the process groups (once, as the worker ends: after a
+        :class:`~vidpar.executor.wire.Shutdown`, a hang-up or a failed start)."""
         self.model = None
         if self.state is not None:
             from vidpar.distributed import state as ps
@@ -198,21 +229,24 @@ class Worker:
         return self.model
 
     def serve(self, channel: Channel) -> None:
-        """Answer requests ``(seq, method, args, kwargs)`` until shutdown or hang-up."""
-        conn, sock = channel.conn, channel.sock
-        while not self._stopping:
-            try:
-                frame = conn.recv_bytes()
-            except (EOFError, OSError):
-                break
-            frame, fd = self._handle(frame, sock)
-            try:
-                channel.send_encoded(frame, fd)
-            except OSError:
-                break
-            finally:
-                if fd is not None:
-                    os.close(fd)
+        """Answer each :class:`~vidpar.executor.wire.Request` until a
+        :class:`~vidpar.executor.wire.Shutdown` or a hang-up."""
+        try:
+            while True:
+                frame = channel.conn.recv_bytes()
+                try:
+                    request = decode(frame, channel.sock)
+                except BaseException as exc:  # e.g. a callable not importable here
+                    send_answer(channel, ErrorReply(None, ExceptionInfo.of(exc)))
+                    continue
+                if isinstance(request, Shutdown):
+                    return
+                name = request.name
+                answer = self._run(request, name)
+                del request  # its tensors are freed before the answer is encoded
+                send_answer(channel, answer, name)
+        except (EOFError, OSError):  # the Executor hung up
+            return
 
     def _resolve(self, method: str | Callable[..., Any]) -> Callable[..., Any]:
         if not isinstance(method, str):
@@ -225,30 +259,38 @@ class Worker:
             )
         return getattr(self, method)
 
-    def _handle(self, frame: bytes, sock: socket.socket) -> tuple[bytes, int | None]:
-        """Run one request; the encoded reply."""
-        seq, method = -1, "?"
+    def _run(self, request: Request, name: str) -> Reply | ErrorReply:
+        """Run one request (``name``: its method's); its answer."""
+        liveness.begin_rpc(name)
         try:
-            seq, method, args, kwargs = decode(frame, sock)
-            name = method if isinstance(method, str) else getattr(method, "__qualname__", "?")
-            liveness.begin_rpc(name)
-            result = self._resolve(method)(*args, **kwargs)
+            return Reply(
+                request.seq, self._resolve(request.method)(*request.args, **request.kwargs)
+            )
         except BaseException as exc:
-            return encode(("error", seq, *describe_exception(exc)))
+            return ErrorReply(request.seq, ExceptionInfo.of(exc))
         finally:
             liveness.begin_rpc("")
-        del args, kwargs
-        try:
-            return encode(("ok", seq, result))
-        except BaseException as exc:
-            name = method if isinstance(method, str) else getattr(method, "__qualname__", method)
-            error = pickle.PicklingError(f"the result of {name} could not be sent back: {exc!r}")
-            error.__cause__ = exc
-            return encode(("error", seq, *describe_exception(error)))
 
 
-def worker_environment(spec: WorkerSpec) -> dict[str, str]:
-    """The variables a worker runs with: the rendezvous, then the caller's ``env``.
+def send_answer(channel: Channel, answer: Answer, method: str = "") -> None:
+    """Send ``answer``; when the value that ``method`` returned cannot be pickled, the
+    error that says so."""
+    try:
+        frame, fd = encode(answer)
+    except BaseException as exc:
+        what = f"the result of {method}" if method else "the answer"
+        error = pickle.PicklingError(f"{what} could not be sent back: {exc!r}")
+        error.__cause__ = exc
+        frame, fd = encode(ErrorReply(answer.seq, ExceptionInfo.of(error)))
+    try:
+        channel.send_encoded(frame, fd)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def worker_environment(spec: WorkerSpec, rank: int) -> dict[str, str]:
+    """The variables worker ``rank`` runs with: the rendezvous, then the caller's ``env``.
 
     ``MASTER_ADDR``/``MASTER_PORT`` name the Executor's store, which already runs: code
     that joins torch.distributed itself (``env://``) connects to it as a client
@@ -258,12 +300,12 @@ def worker_environment(spec: WorkerSpec) -> dict[str, str]:
         "MASTER_ADDR": spec.store_host,
         "MASTER_PORT": str(spec.store_port),
         "TORCHELASTIC_USE_AGENT_STORE": "True",
-        "RANK": str(spec.rank),
-        "LOCAL_RANK": str(spec.local_rank),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
         "WORLD_SIZE": str(spec.world_size),
         "LOCAL_WORLD_SIZE": str(spec.world_size),
     }
-    if spec.device.startswith("cpu"):
+    if spec.devices[rank].startswith("cpu"):
         env["CUDA_VISIBLE_DEVICES"] = ""  # CPU workers must not create CUDA contexts
     env.update(spec.env)
     return env
@@ -271,14 +313,15 @@ def worker_environment(spec: WorkerSpec) -> dict[str, str]:
 
 def worker_main(
     spec: WorkerSpec,
+    rank: int,
     conn: Connection,
     link: liveness.LivenessLink,
     caller: CallerState,
     worker_cls: type[Worker],
     worker_factory: Callable[[Worker], Any] | None,
 ) -> None:
-    """Entry point of a worker process (the target the Executor starts)."""
-    caller.apply(worker_environment(spec))
+    """Entry point of worker ``rank``'s process (the target the Executor starts)."""
+    caller.apply(worker_environment(spec, rank))
     guard_against_orphaning(spec.parent_pid, conn, spec.use_death_signal)
     lead_own_group()
     link.start()
@@ -289,24 +332,23 @@ def worker_main(
     channel = Channel(conn)
     worker = None
     try:
-        worker = worker_cls(spec)
+        worker = worker_cls(spec, rank)
         worker.init_device()
         if spec.init_distributed:
             worker.init_parallel_state()
         worker.build(worker_factory)
     except BaseException as exc:
         with contextlib.suppress(OSError):
-            channel.send(("error", -1, *describe_exception(exc)))
+            send_answer(channel, ErrorReply(STARTUP_SEQ, ExceptionInfo.of(exc)))
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
     try:
-        channel.send(("ready", -1, {"rank": spec.rank, "pid": os.getpid(), "device": spec.device}))
+        send_answer(channel, Ready(rank, os.getpid(), str(worker.device)))
         worker.serve(channel)
     finally:
-        if not worker._stopping:
-            with contextlib.suppress(Exception):
-                worker.shutdown()
+        with contextlib.suppress(Exception):
+            worker.shutdown()
         channel.close()
         caller.finish()
         kill_own_group()  # what this worker started and left running

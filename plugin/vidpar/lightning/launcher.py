@@ -39,6 +39,8 @@ from vidpar.executor import Executor, RemoteError, WorkerDiedError
 from vidpar.lightning.supervision import TrainingInterrupted, signal_name
 
 if TYPE_CHECKING:
+    from datetime import timedelta
+
     from lightning.pytorch.strategies import ParallelStrategy
 
     from vidpar.config import ParallelConfig
@@ -51,7 +53,7 @@ if TYPE_CHECKING:
         communicator: str
         heartbeat_timeout_s: float | None
         checkpoint_on_interrupt: bool
-        _timeout: Any
+        _timeout: timedelta | None
 
 
 class VidParLauncher(_MultiProcessingLauncher):
@@ -77,14 +79,13 @@ class VidParLauncher(_MultiProcessingLauncher):
                 _ = logger.experiment
         # The workers build the real layout's groups before the Trainer runs in them, as
         # inference workers do; the strategy then finds them in place.
-        timeout = strategy._timeout
         fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
         graceful = fitting and strategy.checkpoint_on_interrupt
         executor = Executor(
             strategy.parallel_config,
             devices=[str(d) for d in strategy.parallel_devices],
             communicator=strategy.communicator,
-            dist_timeout_s=None if timeout is None else timeout.total_seconds(),
+            dist_timeout=strategy._timeout,
             heartbeat_timeout_s=strategy.heartbeat_timeout_s,
             catch_sigterm=graceful,
         )

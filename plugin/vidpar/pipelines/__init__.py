@@ -1,7 +1,8 @@
 """Flow-matching training and sampling (with cfg parallelism) and video files.
 
-``VideoGenerator``, ``export_weights`` and ``read_model_info`` (which need the model and
-the executor) are imported lazily from :mod:`vidpar.pipelines.generator`,
+``VideoGenerator`` (which needs the model and the executor) is imported lazily from
+:mod:`vidpar.pipelines.generator`, ``export_weights`` and ``read_model_info`` from
+:mod:`vidpar.pipelines.dit_weights`,
 ``DiffusersVideoGenerator`` from :mod:`vidpar.pipelines.diffusers_generator` and
 ``DiffusersPipelineGenerator`` from :mod:`vidpar.pipelines.pipeline_generator`.
 """
@@ -20,7 +21,7 @@ from vidpar.pipelines.flow_matching import (
 )
 from vidpar.pipelines.video_io import read_video, to_uint8_frames, write_video
 
-_LAZY = ("VideoGenerator", "export_weights", "read_model_info")
+_LAZY_WEIGHTS = ("export_weights", "read_model_info")
 
 __all__ = [
     "DiffusersPipelineGenerator",
@@ -49,8 +50,12 @@ def __getattr__(name: str) -> Any:
         from vidpar.pipelines.pipeline_generator import DiffusersPipelineGenerator
 
         return DiffusersPipelineGenerator
-    if name in _LAZY:
-        from vidpar.pipelines import generator
+    if name == "VideoGenerator":
+        from vidpar.pipelines.generator import VideoGenerator
 
-        return getattr(generator, name)
+        return VideoGenerator
+    if name in _LAZY_WEIGHTS:
+        from vidpar.pipelines import dit_weights
+
+        return getattr(dit_weights, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

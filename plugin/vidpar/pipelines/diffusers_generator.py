@@ -14,7 +14,6 @@ import torch
 from vidpar.config import ParallelConfig
 from vidpar.distributed import telemetry
 from vidpar.distributed.state import get_parallel_state
-from vidpar.executor import Executor
 from vidpar.executor.executor import HEARTBEAT_TIMEOUT_S
 from vidpar.models.plan import check_heads
 from vidpar.models.pretrained import (
@@ -24,8 +23,6 @@ from vidpar.models.pretrained import (
     read_config,
 )
 from vidpar.pipelines.flow_matching import FlowMatchEulerSampler
-from vidpar.pipelines.generator import _dp_slice
-from vidpar.pipelines.generator_worker import GeneratorWorker
 from vidpar.pipelines.preflight import check_diffusers_generation
 from vidpar.pipelines.video_io import to_uint8_frames, write_video
 from vidpar.pipelines.worker_session import WorkerSession
@@ -74,7 +71,7 @@ def _generate_on_worker(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, list]:
     """Runs on every rank: each dp replica samples its share; its first rank returns
     ``(latents, videos or None, records)`` (records from rank 0 only), the others Nones."""
-    share = _dp_slice(len(cond), worker.config.dp, worker.config.coordinates(worker.rank)["dp"])
+    share = worker.dp_share(len(cond))
     gen = torch.Generator().manual_seed(seed)
     # All the noise is drawn on every rank, so a video does not depend on the dp layout.
     noise = torch.randn((len(cond), *shape), generator=gen)[share].to(worker.device, dtype)
@@ -184,22 +181,15 @@ class DiffusersVideoGenerator(WorkerSession):
         self.vae_folder = None if vae is None else find_model_folder(vae, None, "vae")
         self.vae_config = None if self.vae_folder is None else read_config(self.vae_folder)
         self.dtype = dtype
-        self.parallel = parallel or ParallelConfig()
-        check_heads(self.parallel, self.config["num_attention_heads"])
+        parallel = parallel or ParallelConfig()
+        check_heads(parallel, self.config["num_attention_heads"])
         factory = functools.partial(
             _build,
             folder=str(self.folder),
             vae_folder=None if self.vae_folder is None else str(self.vae_folder),
             dtype=dtype,
         )
-        self.executor = Executor(
-            self.parallel,
-            worker_factory=factory,
-            devices=devices,
-            worker_cls=GeneratorWorker,
-            heartbeat_timeout_s=heartbeat_timeout_s,
-        )
-        self.last_records: list = []
+        super().__init__(parallel, factory, devices, heartbeat_timeout_s)
 
     def _embeds(self, prompt: Embeds, negative: Embeds | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt and negative embeddings as ``[B, L, D]``, zero-padded to one length."""
@@ -285,10 +275,10 @@ class DiffusersVideoGenerator(WorkerSession):
             len(cond),
             shape,
             (num_frames, height, width) if decode else None,
-            self.executor.config,
+            self.parallel,
             guided=guidance_scale != 1.0,
             output=output,
-            device=str(self.executor.devices[0]).split(":")[0],
+            device=self.device_type,
         )
         results = self.executor.collective_rpc(
             _generate_on_worker,
@@ -304,8 +294,7 @@ class DiffusersVideoGenerator(WorkerSession):
             show_progress,
         )
         self.last_records = results[0][2]
-        config = self.executor.config
-        leaders = [results[config.rank({"dp": d})] for d in range(config.dp)]
+        leaders = self.replica_leaders(results)
         latents = torch.cat([r[0] for r in leaders if r[0] is not None])
         if not decode:
             return latents

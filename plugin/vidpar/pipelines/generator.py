@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import functools
-import json
 import math
 import numbers
 import os
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,31 +16,18 @@ import torch
 
 from vidpar.config import ParallelConfig
 from vidpar.distributed import telemetry
-from vidpar.distributed.full_weights import HPARAMS_KEY, read_hyper_parameters, save_full_weights
-from vidpar.executor import Executor
 from vidpar.executor.executor import HEARTBEAT_TIMEOUT_S
 from vidpar.nn.dit import DiTConfig, VideoDiT
+from vidpar.pipelines.dit_weights import checkpoint_weights, read_model_info
 from vidpar.pipelines.flow_matching import FlowMatchEulerSampler
-from vidpar.pipelines.generator_worker import GeneratorWorker
 from vidpar.pipelines.preflight import check_generation
 from vidpar.pipelines.video_io import VIDEO_EXTENSIONS, to_uint8_frames, write_video
 from vidpar.pipelines.worker_session import WorkerSession
-
-#: The training-data facts a checkpoint may record beside the DiT config.
-DATA_INFO_FIELDS = ("class_names", "video_shape")
 
 
 def _build_dit(worker, config: dict[str, Any]) -> VideoDiT:
     """Worker factory: the DiT, sharded for the worker's layout, on its device."""
     return VideoDiT(DiTConfig(**config)).to(worker.device).eval()
-
-
-def _dp_slice(num_items: int, dp_size: int, dp_rank: int) -> slice:
-    """The contiguous share of ``num_items`` videos that data-parallel rank ``dp_rank``
-    generates (the first ``num_items % dp_size`` ranks take one more)."""
-    base, extra = divmod(num_items, dp_size)
-    start = dp_rank * base + min(dp_rank, extra)
-    return slice(start, start + base + (dp_rank < extra))
 
 
 def _generate_on_worker(
@@ -56,8 +43,7 @@ def _generate_on_worker(
     of each replica returns them (rank 0 also its collective records), the others
     ``(None, [])``."""
     model: VideoDiT = worker.model
-    coords = worker.config.coordinates(worker.rank)
-    share = _dp_slice(len(labels), worker.config.dp, coords["dp"])
+    share = worker.dp_share(len(labels))
     gen = torch.Generator().manual_seed(seed)
     # All the noise is drawn on every rank, so a video does not depend on the dp layout.
     noise = torch.randn((len(labels), *shape), generator=gen)[share].to(worker.device)
@@ -73,7 +59,7 @@ def _generate_on_worker(
             )
     finally:
         telemetry.stop_recording()
-    if any(c for dim, c in coords.items() if dim != "dp"):
+    if any(c for dim, c in worker.parallel.coordinates(worker.rank).items() if dim != "dp"):
         return None, []
     return videos.float().cpu(), recorder.records if worker.rank == 0 else []
 
@@ -101,27 +87,20 @@ class VideoGenerator(WorkerSession):
         heartbeat_timeout_s: float | None = HEARTBEAT_TIMEOUT_S,
     ) -> None:
         check_generatable(dit_config)
+        parallel = parallel or ParallelConfig()
+        parallel.check_heads(dit_config.num_heads)
         self.dit_config = dit_config
-        self.parallel = parallel or ParallelConfig()
-        self.parallel.check_heads(dit_config.num_heads)
         #: ``class_names`` and ``video_shape`` ``[C, T, H, W]`` of the training data, if known.
         self.data_info = data_info or {}
         self.class_names = self.data_info.get("class_names")
-        factory = functools.partial(_build_dit, config=_as_dict(dit_config))
-        self.executor = Executor(
-            self.parallel,
-            worker_factory=factory,
-            devices=devices,
-            worker_cls=GeneratorWorker,
-            heartbeat_timeout_s=heartbeat_timeout_s,
-        )
+        factory = functools.partial(_build_dit, config=asdict(dit_config))
+        super().__init__(parallel, factory, devices, heartbeat_timeout_s)
         try:
             if weights is not None:
                 self.executor.collective_rpc("load_weights", os.fspath(weights))
         except BaseException:
-            self.executor.shutdown()
+            self.close()
             raise
-        self.last_records: list = []
 
     @classmethod
     def from_checkpoint(
@@ -181,18 +160,16 @@ class VideoGenerator(WorkerSession):
             self.dit_config,
             len(labels),
             shape,
-            self.executor.config,
+            self.parallel,
             guided=guidance_scale != 1.0,
             output=output,
-            device=str(self.executor.devices[0]).split(":")[0],
+            device=self.device_type,
         )
         results = self.executor.collective_rpc(
             _generate_on_worker, labels, shape, steps, guidance_scale, seed, show_progress
         )
         self.last_records = results[0][1]
-        config = self.executor.config
-        replicas = [results[config.rank({"dp": d})][0] for d in range(config.dp)]
-        videos = torch.cat([v for v in replicas if v is not None])
+        videos = torch.cat([v for v, _ in self.replica_leaders(results) if v is not None])
         frames = np.stack([to_uint8_frames(v) for v in videos])
         if output is not None:
             write_video(output, np.concatenate(list(frames), axis=2), fps=fps)
@@ -320,89 +297,3 @@ def check_generatable(config: DiTConfig) -> None:
             "VideoGenerator samples pixel videos: in_channels and out_channels must both be 3 "
             f"(RGB) or 1 (grey), got {config.in_channels} and {config.out_channels}"
         )
-
-
-def _as_dict(config: DiTConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(config)
-
-
-def export_weights(
-    model: VideoDiT, path: str | Path, data_info: dict[str, Any] | None = None
-) -> Path:
-    """Save a VideoDiT as one full safetensors file with its config (and ``data_info``:
-    ``class_names``, ``video_shape``) in the header, as :func:`export_full_checkpoint
-    <vidpar.distributed.full_weights.export_full_checkpoint>` writes a trained run's. A
-    tp-sharded model is gathered first: then every rank of its tp group must call this,
-    and global rank 0 writes."""
-    hparams = {"dit": _as_dict(model.config), **(data_info or {})}
-    return save_full_weights(model, path, metadata={HPARAMS_KEY: json.dumps(hparams)})
-
-
-def checkpoint_weights(path: str | Path, trust: bool = False) -> Path:
-    """The safetensors file of a checkpoint: ``path`` itself, or for a vidpar checkpoint
-    directory its export (see :meth:`VideoGenerator.from_checkpoint`)."""
-    path = Path(path)
-    if path.is_dir():
-        path = _export_from_directory(path, trust)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {path} does not exist: give a .safetensors file or a vidpar "
-            "checkpoint directory (checkpoints/last.ckpt of a vidpar-train run)"
-        )
-    if path.suffix != ".safetensors":
-        raise ValueError(
-            f"checkpoint {path} is not a .safetensors file: export it with "
-            "vidpar.pipelines.export_weights or vidpar.lightning.export_full_checkpoint"
-        )
-    return path
-
-
-def read_model_info(path: str | Path) -> tuple[DiTConfig, dict[str, Any]]:
-    """The DiT config and training-data facts stored in a safetensors file's header."""
-    hparams = read_hyper_parameters(path)
-    if hparams is None or "dit" not in hparams:
-        raise ValueError(
-            f"{path} records no DiT config: write it with vidpar.pipelines.export_weights or "
-            "vidpar.lightning.export_full_checkpoint (a checkpoint of VideoDiffusionModule), "
-            "or pass the checkpoints/last.ckpt directory of a vidpar-train run"
-        )
-    data_info = {k: hparams[k] for k in DATA_INFO_FIELDS if hparams.get(k) is not None}
-    return DiTConfig.from_saved(hparams["dit"]), data_info
-
-
-def export_cache_dir() -> Path:
-    """Where checkpoint directories are exported for sampling: ``$XDG_CACHE_HOME/vidpar/
-    exports`` (default ``~/.cache/vidpar/exports``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "vidpar" / "exports"
-
-
-def _export_from_directory(ckpt_dir: Path, trust: bool = False) -> Path:
-    """A vidpar checkpoint directory (resolved to its current version, its files checked
-    against the signed manifest of its save) exported once into :func:`export_cache_dir`
-    (named by the version's path and manifest, so a new save exports anew), from the EMA
-    weights when it has them. Nothing is written beside the checkpoint."""
-    import hashlib
-
-    from vidpar.distributed.checkpoint_integrity import MANIFEST, verify
-    from vidpar.distributed.checkpoint_store import TRAINER_STATE, resolve
-    from vidpar.distributed.full_weights import export_full_checkpoint
-
-    resolved = resolve(ckpt_dir)
-    if resolved is None:
-        raise FileNotFoundError(
-            f"{ckpt_dir} is not a complete vidpar checkpoint (no {TRAINER_STATE} or DCP "
-            "metadata; was its save interrupted?): give checkpoints/last.ckpt of a finished "
-            "vidpar-train run, or a .safetensors file"
-        )
-    verify(resolved, trust=trust)  # before anything of it is read
-    identity = hashlib.sha256(str(resolved).encode())
-    for name in (MANIFEST, TRAINER_STATE):
-        if (resolved / name).is_file():
-            identity.update((resolved / name).read_bytes())
-    out = export_cache_dir() / f"{identity.hexdigest()[:32]}.safetensors"
-    if not out.is_file():
-        export_full_checkpoint(resolved, out, trust=trust)
-    return out

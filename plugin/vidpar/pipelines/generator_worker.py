@@ -1,4 +1,5 @@
-"""GeneratorWorker: an Executor worker that also keeps LoRA adapters around its model."""
+"""GeneratorWorker: an Executor worker that keeps LoRA adapters around its model and knows
+its replica's share of the videos."""
 
 from __future__ import annotations
 
@@ -8,11 +9,24 @@ from vidpar.executor import Worker, rpc
 from vidpar.nn.lora import LoraManager
 
 
+def dp_slice(num_items: int, dp_size: int, dp_rank: int) -> slice:
+    """The contiguous share of ``num_items`` videos that data-parallel rank ``dp_rank``
+    generates (the first ``num_items % dp_size`` ranks take one more)."""
+    base, extra = divmod(num_items, dp_size)
+    start = dp_rank * base + min(dp_rank, extra)
+    return slice(start, start + base + (dp_rank < extra))
+
+
 class GeneratorWorker(Worker):
     """A :class:`~vidpar.executor.Worker` with LoRA RPCs (:mod:`vidpar.nn.lora`), for any
     payload whose sharded weights follow the ``tensor_parallel_dim`` contract."""
 
     _lora_manager: LoraManager | None = None
+
+    def dp_share(self, num_items: int) -> slice:
+        """The videos of ``num_items`` that this rank's dp replica generates."""
+        dp_rank = self.parallel.coordinates(self.rank)["dp"]
+        return dp_slice(num_items, self.parallel.dp, dp_rank)
 
     def _lora(self) -> LoraManager:
         """This worker's manager, created on first use (and again if the payload was

@@ -17,12 +17,9 @@ import torch
 from vidpar.config import ParallelConfig
 from vidpar.distributed import telemetry
 from vidpar.distributed.state import get_parallel_state
-from vidpar.executor import Executor
 from vidpar.executor.executor import HEARTBEAT_TIMEOUT_S
 from vidpar.models.plan import check_heads
 from vidpar.pipelines import prompt_encoding
-from vidpar.pipelines.generator import _dp_slice
-from vidpar.pipelines.generator_worker import GeneratorWorker
 from vidpar.pipelines.image_condition import (
     ImageCondition,
     encode_first_frame,
@@ -147,9 +144,8 @@ def _generate_on_worker(worker, request: dict[str, Any]) -> tuple[Any, list, dic
     share of the prompts; its first rank returns ``(videos or latents, records, seconds
     per stage, peak GiB per stage)`` (records from rank 0 only; peaks on CUDA only), the
     others Nones."""
-    config = worker.config
     batch = request["batch"]
-    share = _dp_slice(batch, config.dp, config.coordinates(worker.rank)["dp"])
+    share = worker.dp_share(batch)
     gen = torch.Generator().manual_seed(request["seed"])
     # diffusers draws the noise of the whole batch at once in float32: so does every rank.
     noise = torch.randn((batch, *request["latent_shape"]), generator=gen, dtype=torch.float32)
@@ -260,8 +256,8 @@ class DiffusersPipelineGenerator(WorkerSession):
                 f"text_encoder_offload must be 'none' or 'cpu', got {text_encoder_offload!r}"
             )
         self.dtype = dtype
-        self.parallel = parallel or ParallelConfig()
-        check_heads(self.parallel, self.spec.transformer_config["num_attention_heads"])
+        parallel = parallel or ParallelConfig()
+        check_heads(parallel, self.spec.transformer_config["num_attention_heads"])
         self.tokenizer = prompt_encoding.load_tokenizer(self.spec.components["tokenizer"])
         self.text_encoder = None
         if text_encoder_offload == "cpu":
@@ -274,14 +270,7 @@ class DiffusersPipelineGenerator(WorkerSession):
             dtype=dtype,
             encode_on_workers=self.text_encoder is None,
         )
-        self.executor = Executor(
-            self.parallel,
-            worker_factory=factory,
-            devices=devices,
-            worker_cls=GeneratorWorker,
-            heartbeat_timeout_s=heartbeat_timeout_s,
-        )
-        self.last_records: list = []
+        super().__init__(parallel, factory, devices, heartbeat_timeout_s)
         #: Seconds per stage of the last ``generate`` on rank 0 (``encode_prompt``,
         #: ``encode_image``, ``denoise``, ``decode``).
         self.last_timings: dict[str, float] = {}
@@ -386,15 +375,14 @@ class DiffusersPipelineGenerator(WorkerSession):
             request["batch"],
             request["latent_shape"],
             request["video_size"] if request["decode"] else None,
-            self.executor.config,
+            self.parallel,
             guided=guidance_scale > 1.0,
             output=output,
-            device=str(self.executor.devices[0]).split(":")[0],
+            device=self.device_type,
         )
         results = self.executor.collective_rpc(_generate_on_worker, request)
         _, self.last_records, self.last_timings, self.last_peak_gib = results[0]
-        config = self.executor.config
-        leaders = [results[config.rank({"dp": d})][0] for d in range(config.dp)]
+        leaders = [r[0] for r in self.replica_leaders(results)]
         parts = [r for r in leaders if r is not None]
         if output_type == "latent":
             return torch.cat(parts)
