@@ -96,7 +96,7 @@ def _tp_dims(module: torch.nn.Module) -> dict[str, int]:
 
 def _tp_mesh():
     state = ps.get_parallel_state()
-    return state.mesh["tp"] if state.config.tp > 1 else None
+    return state.mesh["tp"] if state.parallel.tp > 1 else None
 
 
 def _tp_sizes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
