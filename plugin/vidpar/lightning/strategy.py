@@ -257,9 +257,8 @@ class VidParStrategy(ShardedCheckpoints, DDPStrategy):
 
 def check_model_splits(module: torch.nn.Module, parallel: ParallelConfig) -> None:
     """Refuse a model that would be silently mis-trained under the layout ``parallel``:
-    under sp > 1
-    gradients are summed over sp, right only when each sp rank holds its own tokens
-    (a :class:`~vidpar.nn.DistributedAttention` over the layout's sp groups, or a diffusers
+    under sp > 1 gradients are summed over sp, right only when each sp rank holds its own
+    tokens (a :class:`~vidpar.nn.DistributedAttention` over the layout's sp groups, or a diffusers
     transformer that :func:`vidpar.models.parallelize` prepared); under tp > 1
     a model without tp-sharded layers (:class:`~vidpar.nn.TensorParallelModule` over the
     layout's tp group) would be duplicated on every tp rank."""
