@@ -19,7 +19,12 @@ from vidpar.lightning.precision import TensorParallelClipping, with_tensor_paral
 
 @pytest.mark.parametrize(
     "plugin",
-    [Precision(), DoublePrecision(), MixedPrecision("bf16-mixed", "cpu"), HalfPrecision("bf16-true")],
+    [
+        Precision(),
+        DoublePrecision(),
+        MixedPrecision("bf16-mixed", "cpu"),
+        HalfPrecision("bf16-true"),
+    ],
     ids=["32-true", "64-true", "bf16-mixed", "bf16-true"],
 )
 def test_each_precision_keeps_its_settings_and_clips_by_the_norm(plugin: Precision) -> None:
