@@ -36,7 +36,7 @@ import torch
 import torch._dynamo
 import torch.distributed.checkpoint._fsspec_filesystem
 
-from vidpar.cli.generate import find_checkpoint
+from vidpar.cli.validation_generate import find_checkpoint
 from vidpar.config import ParallelConfig
 from vidpar.distributed import checkpoint_store as store
 from vidpar.distributed import state as ps

@@ -18,9 +18,9 @@ import torch.distributed.checkpoint as dcp
 from hydra import compose, initialize_config_dir
 
 from lightning_models import TINY_DIT
-from vidpar.cli.generate import find_checkpoint
 from vidpar.cli.hydra_setup import UserError, build_layout
-from vidpar.cli.train import check_before_launch
+from vidpar.cli.validation import check_before_launch
+from vidpar.cli.validation_generate import find_checkpoint
 from vidpar.distributed import checkpoint_integrity as integrity
 from vidpar.distributed import checkpoint_store as store
 from vidpar.distributed.checkpoint import (

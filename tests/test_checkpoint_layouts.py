@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from lightning_models import TINY_DIT
 from vidpar.config import ParallelConfig
 from vidpar.distributed import state as ps
 from vidpar.distributed.checkpoint import load_sharded, save_sharded
-from vidpar.lightning.strategy import _fully_shard, _sum_over_sp_mean_over_dp
+from vidpar.lightning.grad_reduction import reduce_over_replicas
 from vidpar.nn.dit import VideoDiT
 from vidpar.pipelines.flow_matching import flow_matching_loss
 
@@ -45,16 +44,7 @@ class Trained:
     def __init__(self, data_parallel: str) -> None:
         torch.manual_seed(0)
         self.module = Holder()
-        state = ps.get_parallel_state()
-        replicas = state.group("dp_sp")
-        self.net = self.module
-        if replicas.world_size > 1 and data_parallel == "fsdp":
-            self.net = self.module = _fully_shard(self.module, replicas, state.config.dp)
-        elif replicas.world_size > 1:
-            self.net = DistributedDataParallel(self.module, process_group=replicas.device_group)
-            self.net.register_comm_hook(
-                (replicas.device_group, state.config.dp), _sum_over_sp_mean_over_dp
-            )
+        self.net = reduce_over_replicas(self.module, ps.get_parallel_state(), data_parallel)
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=1e-2)
 
     def step(self, step: int) -> None:

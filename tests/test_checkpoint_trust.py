@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 
 from lightning_models import TINY_DIT
 from vidpar.cli.hydra_setup import UserError, build_layout
-from vidpar.cli.train import check_before_launch
+from vidpar.cli.validation import check_before_launch
 from vidpar.distributed import checkpoint_integrity as integrity
 from vidpar.distributed import checkpoint_signing as signing
 from vidpar.distributed import checkpoint_store as store

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from vidpar.cli.generate import find_checkpoint
 from vidpar.cli.hydra_setup import UserError
+from vidpar.cli.validation_generate import find_checkpoint
 from vidpar.lightning import VidParModelCheckpoint
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from test_hydra_cli import run_cli
-from vidpar.cli.generate import find_checkpoint
 from vidpar.cli.hydra_setup import UserError
+from vidpar.cli.validation_generate import find_checkpoint
 from vidpar.distributed.checkpoint_store import resolve
 from wandb_offline import read_run
 

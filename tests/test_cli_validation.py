@@ -19,7 +19,8 @@ from hydra.utils import instantiate
 from test_hydra_cli import GROUPS, NEEDS, compose_train, options, run_cli
 from vidpar.cli.hydra_setup import UserError, build_layout
 from vidpar.cli.run_dirs import claim_unique_dir
-from vidpar.cli.validation import check_generate_request, check_train_config
+from vidpar.cli.validation import check_train_config
+from vidpar.cli.validation_generate import check_generate_request
 from vidpar.distributed.checkpoint import is_complete
 from vidpar.models.testing import make_tiny_latents, make_tiny_wan
 from vidpar.nn.dit import DiTConfig, VideoDiT

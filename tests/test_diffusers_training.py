@@ -224,8 +224,8 @@ def test_vidpar_train_checks_the_diffusers_recipe_before_any_process(folders, tm
     """The CLI's checks read heads and channels from the folder's config.json and name
     missing folders, before anything starts."""
     from vidpar.cli.hydra_setup import UserError, build_layout
-    from vidpar.cli.train import check_before_launch, check_data_fits_model
-    from vidpar.cli.validation import check_train_config
+    from vidpar.cli.validation import check_before_launch, check_train_config
+    from vidpar.cli.validation_model import check_data_fits_model
 
     model_dir, latents = folders
     good = compose_train(

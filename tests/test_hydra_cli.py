@@ -19,8 +19,9 @@ from omegaconf import OmegaConf
 
 import vidpar
 from vidpar.cli.hydra_setup import UserError, build_layout, register
-from vidpar.cli.train import check_before_launch, check_checkpoint_model, check_data_fits_model
 from vidpar.cli.usage import COMMANDS, recipe_summary, usage
+from vidpar.cli.validation import check_before_launch, check_checkpoint_model
+from vidpar.cli.validation_model import check_data_fits_model
 from vidpar.config import PRESETS, ParallelConfig
 from vidpar.distributed.checkpoint import TRAINER_STATE, is_complete
 from vidpar.lightning import VideoDiffusionModule

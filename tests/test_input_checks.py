@@ -13,12 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from test_hydra_cli import compose_train, run_cli
 from vidpar.cli.hydra_setup import UserError, build_layout
-from vidpar.cli.train import check_before_launch
-from vidpar.cli.validation import (
-    check_generate_request,
-    check_generate_resources,
-    check_train_config,
-)
+from vidpar.cli.validation import check_before_launch, check_train_config
+from vidpar.cli.validation_generate import check_generate_request, check_generate_resources
 from vidpar.data import LatentsDataModule
 from vidpar.data.latents import LatentsFileError
 from vidpar.models.testing import make_tiny_latents, make_tiny_wan

@@ -232,7 +232,7 @@ def test_strategies_register_when_lightning_is_imported_after_vidpar():
         "import sys, vidpar; assert 'lightning' not in sys.modules\n"
         "import lightning.pytorch as pl\n"
         "t = pl.Trainer(strategy='vidpar_tp2_sp2', accelerator='cpu', devices=4, logger=False)\n"
-        "print(t.strategy.parallel_config.describe())"
+        "print(t.strategy.parallel.describe())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

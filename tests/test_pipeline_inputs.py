@@ -122,8 +122,8 @@ def check_cli(*overrides: str):
     """``vidpar-generate``'s checks of a prompt run, on the composed config (no workers)."""
     from hydra import compose, initialize_config_dir
 
-    from vidpar.cli.generate import check_prompt_request
     from vidpar.cli.hydra_setup import build_layout, register
+    from vidpar.cli.validation_generate import check_prompt_request
     from vidpar.resources import CONFIG_DIR
 
     register()

@@ -232,12 +232,12 @@ def use_layout(**sizes: int) -> Any:
     from vidpar.config import ParallelConfig
     from vidpar.distributed import state as ps
 
-    config = ParallelConfig(**sizes).resolve(dist.get_world_size())
+    parallel = ParallelConfig(**sizes).resolve(dist.get_world_size())
     if ps.model_parallel_is_initialized():
-        if ps.get_parallel_config() == config:
+        if ps.get_parallel_config() == parallel:
             return ps.get_parallel_state()
         ps.destroy_model_parallel()
-    return ps.initialize_model_parallel(config)
+    return ps.initialize_model_parallel(parallel)
 
 
 # Host and reports ---------------------------------------------------------------------

@@ -10,115 +10,34 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vidpar.cli.hydra_setup import UserError, build_layout, console_command, register
-from vidpar.cli.validation import check_train_config
-from vidpar.cli.validation_model import check_data_fits_model, check_model_before_launch
+from vidpar.cli.hydra_setup import build_layout, console_command, register
+from vidpar.cli.validation import check_before_launch, check_train_config
+from vidpar.cli.validation_model import check_data_fits_model
 from vidpar.cli.wandb_runs import job_wandb_run
 from vidpar.config import ParallelConfig
-from vidpar.distributed.checkpoint import TRAINER_STATE, CheckpointWriteError, is_complete
-from vidpar.distributed.checkpoint_integrity import CorruptCheckpointError, verify
-from vidpar.distributed.checkpoint_signing import UntrustedCheckpointError
-from vidpar.distributed.checkpoint_state import load_trainer_state
-from vidpar.distributed.checkpoint_store import resolve
-from vidpar.nn.dit import DiTConfig
+from vidpar.distributed.checkpoint import CheckpointWriteError, is_complete
 
 register()
 
 
-def check_resume(conf: DictConfig) -> None:
-    """``ckpt_path``: a complete checkpoint, intact, signed by this user (or trusted), of the
-    model the config describes."""
-    if conf.ckpt_path is None:
-        return
-    if not is_complete(Path(conf.ckpt_path)):
-        raise UserError(
-            f"ckpt_path={conf.ckpt_path} is not a complete vidpar checkpoint (a directory with "
-            "trainer_state.pt and DCP metadata). Point it at a checkpoints/*.ckpt directory "
-            "of an earlier run, or drop ckpt_path to start fresh."
-        )
-    ckpt = resolve(conf.ckpt_path)
-    try:  # the signature, every file's size and checksums, before any worker starts
-        verify(ckpt, trust=bool(conf.get("trust_checkpoint", False)))
-    except (CorruptCheckpointError, UntrustedCheckpointError) as err:
-        raise UserError(str(err)) from None
-    check_checkpoint_model(ckpt, conf.model)
-
-
-def check_checkpoint_cadence(conf: DictConfig) -> None:
-    """``checkpoint.every_n_minutes``: a positive number of minutes, or null."""
-    minutes = conf.checkpoint.get("every_n_minutes")
-    if minutes is not None and (
-        not isinstance(minutes, int | float) or isinstance(minutes, bool) or minutes <= 0
-    ):
-        raise UserError(
-            f"checkpoint.every_n_minutes={minutes} is not a number of minutes. Set it to a "
-            "positive number (checkpoint.every_n_minutes=30 saves last.ckpt every half "
-            "hour of training), or null for no time-based saves."
-        )
-
-
-def check_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:
-    """Every mistake we can see from the config and its files fails here, before any
-    process starts: the model, its optimizer and devices, the data against the model,
-    the checkpoint cadence and the checkpoint to resume."""
-    check_model_before_launch(conf, layout)
-    check_checkpoint_cadence(conf)
-    check_resume(conf)
-
-
-#: DiT settings that change how it runs, not its weights: free to differ on resume.
-RESUMABLE_DIT_CHANGES = frozenset({"activation_checkpointing", "compile"})
-
-
-def check_checkpoint_model(ckpt: Path, model: DictConfig) -> None:
-    """A checkpoint resumes only into the model it was written by: name the settings that
-    differ (DiT sizes, and whether there is an EMA copy) as command-line overrides."""
-    try:
-        hparams = load_trainer_state(ckpt / TRAINER_STATE).get("hyper_parameters", {})
-    except ValueError as err:
-        raise UserError(f"ckpt_path={ckpt}: {err}") from None
-    if "dit" not in hparams or "dit" not in model:
-        return
-    saved = asdict(DiTConfig.from_saved(hparams["dit"]))
-    wanted = asdict(DiTConfig(**OmegaConf.to_container(model.dit, resolve=True)))
-    overrides = [
-        f"model.dit.{key}={_as_override(saved[key])}"
-        for key in saved
-        if saved[key] != wanted[key] and key not in RESUMABLE_DIT_CHANGES
-    ]
-    saved_ema = hparams.get("ema_decay", 0.0)
-    if (saved_ema > 0) != (model.get("ema_decay", 0.0) > 0):
-        overrides.append(f"model.ema_decay={saved_ema}")
-    if overrides:
-        raise UserError(
-            f"ckpt_path={ckpt} was written by a different model than the config describes. "
-            f"Resume with its settings ({' '.join(overrides)}), or drop ckpt_path to start "
-            "fresh."
-        )
-
-
-def _as_override(value: object) -> str:
-    return "[" + ",".join(map(str, value)) + "]" if isinstance(value, tuple | list) else str(value)
-
-
-def build_trainer(conf: DictConfig, layout: ParallelConfig):
-    """The Trainer with strategy (holding ``layout``), logger and callbacks of ``conf``."""
+def build_trainer(conf: DictConfig, parallel: ParallelConfig):
+    """The Trainer with strategy (holding the layout ``parallel``), logger and callbacks of
+    ``conf``."""
     from vidpar.lightning import CollectiveTelemetry, StepProgressBar
 
     # A partial, so the layout arrives as the object itself (OmegaConf would copy a
     # dataclass passed to instantiate into a config node).
-    strategy = instantiate(conf.strategy, _partial_=True)(parallel=layout)
+    strategy = instantiate(conf.strategy, _partial_=True)(parallel=parallel)
     logger = instantiate(conf.logger) if conf.get("logger") and "_target_" in conf.logger else False
     callbacks = [instantiate(conf.checkpoint), StepProgressBar()]
     if conf.telemetry.enabled:
         callbacks.append(CollectiveTelemetry(log_every_n_steps=conf.telemetry.log_every_n_steps))
-    devices = conf.trainer.devices or layout.world_size // conf.trainer.num_nodes
+    devices = conf.trainer.devices or parallel.world_size // conf.trainer.num_nodes
     return instantiate(
         conf.trainer, strategy=strategy, logger=logger, callbacks=callbacks, devices=devices
     )
@@ -142,9 +61,9 @@ def run(conf: DictConfig) -> Path | None:
 
     log_lightning_once()
     os.environ.setdefault("WANDB_MODE", "offline")
-    layout = build_layout(conf.parallel)  # the one layout of this run
-    check_train_config(conf, layout)
-    check_before_launch(conf, layout)
+    parallel = build_layout(conf.parallel)  # the one layout of this run
+    check_train_config(conf, parallel)
+    check_before_launch(conf, parallel)
     datamodule = instantiate(conf.data)
     check_data_fits_model(datamodule.video_shape, conf.model)
     names = getattr(datamodule.train_set, "shape_names", None)  # latents have no classes
@@ -154,8 +73,8 @@ def run(conf: DictConfig) -> Path | None:
         video_shape=list(datamodule.video_shape),
         _convert_="all",
     )
-    trainer = build_trainer(conf, layout)
-    print(f"vidpar: {layout.describe()}; output in {conf.output_dir}")
+    trainer = build_trainer(conf, parallel)
+    print(f"vidpar: {parallel.describe()}; output in {conf.output_dir}")
     with job_wandb_run(conf):
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=conf.ckpt_path)

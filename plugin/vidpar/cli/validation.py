@@ -1,40 +1,44 @@
-"""The command-line values of ``vidpar-train`` and ``vidpar-generate``, checked in the main
-process before any worker starts; each mistake is one :class:`UserError` paragraph that
-names the override to change."""
+"""``vidpar-train``'s values, checked in the main process before any worker starts: the
+schedule, the checkpoint cadence, the data's sizes and the checkpoint to resume (the model
+itself: :mod:`vidpar.cli.validation_model`); each mistake is one :class:`UserError`
+paragraph that names the override to change. ``vidpar-generate``'s checks are
+:mod:`vidpar.cli.validation_generate`."""
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from vidpar.cli.hydra_setup import UserError
+from vidpar.cli.validation_model import (
+    BUILT_IN_DATA,
+    LATENTS_DATA,
+    check_model_before_launch,
+    model_patch_size,
+)
 from vidpar.config import ParallelConfig
 from vidpar.data.moving_shapes import SHAPES
+from vidpar.distributed.checkpoint import TRAINER_STATE, is_complete
+from vidpar.distributed.checkpoint_integrity import CorruptCheckpointError, verify
+from vidpar.distributed.checkpoint_signing import UntrustedCheckpointError
+from vidpar.distributed.checkpoint_state import load_trainer_state
+from vidpar.distributed.checkpoint_store import resolve
 from vidpar.nn.dit import DiTConfig
-
-#: The data modules whose keys :func:`check_data` knows.
-BUILT_IN_DATA = "vidpar.data.MovingShapesDataModule"
-LATENTS_DATA = "vidpar.data.LatentsDataModule"
 
 
 def is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-# vidpar-train ----------------------------------------------------------------------------
-
-
-def check_train_config(conf: DictConfig, layout: ParallelConfig) -> None:
+def check_train_config(conf: DictConfig, parallel: ParallelConfig) -> None:
     """Steps, epochs, validation and checkpoint cadence, and the data's sizes."""
     check_schedule(conf.trainer)
     check_checkpoint_cadence(conf.checkpoint, conf.trainer.max_steps)
     if conf.get("data") is not None:
-        check_data(conf.data, conf.get("model"), layout)
+        check_data(conf.data, conf.get("model"), parallel)
 
 
 def check_schedule(trainer: DictConfig) -> None:
@@ -86,13 +90,23 @@ def _check_val_check_interval(trainer: DictConfig) -> None:
 
 
 def check_checkpoint_cadence(checkpoint: DictConfig, max_steps: int) -> None:
-    """``checkpoint.keep_last`` (at least 1), and ``checkpoint.every_n_train_steps``: null
-    (after every epoch), 0 (never) or a positive number of steps that the run reaches."""
+    """``checkpoint.keep_last`` (at least 1), ``checkpoint.every_n_minutes`` (a positive
+    number of minutes, or null) and ``checkpoint.every_n_train_steps``: null (after every
+    epoch), 0 (never) or a positive number of steps that the run reaches."""
     keep = checkpoint.get("keep_last", 1)
     if not is_int(keep) or keep < 1:
         raise UserError(
             f"checkpoint.keep_last={keep} is not a number of checkpoint versions to keep. Set "
             "checkpoint.keep_last to 1 (only the newest) or more."
+        )
+    minutes = checkpoint.get("every_n_minutes")
+    if minutes is not None and (
+        not isinstance(minutes, int | float) or isinstance(minutes, bool) or minutes <= 0
+    ):
+        raise UserError(
+            f"checkpoint.every_n_minutes={minutes} is not a number of minutes. Set it to a "
+            "positive number (checkpoint.every_n_minutes=30 saves last.ckpt every half "
+            "hour of training), or null for no time-based saves."
         )
     every = checkpoint.get("every_n_train_steps")
     if every is None:
@@ -111,7 +125,7 @@ def check_checkpoint_cadence(checkpoint: DictConfig, max_steps: int) -> None:
         )
 
 
-def check_data(data: DictConfig, model: DictConfig | None, layout: ParallelConfig) -> None:
+def check_data(data: DictConfig, model: DictConfig | None, parallel: ParallelConfig) -> None:
     """The built-in data's sizes: a batch for every dp replica, clips the dataset can draw
     and the model's patch divides."""
     target = data.get("_target_")
@@ -121,7 +135,7 @@ def check_data(data: DictConfig, model: DictConfig | None, layout: ParallelConfi
     if target != BUILT_IN_DATA:
         return
     _check_at_least(data, (("batch_size", 1), ("num_workers", 0), ("num_val", 1)))
-    batch, dp = data.batch_size, layout.dp
+    batch, dp = data.batch_size, parallel.dp
     if not is_int(data.num_train) or data.num_train < batch * dp:
         raise UserError(
             f"data.num_train={data.num_train} clips cannot fill one global batch of "
@@ -167,84 +181,66 @@ def _check_at_least(data: DictConfig, bounds: tuple[tuple[str, int], ...]) -> No
             )
 
 
-def model_patch_size(model: DictConfig | None) -> tuple[int, int, int]:
-    dit = model.get("dit") if model is not None else None
-    patch = dit.get("patch_size") if dit is not None else None
-    return tuple(patch) if patch is not None else DiTConfig().patch_size
+# The checkpoint to resume --------------------------------------------------------------
 
 
-# vidpar-generate -------------------------------------------------------------------------
-
-#: The ``vidpar-generate`` override of each argument of ``VideoGenerator.generate``.
-GENERATE_OVERRIDES = {"prompt_or_class": "labels"}
-
-
-def generate_labels(labels: Any) -> list[int | str]:
-    """``labels=[0,1]``, ``labels=[circle,square]`` or a single ``labels=2`` / ``labels=ring``
-    as a list (a bare string is one class, not its letters)."""
-    if isinstance(labels, ListConfig):
-        return list(OmegaConf.to_container(labels))
-    if isinstance(labels, list | tuple):
-        return list(labels)
-    return [labels]
+def check_before_launch(conf: DictConfig, parallel: ParallelConfig) -> None:
+    """Every mistake we can see from the config and its files fails here, before any
+    process starts: the model, its optimizer and devices, the data against the model, and
+    the checkpoint to resume (:func:`check_train_config` checks the run's settings)."""
+    check_model_before_launch(conf, parallel)
+    check_resume(conf)
 
 
-def check_generate_request(
-    conf: DictConfig, dit_config: DiTConfig, data_info: Mapping[str, Any]
-) -> tuple[list[int], tuple[int, int, int, int]]:
-    """Every argument of the generation ``conf`` asks for, checked against the model the
-    checkpoint holds; returns the labels and video shape ``(C, T, H, W)``."""
-    from vidpar.pipelines.generator import RequestError, plan_request
-
-    try:
-        return plan_request(
-            dit_config,
-            data_info,
-            generate_labels(conf.labels),
-            num_frames=conf.num_frames,
-            height=conf.height,
-            width=conf.width,
-            steps=conf.steps,
-            guidance_scale=conf.guidance_scale,
-            seed=conf.seed,
-            output=conf.output,
+def check_resume(conf: DictConfig) -> None:
+    """``ckpt_path``: a complete checkpoint, intact, signed by this user (or trusted), of the
+    model the config describes."""
+    if conf.ckpt_path is None:
+        return
+    if not is_complete(Path(conf.ckpt_path)):
+        raise UserError(
+            f"ckpt_path={conf.ckpt_path} is not a complete vidpar checkpoint (a directory with "
+            "trainer_state.pt and DCP metadata). Point it at a checkpoints/*.ckpt directory "
+            "of an earlier run, or drop ckpt_path to start fresh."
         )
-    except RequestError as err:
-        key = GENERATE_OVERRIDES.get(err.argument, err.argument)
-        raise UserError(f"{key}={conf[key]} cannot be generated: {err}. Change {key}.") from None
+    ckpt = resolve(conf.ckpt_path)
+    try:  # the signature, every file's size and checksums, before any worker starts
+        verify(ckpt, trust=bool(conf.get("trust_checkpoint", False)))
+    except (CorruptCheckpointError, UntrustedCheckpointError) as err:
+        raise UserError(str(err)) from None
+    check_checkpoint_model(ckpt, conf.model)
 
 
-def check_generate_resources(
-    conf: DictConfig,
-    dit_config: DiTConfig,
-    layout: ParallelConfig,
-    labels: list[int],
-    shape: tuple[int, int, int, int],
-) -> None:
-    """``output`` can be written (folder, permissions, free space for the video) and the
-    sampling fits this machine's memory, before the generator starts its workers."""
-    from vidpar.pipelines.preflight import check_generation
-
-    preflight(
-        check_generation,
-        dit_config,
-        len(labels),
-        shape,
-        layout,
-        guided=conf.guidance_scale != 1.0,
-        output=conf.output,
-        device="cuda" if torch.cuda.is_available() else "cpu",
-    )
+#: DiT settings that change how it runs, not its weights: free to differ on resume.
+RESUMABLE_DIT_CHANGES = frozenset({"activation_checkpointing", "compile"})
 
 
-def preflight(check, *args, **kwargs) -> None:
-    """Run a :mod:`vidpar.pipelines.preflight` check (output path, memory) before the
-    workers start; its failure becomes a :class:`UserError` naming what to change."""
-    from vidpar.pipelines.preflight import PreflightError
-
+def check_checkpoint_model(ckpt: Path, model: DictConfig) -> None:
+    """A checkpoint resumes only into the model it was written by: name the settings that
+    differ (DiT sizes, and whether there is an EMA copy) as command-line overrides."""
     try:
-        check(*args, **kwargs)
-    except PreflightError as err:
-        if err.argument == "output":
-            raise UserError(f"{err}. Change output (e.g. output=samples.mp4).") from None
-        raise UserError(f"{err}.") from None
+        hparams = load_trainer_state(ckpt / TRAINER_STATE).get("hyper_parameters", {})
+    except ValueError as err:
+        raise UserError(f"ckpt_path={ckpt}: {err}") from None
+    if "dit" not in hparams or "dit" not in model:
+        return
+    saved = asdict(DiTConfig.from_saved(hparams["dit"]))
+    wanted = asdict(DiTConfig(**OmegaConf.to_container(model.dit, resolve=True)))
+    overrides = [
+        f"model.dit.{key}={_as_override(saved[key])}"
+        for key in saved
+        if saved[key] != wanted[key] and key not in RESUMABLE_DIT_CHANGES
+    ]
+    saved_ema = hparams.get("ema_decay", 0.0)
+    if (saved_ema > 0) != (model.get("ema_decay", 0.0) > 0):
+        overrides.append(f"model.ema_decay={saved_ema}")
+    if overrides:
+        raise UserError(
+            f"ckpt_path={ckpt} was written by a different model than the config describes. "
+            f"Resume with its settings ({' '.join(overrides)}), or drop ckpt_path to start "
+            "fresh."
+        )
+
+
+def _as_override(value: object) -> str:
+    return "[" + ",".join(map(str, value)) + "]" if isinstance(value, tuple | list) else str(value)

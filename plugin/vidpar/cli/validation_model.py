@@ -14,11 +14,21 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vidpar.cli.hydra_setup import UserError
-from vidpar.cli.validation import BUILT_IN_DATA, LATENTS_DATA, model_patch_size
 from vidpar.config import ParallelConfig
 from vidpar.models.plan import check_heads
 from vidpar.nn.activation_checkpointing import check_checkpointing
 from vidpar.nn.dit import DiTConfig
+
+#: The data modules whose keys :func:`vidpar.cli.validation.check_data` knows.
+BUILT_IN_DATA = "vidpar.data.MovingShapesDataModule"
+LATENTS_DATA = "vidpar.data.LatentsDataModule"
+
+
+def model_patch_size(model: DictConfig | None) -> tuple[int, int, int]:
+    """The DiT's ``patch_size`` in ``model`` (the default DiT's without one)."""
+    dit = model.get("dit") if model is not None else None
+    patch = dit.get("patch_size") if dit is not None else None
+    return tuple(patch) if patch is not None else DiTConfig().patch_size
 
 
 def diffusers_config(model: DictConfig) -> tuple[dict[str, Any], str]:
@@ -56,11 +66,12 @@ def model_facts(model: DictConfig) -> tuple[int, int, str]:
     return config["num_attention_heads"], config["in_channels"], source
 
 
-def check_dit_config(dit: DictConfig, layout: ParallelConfig) -> None:
-    """``model.dit`` builds a DiTConfig, and its checkpointing works under ``layout``."""
+def check_dit_config(dit: DictConfig, parallel: ParallelConfig) -> None:
+    """``model.dit`` builds a DiTConfig, and its checkpointing works under the layout
+    ``parallel``."""
     try:
         config = DiTConfig(**OmegaConf.to_container(dit, resolve=True))
-        check_checkpointing(config.activation_checkpointing, layout.ring)
+        check_checkpointing(config.activation_checkpointing, parallel.ring)
     except (TypeError, ValueError) as err:
         raise UserError(f"model.dit: {err}") from None
 
@@ -105,23 +116,23 @@ def check_optimizer(model: DictConfig) -> None:
         )
 
 
-def check_model_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:
+def check_model_before_launch(conf: DictConfig, parallel: ParallelConfig) -> None:
     """The model (its class, heads against the layout, DiT settings), its optimizer, the
     devices the layout needs, and a latents folder against the model's sizes."""
     heads, _, source = model_facts(conf.model)
     try:
         if "dit" in conf.model:
-            layout.check_heads(heads)
+            parallel.check_heads(heads)
         else:  # a diffusers model: its plan splits heads over tp evenly
-            check_heads(layout, heads)
+            check_heads(parallel, heads)
     except ValueError as err:
         raise UserError(f"The model does not fit the layout: {err} (from {source}).") from None
     if "dit" in conf.model:
-        check_dit_config(conf.model.dit, layout)
+        check_dit_config(conf.model.dit, parallel)
     check_optimizer(conf.model)
-    if conf.trainer.accelerator == "gpu" and torch.cuda.device_count() < layout.world_size:
+    if conf.trainer.accelerator == "gpu" and torch.cuda.device_count() < parallel.world_size:
         raise UserError(
-            f"The layout {layout.describe()} needs {layout.world_size} GPUs, but this machine "
+            f"The layout {parallel.describe()} needs {parallel.world_size} GPUs, but this machine "
             f"has {torch.cuda.device_count()}. Use a smaller layout (e.g. parallel=sp2), or "
             "trainer=cpu to run the same layout with CPU processes."
         )
@@ -133,7 +144,7 @@ def check_model_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:
         and data.path is not None
     ):
         check_latents_fit_model(data, conf.model)
-    check_training_memory(conf, layout)
+    check_training_memory(conf, parallel)
 
 
 def _sample_shape(data: DictConfig | None) -> tuple[int, ...] | None:
@@ -147,7 +158,7 @@ def _sample_shape(data: DictConfig | None) -> tuple[int, ...] | None:
     return None
 
 
-def check_training_memory(conf: DictConfig, layout: ParallelConfig) -> None:
+def check_training_memory(conf: DictConfig, parallel: ParallelConfig) -> None:
     """A training step's memory by :mod:`vidpar.pipelines.preflight`'s conservative
     estimate (weights, gradients and Adam's moments over tp; one sample batch's
     activations over sp) against this machine's, before any worker starts."""
@@ -180,10 +191,10 @@ def check_training_memory(conf: DictConfig, layout: ParallelConfig) -> None:
     batch = conf.data.batch_size
     params = transformer_params(hidden, depth, ffn)
     per_worker = (
-        params * (TRAIN_BYTES_PER_PARAM + (FLOAT_BYTES if ema else 0)) // layout.tp
+        params * (TRAIN_BYTES_PER_PARAM + (FLOAT_BYTES if ema else 0)) // parallel.tp
         + transformer_bytes(
             batch,
-            local_share(tokens, layout.ulysses * layout.ring),
+            local_share(tokens, parallel.ulysses * parallel.ring),
             hidden,
             depth,
             training=True,
@@ -199,11 +210,11 @@ def check_training_memory(conf: DictConfig, layout: ParallelConfig) -> None:
     try:
         check_memory(
             per_worker,
-            layout.world_size,
+            parallel.world_size,
             "cuda" if conf.trainer.accelerator == "gpu" else "cpu",
             "size",
             f"A training step of about {params / 1e6:.0f}M parameters on data.batch_size="
-            f"{batch} samples of {tokens} tokens ({c}×{t}×{h}×{w}) with {layout.describe()}",
+            f"{batch} samples of {tokens} tokens ({c}×{t}×{h}×{w}) with {parallel.describe()}",
             f"Lower data.batch_size or the sample size, set {checkpoint_override}, or split "
             "the model over more devices (parallel.tp, parallel.sp)",
         )

@@ -5,9 +5,9 @@ A checkpoint is a directory: DCP's files for the model and optimizer states,
 epoch; plain values and tensors only, :mod:`~vidpar.distributed.checkpoint_state`) and a
 manifest of every file's size and checksums, signed with the user's key
 (:mod:`~vidpar.distributed.checkpoint_integrity`). Tensor-parallel shards (parameters
-carrying ``tensor_parallel_dim``) are saved as DTensors over the tp mesh dimension (shards
-of uneven size, whole heads that tp does not divide, as ShardedTensors stating each rank's
-offset), so a checkpoint loads into any tp/sp layout, a single process included. A save
+carrying ``tensor_parallel_dim``) are saved as pieces of the full tensors
+(:mod:`~vidpar.distributed.checkpoint_tp`), so a checkpoint loads into any tp/sp layout, a
+single process included. A save
 never touches the previous checkpoint: it writes a new version beside it and switches a
 pointer atomically (:mod:`~vidpar.distributed.checkpoint_store`), and it refuses to run
 when a weight is not finite, so a diverged model never replaces a good checkpoint. A load
@@ -23,18 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed._shard.sharded_tensor import Shard as LocalShard
-from torch.distributed._shard.sharded_tensor import (
-    ShardedTensor,
-    ShardMetadata,
-    init_from_local_shards,
-)
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
 from vidpar.distributed import checkpoint_integrity as integrity
 from vidpar.distributed import checkpoint_store as store
@@ -43,7 +32,14 @@ from vidpar.distributed.checkpoint_integrity import CorruptCheckpointError
 from vidpar.distributed.checkpoint_signing import UntrustedCheckpointError
 from vidpar.distributed.checkpoint_state import load_trainer_state, save_trainer_state
 from vidpar.distributed.checkpoint_store import DCP_METADATA, TRAINER_STATE, is_complete
-from vidpar.distributed.full_weights import shard_sizes
+from vidpar.distributed.checkpoint_tp import (
+    local_shard,
+    model_state,
+    optimizer_state,
+    tp_dims,
+    tp_sizes,
+    unwrap_tp,
+)
 from vidpar.distributed.group import GroupCoordinator
 
 __all__ = [
@@ -86,112 +82,6 @@ class CheckpointWriteError(OSError):
         return (type(self), (self.path, self.reason, self.kept))
 
 
-def _tp_dims(module: torch.nn.Module) -> dict[str, int]:
-    return {
-        name: param.tensor_parallel_dim
-        for name, param in module.named_parameters()
-        if getattr(param, "tensor_parallel_dim", None) is not None
-    }
-
-
-def _tp_mesh():
-    state = ps.get_parallel_state()
-    return state.mesh["tp"] if state.config.tp > 1 else None
-
-
-def _tp_sizes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Every tp rank's size of the shards split unevenly (whole heads), by name."""
-    return {
-        name: sizes for name, param in module.named_parameters() if (sizes := shard_sizes(param))
-    }
-
-
-def _as_global(
-    tensor: torch.Tensor, dim: int, mesh, sizes: tuple[int, ...] | None = None
-) -> DTensor | ShardedTensor:
-    """This rank's tp shard as a piece of the full tensor: a DTensor, or for uneven
-    ``sizes`` a ShardedTensor that states this rank's offset (DTensor places uneven
-    shards as ``torch.chunk`` does, not whole heads with the first ranks one more)."""
-    shape = list(tensor.shape)
-    if sizes is not None:
-        rank = mesh.get_local_rank()
-        offsets = [0] * tensor.dim()
-        offsets[dim] = sum(sizes[:rank])
-        shape[dim] = sum(sizes)
-        where = ShardMetadata(
-            offsets, list(tensor.shape), f"rank:{dist.get_rank()}/{tensor.device}"
-        )
-        return init_from_local_shards(
-            [LocalShard(tensor, where)], shape, process_group=mesh.get_group()
-        )
-    shape[dim] *= mesh.size()
-    return DTensor.from_local(
-        tensor,
-        mesh,
-        [Shard(dim)],
-        run_check=False,
-        shape=torch.Size(shape),
-        stride=torch.empty(shape, device="meta").stride(),
-    )
-
-
-def _model_state(module: torch.nn.Module) -> dict[str, Any]:
-    """The module's state, tp shards wrapped as DTensors (sharing the parameters' storage)."""
-    state = module.state_dict()
-    mesh = _tp_mesh()
-    if mesh is not None:
-        sizes = _tp_sizes(module)
-        for name, dim in _tp_dims(module).items():
-            if name in state:  # a module may leave frozen weights out of its state (LoRA)
-                state[name] = _as_global(state[name], dim, mesh, sizes.get(name))
-    return state
-
-
-def _optimizer_state(module: torch.nn.Module, optimizer) -> dict[str, Any]:
-    """FQN-keyed optimizer state; moments of tp shards wrapped as DTensors (in new dicts:
-    the per-parameter dicts ``get_optimizer_state_dict`` returns are the optimizer's own,
-    and the optimizer must keep its plain tensors to go on training after a save)."""
-    optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer
-    state = get_optimizer_state_dict(module, optimizer, options=StateDictOptions())
-    mesh = _tp_mesh()
-    if mesh is not None:
-        params = dict(module.named_parameters())
-        sizes = _tp_sizes(module)
-        for name, dim in _tp_dims(module).items():
-            if name not in state["state"]:
-                continue
-            state["state"][name] = {
-                key: _as_global(value, dim, mesh, sizes.get(name))
-                if isinstance(value, torch.Tensor) and value.shape == params[name].shape
-                else value
-                for key, value in state["state"][name].items()
-            }
-    return state
-
-
-def _unwrap_tp(entries: dict[str, Any], tp_names: dict[str, int]) -> dict[str, Any]:
-    """``entries`` with the tp DTensors of :func:`_model_state`/:func:`_optimizer_state`
-    back to the local shards the module holds; other DTensors (FSDP2's) stay."""
-
-    return {
-        name: (
-            {k: _local(v) for k, v in value.items()} if isinstance(value, dict) else _local(value)
-        )
-        if name in tp_names
-        else value
-        for name, value in entries.items()
-    }
-
-
-def _local(value: Any) -> Any:
-    """The local shard of a DTensor or ShardedTensor; any other value as it is."""
-    if isinstance(value, DTensor):
-        return value.to_local()
-    if isinstance(value, ShardedTensor):
-        return value.local_shards()[0].tensor
-    return value
-
-
 def save_sharded(
     path: Path,
     module: torch.nn.Module,
@@ -205,10 +95,10 @@ def save_sharded(
     Raises :class:`NonFiniteWeightsError` on every rank, before writing anything, when a
     weight of ``module`` is not finite on any rank."""
     world = ps.get_world_group()
-    state = {"model": _model_state(module)}
+    state = {"model": model_state(module)}
     _refuse_non_finite(state["model"], path, world)
     for i, optimizer in enumerate(optimizers):
-        state[f"optimizer_{i}"] = _optimizer_state(module, optimizer)
+        state[f"optimizer_{i}"] = optimizer_state(module, optimizer)
     kept = store.resolve(path)
     staging = Path(_on_first_rank(lambda: str(store.prepare(path)), world))
     try:
@@ -305,7 +195,7 @@ def _refuse_non_finite(model_state: dict[str, Any], path: Path, world: GroupCoor
     tensors = {
         name: local
         for name, value in model_state.items()
-        if isinstance(local := _local(value), torch.Tensor) and local.is_floating_point()
+        if isinstance(local := local_shard(value), torch.Tensor) and local.is_floating_point()
     }
     finite = (
         torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist() if tensors else []
@@ -346,16 +236,16 @@ def load_sharded(
     world = ps.get_world_group()
     _verify_shared(path, world, trust)
     check_fits(path, module)
-    state: dict[str, Any] = {"model": _model_state(module)}
+    state: dict[str, Any] = {"model": model_state(module)}
     optimizers = [getattr(o, "_optimizer", o) for o in optimizers]
     for i, optimizer in enumerate(optimizers):
-        state[f"optimizer_{i}"] = _optimizer_state(module, optimizer)
+        state[f"optimizer_{i}"] = optimizer_state(module, optimizer)
     dcp.load(state, checkpoint_id=path, process_group=world.cpu_group)
-    tp_names = _tp_dims(module)
-    module.load_state_dict(_unwrap_tp(state["model"], tp_names))
+    tp_names = tp_dims(module)
+    module.load_state_dict(unwrap_tp(state["model"], tp_names))
     for i, optimizer in enumerate(optimizers):
         saved = state[f"optimizer_{i}"]
-        saved = {**saved, "state": _unwrap_tp(saved["state"], tp_names)}
+        saved = {**saved, "state": unwrap_tp(saved["state"], tp_names)}
         set_optimizer_state_dict(module, optimizer, optim_state_dict=saved)
     return load_trainer_state(path / TRAINER_STATE)
 
@@ -388,15 +278,15 @@ def check_fits(path: Path, module: torch.nn.Module) -> None:
     :func:`load_sharded` does."""
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     tp = ps.get_parallel_config().tp
-    tp_dims, tp_sizes = _tp_dims(module), _tp_sizes(module)
+    dims, uneven = tp_dims(module), tp_sizes(module)
     missing, reshaped = [], []
     for name, tensor in module.state_dict().items():
         entry = saved.get(f"model.{name}")
         shape = list(tensor.shape)
-        if name in tp_sizes:
-            shape[tp_dims[name]] = sum(tp_sizes[name])
-        elif name in tp_dims:
-            shape[tp_dims[name]] *= tp
+        if name in uneven:
+            shape[dims[name]] = sum(uneven[name])
+        elif name in dims:
+            shape[dims[name]] *= tp
         if entry is None:
             missing.append(name)
         elif list(getattr(entry, "size", shape)) != shape:

@@ -29,20 +29,21 @@ logger = logging.getLogger(__name__)
 
 
 class ParallelState:
-    """One process's view of a layout: the resolved ``config``, a
-    :class:`GroupCoordinator` per group name (``GROUP_DIMS``) and a ``DeviceMesh`` whose
-    dims are the layout's (``DIMS``), built from the same process groups.
+    """One process's view of a layout: the layout (``parallel``, resolved against the
+    world size), a :class:`GroupCoordinator` per group name (``GROUP_DIMS``) and a
+    ``DeviceMesh`` whose dims are the layout's (``DIMS``), built from the same process
+    groups.
 
     :meth:`group` is the one way to resolve a group.
     """
 
     def __init__(
         self,
-        config: ParallelConfig,
+        parallel: ParallelConfig,
         groups: Mapping[str, GroupCoordinator],
         mesh_groups: Mapping[str, ProcessGroup] | None = None,
     ) -> None:
-        self.config = config
+        self.parallel = parallel
         self.groups = dict(groups)
         self._mesh_groups = dict(mesh_groups or {})
         self._mesh = None
@@ -63,7 +64,7 @@ class ParallelState:
     @property
     def is_single(self) -> bool:
         """Whether this is a world of one (nothing is split, nothing communicated)."""
-        return self.config.world_size == 1
+        return self.parallel.world_size == 1
 
     @property
     def rank(self) -> int:
@@ -86,7 +87,7 @@ class ParallelState:
     def check_heads(self, num_heads: int) -> None:
         """Every rank of ulysses × tp needs a head (any count splits, unevenly if need be):
         raise ``ValueError`` naming the numbers."""
-        self.config.check_heads(num_heads)
+        self.parallel.check_heads(num_heads)
 
     @property
     def mesh(self):
@@ -96,16 +97,16 @@ class ParallelState:
             if not self._mesh_groups:
                 raise RuntimeError(
                     "this ParallelState has no process groups (a single process without "
-                    "torch.distributed): a DeviceMesh needs initialize_model_parallel(config)"
+                    "torch.distributed): a DeviceMesh needs initialize_model_parallel(parallel)"
                 )
             from torch.distributed.device_mesh import DeviceMesh
 
-            sizes = self.config.sizes
-            layout = torch.arange(self.config.world_size).view(*sizes.values())
+            sizes = self.parallel.sizes
+            ranks = torch.arange(self.parallel.world_size).view(*sizes.values())
             self._mesh = DeviceMesh.from_group(
                 [self._mesh_groups[d] for d in DIMS],
                 self.device.type,
-                layout,
+                ranks,
                 mesh_dim_names=DIMS,
             )
         return self._mesh
@@ -115,7 +116,7 @@ class ParallelState:
         return {name: list(g.ranks) for name, g in sorted(self.groups.items())}
 
     def __repr__(self) -> str:
-        return f"ParallelState({self.config.describe()}, rank={self.rank})"
+        return f"ParallelState({self.parallel.describe()}, rank={self.rank})"
 
 
 # The world ---------------------------------------------------------------------------
@@ -194,7 +195,7 @@ def _new_group(ranks: list[int], backend: str | None) -> ProcessGroup:
 
 
 def _create_groups(
-    config: ParallelConfig, world: GroupCoordinator
+    parallel: ParallelConfig, world: GroupCoordinator
 ) -> dict[tuple[int, ...], tuple[ProcessGroup, ProcessGroup]]:
     """Torch groups ``(cpu, device)`` for every rank set of the layout, each created once.
 
@@ -203,11 +204,11 @@ def _create_groups(
     their groups, and the world reuses the default group. Sets of one rank get a device
     group too when the world is larger (a ``DeviceMesh`` dim of size 1 needs one).
     """
-    world_ranks = tuple(range(config.world_size))
+    world_ranks = tuple(range(parallel.world_size))
     groups = {world_ranks: (world.cpu_group, world.device_group)}
     gloo_devices = dist.get_backend() == "gloo"
-    rank_sets = [r for name in GROUP_DIMS for r in config.group_ranks(name)]
-    rank_sets += [[r] for r in range(config.world_size)]
+    rank_sets = [r for name in GROUP_DIMS for r in parallel.group_ranks(name)]
+    rank_sets += [[r] for r in range(parallel.world_size)]
     for ranks in rank_sets:
         key = tuple(ranks)
         if key in groups:
@@ -218,32 +219,36 @@ def _create_groups(
     return groups
 
 
-def initialize_model_parallel(config: ParallelConfig, communicator: str = "auto") -> ParallelState:
-    """Build every group of ``config`` and make it the current :class:`ParallelState`.
+def initialize_model_parallel(
+    parallel: ParallelConfig, communicator: str = "auto"
+) -> ParallelState:
+    """Build every group of the layout ``parallel`` and make it the current
+    :class:`ParallelState`, whose ``parallel`` is the one resolved layout from then on.
 
-    Every process of the world must call this with the same config; a config whose world
-    size differs from the real one is resolved against it (dp inferred) once, here.
+    Every process of the world must call this with the same layout. One not yet resolved
+    against this world (``world_size`` unset, or ``dp=-1`` from a smaller world) is
+    resolved here, where the world size is known; a resolved one is taken as it is.
     """
     global _STATE
     if _ENV_WORLD is None:
         raise RuntimeError("call init_distributed_environment() before initialize_model_parallel()")
     if _STATE is not None:
         raise RuntimeError("model parallel groups are already initialised; destroy them first")
-    config = config.resolve(dist.get_world_size())
+    parallel = parallel.resolve(dist.get_world_size())
     rank, world = dist.get_rank(), _ENV_WORLD
-    torch_groups = _create_groups(config, world)
+    torch_groups = _create_groups(parallel, world)
     coordinators = {"world": world}
     for name in GROUP_DIMS:
         if name != "world":
-            ranks = config.group_of(name, rank)
+            ranks = parallel.group_of(name, rank)
             cpu_group, device_group = torch_groups[tuple(ranks)]
             coordinators[name] = GroupCoordinator(
                 name, ranks, cpu_group, device_group, world.device, communicator
             )
-    mesh_groups = {dim: torch_groups[tuple(config.group_of(dim, rank))][1] for dim in DIMS}
-    _STATE = ParallelState(config, coordinators, mesh_groups)
+    mesh_groups = {dim: torch_groups[tuple(parallel.group_of(dim, rank))][1] for dim in DIMS}
+    _STATE = ParallelState(parallel, coordinators, mesh_groups)
     logger.info(
-        "vidpar layout %s; rank %d at %s", config.describe(), rank, config.coordinates(rank)
+        "vidpar layout %s; rank %d at %s", parallel.describe(), rank, parallel.coordinates(rank)
     )
     return _STATE
 
@@ -303,12 +308,13 @@ def destroy_distributed_environment() -> None:
 
 @contextlib.contextmanager
 def parallel_context(
-    config: ParallelConfig, communicator: str = "auto", **init_kwargs: Any
+    parallel: ParallelConfig, communicator: str = "auto", **init_kwargs: Any
 ) -> Iterator[ParallelState]:
-    """Join the world, build the layout's groups, and tear both down on exit."""
+    """Join the world, build the groups of the layout ``parallel``, and tear both down on
+    exit."""
     init_distributed_environment(**init_kwargs)
     try:
-        yield initialize_model_parallel(config, communicator)
+        yield initialize_model_parallel(parallel, communicator)
     finally:
         destroy_distributed_environment()
 
@@ -367,7 +373,9 @@ def get_replica_group() -> GroupCoordinator:
 
 
 def get_parallel_config() -> ParallelConfig:
-    return get_parallel_state().config
+    """The current layout (``get_parallel_state().parallel``; the name users of vLLM and
+    FastVideo know)."""
+    return get_parallel_state().parallel
 
 
 def get_device_mesh():

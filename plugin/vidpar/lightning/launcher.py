@@ -49,7 +49,7 @@ if TYPE_CHECKING:
         """What the launcher reads of :class:`vidpar.lightning.strategy.VidParStrategy`
         (declared here, so that the launcher and the strategy do not import each other)."""
 
-        parallel_config: ParallelConfig
+        parallel: ParallelConfig
         communicator: str
         heartbeat_timeout_s: float | None
         checkpoint_on_interrupt: bool
@@ -82,7 +82,7 @@ class VidParLauncher(_MultiProcessingLauncher):
         fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
         graceful = fitting and strategy.checkpoint_on_interrupt
         executor = Executor(
-            strategy.parallel_config,
+            strategy.parallel,
             devices=[str(d) for d in strategy.parallel_devices],
             communicator=strategy.communicator,
             dist_timeout=strategy._timeout,

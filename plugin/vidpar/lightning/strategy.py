@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 
 # Private Lightning helpers used as DDPStrategy uses them (no public equivalent): the
 # "is torch.distributed up" check, and moving optimizer state to the root device.
@@ -17,17 +13,15 @@ from lightning.fabric.utilities.distributed import _distributed_is_initialized
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
-from torch.nn.parallel import DistributedDataParallel
 
 from vidpar.config import PRESETS, ParallelConfig
-from vidpar.distributed import checkpoint as vidpar_checkpoint
 from vidpar.distributed import state as ps
 from vidpar.distributed import telemetry
-from vidpar.distributed.grad_clip import clip_grad_norm_
-from vidpar.distributed.group import GroupCoordinator
-from vidpar.distributed.telemetry import CollectiveRecord
 from vidpar.executor.executor import HEARTBEAT_TIMEOUT_S
+from vidpar.lightning.checkpoint_io import ShardedCheckpoints
+from vidpar.lightning.grad_reduction import reduce_over_replicas
 from vidpar.lightning.launcher import VidParLauncher
+from vidpar.lightning.precision import with_tensor_parallel_clipping
 from vidpar.lightning.supervision import RunSupervisor
 from vidpar.nn.attention import DistributedAttention
 from vidpar.nn.linear import TensorParallelModule
@@ -35,20 +29,23 @@ from vidpar.nn.linear import TensorParallelModule
 _DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 
-class VidParStrategy(DDPStrategy):
+class VidParStrategy(ShardedCheckpoints, DDPStrategy):
     """Lightning strategy over vidpar's layout ``dp × cfg × ring × ulysses × tp``.
 
-    ``setup_environment`` joins torch.distributed and builds every group, so
-    ``LightningModule.configure_model`` can build tensor/sequence-parallel layers through
-    :mod:`vidpar.distributed.state`'s getters and ``self.device_mesh``. Batches
-    are sharded over dp only; gradients are summed over sp and averaged over dp by torch's
-    DDP (``data_parallel="ddp"``) or FSDP2 (``"fsdp"``) on the dp × sp sub-group.
+    The layout (``parallel``) is resolved against the Trainer's processes once, when the
+    Trainer configures the strategy; ``setup_environment`` joins torch.distributed and
+    builds every group (or finds them built by the launcher's workers, and raises if they
+    are another layout's), so ``LightningModule.configure_model`` can build
+    tensor/sequence-parallel layers through :mod:`vidpar.distributed.state`'s getters and
+    ``self.device_mesh``. Batches are sharded over dp only; gradients are summed over sp
+    and averaged over dp by torch's DDP (``data_parallel="ddp"``) or FSDP2 (``"fsdp"``) on
+    the dp × sp sub-group (:mod:`vidpar.lightning.grad_reduction`); under tp, norm
+    clipping takes the global norm (:mod:`vidpar.lightning.precision`).
     Checkpoints are sharded directories written with ``torch.distributed.checkpoint``, each
     save a new version that replaces the previous one atomically
-    (:mod:`vidpar.distributed.checkpoint_store`); ``checkpoint_keep_last`` versions of every
-    checkpoint are kept (set by :class:`~vidpar.lightning.VidParModelCheckpoint`). A
-    checkpoint is resumed only when signed with this user's key, or with
-    ``trust_checkpoint`` (:mod:`vidpar.distributed.checkpoint_signing`).
+    (:mod:`vidpar.lightning.checkpoint_io`); a checkpoint is resumed only when signed with
+    this user's key, or with ``trust_checkpoint``
+    (:mod:`vidpar.distributed.checkpoint_signing`).
 
     Liveness and interrupts (on one machine, where the launcher's Executor runs the
     workers): a worker silent for ``heartbeat_timeout_s`` seconds (``None``: never) fails the
@@ -91,10 +88,12 @@ class VidParStrategy(DDPStrategy):
                 f"pass the layout either as parallel=ParallelConfig(...) or as sizes "
                 f"({', '.join(f'{k}={v}' for k, v in sizes.items())}), not both"
             )
-        self.parallel_config = parallel if parallel is not None else ParallelConfig(**sizes)
-        if data_parallel == "fsdp" and self.parallel_config.tp > 1:
+        #: The layout: as given until the Trainer configures the strategy, then resolved
+        #: against its processes (the groups' own copy is ``parallel_state.parallel``).
+        self.parallel = parallel if parallel is not None else ParallelConfig(**sizes)
+        if data_parallel == "fsdp" and self.parallel.tp > 1:
             raise NotImplementedError(
-                f"data_parallel='fsdp' with tp({self.parallel_config.tp}) > 1 is not supported "
+                f"data_parallel='fsdp' with tp({self.parallel.tp}) > 1 is not supported "
                 "yet: FSDP2 turns the tensor-parallel shards into DTensors of the dp × sp mesh "
                 "and their tp layout would be lost in checkpoints. Use data_parallel='ddp' with "
                 "tp, or fsdp with sp/dp."
@@ -102,8 +101,6 @@ class VidParStrategy(DDPStrategy):
         self.data_parallel = data_parallel
         self.communicator = communicator
         self.telemetry = telemetry
-        #: Versions of every checkpoint kept on disk (the current one included).
-        self.checkpoint_keep_last = 1
         if heartbeat_timeout_s is not None and not heartbeat_timeout_s > 0:
             raise ValueError(
                 f"heartbeat_timeout_s must be positive or None, got {heartbeat_timeout_s}"
@@ -115,11 +112,11 @@ class VidParStrategy(DDPStrategy):
 
     # Layout ------------------------------------------------------------------------
 
-    def _checked_config(self) -> ParallelConfig:
+    def _resolved_layout(self) -> ParallelConfig:
         """The layout resolved against the processes the Trainer will run."""
         world = self.num_processes * self.num_nodes
         try:
-            return self.parallel_config.resolve(world)
+            return self.parallel.resolve(world)
         except ValueError as err:
             raise ValueError(
                 f"{err}. The Trainer runs {self.num_nodes} node(s) × {self.num_processes} "
@@ -145,7 +142,9 @@ class VidParStrategy(DDPStrategy):
         return {"num_replicas": dp_group.world_size, "rank": dp_group.rank_in_group}
 
     def _configure_launcher(self) -> None:
-        self.parallel_config = self._checked_config()
+        """Called once by the Trainer, where the world size is known (devices × nodes): the
+        one place the layout is resolved."""
+        self.parallel = self._resolved_layout()
         if self.cluster_environment.creates_processes_externally:
             self._launcher = None  # torchrun / SLURM: every process is already a worker
         else:
@@ -154,15 +153,20 @@ class VidParStrategy(DDPStrategy):
     def setup_environment(self) -> None:
         """Join torch.distributed and build the layout's state, unless the launcher's
         workers already did (then Lightning's own join is skipped too); under torchrun or
-        SLURM, Lightning joins and the state is built here."""
+        SLURM, Lightning joins and the state is built here. Groups already in place for
+        another layout raise ``ValueError`` naming both (they are never rebuilt behind
+        whoever built them)."""
         super().setup_environment()
         ps.init_distributed_environment()
-        config = self._checked_config()
-        if ps.model_parallel_is_initialized() and ps.get_parallel_config() != config:
-            ps.destroy_model_parallel()
         if not ps.model_parallel_is_initialized():
-            ps.initialize_model_parallel(config, self.communicator)
-        self.parallel_config = config
+            ps.initialize_model_parallel(self.parallel, self.communicator)
+        elif (in_place := ps.get_parallel_state().parallel) != self.parallel:
+            raise ValueError(
+                f"VidParStrategy(parallel=...) is the layout {self.parallel.describe()}, but "
+                f"this process's groups are already built for {in_place.describe()}. Pass the "
+                "strategy the layout of the groups in place, or call "
+                "vidpar.distributed.destroy_model_parallel() before the Trainer runs."
+            )
         if self.telemetry:
             telemetry.start_recording()
         if self.lightning_module is not None:
@@ -172,7 +176,13 @@ class VidParStrategy(DDPStrategy):
 
     def setup(self, trainer) -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING
-        check_model_splits(self.lightning_module, self.parallel_state.config)
+        if self.parallel_state.parallel.tp > 1:
+            # Norm clipping by the global norm of the tp shards (FSDP2, whose DTensor
+            # gradients torch's clipping knows, never runs with tp).
+            self.precision_plugin = with_tensor_parallel_clipping(
+                self.precision_plugin, self.lightning_module
+            )
+        check_model_splits(self.lightning_module, self.parallel_state.parallel)
         if not any(isinstance(c, RunSupervisor) for c in trainer.callbacks):
             trainer.callbacks.append(RunSupervisor(self.checkpoint_on_interrupt))
         self.accelerator.setup(trainer)
@@ -187,22 +197,6 @@ class VidParStrategy(DDPStrategy):
         self.setup_precision_plugin()
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
-            self._clip_with_tp_shards()
-
-    def _clip_with_tp_shards(self) -> None:
-        """Under tp, Lightning's norm clipping would see each rank's shards alone, and tp
-        ranks would clip by different factors: the precision plugin's norm clipping is
-        replaced (on this strategy's own plugin instance; Lightning has no hook for it)
-        by one over the global norm. FSDP2's DTensor gradients keep torch's clipping."""
-        if self.parallel_state.config.tp == 1:
-            return
-        module = self.lightning_module
-
-        def clip_grad_by_norm(optimizer, clip_val: float) -> None:
-            parameters = list(self.precision_plugin.main_params(optimizer))
-            clip_grad_norm_(module, parameters, float(clip_val))
-
-        self.precision_plugin.clip_grad_by_norm = clip_grad_by_norm
 
     def _sync_replicas(self, fitting: bool) -> None:
         """Make replicas equal: tp-replicated parameters from tp rank 0, and (when not
@@ -219,22 +213,12 @@ class VidParStrategy(DDPStrategy):
                     replica_group.broadcast(tensor.data, src=0)
 
     def configure_ddp(self) -> None:
-        state = self.parallel_state
-        replicas, dp_size = state.group("dp_sp"), state.config.dp
-        if replicas.world_size == 1:
-            return  # pure tensor parallelism: no gradient to reduce across replicas
-        if self.data_parallel == "fsdp":
-            self.model = _fully_shard(self.model, replicas, dp_size)
-            return
-        self.model = self._setup_model(self.model)
-        self.model.register_comm_hook((replicas.device_group, dp_size), _sum_over_sp_mean_over_dp)
-
-    def _setup_model(self, model: torch.nn.Module) -> DistributedDataParallel:
-        device_ids = self.determine_ddp_device_ids()
-        return DistributedDataParallel(
-            module=model,
-            device_ids=device_ids,
-            process_group=self.parallel_state.group("dp_sp").device_group,
+        """Gradients summed over sp and averaged over dp (nothing to do for one replica)."""
+        self.model = reduce_over_replicas(
+            self.model,
+            self.parallel_state,
+            self.data_parallel,
+            self.determine_ddp_device_ids(),
             **self._ddp_kwargs,
         )
 
@@ -248,53 +232,6 @@ class VidParStrategy(DDPStrategy):
         if not _distributed_is_initialized():
             return obj
         return self.parallel_state.group("world").broadcast_object(obj, src=src)
-
-    # Checkpoints -------------------------------------------------------------------
-
-    @property
-    def restore_checkpoint_after_setup(self) -> bool:
-        return True
-
-    @property
-    def lightning_restore_optimizer(self) -> bool:
-        return False
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None
-    ) -> None:
-        if storage_options is not None:
-            raise TypeError("VidParStrategy.save_checkpoint does not take storage_options")
-        path = Path(self.broadcast(str(filepath)))
-        checkpoint.pop("state_dict", None)
-        checkpoint.pop("optimizer_states", None)
-        vidpar_checkpoint.save_sharded(
-            path,
-            self.lightning_module,
-            list(self.optimizers),
-            checkpoint,
-            keep_last=self.checkpoint_keep_last,
-        )
-
-    def load_checkpoint(
-        self, checkpoint_path: str | Path, weights_only: bool | None = None
-    ) -> dict:
-        path = Path(self.broadcast(str(checkpoint_path)))
-        return vidpar_checkpoint.load_sharded(
-            path, self.lightning_module, list(self.optimizers), trust=self.trust_checkpoint
-        )
-
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        """Weights were loaded in :meth:`load_checkpoint` already (sharded)."""
-
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        """Optimizer states were loaded in :meth:`load_checkpoint` already (sharded)."""
-
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        return self.lightning_module.state_dict()
-
-    def remove_checkpoint(self, filepath: str | Path) -> None:
-        if self.is_global_zero:
-            vidpar_checkpoint.remove(Path(filepath))
 
     # Teardown ----------------------------------------------------------------------
 
@@ -318,14 +255,14 @@ class VidParStrategy(DDPStrategy):
             strategy_registry.register(name, cls, description=description, **kwargs)
 
 
-def check_model_splits(module: torch.nn.Module, layout: ParallelConfig) -> None:
-    """Refuse a model that would be silently mis-trained under ``layout``: under sp > 1
-    gradients are summed over sp, right only when each sp rank holds its own tokens
-    (a :class:`~vidpar.nn.DistributedAttention` over the layout's sp groups, or a diffusers
+def check_model_splits(module: torch.nn.Module, parallel: ParallelConfig) -> None:
+    """Refuse a model that would be silently mis-trained under the layout ``parallel``:
+    under sp > 1 gradients are summed over sp, right only when each sp rank holds its own
+    tokens (a :class:`~vidpar.nn.DistributedAttention` over the layout's sp groups, or a diffusers
     transformer that :func:`vidpar.models.parallelize` prepared); under tp > 1
     a model without tp-sharded layers (:class:`~vidpar.nn.TensorParallelModule` over the
     layout's tp group) would be duplicated on every tp rank."""
-    sp = layout.ulysses * layout.ring
+    sp = parallel.ulysses * parallel.ring
     name = type(module).__name__
     if sp > 1 and not any(
         getattr(m, "_vidpar_layout", None) is not None  # vidpar.models.parallelize's mark
@@ -336,85 +273,25 @@ def check_model_splits(module: torch.nn.Module, layout: ParallelConfig) -> None:
         for m in module.modules()
     ):
         raise ValueError(
-            f"{name} has no sequence-parallel layer, but the layout {layout.describe()} "
+            f"{name} has no sequence-parallel layer, but the layout {parallel.describe()} "
             f"splits tokens over sp={sp}: every sp rank would run the whole model on the same "
             f"batch and the gradients, summed over sp, would be {sp}× too large. Build its "
             "attention from vidpar.nn.DistributedAttention inside configure_model (or call "
             "vidpar.models.parallelize on a diffusers transformer there), or train it data "
             "parallel (strategy='vidpar', or a layout with sp=1 and tp=1)."
         )
-    if layout.tp > 1 and not any(
-        isinstance(m, TensorParallelModule) and m.tp_group.world_size == layout.tp
+    if parallel.tp > 1 and not any(
+        isinstance(m, TensorParallelModule) and m.tp_group.world_size == parallel.tp
         for m in module.modules()
     ):
         raise ValueError(
-            f"{name} has no tensor-parallel layer, but the layout {layout.describe()} splits "
-            f"the model over tp={layout.tp}: every tp rank would hold and train a full copy. "
+            f"{name} has no tensor-parallel layer, but the layout {parallel.describe()} splits "
+            f"the model over tp={parallel.tp}: every tp rank would hold and train a full copy. "
             "Build its layers from vidpar.nn (ColumnParallelLinear, RowParallelLinear, ...) "
             "inside configure_model (or call vidpar.models.parallelize on a diffusers "
             "transformer there), or train it data parallel (strategy='vidpar', or a layout "
             "with sp=1 and tp=1)."
         )
-
-
-def _sum_over_sp_mean_over_dp(state: tuple[dist.ProcessGroup, int], bucket):
-    """DDP comm hook: every sp rank holds the gradient of its own tokens, so gradients are
-    summed over sp and averaged over dp (DDP's default would also divide by sp). Each
-    bucket is recorded as a ``dp_sp`` all-reduce when telemetry is on (host-timed, from
-    issue to completion).
-
-    No return annotation: DDP compares it to a type object, and this module's annotations
-    are strings.
-    """
-    group, dp_size = state
-    buffer = bucket.buffer()
-    if dp_size > 1:
-        buffer.div_(dp_size)
-    recorder = telemetry.active_recorder()
-    start = time.perf_counter()
-    future = dist.all_reduce(buffer, group=group, async_op=True).get_future()
-
-    def finish(fut: torch.futures.Future) -> torch.Tensor:
-        if recorder is not None:
-            recorder.add(
-                CollectiveRecord(
-                    "all_reduce",
-                    "dp_sp",
-                    str(buffer.dtype).removeprefix("torch."),
-                    buffer.numel() * buffer.element_size(),
-                    dist.get_world_size(group),
-                    time.perf_counter() - start,
-                )
-            )
-        return fut.value()[0]
-
-    return future.then(finish)
-
-
-def _fully_shard(module: torch.nn.Module, replicas: GroupCoordinator, dp_size: int):
-    """FSDP2 over the dp × sp replicas: shard each repeated block (the classes a model
-    names in ``_no_split_modules``, as diffusers models do), each top-level child, then
-    the root, so one block's weights are gathered at a time.
-
-    Frozen children (an EMA copy, a frozen encoder) are units of their own too, so their
-    weights are gathered when they run, not kept gathered with the root's."""
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-
-    mesh = DeviceMesh.from_group(replicas.device_group, replicas.device.type)
-    blocks = {n for m in module.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
-    for block in module.modules():
-        if type(block).__name__ in blocks and any(True for _ in block.parameters()):
-            fully_shard(block, mesh=mesh)
-    for child in module.children():
-        if any(True for _ in child.parameters()):
-            fully_shard(child, mesh=mesh)
-    fully_shard(module, mesh=mesh)
-    # Sum over sp, mean over dp: every FSDP unit divides by dp, not the whole replica group.
-    for unit in module.modules():
-        if isinstance(unit, FSDPModule):
-            unit.set_gradient_divide_factor(float(dp_size))
-    return module
 
 
 VidParStrategy.register_strategies(StrategyRegistry)

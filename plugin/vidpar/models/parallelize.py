@@ -93,14 +93,14 @@ def parallelize(model: ModelT, *, compile: CompileSetting = False) -> ModelT:
                 f"this {name} is parallelised already (for {model._vidpar_layout}); "
                 "parallelize a fresh copy of the model"
             )
-        check_heads(state.config, getattr(model.config, plan.heads))
+        check_heads(state.parallel, getattr(model.config, plan.heads))
         if any(getattr(m, "fused_projections", False) for m in model.modules()):
             raise ValueError(
                 "the model's attention projections are fused; call "
                 "model.unfuse_qkv_projections() before vidpar.models.parallelize"
             )
         apply_plan(model, plan, state)
-        model._vidpar_layout = repr(state.config)
+        model._vidpar_layout = repr(state.parallel)
     options = compile_options(compile)
     if options is not None:
         _compile_blocks(model, plan.blocks, options)

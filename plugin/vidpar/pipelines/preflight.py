@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from vidpar.config import ParallelConfig
+
 #: Hidden-wide float32 tensors per token that one block's forward keeps alive at once.
 BLOCK_ACTIVATIONS = 16
 #: Bytes a trained parameter takes: float32 weights, gradients, DDP bucket, Adam's moments.
@@ -141,21 +143,21 @@ def generation_bytes(
     patch: tuple[int, int, int],
     videos: int,
     shape: tuple[int, int, int, int],
-    layout,
+    parallel: ParallelConfig,
     guided: bool = True,
 ) -> int:
     """One worker's memory to sample ``videos`` of ``shape`` ``(C, T, H, W)`` (what the
-    transformer takes) under ``layout`` with a transformer of ``(hidden, depth, ffn)``
-    and ``patch``: the weights, every video's noise, sample, velocity and output (each
+    transformer takes) under the layout ``parallel`` with a transformer of ``(hidden,
+    depth, ffn)`` and ``patch``: the weights, every video's noise, sample, velocity and output (each
     worker draws all of the noise), and one block's activations on its share of the batch
     (dp, cfg) and tokens (sp)."""
     hidden, depth, ffn = transformer
     c, t, h, w = shape
     tokens = (t // patch[0]) * (h // patch[1]) * (w // patch[2])
-    batch = local_share(local_share(videos, layout.dp) * (2 if guided else 1), layout.cfg)
+    batch = local_share(local_share(videos, parallel.dp) * (2 if guided else 1), parallel.cfg)
     activations = transformer_bytes(
         batch,
-        local_share(tokens, layout.ulysses * layout.ring),
+        local_share(tokens, parallel.ulysses * parallel.ring),
         hidden,
         depth,
         training=False,
@@ -193,7 +195,7 @@ def check_generation(
     config,
     videos: int,
     shape: tuple[int, int, int, int],
-    layout,
+    parallel: ParallelConfig,
     *,
     guided: bool,
     output: str | os.PathLike | None,
@@ -204,9 +206,9 @@ def check_generation(
     memory of ``device`` ("cpu" or "cuda"). Raises :class:`PreflightError`."""
     ffn = config.ffn_dim or int(config.hidden_size * config.mlp_ratio)
     need = generation_bytes(
-        (config.hidden_size, config.depth, ffn), config.patch_size, videos, shape, layout, guided
+        (config.hidden_size, config.depth, ffn), config.patch_size, videos, shape, parallel, guided
     )
-    _check_job(need, videos, shape[1:], layout, output=output, device=device)
+    _check_job(need, videos, shape[1:], parallel, output=output, device=device)
 
 
 def diffusers_sizes(config: dict) -> tuple[int, int, int, tuple[int, int, int]]:
@@ -223,7 +225,7 @@ def check_diffusers_generation(
     videos: int,
     latent_shape: tuple[int, int, int, int],
     video_size: tuple[int, int, int] | None,
-    layout,
+    parallel: ParallelConfig,
     *,
     guided: bool,
     output: str | os.PathLike | None,
@@ -233,18 +235,18 @@ def check_diffusers_generation(
     diffusers ``config`` on latents of ``latent_shape``, then (``video_size``: frames,
     height, width) a VAE decode."""
     *transformer, patch = diffusers_sizes(config)
-    need = generation_bytes(tuple(transformer), patch, videos, latent_shape, layout, guided)
+    need = generation_bytes(tuple(transformer), patch, videos, latent_shape, parallel, guided)
     size = video_size or latent_shape[1:]
     if video_size is not None:
         need += decode_bytes(videos, *video_size)
-    _check_job(need, videos, size, layout, output=output, device=device)
+    _check_job(need, videos, size, parallel, output=output, device=device)
 
 
 def _check_job(
     need: int,
     videos: int,
     size: tuple[int, int, int],
-    layout,
+    parallel: ParallelConfig,
     *,
     output: str | os.PathLike | None,
     device: str,
@@ -254,11 +256,11 @@ def _check_job(
         check_output_path(output, video_file_bytes(videos, (3, t, h, w)))
     check_memory(
         need,
-        layout.world_size,
+        parallel.world_size,
         device,
         "size",
         f"Generating {videos} video(s) of {t}×{h}×{w} (frames × height × width) with "
-        f"{layout.describe()}",
+        f"{parallel.describe()}",
         "Ask for fewer or smaller videos (num_frames, height, width, labels), or spread "
         "them over more devices (sp, dp)",
     )
