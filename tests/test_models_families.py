@@ -228,22 +228,60 @@ def test_training_under_tp2_sp2_equals_one_process_and_reshards_to_tp1(worlds, f
     assert max(errors.values()) <= FLOAT32_TOLERANCE, max(errors.items(), key=lambda e: e[1])
 
 
-def test_a_class_with_only_a_diffusers_cp_plan_is_refused_naming_the_families():
-    from diffusers import FluxTransformer2DModel
+#: ChronoEdit (a Wan-shaped video model): diffusers gives its ``_cp_plan``, vidpar no plan.
+CHRONOEDIT = Family(
+    partial(tiny.tiny_transformer, "ChronoEditTransformer3DModel"),
+    FAMILIES["skyreels_v2"].inputs,
+    r"condition_embedder\.time_",
+)
 
-    flux = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=8,
-        pooled_projection_dim=8,
-        axes_dims_rope=(4, 4, 8),
-    )
-    with pytest.raises(TypeError, match=r"FluxTransformer2DModel \(its diffusers _cp_plan.*LTX"):
-        parallelize(flux)
+
+def _cp_plan_only_matches_diffusers() -> dict[str, float]:
+    reference = CHRONOEDIT.make().double()
+    model = parallelize(copy.deepcopy(reference))
+    inputs = CHRONOEDIT.inputs()
+    expected = reference(**inputs, return_dict=False)[0]
+    out = model(**inputs, return_dict=False)[0]
+    backward_both(expected, out)
+    return {"output": relative_error(out, expected), **gradient_errors(reference, model)}
+
+
+@pytest.mark.parametrize("layout", ["sp2", "ring2", "ulysses2_ring2"])
+def test_a_class_with_only_a_diffusers_cp_plan_runs_sequence_parallel(worlds, layout):
+    """ChronoEdit's own processors and diffusers' _cp_plan: 27 tokens over sp, exact."""
+    config = LAYOUTS[layout]
+    errors = worst(worlds(config.world_size).run(_cp_plan_only_matches_diffusers, layout=config))
+    assert errors.pop("output") <= TOLERANCE
+    loose = {n for n in errors if re.match(CHRONOEDIT.float32, n)}
+    loose |= {n for n in errors if n.startswith("blocks.") and ".norm2." in n}  # FP32LayerNorm
+    bad = {n: e for n, e in errors.items() if e > (FLOAT32_TOLERANCE if n in loose else TOLERANCE)}
+    assert not bad, bad
+
+
+def _cp_plan_only_under_tp() -> str:
+    from diffusers import ChronoEditTransformer3DModel
+
+    model = CHRONOEDIT.make()
+    before = {type(m.processor).__name__ for m in model.modules() if hasattr(m, "processor")}
+    with pytest.raises(ValueError) as error:
+        parallelize(model)
+    assert isinstance(model, ChronoEditTransformer3DModel)
+    assert {type(m.processor).__name__ for m in model.modules() if hasattr(m, "processor")} == before
+    return str(error.value)
+
+
+def test_a_class_with_only_a_diffusers_cp_plan_refuses_tp_saying_sp_works(worlds):
+    message = worlds(2).run(_cp_plan_only_under_tp, layout=LAYOUTS["tp2"])[0]
+    assert "ChronoEditTransformer3DModel runs from its diffusers _cp_plan alone" in message
+    assert "sequence parallelism (ulysses, ring, both)" in message and "parallel.tp=1" in message
+
+
+def test_a_class_without_any_plan_is_refused_naming_the_families():
+    from diffusers import AllegroTransformer3DModel
+
+    allegro = {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8}
+    with pytest.raises(TypeError, match=r"AllegroTransformer3DModel \(no vidpar plan.*LTX"):
+        parallelize(AllegroTransformer3DModel(**allegro, cross_attention_dim=16, caption_channels=16))
 
 
 def test_the_lightning_module_names_the_families_it_does_not_train(tmp_path):

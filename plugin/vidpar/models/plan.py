@@ -16,7 +16,9 @@ whole dotted path):
   vidpar replicates the text tokens on every sp rank);
 * **attention**: which attention modules get the family's processor (built once per model
   around a :class:`~vidpar.nn.attention.DistributedAttention`; processors stay per family
-  where the attention really differs);
+  where the attention really differs), or none: diffusers' own processors, whose
+  context-parallel calls vidpar runs (:mod:`vidpar.models.diffusers_cp`, a class with only
+  a ``_cp_plan``);
 * **blocks**: the repeated block classes that regional compilation compiles.
 
 Splits end-pad to a multiple of sp (:func:`~vidpar.nn.dit.shard_tokens`), so no token
@@ -39,6 +41,11 @@ from vidpar.config import ParallelConfig
 from vidpar.distributed.communication_op import gather_sequence
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.distributed.state import ParallelState
+from vidpar.models.diffusers_cp import (
+    ContextParallelAttention,
+    refuse_tp,
+    route_context_parallel,
+)
 from vidpar.models.sequence import replicated_query_attention
 from vidpar.models.tensor_parallel import (
     HeadShardedRMSNorm,
@@ -209,8 +216,9 @@ class ModelPlan:
     blocks: tuple[str, ...]
     #: Attention modules (a path pattern) that get ``processor``.
     attention: str
-    #: The family's attention processor class.
-    processor: type[PlanProcessor]
+    #: The family's attention processor class; ``None``: the model's own diffusers
+    #: processors, their context-parallel calls distributed (sp only, no tp).
+    processor: type[PlanProcessor] | None
     column: tuple[str, ...] = ()
     row: tuple[str, ...] = ()
     head_norms: tuple[str, ...] = ()
@@ -239,9 +247,16 @@ def check_heads(config: ParallelConfig, num_heads: int) -> None:
 def apply_plan(model: nn.Module, plan: ModelPlan, state: ParallelState) -> None:
     """Prepare ``model`` for ``state`` in place, as ``plan`` says."""
     tp = state.group("tp")
-    if tp.world_size > 1:
+    if plan.processor is None:
+        refuse_tp(model, tp.world_size)
+    elif tp.world_size > 1:
         _split_layers(model, plan, tp)
     length = SequenceLength()
+    if plan.processor is None:
+        heads = getattr(model.config, plan.heads)
+        route_context_parallel(model, ContextParallelAttention(heads, state, length))
+        _TokenHooks(model, token_plan(model, plan), state.group("sp"), length)
+        return
     attention = DistributedAttention(
         getattr(model.config, plan.heads),
         ulysses_group=state.group("ulysses"),
@@ -304,6 +319,18 @@ def _split_layers(model: nn.Module, plan: ModelPlan, tp: GroupCoordinator) -> No
         )
 
 
+def _modules_at(model: nn.Module, path: str) -> list[nn.Module]:
+    """The module at a token plan's ``path``; with ``*`` (diffusers' ``blocks.*``), every
+    module whose path matches, ``*`` standing for one path component."""
+    if "*" not in path:
+        return [model.get_submodule(path)]
+    pattern = re.compile(r"[^.]+".join(re.escape(part) for part in path.split("*")))
+    modules = [m for name, m in model.named_modules() if pattern.fullmatch(name)]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no module at the token plan's {path!r}")
+    return modules
+
+
 class _TokenHooks:
     """The forward hooks that split the tokens once and gather them once."""
 
@@ -314,17 +341,20 @@ class _TokenHooks:
         self.length = length
         model.register_forward_pre_hook(self._start, prepend=True)
         for path, entry in tokens.items():
-            module = model.get_submodule(path)
-            if isinstance(entry, Gather):
-                module.register_forward_hook(self._gather(entry))
-                continue
-            inputs = {k: s for k, s in entry.items() if not s.output}
-            outputs = {k: s for k, s in entry.items() if s.output}
-            if inputs:
-                hook = self._split_inputs(inspect.signature(module.forward), inputs)
-                module.register_forward_pre_hook(hook, with_kwargs=True)
-            if outputs:
-                module.register_forward_hook(self._split_outputs(outputs))
+            for module in _modules_at(model, path):
+                self._hook(module, entry)
+
+    def _hook(self, module: nn.Module, entry: Mapping[str | int | None, Split] | Gather) -> None:
+        if isinstance(entry, Gather):
+            module.register_forward_hook(self._gather(entry))
+            return
+        inputs = {k: s for k, s in entry.items() if not s.output}
+        outputs = {k: s for k, s in entry.items() if s.output}
+        if inputs:
+            hook = self._split_inputs(inspect.signature(module.forward), inputs)
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+        if outputs:
+            module.register_forward_hook(self._split_outputs(outputs))
 
     def _start(self, module: nn.Module, args: tuple) -> None:
         self.length.value = None

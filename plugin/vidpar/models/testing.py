@@ -116,6 +116,7 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
     "HunyuanVideoTransformer3DModel": TINY_HUNYUAN_VIDEO,
     "HunyuanVideo15Transformer3DModel": TINY_HUNYUAN_VIDEO_15,
     "MochiTransformer3DModel": TINY_MOCHI,
+    "ChronoEditTransformer3DModel": TINY_WAN,  # Wan's layers; diffusers' _cp_plan only
 }
 
 
