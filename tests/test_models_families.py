@@ -266,7 +266,9 @@ def _cp_plan_only_under_tp() -> str:
     with pytest.raises(ValueError) as error:
         parallelize(model)
     assert isinstance(model, ChronoEditTransformer3DModel)
-    assert {type(m.processor).__name__ for m in model.modules() if hasattr(m, "processor")} == before
+    assert {
+        type(m.processor).__name__ for m in model.modules() if hasattr(m, "processor")
+    } == before
     return str(error.value)
 
 
@@ -281,7 +283,9 @@ def test_a_class_without_any_plan_is_refused_naming_the_families():
 
     allegro = {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8}
     with pytest.raises(TypeError, match=r"AllegroTransformer3DModel \(no vidpar plan.*LTX"):
-        parallelize(AllegroTransformer3DModel(**allegro, cross_attention_dim=16, caption_channels=16))
+        parallelize(
+            AllegroTransformer3DModel(**allegro, cross_attention_dim=16, caption_channels=16)
+        )
 
 
 def test_the_lightning_module_names_the_families_it_does_not_train(tmp_path):

@@ -28,7 +28,7 @@ from torch import nn
 from vidpar.distributed.state import ParallelState
 from vidpar.nn.attention import DistributedAttention
 
-__all__ = ["ContextParallelAttention", "route_context_parallel", "refuse_tp"]
+__all__ = ["ContextParallelAttention", "refuse_tp", "route_context_parallel"]
 
 
 class ContextParallelAttention:
