@@ -16,7 +16,15 @@ import pytest
 import torch
 from diffusers.models.normalization import FP32LayerNorm
 
-from models_oracle import LAYOUTS, backward_both, gradient_errors, relative_error, worst
+from models_oracle import (
+    CFG_LAYOUT,
+    LAYOUTS,
+    backward_both,
+    compare_under_layout,
+    gradient_errors,
+    relative_error,
+    worst,
+)
 from vidpar.models import SUPPORTED_MODELS, parallelize
 from vidpar.models import testing as tiny
 
@@ -126,11 +134,7 @@ FAMILIES = {
 def _matches_diffusers(family: str) -> dict[str, float]:
     reference = FAMILIES[family].make().double()
     model = parallelize(copy.deepcopy(reference))
-    inputs = FAMILIES[family].inputs()
-    expected = reference(**inputs, return_dict=False)[0]
-    out = model(**inputs, return_dict=False)[0]
-    backward_both(expected, out)
-    return {"output": relative_error(out, expected), **gradient_errors(reference, model)}
+    return compare_under_layout(reference, model, FAMILIES[family].inputs())
 
 
 def _float32_gradients(family: str) -> set[str]:
@@ -143,10 +147,11 @@ def _float32_gradients(family: str) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", [*LAYOUTS, "cfg2_sp2"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_outputs_and_gradients_equal_diffusers(worlds, family, layout):
-    config = LAYOUTS[layout]
+    """cfg2_sp2: each cfg rank runs one sample of the batch (a guidance branch)."""
+    config = CFG_LAYOUT if layout == "cfg2_sp2" else LAYOUTS[layout]
     errors = worst(worlds(config.world_size).run(_matches_diffusers, family, layout=config))
     assert errors.pop("output") <= TOLERANCE
     loose = _float32_gradients(family)
