@@ -198,20 +198,20 @@ def train(model: torch.nn.Module, family: str) -> list[float]:
     return losses
 
 
-def _train_and_save(family: str, path: str) -> list[float]:
+def _train_and_save(family: str, path: str, **config) -> list[float]:
     from vidpar.distributed.checkpoint import save_sharded
 
-    model = parallelize(FAMILIES[family].make().double())
+    model = parallelize(FAMILIES[family].make(**config).double())
     losses = train(model, family)
     save_sharded(Path(path), model, [], {})
     return losses
 
 
-def _load_full_weights(family: str, path: str) -> dict[str, torch.Tensor]:
+def _load_full_weights(family: str, path: str, **config) -> dict[str, torch.Tensor]:
     from vidpar.distributed.checkpoint import load_sharded
     from vidpar.distributed.full_weights import full_state_dict
 
-    model = parallelize(FAMILIES[family].make(seed=3).double())  # other weights, then the file's
+    model = parallelize(FAMILIES[family].make(seed=3, **config).double())  # then the file's
     load_sharded(Path(path), model, [])
     return full_state_dict(model)
 

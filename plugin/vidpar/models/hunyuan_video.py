@@ -27,7 +27,6 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from vidpar.distributed.communication_op import gather_from_group
 from vidpar.models.plan import AttentionCall, Gather, ModelPlan, PlanProcessor, Split, split_layers
 from vidpar.models.sequence import rotate_pairs
 from vidpar.models.tensor_parallel import shared_over
@@ -87,7 +86,7 @@ class HunyuanVideoAttnProcessor(PlanProcessor):
         text = self.padded_text(text, lengths)
         video, text = video.flatten(2, 3).to(q.dtype), text.flatten(2, 3).to(q.dtype)
         if getattr(attn, "to_out", None) is None:  # single-stream: its proj_out is whole
-            return gather_from_group(video, self.tp, -1), gather_from_group(text, self.tp, -1)
+            return self.gather_heads(video), self.gather_heads(text)
         to_add_out = getattr(attn, "to_add_out", None)  # none where the text ends
         return attn.to_out[1](attn.to_out[0](video)), text if to_add_out is None else to_add_out(
             text

@@ -33,8 +33,8 @@ class LTXAttnProcessor(PlanProcessor):
         k = attn.norm_k(attn.to_k(context))
         v = attn.to_v(context)
         if call.rotary_emb is not None:  # over all heads' features: narrowed to this rank's
-            width, rank = q.shape[-1], self.tp.rank_in_group
-            cos, sin = (t.narrow(-1, rank * width, width) for t in call.rotary_emb)
+            width, start = q.shape[-1], self.first_head() * attn.head_dim
+            cos, sin = (t.narrow(-1, start, width) for t in call.rotary_emb)
             q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
         q, k, v = (t.unflatten(2, (-1, attn.head_dim)) for t in (q, k, v))
         mask = call.attention_mask

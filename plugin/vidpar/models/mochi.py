@@ -26,8 +26,8 @@ class MochiAttnProcessor(HunyuanVideo15AttnProcessor):
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, ...]:
         """This rank's heads of the tables (learned: their gradients summed over tp)."""
-        heads, rank = q.shape[2], self.tp.rank_in_group
-        cos, sin = (replicated_over(t, self.tp).narrow(1, rank * heads, heads) for t in rope)
+        heads, start = q.shape[2], self.first_head()
+        cos, sin = (replicated_over(t, self.tp).narrow(1, start, heads) for t in rope)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

@@ -41,6 +41,7 @@ from vidpar.config import ParallelConfig
 from vidpar.distributed.communication_op import gather_sequence
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.distributed.state import ParallelState
+from vidpar.distributed.utils import split_sizes
 from vidpar.models.diffusers_cp import (
     ContextParallelAttention,
     refuse_tp,
@@ -50,6 +51,7 @@ from vidpar.models.sequence import replicated_query_attention
 from vidpar.models.tensor_parallel import (
     HeadShardedRMSNorm,
     column_parallel,
+    gather_shards,
     replace_module,
     row_parallel,
 )
@@ -152,6 +154,20 @@ class PlanProcessor:
     def sp(self) -> GroupCoordinator:
         return self._sp.group
 
+    def tp_heads(self) -> tuple[int, ...]:
+        """Every tp rank's heads (whole heads, the first ranks one more)."""
+        return split_sizes(self.attention.num_heads, self.tp.world_size)
+
+    def first_head(self) -> int:
+        """The index of this tp rank's first head among all the model's heads."""
+        return sum(self.tp_heads()[: self.tp.rank_in_group])
+
+    def gather_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """All heads' features ``[..., heads × head_dim]`` from this rank's."""
+        sizes = self.tp_heads()
+        head_dim = x.shape[-1] // sizes[self.tp.rank_in_group]
+        return gather_shards(x, self.tp, tuple(n * head_dim for n in sizes))
+
     def __call__(
         self,
         attn: nn.Module,
@@ -232,16 +248,10 @@ class ModelPlan:
 
 def check_heads(config: ParallelConfig, num_heads: int) -> None:
     """The one place a diffusers model's heads are checked against a layout (before launch,
-    and where a plan meets the layout): every rank needs a head, and a plan's tp layers
-    split heads evenly (uneven heads work over Ulysses)."""
+    and where a plan meets the layout): every rank of ulysses × tp needs a head. Counts
+    that tp or ulysses do not divide split in whole heads, the first ranks one more (a
+    plan's tp layers as vidpar's own)."""
     config.check_heads(num_heads)
-    tp = config.tp
-    if num_heads % tp:
-        raise ValueError(
-            f"num_heads({num_heads}) is not divisible by tp({tp}): a diffusers model's heads "
-            f"split over tp evenly only (over ulysses they need not); choose a tp that "
-            f"divides {num_heads}"
-        )
 
 
 def apply_plan(model: nn.Module, plan: ModelPlan, state: ParallelState) -> None:
@@ -299,12 +309,29 @@ def token_plan(model: nn.Module, plan: ModelPlan) -> TokenPlan:
     return tokens
 
 
+def _head_unit(features: int, heads: int) -> int:
+    """The unit a layer's split side goes in: a head's width where the features are whole
+    heads (attention; an FFN as wide as a multiple of the heads splits alike), else one."""
+    return features // heads if features % heads == 0 else 1
+
+
 def _split_layers(model: nn.Module, plan: ModelPlan, tp: GroupCoordinator) -> None:
-    """This rank's tp shards of the layers the plan's patterns name."""
-    styles = [
-        (re.compile(p), lambda m, path: column_parallel(m, tp, path)) for p in plan.column
-    ] + [(re.compile(p), lambda m, path: row_parallel(m, tp, path)) for p in plan.row]
-    styles += [(re.compile(p), lambda m, path: HeadShardedRMSNorm(m, tp)) for p in plan.head_norms]
+    """This rank's tp shards of the layers the plan's patterns name: in whole heads (the
+    first ranks one more where tp does not divide them), a column layer's output as its
+    row partner's input."""
+    heads = getattr(model.config, plan.heads)
+
+    def column(m: nn.Module, path: str) -> nn.Module:
+        return column_parallel(m, tp, path, _head_unit(m.out_features, heads))
+
+    def row(m: nn.Module, path: str) -> nn.Module:
+        return row_parallel(m, tp, path, _head_unit(m.in_features, heads))
+
+    styles = [(re.compile(p), column) for p in plan.column]
+    styles += [(re.compile(p), row) for p in plan.row]
+    styles += [
+        (re.compile(p), lambda m, path: HeadShardedRMSNorm(m, tp, heads)) for p in plan.head_norms
+    ]
     split = 0
     for path, module in list(model.named_modules()):
         for pattern, shard in styles:
