@@ -293,12 +293,82 @@ def test_a_class_without_any_plan_is_refused_naming_the_families():
         )
 
 
-def test_the_lightning_module_names_the_families_it_does_not_train(tmp_path):
+@pytest.mark.parametrize(
+    ("family", "reason"),
+    [
+        ("CogVideoXTransformer3DModel", "v-prediction DDPM model"),
+        ("HunyuanVideo15Transformer3DModel", "second \\(ByT5\\) text"),
+        ("ChronoEditTransformer3DModel", "from diffusers' _cp_plan alone"),
+    ],
+)
+def test_the_lightning_module_says_why_it_does_not_train_a_family(tmp_path, family, reason):
+    import json
+
     from vidpar.lightning import DiffusersFlowModule
 
-    tiny.tiny_transformer("LTXVideoTransformer3DModel").save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"LTXVideoTransformer3DModel: DiffusersFlowModule trains"):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": family}))
+    with pytest.raises(
+        ValueError, match=rf"{family}: DiffusersFlowModule does not train it \(.*{reason}.*LTX"
+    ):
         DiffusersFlowModule(str(tmp_path))
+
+
+#: Latents [B, C, T, H, W] (27 tokens each) and text widths of the newly trained families.
+TRAINED = {
+    "ltx": ("LTXVideoTransformer3DModel", (8, 3, 3, 3), 16),
+    "hunyuan_video": ("HunyuanVideoTransformer3DModel", (4, 3, 3, 3), 16),
+    "mochi": ("MochiTransformer3DModel", (4, 3, 6, 6), 16),
+}
+
+
+def module_losses(folder: str, family: str) -> list[float]:
+    """Two AdamW steps of ``DiffusersFlowModule``'s own loss on a fixed batch of 2 (half
+    of it dropped to the negative prompt), in float64, the gradients summed over sp as
+    the strategy's reduction does; the losses."""
+    from vidpar.distributed.state import get_parallel_state
+    from vidpar.lightning import DiffusersFlowModule
+
+    module = DiffusersFlowModule(folder, lr=1e-3, cfg_dropout=0.5, timestep_shift=3.0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        module.configure_model()  # parallelize under the layout, if any
+    finally:
+        torch.set_default_dtype(default)
+    optimizer = module.configure_optimizers()
+    sp = get_parallel_state().group("sp")
+    _, latent, width = TRAINED[family]
+    batch = {
+        "latents": _noise(20, BATCH, *latent),
+        "prompt_embeds": _noise(21, BATCH, TEXT, width),
+        "negative_prompt_embeds": _noise(22, BATCH, TEXT, width),
+        "index": torch.arange(BATCH),
+    }
+    losses = []
+    for step in range(STEPS):
+        loss = module._loss(batch, step)
+        optimizer.zero_grad()
+        loss.backward()
+        for param in module.model.parameters():
+            if param.grad is not None:
+                param.grad = sp.all_reduce(param.grad)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize("family", TRAINED)
+def test_the_lightning_module_trains_the_family_under_tp2_sp2(worlds, tmp_path, family):
+    """Its forward adapter (LTX's tokens, HunyuanVideo's pooled text and guidance, Mochi's
+    inverted time) under tp2 × sp2 gives one process's losses, in float64."""
+    tiny.tiny_transformer(TRAINED[family][0]).save_pretrained(tmp_path)
+    expected = module_losses(str(tmp_path), family)
+    runs = worlds(4).run(module_losses, str(tmp_path), family, layout=LAYOUTS["tp2_sp2"])
+    for losses in runs:
+        assert max(abs(a - b) / b for a, b in zip(losses, expected, strict=True)) <= 1e-9, (
+            losses,
+            expected,
+        )
 
 
 def test_the_lightning_module_trains_skyreels_v2(tmp_path):

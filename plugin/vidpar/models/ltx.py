@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidpar.models.flow_forward import FlowForward, full_text_mask
 from vidpar.models.plan import AttentionCall, ModelPlan, PlanProcessor, split_layers
 from vidpar.models.sequence import rotate_pairs
 
@@ -59,4 +60,12 @@ LTX_PLAN = ModelPlan(
     attention=_ATTENTION,
     processor=LTXAttnProcessor,
     **split_layers(_ATTENTION, r"transformer_blocks\.\d+\.ff", norms="norm_q|norm_k"),
+    # Latents as tokens, a full text mask, the rope scale LTXPipeline passes (its VAE's
+    # compression 8 in time over 25 frames per second, 32 in space).
+    flow=FlowForward(
+        tokens=True,
+        extra=full_text_mask,
+        constants={"rope_interpolation_scale": (8 / 25, 32, 32)},
+        text_dim="caption_channels",
+    ),
 )

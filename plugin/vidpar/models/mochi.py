@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from vidpar.models.flow_forward import FlowForward, full_text_mask
 from vidpar.models.hunyuan_video import HunyuanVideo15AttnProcessor
 from vidpar.models.plan import Gather, ModelPlan, Split
 from vidpar.models.tensor_parallel import replicated_over
@@ -52,4 +53,6 @@ MOCHI_PLAN = ModelPlan(
         "transformer_blocks.0": {"hidden_states": Split(1, 3)},
         "proj_out": Gather(1),
     },
+    # Mochi's scheduler inverts the sigmas: timestep 1000 (1 - t), output x0 - noise.
+    flow=FlowForward(inverted=True, extra=full_text_mask, text_dim="text_embed_dim"),
 )

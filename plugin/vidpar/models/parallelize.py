@@ -15,7 +15,7 @@ from vidpar.models.plan import ModelPlan, apply_plan, check_heads
 from vidpar.models.wan import SKYREELS_V2_PLAN, WAN_PLAN
 from vidpar.nn.regional_compile import CompileSetting, compile_options
 
-__all__ = ["PLANS", "SUPPORTED_MODELS", "context_parallel_plan", "parallelize"]
+__all__ = ["PLANS", "SUPPORTED_MODELS", "context_parallel_plan", "family_plan", "parallelize"]
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -37,11 +37,9 @@ def _plan(model: nn.Module) -> tuple[str, ModelPlan]:
     """The plan of the diffusers class ``model`` is (or derives from); for a class vidpar
     has no plan of but diffusers gives a ``_cp_plan``, the sequence-parallel plan read from
     it (:func:`context_parallel_plan`)."""
-    for cls in type(model).__mro__:
-        if cls.__name__ in PLANS and cls.__module__.startswith("diffusers."):
-            return cls.__name__, PLANS[cls.__name__]
-    if getattr(type(model), "_cp_plan", None):
-        return type(model).__name__, context_parallel_plan(type(model))
+    plan = family_plan(type(model))
+    if plan is not None:
+        return type(model).__name__, plan
     raise TypeError(
         f"vidpar.models.parallelize does not know {type(model).__module__}."
         f"{type(model).__qualname__} (no vidpar plan and no diffusers _cp_plan say how its "
@@ -49,6 +47,15 @@ def _plan(model: nn.Module) -> tuple[str, ModelPlan]:
         f"these diffusers models: {', '.join(PLANS)}, and runs sequence parallel any class "
         "with a diffusers _cp_plan"
     )
+
+
+def family_plan(cls: type[nn.Module]) -> ModelPlan | None:
+    """vidpar's plan of the diffusers class ``cls`` is (or derives from), else the plan of
+    its diffusers ``_cp_plan``, else ``None``."""
+    for base in cls.__mro__:
+        if base.__name__ in PLANS and base.__module__.startswith("diffusers."):
+            return PLANS[base.__name__]
+    return context_parallel_plan(cls) if getattr(cls, "_cp_plan", None) else None
 
 
 def context_parallel_plan(cls: type[nn.Module]) -> ModelPlan:
@@ -59,6 +66,8 @@ def context_parallel_plan(cls: type[nn.Module]) -> ModelPlan:
         blocks=tuple(getattr(cls, "_repeated_blocks", None) or ()),
         attention=".*",
         processor=None,
+        flow=f"vidpar runs {cls.__name__} from diffusers' _cp_plan alone and does not know "
+        "its forward's inputs",
     )
 
 

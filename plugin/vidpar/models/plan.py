@@ -47,6 +47,7 @@ from vidpar.models.diffusers_cp import (
     refuse_tp,
     route_context_parallel,
 )
+from vidpar.models.flow_forward import PLAIN_FORWARD, FlowForward
 from vidpar.models.sequence import replicated_query_attention
 from vidpar.models.tensor_parallel import (
     HeadShardedRMSNorm,
@@ -244,6 +245,9 @@ class ModelPlan:
     whole: tuple[str, ...] = ("encoder_hidden_states", "encoder_attention_mask")
     #: The config entry holding the number of attention heads.
     heads: str = "num_attention_heads"
+    #: Its forward as a flow-matching velocity (``DiffusersFlowModule`` trains it), or why
+    #: it is not trained.
+    flow: FlowForward | str = PLAIN_FORWARD
 
 
 def check_heads(config: ParallelConfig, num_heads: int) -> None:

@@ -1,0 +1,100 @@
+"""A family's forward as a flow-matching velocity: the per-family data (and small functions)
+that turn vidpar's ``(x_t, t, prompt embeddings)`` into the diffusers model's own call.
+
+vidpar's convention (:mod:`vidpar.pipelines.flow_matching`): ``x_t = (1 - t) x0 + t noise``,
+``t`` in [0, 1] (noise at 1), velocity ``noise - x0``. Wan, SkyReels-V2, LTX-Video and
+HunyuanVideo take ``timestep = 1000 t`` and predict that velocity, as their pipelines'
+flow-matching schedulers step; Mochi's scheduler runs inverted sigmas (``timestep = 1000
+(1 - t)``) and its model predicts ``x0 - noise``. What else a family's forward takes that a
+latents folder does not hold is filled as its pipeline fills it by default (a full text
+mask, HunyuanVideo's guidance 6.0; its pooled CLIP projection, which latents folders do
+not store, as zeros).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["PLAIN_FORWARD", "FlowForward", "full_text_mask", "hunyuan_video_inputs"]
+
+#: Extra keyword inputs of a family's forward from its config, the latents and the text.
+ExtraInputs = Callable[[Mapping[str, Any], torch.Tensor, torch.Tensor], dict[str, Any]]
+
+
+def full_text_mask(config: Mapping[str, Any], x: torch.Tensor, text: torch.Tensor) -> dict:
+    """Every text token real (the latents folder's prompts are not padded)."""
+    return {"encoder_attention_mask": torch.ones(text.shape[:2], device=text.device)}
+
+
+def hunyuan_video_inputs(config: Mapping[str, Any], x: torch.Tensor, text: torch.Tensor) -> dict:
+    """HunyuanVideo's: a full text mask, zeros for the pooled CLIP projection, and the
+    pipeline's default embedded guidance (6.0, times 1000) where the model embeds one."""
+    batch = x.shape[0]
+    inputs = full_text_mask(config, x, text)
+    inputs["pooled_projections"] = x.new_zeros(batch, config["pooled_projection_dim"])
+    if config.get("guidance_embeds", True):
+        inputs["guidance"] = torch.full((batch,), 6000.0, device=x.device, dtype=x.dtype)
+    return inputs
+
+
+@dataclass(frozen=True)
+class FlowForward:
+    """How a family's model is called as the velocity of a flow-matching step."""
+
+    #: Mochi: ``timestep = 1000 (1 - t)``, the output ``x0 - noise`` (negated).
+    inverted: bool = False
+    #: LTX: the latents ``[B, C, T, H, W]`` go in as tokens ``[B, T·H·W, C]`` (patch 1)
+    #: with their grid, and the output comes back as latents.
+    tokens: bool = False
+    #: Further inputs of the forward (:data:`ExtraInputs`).
+    extra: ExtraInputs | None = None
+    #: Constant keyword inputs (LTX's rope interpolation scale of its pipeline).
+    constants: Mapping[str, Any] = field(default_factory=dict)
+    #: The config entry of the prompt embeddings' width.
+    text_dim: str = "text_dim"
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        timestep_scale: float = 1000.0,
+    ) -> torch.Tensor:
+        """The velocity ``noise - x0`` at flow time ``t`` ``[B]`` of latents ``x``
+        ``[B, C, T, H, W]`` with prompt embeddings ``text`` ``[B, L, D]``."""
+        config = model.config
+        # The timestep stays in t's dtype (float32 or wider): 1000·t in bf16 would be coarse.
+        timestep = (1 - t if self.inverted else t) * timestep_scale
+        inputs = dict(self.constants)
+        hidden = x
+        if self.tokens:
+            if config.get("patch_size", 1) != 1 or config.get("patch_size_t", 1) != 1:
+                raise ValueError(
+                    f"{type(model).__name__} with patches of more than one latent: vidpar "
+                    "packs LTX latents as tokens of one latent each (LTX-Video's patch 1)"
+                )
+            frames, height, width = x.shape[2:]
+            hidden = x.flatten(2).transpose(1, 2)
+            inputs |= {"num_frames": frames, "height": height, "width": width}
+        if self.extra is not None:
+            inputs |= self.extra(config, x, text)
+        out = model(
+            hidden_states=hidden,
+            timestep=timestep,
+            encoder_hidden_states=text.to(x.dtype),
+            return_dict=False,
+            **inputs,
+        )[0]
+        if self.tokens:
+            out = out.transpose(1, 2).unflatten(2, x.shape[2:])
+        return -out if self.inverted else out
+
+
+#: Wan's and SkyReels-V2's forward: ``model(x_t, 1000 t, text)``, velocity out.
+PLAIN_FORWARD = FlowForward()
