@@ -108,6 +108,23 @@ TINY_MOCHI: dict[str, Any] = {
     "max_sequence_length": 16,
 }
 
+#: A two-block CogVideoX 1.0 (rotary embedding) of 4 heads of 16, latents 4 wide
+#: (``patch_size_t=2``: 1.5).
+TINY_COGVIDEOX: dict[str, Any] = {
+    "num_attention_heads": 4,
+    "attention_head_dim": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "time_embed_dim": 16,
+    "text_embed_dim": 16,
+    "num_layers": 2,
+    "sample_width": 6,
+    "sample_height": 6,
+    "sample_frames": 9,
+    "patch_size": 2,
+    "max_text_seq_length": 5,
+    "use_rotary_positional_embeddings": True,
+}
 
 #: The tiny config of each family :func:`tiny_transformer` makes.
 TINY_FAMILIES: dict[str, dict[str, Any]] = {
@@ -116,6 +133,7 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
     "HunyuanVideoTransformer3DModel": TINY_HUNYUAN_VIDEO,
     "HunyuanVideo15Transformer3DModel": TINY_HUNYUAN_VIDEO_15,
     "MochiTransformer3DModel": TINY_MOCHI,
+    "CogVideoXTransformer3DModel": TINY_COGVIDEOX,
     "ChronoEditTransformer3DModel": TINY_WAN,  # Wan's layers; diffusers' _cp_plan only
 }
 
