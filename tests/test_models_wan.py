@@ -306,22 +306,13 @@ def test_clear_errors_for_heads_and_a_second_call(worlds):
     assert "parallelised already" in twice
 
 
-def _three_heads(tp_error: bool) -> dict[str, float] | str:
-    if tp_error:
-        try:
-            parallelize(tiny_wan(num_attention_heads=3))
-        except ValueError as error:
-            return str(error)
-        return "no error"
-    return _matches_diffusers("3heads")
-
-
-def test_three_heads_over_ulysses2_equal_diffusers_and_tp2_is_refused(worlds):
-    """Ulysses splits 3 heads 2 + 1; the diffusers adapters split heads over tp evenly."""
-    errors = worst(worlds(2).run(_three_heads, False, layout=LAYOUTS["sp2"]))
-    check_errors(errors, tiny_wan(num_attention_heads=3), 2)
-    message = worlds(2).run(_three_heads, True, layout=LAYOUTS["tp2"])[0]
-    assert "num_heads(3) is not divisible by tp(2)" in message
+@pytest.mark.parametrize("layout", ["sp2", "tp2"])
+def test_three_heads_over_ulysses2_or_tp2_equal_diffusers(worlds, layout):
+    """Ulysses and the plan's tp layers (projections, RMSNorms across heads) split 3 heads
+    2 + 1."""
+    config = LAYOUTS[layout]
+    errors = worst(worlds(2).run(_matches_diffusers, "3heads", layout=config))
+    check_errors(errors, tiny_wan(num_attention_heads=3), config.sp)
 
 
 def test_outside_a_layout_the_model_is_left_as_it_is():

@@ -112,7 +112,7 @@ def check_model_before_launch(conf: DictConfig, layout: ParallelConfig) -> None:
     try:
         if "dit" in conf.model:
             layout.check_heads(heads)
-        else:  # a diffusers model: its plan splits heads over tp evenly
+        else:  # a diffusers model: every rank of ulysses × tp needs a head
             check_heads(layout, heads)
     except ValueError as err:
         raise UserError(f"The model does not fit the layout: {err} (from {source}).") from None
