@@ -7,7 +7,8 @@ whole dotted path):
 * **tensor parallel**: which ``nn.Linear`` layers become column-parallel (output features
   split over tp) and row-parallel (input features split), and which RMSNorms normalise
   over all heads while the heads are split
-  (:class:`~vidpar.models.tensor_parallel.HeadShardedRMSNorm`);
+  (:class:`~vidpar.models.tensor_parallel.HeadShardedRMSNorm`); all in whole heads, the
+  first ranks one more where tp does not divide them;
 * **tokens**: where the video tokens (and the rotary embedding, and any per-token
   conditioning) are split over sp and where the output is gathered: diffusers'
   ``_cp_plan`` vocabulary (:class:`Split` ~ ``ContextParallelInput``, :class:`Gather` ~
@@ -19,7 +20,10 @@ whole dotted path):
   where the attention really differs), or none: diffusers' own processors, whose
   context-parallel calls vidpar runs (:mod:`vidpar.models.diffusers_cp`, a class with only
   a ``_cp_plan``);
-* **blocks**: the repeated block classes that regional compilation compiles.
+* **blocks**: the repeated block classes that regional compilation compiles;
+* **flow**: the family's forward as a flow-matching velocity
+  (:class:`~vidpar.models.flow_forward.FlowForward`, what ``DiffusersFlowModule`` trains
+  through), or why it is not trained.
 
 Splits end-pad to a multiple of sp (:func:`~vidpar.nn.dit.shard_tokens`), so no token
 count needs to divide sp; the true count of the forward in flight is kept in a
