@@ -323,7 +323,7 @@ TRAINED = {
 
 def module_losses(folder: str, family: str) -> list[float]:
     """Two AdamW steps of ``DiffusersFlowModule``'s own loss on a fixed batch of 2 (half
-    of it dropped to the negative prompt), in float64, the gradients summed over sp as
+    of it dropped to the negative prompt; a padded prompt), in float64, the gradients summed over sp as
     the strategy's reduction does; the losses."""
     from vidpar.distributed.state import get_parallel_state
     from vidpar.lightning import DiffusersFlowModule
@@ -338,9 +338,11 @@ def module_losses(folder: str, family: str) -> list[float]:
     optimizer = module.configure_optimizers()
     sp = get_parallel_state().group("sp")
     _, latent, width = TRAINED[family]
+    prompts = _noise(21, BATCH, TEXT, width)
+    prompts[1, -2:] = 0  # the second prompt is 2 tokens shorter: zero-padded, masked
     batch = {
         "latents": _noise(20, BATCH, *latent),
-        "prompt_embeds": _noise(21, BATCH, TEXT, width),
+        "prompt_embeds": prompts,
         "negative_prompt_embeds": _noise(22, BATCH, TEXT, width),
         "index": torch.arange(BATCH),
     }

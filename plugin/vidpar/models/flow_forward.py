@@ -6,9 +6,9 @@ vidpar's convention (:mod:`vidpar.pipelines.flow_matching`): ``x_t = (1 - t) x0 
 HunyuanVideo take ``timestep = 1000 t`` and predict that velocity, as their pipelines'
 flow-matching schedulers step; Mochi's scheduler runs inverted sigmas (``timestep = 1000
 (1 - t)``) and its model predicts ``x0 - noise``. What else a family's forward takes that a
-latents folder does not hold is filled as its pipeline fills it by default (a full text
-mask, HunyuanVideo's guidance 6.0; its pooled CLIP projection, which latents folders do
-not store, as zeros).
+latents folder does not hold is filled as its pipeline fills it by default (the text mask
+of the prompts' zero padding, HunyuanVideo's guidance 6.0; its pooled CLIP projection,
+which latents folders do not store, as zeros).
 """
 
 from __future__ import annotations
@@ -20,22 +20,26 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["PLAIN_FORWARD", "FlowForward", "full_text_mask", "hunyuan_video_inputs"]
+__all__ = ["PLAIN_FORWARD", "FlowForward", "hunyuan_video_inputs", "text_mask"]
 
 #: Extra keyword inputs of a family's forward from its config, the latents and the text.
 ExtraInputs = Callable[[Mapping[str, Any], torch.Tensor, torch.Tensor], dict[str, Any]]
 
 
-def full_text_mask(config: Mapping[str, Any], x: torch.Tensor, text: torch.Tensor) -> dict:
-    """Every text token real (the latents folder's prompts are not padded)."""
-    return {"encoder_attention_mask": torch.ones(text.shape[:2], device=text.device)}
+def text_mask(config: Mapping[str, Any], x: torch.Tensor, text: torch.Tensor) -> dict:
+    """The text mask of prompts zero-padded at the end (as a latents folder pads them): a
+    token is real unless its embedding is all zeros, and the first always is (a tokenizer
+    gives an empty prompt its end token; a prompt of no tokens would attend nothing)."""
+    real = text.ne(0).any(-1)
+    real[:, 0] = True
+    return {"encoder_attention_mask": real.to(x.dtype)}
 
 
 def hunyuan_video_inputs(config: Mapping[str, Any], x: torch.Tensor, text: torch.Tensor) -> dict:
     """HunyuanVideo's: a full text mask, zeros for the pooled CLIP projection, and the
     pipeline's default embedded guidance (6.0, times 1000) where the model embeds one."""
     batch = x.shape[0]
-    inputs = full_text_mask(config, x, text)
+    inputs = text_mask(config, x, text)
     inputs["pooled_projections"] = x.new_zeros(batch, config["pooled_projection_dim"])
     if config.get("guidance_embeds", True):
         inputs["guidance"] = torch.full((batch,), 6000.0, device=x.device, dtype=x.dtype)

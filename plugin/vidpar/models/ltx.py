@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidpar.models.flow_forward import FlowForward, full_text_mask
+from vidpar.models.flow_forward import FlowForward, text_mask
 from vidpar.models.plan import AttentionCall, ModelPlan, PlanProcessor, split_layers
 from vidpar.models.sequence import rotate_pairs
 
@@ -64,7 +64,7 @@ LTX_PLAN = ModelPlan(
     # compression 8 in time over 25 frames per second, 32 in space).
     flow=FlowForward(
         tokens=True,
-        extra=full_text_mask,
+        extra=text_mask,
         constants={"rope_interpolation_scale": (8 / 25, 32, 32)},
         text_dim="caption_channels",
     ),

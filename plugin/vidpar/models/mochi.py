@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from vidpar.models.flow_forward import FlowForward, full_text_mask
+from vidpar.models.flow_forward import FlowForward, text_mask
 from vidpar.models.hunyuan_video import HunyuanVideo15AttnProcessor
 from vidpar.models.plan import Gather, ModelPlan, Split
 from vidpar.models.tensor_parallel import replicated_over
@@ -54,5 +54,5 @@ MOCHI_PLAN = ModelPlan(
         "proj_out": Gather(1),
     },
     # Mochi's scheduler inverts the sigmas: timestep 1000 (1 - t), output x0 - noise.
-    flow=FlowForward(inverted=True, extra=full_text_mask, text_dim="text_embed_dim"),
+    flow=FlowForward(inverted=True, extra=text_mask, text_dim="text_embed_dim"),
 )
