@@ -153,7 +153,7 @@ class DiffusersFlowModule(pl.LightningModule):
 
     @property
     def num_heads(self) -> int:
-        """The transformer's attention heads (ulysses × tp must divide them)."""
+        """The transformer's attention heads (every rank of ulysses × tp needs one)."""
         return int(self.transformer_config["num_attention_heads"])
 
     @property
