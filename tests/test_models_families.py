@@ -297,7 +297,6 @@ def test_a_class_without_any_plan_is_refused_naming_the_families():
     ("family", "reason"),
     [
         ("CogVideoXTransformer3DModel", "v-prediction DDPM model"),
-        ("HunyuanVideo15Transformer3DModel", "second \\(ByT5\\) text"),
         ("ChronoEditTransformer3DModel", "from diffusers' _cp_plan alone"),
     ],
 )
@@ -318,6 +317,7 @@ TRAINED = {
     "ltx": ("LTXVideoTransformer3DModel", (8, 3, 3, 3), 16),
     "hunyuan_video": ("HunyuanVideoTransformer3DModel", (4, 3, 3, 3), 16),
     "mochi": ("MochiTransformer3DModel", (4, 3, 6, 6), 16),
+    "hunyuan_video_15": ("HunyuanVideo15Transformer3DModel", (4, 3, 3, 3), 16),
 }
 
 
@@ -362,8 +362,10 @@ def module_losses(folder: str, family: str) -> list[float]:
 @pytest.mark.parametrize("family", TRAINED)
 def test_the_lightning_module_trains_the_family_under_tp2_sp2(worlds, tmp_path, family):
     """Its forward adapter (LTX's tokens, HunyuanVideo's pooled text and guidance, Mochi's
-    inverted time) under tp2 × sp2 gives one process's losses, in float64."""
-    tiny.tiny_transformer(TRAINED[family][0]).save_pretrained(tmp_path)
+    inverted time, HunyuanVideo 1.5's text-to-video conditioning) under tp2 × sp2 gives
+    one process's losses, in float64."""
+    channels = {"in_channels": 9} if family == "hunyuan_video_15" else {}  # T2V: 2 × 4 + 1
+    tiny.tiny_transformer(TRAINED[family][0], **channels).save_pretrained(tmp_path)
     expected = module_losses(str(tmp_path), family)
     runs = worlds(4).run(module_losses, str(tmp_path), family, layout=LAYOUTS["tp2_sp2"])
     for losses in runs:

@@ -127,7 +127,7 @@ class DiffusersFlowModule(pl.LightningModule):
         self.folder = find_model_folder(path, subfolder)
         self.transformer_config = read_config(self.folder)
         self.flow = flow_forward(self.folder, self.transformer_config)
-        channels = self.transformer_config.get("in_channels")
+        channels = self.in_channels
         if video_shape is not None and channels is not None and video_shape[0] != channels:
             raise ValueError(
                 f"the data gives samples of shape {tuple(video_shape)} (C, T, H, W) with "
@@ -158,8 +158,8 @@ class DiffusersFlowModule(pl.LightningModule):
 
     @property
     def in_channels(self) -> int:
-        """The channels of the latents (or clips) the transformer takes."""
-        return int(self.transformer_config["in_channels"])
+        """The channels of the latents (or clips) the transformer denoises."""
+        return int(self.flow.latent_channels(self.transformer_config))
 
     def configure_model(self) -> None:
         if self.model is not None:

@@ -8,7 +8,8 @@ flow-matching schedulers step; Mochi's scheduler runs inverted sigmas (``timeste
 (1 - t)``) and its model predicts ``x0 - noise``. What else a family's forward takes that a
 latents folder does not hold is filled as its pipeline fills it by default (the text mask
 of the prompts' zero padding, HunyuanVideo's guidance 6.0; its pooled CLIP projection,
-which latents folders do not store, as zeros).
+which latents folders do not store, as zeros; HunyuanVideo 1.5's text-to-video inputs:
+no conditioning latents, no image, no quoted glyph text for its ByT5 encoder).
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["PLAIN_FORWARD", "FlowForward", "hunyuan_video_inputs", "text_mask"]
+__all__ = [
+    "PLAIN_FORWARD",
+    "FlowForward",
+    "hunyuan_video_15_inputs",
+    "hunyuan_video_inputs",
+    "text_mask",
+]
 
 #: Extra keyword inputs of a family's forward from its config, the latents and the text.
 ExtraInputs = Callable[[Mapping[str, Any], torch.Tensor, torch.Tensor], dict[str, Any]]
@@ -46,6 +53,18 @@ def hunyuan_video_inputs(config: Mapping[str, Any], x: torch.Tensor, text: torch
     return inputs
 
 
+def hunyuan_video_15_inputs(config: Mapping[str, Any], x: torch.Tensor, text: torch.Tensor) -> dict:
+    """HunyuanVideo 1.5's text-to-video inputs, as its pipeline gives a prompt without
+    quoted text: the text mask, one masked-out ByT5 token and one all-zero image token
+    (the model's sign of text to video)."""
+    batch = x.shape[0]
+    inputs = text_mask(config, x, text)
+    inputs["encoder_hidden_states_2"] = x.new_zeros(batch, 1, config["text_embed_2_dim"])
+    inputs["encoder_attention_mask_2"] = x.new_zeros(batch, 1)
+    inputs["image_embeds"] = x.new_zeros(batch, 1, config["image_embed_dim"])
+    return inputs
+
+
 @dataclass(frozen=True)
 class FlowForward:
     """How a family's model is called as the velocity of a flow-matching step."""
@@ -55,12 +74,21 @@ class FlowForward:
     #: LTX: the latents ``[B, C, T, H, W]`` go in as tokens ``[B, T·H·W, C]`` (patch 1)
     #: with their grid, and the output comes back as latents.
     tokens: bool = False
+    #: HunyuanVideo 1.5: the latents go in with zero conditioning latents and a zero mask
+    #: channel after them (text to video: ``in_channels = 2 C + 1``).
+    conditioned: bool = False
     #: Further inputs of the forward (:data:`ExtraInputs`).
     extra: ExtraInputs | None = None
     #: Constant keyword inputs (LTX's rope interpolation scale of its pipeline).
     constants: Mapping[str, Any] = field(default_factory=dict)
     #: The config entry of the prompt embeddings' width.
     text_dim: str = "text_dim"
+
+    def latent_channels(self, config: Mapping[str, Any]) -> int:
+        """The channels of the latents the model denoises (its ``in_channels``, less the
+        conditioning ones)."""
+        channels = config["in_channels"]
+        return (channels - 1) // 2 if self.conditioned else channels
 
     def __call__(
         self,
@@ -86,6 +114,8 @@ class FlowForward:
             frames, height, width = x.shape[2:]
             hidden = x.flatten(2).transpose(1, 2)
             inputs |= {"num_frames": frames, "height": height, "width": width}
+        if self.conditioned:
+            hidden = torch.cat([x, torch.zeros_like(x), torch.zeros_like(x[:, :1])], 1)
         if self.extra is not None:
             inputs |= self.extra(config, x, text)
         out = model(

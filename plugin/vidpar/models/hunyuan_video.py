@@ -27,7 +27,11 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from vidpar.models.flow_forward import FlowForward, hunyuan_video_inputs
+from vidpar.models.flow_forward import (
+    FlowForward,
+    hunyuan_video_15_inputs,
+    hunyuan_video_inputs,
+)
 from vidpar.models.plan import AttentionCall, Gather, ModelPlan, PlanProcessor, Split, split_layers
 from vidpar.models.sequence import rotate_pairs
 from vidpar.models.tensor_parallel import shared_over
@@ -139,6 +143,5 @@ HUNYUAN_VIDEO_15_PLAN = replace(
     HUNYUAN_VIDEO_PLAN,
     blocks=("HunyuanVideo15TransformerBlock",),
     processor=HunyuanVideo15AttnProcessor,
-    flow="its forward takes a second (ByT5) text, image embeddings and conditioning latents "
-    "concatenated to the latents, which a latents folder does not hold",
+    flow=FlowForward(conditioned=True, extra=hunyuan_video_15_inputs, text_dim="text_embed_dim"),
 )
