@@ -16,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from vidpar.cli.hydra_setup import UserError
 from vidpar.cli.validation import BUILT_IN_DATA, LATENTS_DATA, model_patch_size
 from vidpar.config import ParallelConfig
+from vidpar.models.parallelize import latent_widths
 from vidpar.models.plan import check_heads
 from vidpar.nn.activation_checkpointing import check_checkpointing
 from vidpar.nn.dit import DiTConfig
@@ -53,7 +54,7 @@ def model_facts(model: DictConfig) -> tuple[int, int, str]:
     if "dit" in model:
         return model.dit.num_heads, model.dit.in_channels, "model.dit"
     config, source = diffusers_config(model)
-    return config["num_attention_heads"], config["in_channels"], source
+    return config["num_attention_heads"], latent_widths(config)[0], source
 
 
 def check_dit_config(dit: DictConfig, layout: ParallelConfig) -> None:
@@ -219,7 +220,7 @@ def check_latents_fit_model(data: DictConfig, model: DictConfig) -> None:
         in_channels, text_dim, source = model.dit.in_channels, None, "model.dit"
     else:
         config, source = diffusers_config(model)
-        in_channels, text_dim = config["in_channels"], config.get("text_dim")
+        in_channels, text_dim = latent_widths(config)
     try:
         dataset.check_model(in_channels, text_dim, f"the model ({source})")
     except ValueError as err:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from torch import nn
 
 from vidpar.distributed.state import get_parallel_state, model_parallel_is_initialized
 from vidpar.models.cogvideox import COGVIDEOX_PLAN
+from vidpar.models.flow_forward import FlowForward
 from vidpar.models.hunyuan_video import HUNYUAN_VIDEO_15_PLAN, HUNYUAN_VIDEO_PLAN
 from vidpar.models.ltx import LTX_PLAN
 from vidpar.models.mochi import MOCHI_PLAN
@@ -15,7 +17,14 @@ from vidpar.models.plan import ModelPlan, apply_plan, check_heads
 from vidpar.models.wan import SKYREELS_V2_PLAN, WAN_PLAN
 from vidpar.nn.regional_compile import CompileSetting, compile_options
 
-__all__ = ["PLANS", "SUPPORTED_MODELS", "context_parallel_plan", "family_plan", "parallelize"]
+__all__ = [
+    "PLANS",
+    "SUPPORTED_MODELS",
+    "context_parallel_plan",
+    "family_plan",
+    "latent_widths",
+    "parallelize",
+]
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -31,6 +40,18 @@ PLANS: dict[str, ModelPlan] = {
 }
 #: The diffusers model classes :func:`parallelize` knows.
 SUPPORTED_MODELS: tuple[str, ...] = tuple(PLANS)
+
+
+def latent_widths(config: Mapping[str, Any]) -> tuple[int, int | None]:
+    """``(latent channels, prompt embedding width)`` that a diffusers model of ``config``
+    (its ``config.json``) trains on, as its plan's
+    :class:`~vidpar.models.flow_forward.FlowForward` says; else its ``in_channels`` and
+    ``text_dim``."""
+    plan = PLANS.get(config["_class_name"])
+    flow = plan.flow if plan is not None else None
+    if isinstance(flow, FlowForward):
+        return flow.latent_channels(config), config.get(flow.text_dim)
+    return config["in_channels"], config.get("text_dim")
 
 
 def _plan(model: nn.Module) -> tuple[str, ModelPlan]:
