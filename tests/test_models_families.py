@@ -359,6 +359,25 @@ def module_losses(folder: str, family: str) -> list[float]:
     return losses
 
 
+def test_latents_folders_fit_each_trained_family(tmp_path):
+    """The latents vidpar-train checks a folder against are those the family's forward
+    denoises (HunyuanVideo 1.5: 4 of in_channels 9) with its own text width."""
+    from vidpar.data.latents import LatentsDataset
+    from vidpar.lightning import DiffusersFlowModule
+    from vidpar.models.parallelize import latent_widths
+    from vidpar.models.pretrained import read_config
+
+    for family, (name, latent, width) in TRAINED.items():
+        channels = {"in_channels": 9} if family == "hunyuan_video_15" else {}
+        tiny.tiny_transformer(name, **channels).save_pretrained(tmp_path / family)
+        folder = tmp_path / family
+        assert latent_widths(read_config(folder)) == (latent[0], width)
+        tiny.make_tiny_latents(tmp_path / f"{family}-latents", folder, size=latent[1:])
+        dataset = LatentsDataset(tmp_path / f"{family}-latents")
+        dataset.check_model(latent[0], width, family)
+        assert DiffusersFlowModule(str(folder), video_shape=list(latent)).in_channels == latent[0]
+
+
 @pytest.mark.parametrize("family", TRAINED)
 def test_the_lightning_module_trains_the_family_under_tp2_sp2(worlds, tmp_path, family):
     """Its forward adapter (LTX's tokens, HunyuanVideo's pooled text and guidance, Mochi's

@@ -171,12 +171,14 @@ def make_tiny_latents(
     """Write a latents folder of ``num_samples`` random samples that fit the transformer at
     ``model_path``: latents ``[in_channels, *size]`` (the default 3 × 6 × 6 makes 27 tokens
     with patch 1×2×2: no sp size divides it) and prompts of 3 to 6 tokens of its
-    ``text_dim`` (with negative prompts of 2 tokens)."""
+    ``text_dim`` (with negative prompts of 2 tokens); for other families, the widths their
+    plan trains on (:func:`~vidpar.models.parallelize.latent_widths`)."""
     from vidpar.data.latents import write_latents_folder
+    from vidpar.models.parallelize import latent_widths
 
     config = read_config(find_model_folder(model_path))
     gen = torch.Generator().manual_seed(seed)
-    channels, dim = config["in_channels"], config["text_dim"]
+    channels, dim = latent_widths(config)
     latents = torch.randn((num_samples, channels, *size), generator=gen)
     prompts = [torch.randn(3 + i % 4, dim, generator=gen) for i in range(num_samples)]
     negative = [torch.randn(2, dim, generator=gen) for _ in range(num_samples)]
