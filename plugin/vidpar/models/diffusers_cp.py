@@ -27,6 +27,7 @@ from torch import nn
 
 from vidpar.distributed.state import ParallelState
 from vidpar.nn.attention import DistributedAttention
+from vidpar.nn.linear import GroupRef
 
 __all__ = ["ContextParallelAttention", "refuse_tp", "route_context_parallel"]
 
@@ -39,7 +40,8 @@ class ContextParallelAttention:
     def __init__(self, num_heads: int, state: ParallelState, length: Any) -> None:
         self.num_heads = num_heads
         self.length = length
-        self._groups = {"ulysses_group": state.group("ulysses"), "ring_group": state.group("ring")}
+        self._ulysses = GroupRef(state.group("ulysses"))  # copies share the groups
+        self._ring = GroupRef(state.group("ring"))
         self._by_scale: dict[float | None, DistributedAttention] = {}
 
     def __call__(
@@ -73,7 +75,12 @@ class ContextParallelAttention:
             )
         attention = self._by_scale.get(scale)
         if attention is None:
-            attention = DistributedAttention(self.num_heads, scale=scale, **self._groups)
+            attention = DistributedAttention(
+                self.num_heads,
+                scale=scale,
+                ulysses_group=self._ulysses.group,
+                ring_group=self._ring.group,
+            )
             self._by_scale[scale] = attention
         return attention(query, key, value, seq_len=self.length.get())
 
