@@ -11,7 +11,7 @@ import torch
 from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
-from models_oracle import LAYOUTS, backward_both, gradient_errors, relative_error, worst
+from models_oracle import CFG_LAYOUT, LAYOUTS, compare_under_layout, relative_error, worst
 from vidpar.config import ParallelConfig
 from vidpar.models import parallelize
 
@@ -67,19 +67,17 @@ def cogvideox_inputs(model: CogVideoXTransformer3DModel, seed: int = 1) -> dict:
 def _matches_diffusers(variant: str) -> dict[str, float]:
     reference = tiny_cogvideox(**VARIANTS[variant])
     model = parallelize(copy.deepcopy(reference))
-    inputs = cogvideox_inputs(reference)
-    expected = reference(**inputs, return_dict=False)[0]
-    out = model(**inputs, return_dict=False)[0]
-    backward_both(expected, out)
-    return {"output": relative_error(out, expected), **gradient_errors(reference, model)}
+    return compare_under_layout(reference, model, cogvideox_inputs(reference))
 
 
 @pytest.mark.parametrize(
     ("layout", "variant"),
-    [(name, "rope") for name in LAYOUTS] + [("sp2", "sincos"), ("tp2_sp2", "v1_5")],
+    [(name, "rope") for name in LAYOUTS]
+    + [("sp2", "sincos"), ("tp2_sp2", "v1_5"), ("cfg2_sp2", "v1_5")],
 )
 def test_outputs_and_gradients_equal_diffusers(worlds, layout, variant):
-    config = LAYOUTS[layout]
+    """cfg2_sp2: each cfg rank runs one sample of the batch (a guidance branch)."""
+    config = CFG_LAYOUT if layout == "cfg2_sp2" else LAYOUTS[layout]
     errors = worst(worlds(config.world_size).run(_matches_diffusers, variant, layout=config))
     assert max(errors.values()) <= TOLERANCE, {k: v for k, v in errors.items() if v > TOLERANCE}
 

@@ -16,7 +16,15 @@ import pytest
 import torch
 from diffusers.models.normalization import FP32LayerNorm
 
-from models_oracle import LAYOUTS, backward_both, gradient_errors, relative_error, worst
+from models_oracle import (
+    CFG_LAYOUT,
+    LAYOUTS,
+    backward_both,
+    compare_under_layout,
+    gradient_errors,
+    relative_error,
+    worst,
+)
 from vidpar.models import SUPPORTED_MODELS, parallelize
 from vidpar.models import testing as tiny
 
@@ -126,11 +134,7 @@ FAMILIES = {
 def _matches_diffusers(family: str) -> dict[str, float]:
     reference = FAMILIES[family].make().double()
     model = parallelize(copy.deepcopy(reference))
-    inputs = FAMILIES[family].inputs()
-    expected = reference(**inputs, return_dict=False)[0]
-    out = model(**inputs, return_dict=False)[0]
-    backward_both(expected, out)
-    return {"output": relative_error(out, expected), **gradient_errors(reference, model)}
+    return compare_under_layout(reference, model, FAMILIES[family].inputs())
 
 
 def _float32_gradients(family: str) -> set[str]:
@@ -143,10 +147,11 @@ def _float32_gradients(family: str) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", [*LAYOUTS, "cfg2_sp2"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_outputs_and_gradients_equal_diffusers(worlds, family, layout):
-    config = LAYOUTS[layout]
+    """cfg2_sp2: each cfg rank runs one sample of the batch (a guidance branch)."""
+    config = CFG_LAYOUT if layout == "cfg2_sp2" else LAYOUTS[layout]
     errors = worst(worlds(config.world_size).run(_matches_diffusers, family, layout=config))
     assert errors.pop("output") <= TOLERANCE
     loose = _float32_gradients(family)
@@ -193,20 +198,20 @@ def train(model: torch.nn.Module, family: str) -> list[float]:
     return losses
 
 
-def _train_and_save(family: str, path: str) -> list[float]:
+def _train_and_save(family: str, path: str, **config) -> list[float]:
     from vidpar.distributed.checkpoint import save_sharded
 
-    model = parallelize(FAMILIES[family].make().double())
+    model = parallelize(FAMILIES[family].make(**config).double())
     losses = train(model, family)
     save_sharded(Path(path), model, [], {})
     return losses
 
 
-def _load_full_weights(family: str, path: str) -> dict[str, torch.Tensor]:
+def _load_full_weights(family: str, path: str, **config) -> dict[str, torch.Tensor]:
     from vidpar.distributed.checkpoint import load_sharded
     from vidpar.distributed.full_weights import full_state_dict
 
-    model = parallelize(FAMILIES[family].make(seed=3).double())  # other weights, then the file's
+    model = parallelize(FAMILIES[family].make(seed=3, **config).double())  # then the file's
     load_sharded(Path(path), model, [])
     return full_state_dict(model)
 
@@ -228,30 +233,165 @@ def test_training_under_tp2_sp2_equals_one_process_and_reshards_to_tp1(worlds, f
     assert max(errors.values()) <= FLOAT32_TOLERANCE, max(errors.items(), key=lambda e: e[1])
 
 
-def test_a_class_with_only_a_diffusers_cp_plan_is_refused_naming_the_families():
-    from diffusers import FluxTransformer2DModel
-
-    flux = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=8,
-        pooled_projection_dim=8,
-        axes_dims_rope=(4, 4, 8),
-    )
-    with pytest.raises(TypeError, match=r"FluxTransformer2DModel \(its diffusers _cp_plan.*LTX"):
-        parallelize(flux)
+#: ChronoEdit (a Wan-shaped video model): diffusers gives its ``_cp_plan``, vidpar no plan.
+CHRONOEDIT = Family(
+    partial(tiny.tiny_transformer, "ChronoEditTransformer3DModel"),
+    FAMILIES["skyreels_v2"].inputs,
+    r"condition_embedder\.time_",
+)
 
 
-def test_the_lightning_module_names_the_families_it_does_not_train(tmp_path):
+def _cp_plan_only_matches_diffusers() -> dict[str, float]:
+    reference = CHRONOEDIT.make().double()
+    model = parallelize(copy.deepcopy(reference))
+    inputs = CHRONOEDIT.inputs()
+    expected = reference(**inputs, return_dict=False)[0]
+    out = model(**inputs, return_dict=False)[0]
+    backward_both(expected, out)
+    return {"output": relative_error(out, expected), **gradient_errors(reference, model)}
+
+
+@pytest.mark.parametrize("layout", ["sp2", "ring2", "ulysses2_ring2"])
+def test_a_class_with_only_a_diffusers_cp_plan_runs_sequence_parallel(worlds, layout):
+    """ChronoEdit's own processors and diffusers' _cp_plan: 27 tokens over sp, exact."""
+    config = LAYOUTS[layout]
+    errors = worst(worlds(config.world_size).run(_cp_plan_only_matches_diffusers, layout=config))
+    assert errors.pop("output") <= TOLERANCE
+    loose = {n for n in errors if re.match(CHRONOEDIT.float32, n)}
+    loose |= {n for n in errors if n.startswith("blocks.") and ".norm2." in n}  # FP32LayerNorm
+    bad = {n: e for n, e in errors.items() if e > (FLOAT32_TOLERANCE if n in loose else TOLERANCE)}
+    assert not bad, bad
+
+
+def _cp_plan_only_under_tp() -> str:
+    from diffusers import ChronoEditTransformer3DModel
+
+    model = CHRONOEDIT.make()
+    before = {type(m.processor).__name__ for m in model.modules() if hasattr(m, "processor")}
+    with pytest.raises(ValueError) as error:
+        parallelize(model)
+    assert isinstance(model, ChronoEditTransformer3DModel)
+    assert {
+        type(m.processor).__name__ for m in model.modules() if hasattr(m, "processor")
+    } == before
+    return str(error.value)
+
+
+def test_a_class_with_only_a_diffusers_cp_plan_refuses_tp_saying_sp_works(worlds):
+    message = worlds(2).run(_cp_plan_only_under_tp, layout=LAYOUTS["tp2"])[0]
+    assert "ChronoEditTransformer3DModel runs from its diffusers _cp_plan alone" in message
+    assert "sequence parallelism (ulysses, ring, both)" in message and "parallel.tp=1" in message
+
+
+def test_a_class_without_any_plan_is_refused_naming_the_families():
+    from diffusers import AllegroTransformer3DModel
+
+    allegro = {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8}
+    with pytest.raises(TypeError, match=r"AllegroTransformer3DModel \(no vidpar plan.*LTX"):
+        parallelize(
+            AllegroTransformer3DModel(**allegro, cross_attention_dim=16, caption_channels=16)
+        )
+
+
+@pytest.mark.parametrize(
+    ("family", "reason"),
+    [
+        ("CogVideoXTransformer3DModel", "v-prediction DDPM model"),
+        ("ChronoEditTransformer3DModel", "from diffusers' _cp_plan alone"),
+    ],
+)
+def test_the_lightning_module_says_why_it_does_not_train_a_family(tmp_path, family, reason):
+    import json
+
     from vidpar.lightning import DiffusersFlowModule
 
-    tiny.tiny_transformer("LTXVideoTransformer3DModel").save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"LTXVideoTransformer3DModel: DiffusersFlowModule trains"):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": family}))
+    with pytest.raises(
+        ValueError, match=rf"{family}: DiffusersFlowModule does not train it \(.*{reason}.*LTX"
+    ):
         DiffusersFlowModule(str(tmp_path))
+
+
+#: Latents [B, C, T, H, W] (27 tokens each) and text widths of the newly trained families.
+TRAINED = {
+    "ltx": ("LTXVideoTransformer3DModel", (8, 3, 3, 3), 16),
+    "hunyuan_video": ("HunyuanVideoTransformer3DModel", (4, 3, 3, 3), 16),
+    "mochi": ("MochiTransformer3DModel", (4, 3, 6, 6), 16),
+    "hunyuan_video_15": ("HunyuanVideo15Transformer3DModel", (4, 3, 3, 3), 16),
+}
+
+
+def module_losses(folder: str, family: str) -> list[float]:
+    """Two AdamW steps of ``DiffusersFlowModule``'s own loss on a fixed batch of 2 (half
+    of it dropped to the negative prompt; a padded prompt), in float64, the gradients summed over sp as
+    the strategy's reduction does; the losses."""
+    from vidpar.distributed.state import get_parallel_state
+    from vidpar.lightning import DiffusersFlowModule
+
+    module = DiffusersFlowModule(folder, lr=1e-3, cfg_dropout=0.5, timestep_shift=3.0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        module.configure_model()  # parallelize under the layout, if any
+    finally:
+        torch.set_default_dtype(default)
+    optimizer = module.configure_optimizers()
+    sp = get_parallel_state().group("sp")
+    _, latent, width = TRAINED[family]
+    prompts = _noise(21, BATCH, TEXT, width)
+    prompts[1, -2:] = 0  # the second prompt is 2 tokens shorter: zero-padded, masked
+    batch = {
+        "latents": _noise(20, BATCH, *latent),
+        "prompt_embeds": prompts,
+        "negative_prompt_embeds": _noise(22, BATCH, TEXT, width),
+        "index": torch.arange(BATCH),
+    }
+    losses = []
+    for step in range(STEPS):
+        loss = module._loss(batch, step)
+        optimizer.zero_grad()
+        loss.backward()
+        for param in module.model.parameters():
+            if param.grad is not None:
+                param.grad = sp.all_reduce(param.grad)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_latents_folders_fit_each_trained_family(tmp_path):
+    """The latents vidpar-train checks a folder against are those the family's forward
+    denoises (HunyuanVideo 1.5: 4 of in_channels 9) with its own text width."""
+    from vidpar.data.latents import LatentsDataset
+    from vidpar.lightning import DiffusersFlowModule
+    from vidpar.models.parallelize import latent_widths
+    from vidpar.models.pretrained import read_config
+
+    for family, (name, latent, width) in TRAINED.items():
+        channels = {"in_channels": 9} if family == "hunyuan_video_15" else {}
+        tiny.tiny_transformer(name, **channels).save_pretrained(tmp_path / family)
+        folder = tmp_path / family
+        assert latent_widths(read_config(folder)) == (latent[0], width)
+        tiny.make_tiny_latents(tmp_path / f"{family}-latents", folder, size=latent[1:])
+        dataset = LatentsDataset(tmp_path / f"{family}-latents")
+        dataset.check_model(latent[0], width, family)
+        assert DiffusersFlowModule(str(folder), video_shape=list(latent)).in_channels == latent[0]
+
+
+@pytest.mark.parametrize("family", TRAINED)
+def test_the_lightning_module_trains_the_family_under_tp2_sp2(worlds, tmp_path, family):
+    """Its forward adapter (LTX's tokens, HunyuanVideo's pooled text and guidance, Mochi's
+    inverted time, HunyuanVideo 1.5's text-to-video conditioning) under tp2 × sp2 gives
+    one process's losses, in float64."""
+    channels = {"in_channels": 9} if family == "hunyuan_video_15" else {}  # T2V: 2 × 4 + 1
+    tiny.tiny_transformer(TRAINED[family][0], **channels).save_pretrained(tmp_path)
+    expected = module_losses(str(tmp_path), family)
+    runs = worlds(4).run(module_losses, str(tmp_path), family, layout=LAYOUTS["tp2_sp2"])
+    for losses in runs:
+        assert max(abs(a - b) / b for a, b in zip(losses, expected, strict=True)) <= 1e-9, (
+            losses,
+            expected,
+        )
 
 
 def test_the_lightning_module_trains_skyreels_v2(tmp_path):

@@ -16,7 +16,15 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.normalization import FP32LayerNorm
 from safetensors.torch import load_file, save_file
 
-from models_oracle import LAYOUTS, backward_both, gradient_errors, relative_error, worst
+from models_oracle import (
+    CFG_LAYOUT,
+    LAYOUTS,
+    backward_both,
+    compare_under_layout,
+    gradient_errors,
+    relative_error,
+    worst,
+)
 from vidpar.config import ParallelConfig
 from vidpar.distributed.full_weights import full_state_dict, load_full_weights
 from vidpar.distributed.state import get_parallel_state
@@ -91,11 +99,7 @@ def _matches_diffusers(variant: str) -> dict[str, float]:
     if checkpointing:
         reference.enable_gradient_checkpointing()
         model.enable_gradient_checkpointing()
-    inputs = wan_inputs(**input_options)
-    expected = reference(**inputs, return_dict=False)[0]
-    out = model(**inputs, return_dict=False)[0]
-    backward_both(expected, out)
-    return {"output": relative_error(out, expected), **gradient_errors(reference, model)}
+    return compare_under_layout(reference, model, wan_inputs(**input_options))
 
 
 def float32_gradients(model: WanTransformer3DModel) -> set[str]:
@@ -119,10 +123,12 @@ def check_errors(errors: dict[str, float], model: WanTransformer3DModel, sp: int
 @pytest.mark.parametrize(
     ("layout", "variant"),
     [(name, "t2v") for name in LAYOUTS]
-    + [("ulysses2_ring2", "checkpointed"), ("sp2", "ti2v"), ("tp2_sp2", "i2v")],
+    + [("ulysses2_ring2", "checkpointed"), ("sp2", "ti2v"), ("tp2_sp2", "i2v")]
+    + [("cfg2_sp2", "t2v")],
 )
 def test_outputs_and_gradients_equal_diffusers(worlds, layout, variant):
-    config = LAYOUTS[layout]
+    """cfg2_sp2: each cfg rank runs one sample of the batch (a guidance branch)."""
+    config = CFG_LAYOUT if layout == "cfg2_sp2" else LAYOUTS[layout]
     errors = worst(worlds(config.world_size).run(_matches_diffusers, variant, layout=config))
     check_errors(errors, tiny_wan(**VARIANTS[variant][0]), config.sp)
 
@@ -300,22 +306,13 @@ def test_clear_errors_for_heads_and_a_second_call(worlds):
     assert "parallelised already" in twice
 
 
-def _three_heads(tp_error: bool) -> dict[str, float] | str:
-    if tp_error:
-        try:
-            parallelize(tiny_wan(num_attention_heads=3))
-        except ValueError as error:
-            return str(error)
-        return "no error"
-    return _matches_diffusers("3heads")
-
-
-def test_three_heads_over_ulysses2_equal_diffusers_and_tp2_is_refused(worlds):
-    """Ulysses splits 3 heads 2 + 1; the diffusers adapters split heads over tp evenly."""
-    errors = worst(worlds(2).run(_three_heads, False, layout=LAYOUTS["sp2"]))
-    check_errors(errors, tiny_wan(num_attention_heads=3), 2)
-    message = worlds(2).run(_three_heads, True, layout=LAYOUTS["tp2"])[0]
-    assert "num_heads(3) is not divisible by tp(2)" in message
+@pytest.mark.parametrize("layout", ["sp2", "tp2"])
+def test_three_heads_over_ulysses2_or_tp2_equal_diffusers(worlds, layout):
+    """Ulysses and the plan's tp layers (projections, RMSNorms across heads) split 3 heads
+    2 + 1."""
+    config = LAYOUTS[layout]
+    errors = worst(worlds(2).run(_matches_diffusers, "3heads", layout=config))
+    check_errors(errors, tiny_wan(num_attention_heads=3), config.sp)
 
 
 def test_outside_a_layout_the_model_is_left_as_it_is():

@@ -215,3 +215,86 @@ def test_only_a_rank_without_a_head_is_refused() -> None:
         ValueError, match=r"num_heads\(6\) is fewer than ulysses\(4\) × tp\(2\) = 8"
     ):
         ParallelConfig(ulysses=4, tp=2).check_heads(6)
+
+
+#: diffusers plan families with code that depends on a tp rank's heads: Wan's RMSNorms
+#: across heads, LTX's rope over all heads' features, HunyuanVideo's single-stream output
+#: gathered over tp, Mochi's per-head rope tables.
+PLAN_FAMILIES = ("skyreels_v2", "ltx", "hunyuan_video", "mochi")
+
+
+def with_heads(family: str, heads: int) -> dict:
+    """The tiny config overrides for ``heads`` heads of 8 channels (LTX's text projection
+    is as wide as the heads)."""
+    return {"num_attention_heads": heads} | (
+        {"cross_attention_dim": heads * 8} if family == "ltx" else {}
+    )
+
+
+def plan_family_errors(family: str, heads: int) -> dict[str, float]:
+    """A diffusers family with ``heads`` heads under the current layout against one process
+    (outputs and every gradient, float64)."""
+    import copy
+
+    from models_oracle import compare_under_layout
+    from test_models_families import FAMILIES
+    from vidpar.models import parallelize
+
+    reference = FAMILIES[family].make(**with_heads(family, heads)).double()
+    model = parallelize(copy.deepcopy(reference))
+    return compare_under_layout(reference, model, FAMILIES[family].inputs())
+
+
+def _plan_family_check(family: str, per_rank: list[dict[str, float]]) -> None:
+    from test_models_families import FLOAT32_TOLERANCE, TOLERANCE, _float32_gradients
+
+    loose = _float32_gradients(family)
+    errors = {name: max(r[name] for r in per_rank) for name in per_rank[0]}
+    assert errors.pop("output") <= TOLERANCE
+    bad = {n: e for n, e in errors.items() if e > (FLOAT32_TOLERANCE if n in loose else TOLERANCE)}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("family", PLAN_FAMILIES)
+def test_plan_families_split_6_heads_over_tp4(worlds, family) -> None:
+    """tp4 holds 2, 2, 1, 1 heads of every projection, norm and rope table."""
+    per_rank = worlds(4).run(plan_family_errors, family, 6, layout=ParallelConfig(tp=4))
+    _plan_family_check(family, per_rank)
+
+
+def test_plan_families_split_12_heads_over_ulysses4_tp2(worlds) -> None:
+    """12 heads: 6 per tp rank, 2, 2, 1, 1 of those per Ulysses rank; in the one world of
+    8, the two families whose attention reads the rank's place among the heads (LTX's
+    rope, HunyuanVideo's gathered single-stream output)."""
+    layout = ParallelConfig(ulysses=4, tp=2)
+    for family in ("ltx", "hunyuan_video"):
+        _plan_family_check(family, worlds(8).run(plan_family_errors, family, 12, layout=layout))
+
+
+def test_uneven_plan_shards_reshard_through_a_checkpoint(worlds, tmp_path) -> None:
+    """HunyuanVideo with 6 heads trained under tp4 (2, 2, 1, 1), its DCP checkpoint loaded
+    under tp2 (3, 3): the losses equal one process's, the weights the single-device ones."""
+    from models_oracle import relative_error
+    from test_models_families import (
+        FAMILIES,
+        FLOAT32_TOLERANCE,
+        _load_full_weights,
+        _train_and_save,
+        train,
+    )
+
+    family, heads, path = "hunyuan_video", 6, str(tmp_path / "ckpt")
+    reference = FAMILIES[family].make(num_attention_heads=heads).double()
+    expected_losses = train(reference, family)
+    runs = worlds(4).run(
+        _train_and_save, family, path, num_attention_heads=heads, layout=ParallelConfig(tp=4)
+    )
+    for losses in runs:
+        assert max(abs(a - b) / b for a, b in zip(losses, expected_losses, strict=True)) <= 1e-9
+    loaded = worlds(2).run(
+        _load_full_weights, family, path, num_attention_heads=heads, layout=ParallelConfig(tp=2)
+    )[0]
+    expected = reference.state_dict()
+    assert list(loaded) == list(expected)
+    errors = {name: relative_error(loaded[name], expected[name]) for name in expected}
+    assert max(errors.values()) <= FLOAT32_TOLERANCE, max(errors.items(), key=lambda e: e[1])

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vidpar.cli.hydra_setup import UserError
 from vidpar.config import ParallelConfig
+from vidpar.models.parallelize import latent_widths
 from vidpar.models.plan import check_heads
 from vidpar.nn.activation_checkpointing import check_checkpointing
 from vidpar.nn.dit import DiTConfig
@@ -63,7 +64,7 @@ def model_facts(model: DictConfig) -> tuple[int, int, str]:
     if "dit" in model:
         return model.dit.num_heads, model.dit.in_channels, "model.dit"
     config, source = diffusers_config(model)
-    return config["num_attention_heads"], config["in_channels"], source
+    return config["num_attention_heads"], latent_widths(config)[0], source
 
 
 def check_dit_config(dit: DictConfig, parallel: ParallelConfig) -> None:
@@ -123,7 +124,7 @@ def check_model_before_launch(conf: DictConfig, parallel: ParallelConfig) -> Non
     try:
         if "dit" in conf.model:
             parallel.check_heads(heads)
-        else:  # a diffusers model: its plan splits heads over tp evenly
+        else:  # a diffusers model: every rank of ulysses × tp needs a head
             check_heads(parallel, heads)
     except ValueError as err:
         raise UserError(f"The model does not fit the layout: {err} (from {source}).") from None
@@ -230,7 +231,7 @@ def check_latents_fit_model(data: DictConfig, model: DictConfig) -> None:
         in_channels, text_dim, source = model.dit.in_channels, None, "model.dit"
     else:
         config, source = diffusers_config(model)
-        in_channels, text_dim = config["in_channels"], config.get("text_dim")
+        in_channels, text_dim = latent_widths(config)
     try:
         dataset.check_model(in_channels, text_dim, f"the model ({source})")
     except ValueError as err:

@@ -1,5 +1,7 @@
-"""DiffusersFlowModule: flow-matching training of a diffusers video transformer (Wan) under
-any vidpar layout, and the export of its checkpoints back to a diffusers folder."""
+"""DiffusersFlowModule: flow-matching training of a diffusers video transformer (Wan,
+SkyReels-V2, LTX-Video, HunyuanVideo, Mochi: the families whose plan has a
+:class:`~vidpar.models.flow_forward.FlowForward`) under any vidpar layout, and the export
+of its checkpoints back to a diffusers folder."""
 
 from __future__ import annotations
 
@@ -18,11 +20,11 @@ from vidpar.lightning.module import (
     sample_noise_and_time,
 )
 from vidpar.lightning.nonfinite import NonFiniteGuard, OnNonFinite, check_on_nonfinite
-from vidpar.models import SUPPORTED_MODELS
+from vidpar.models import PLANS
+from vidpar.models.flow_forward import FlowForward
 from vidpar.models.pretrained import (
     TIMESTEP_SCALE,
     WEIGHTS,
-    DiffusersVelocity,
     find_model_folder,
     load_pretrained,
     model_class,
@@ -31,8 +33,26 @@ from vidpar.models.pretrained import (
 from vidpar.nn.lora_layers import LoraSettings, add_lora, check_lora
 from vidpar.pipelines.flow_matching import flow_matching_loss, shift_timesteps
 
-#: The diffusers classes DiffusersFlowModule trains.
-TRAINED_FAMILIES = ("WanTransformer3DModel", "SkyReelsV2Transformer3DModel")
+#: The diffusers classes DiffusersFlowModule trains: those whose plan says how their
+#: forward is a flow-matching velocity.
+TRAINED_FAMILIES = tuple(name for name, plan in PLANS.items() if not isinstance(plan.flow, str))
+
+
+def flow_forward(folder: Path, config: dict[str, Any]) -> FlowForward:
+    """The flow-matching forward of the model class in ``config``; raises ``ValueError``
+    saying why a class is not trained, naming those that are."""
+    from vidpar.models.parallelize import family_plan
+
+    family = config["_class_name"]
+    plan = family_plan(model_class(config))
+    flow = plan.flow if plan is not None else "vidpar has no plan of it"
+    if isinstance(flow, str):
+        raise ValueError(
+            f"{folder} holds a {family}: DiffusersFlowModule does not train it ({flow}); it "
+            f"trains {', '.join(TRAINED_FAMILIES)}. vidpar.models.parallelize runs the other "
+            f"families for inference ({', '.join(n for n in PLANS if n not in TRAINED_FAMILIES)})"
+        )
+    return flow
 
 
 def class_prompt_embeds(
@@ -49,8 +69,11 @@ def class_prompt_embeds(
 
 class DiffusersFlowModule(pl.LightningModule):
     """Trains a diffusers video transformer from a local folder with the rectified-flow
-    objective of :mod:`vidpar.pipelines.flow_matching` (diffusers' Wan convention:
-    ``x_t = (1 - t) x0 + t noise``, timestep ``1000 t``, target ``noise - x0``).
+    objective of :mod:`vidpar.pipelines.flow_matching` (``x_t = (1 - t) x0 + t noise``,
+    target ``noise - x0``), the model called as its family's plan says
+    (:class:`~vidpar.models.flow_forward.FlowForward`: timestep ``1000 t`` for Wan,
+    SkyReels-V2, LTX-Video and HunyuanVideo, Mochi's inverted one, LTX's latents as tokens,
+    the inputs a latents folder does not hold filled as the pipelines do).
 
     ``path`` is a diffusers model folder, or a pipeline folder whose ``subfolder`` (default
     ``transformer``) is one; only its config is read here. :meth:`configure_model` loads the
@@ -103,16 +126,8 @@ class DiffusersFlowModule(pl.LightningModule):
         check_timestep_sampling(timestep_sampling)
         self.folder = find_model_folder(path, subfolder)
         self.transformer_config = read_config(self.folder)
-        family = self.transformer_config["_class_name"]
-        if family not in TRAINED_FAMILIES:
-            raise ValueError(
-                f"{self.folder} holds a {family}: DiffusersFlowModule trains "
-                f"{' and '.join(TRAINED_FAMILIES)} (a forward of latents [B, C, T, H, W], "
-                "timestep and prompt embeddings); vidpar.models.parallelize runs the other "
-                f"families ({', '.join(SUPPORTED_MODELS)}), but this module does not train "
-                "them yet"
-            )
-        channels = self.transformer_config.get("in_channels")
+        self.flow = flow_forward(self.folder, self.transformer_config)
+        channels = self.in_channels
         if video_shape is not None and channels is not None and video_shape[0] != channels:
             raise ValueError(
                 f"the data gives samples of shape {tuple(video_shape)} (C, T, H, W) with "
@@ -130,7 +145,7 @@ class DiffusersFlowModule(pl.LightningModule):
         self.save_hyperparameters()
         self.model: torch.nn.Module | None = None
         if class_names:
-            text_dim = self.transformer_config["text_dim"]
+            text_dim = self.transformer_config[self.flow.text_dim]
             embeds = class_prompt_embeds(len(class_names), class_text_len, text_dim, seed)
         else:
             embeds = None
@@ -138,13 +153,13 @@ class DiffusersFlowModule(pl.LightningModule):
 
     @property
     def num_heads(self) -> int:
-        """The transformer's attention heads (ulysses × tp must divide them)."""
+        """The transformer's attention heads (every rank of ulysses × tp needs one)."""
         return int(self.transformer_config["num_attention_heads"])
 
     @property
     def in_channels(self) -> int:
-        """The channels of the latents (or clips) the transformer takes."""
-        return int(self.transformer_config["in_channels"])
+        """The channels of the latents (or clips) the transformer denoises."""
+        return int(self.flow.latent_channels(self.transformer_config))
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -161,7 +176,7 @@ class DiffusersFlowModule(pl.LightningModule):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The velocity at flow time ``t`` (``[B]`` in [0, 1]) for prompt embeddings
         ``cond`` ``[B, L, D]``."""
-        return DiffusersVelocity(self.model, TIMESTEP_SCALE)(x, t, cond)
+        return self.flow(self.model, x, t, cond, TIMESTEP_SCALE)
 
     def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x0, prompt, unconditional prompt)`` of a latents or a clips batch."""
@@ -185,8 +200,7 @@ class DiffusersFlowModule(pl.LightningModule):
         t = shift_timesteps(t, hp.timestep_shift)
         drop = sample_cfg_dropout(indices, step, hp.cfg_dropout, hp.seed).to(cond.device)
         cond = torch.where(drop[:, None, None], null.to(cond), cond)
-        velocity = DiffusersVelocity(self.model, TIMESTEP_SCALE)
-        return flow_matching_loss(velocity, x0, cond, t=t.to(x0), noise=noise.to(x0))
+        return flow_matching_loss(self.forward, x0, cond, t=t.to(x0), noise=noise.to(x0))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch, self.global_step)

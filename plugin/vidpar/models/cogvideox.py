@@ -78,4 +78,7 @@ COGVIDEOX_PLAN = ModelPlan(
         "transformer_blocks.0": {"hidden_states": Split(1, 3)},
         "proj_out": Gather(1),
     },
+    flow="CogVideoX is a v-prediction DDPM model (CogVideoXDDIMScheduler), not a flow-matching "
+    "one: DiffusersFlowModule's rectified-flow objective would retrain it to another "
+    "parameterisation",
 )

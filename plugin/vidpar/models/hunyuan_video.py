@@ -27,7 +27,11 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from vidpar.distributed.communication_op import gather_from_group
+from vidpar.models.flow_forward import (
+    FlowForward,
+    hunyuan_video_15_inputs,
+    hunyuan_video_inputs,
+)
 from vidpar.models.plan import AttentionCall, Gather, ModelPlan, PlanProcessor, Split, split_layers
 from vidpar.models.sequence import rotate_pairs
 from vidpar.models.tensor_parallel import shared_over
@@ -87,7 +91,7 @@ class HunyuanVideoAttnProcessor(PlanProcessor):
         text = self.padded_text(text, lengths)
         video, text = video.flatten(2, 3).to(q.dtype), text.flatten(2, 3).to(q.dtype)
         if getattr(attn, "to_out", None) is None:  # single-stream: its proj_out is whole
-            return gather_from_group(video, self.tp, -1), gather_from_group(text, self.tp, -1)
+            return self.gather_heads(video), self.gather_heads(text)
         to_add_out = getattr(attn, "to_add_out", None)  # none where the text ends
         return attn.to_out[1](attn.to_out[0](video)), text if to_add_out is None else to_add_out(
             text
@@ -114,6 +118,7 @@ HUNYUAN_VIDEO_PLAN = ModelPlan(
         "x_embedder": {None: Split(1, 3, output=True)},
         "proj_out": Gather(1),
     },
+    flow=FlowForward(extra=hunyuan_video_inputs, text_dim="text_embed_dim"),
 )
 
 
@@ -138,4 +143,5 @@ HUNYUAN_VIDEO_15_PLAN = replace(
     HUNYUAN_VIDEO_PLAN,
     blocks=("HunyuanVideo15TransformerBlock",),
     processor=HunyuanVideo15AttnProcessor,
+    flow=FlowForward(conditioned=True, extra=hunyuan_video_15_inputs, text_dim="text_embed_dim"),
 )

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidpar.models.flow_forward import FlowForward, text_mask
 from vidpar.models.plan import AttentionCall, ModelPlan, PlanProcessor, split_layers
 from vidpar.models.sequence import rotate_pairs
 
@@ -33,8 +34,8 @@ class LTXAttnProcessor(PlanProcessor):
         k = attn.norm_k(attn.to_k(context))
         v = attn.to_v(context)
         if call.rotary_emb is not None:  # over all heads' features: narrowed to this rank's
-            width, rank = q.shape[-1], self.tp.rank_in_group
-            cos, sin = (t.narrow(-1, rank * width, width) for t in call.rotary_emb)
+            width, start = q.shape[-1], self.first_head() * attn.head_dim
+            cos, sin = (t.narrow(-1, start, width) for t in call.rotary_emb)
             q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
         q, k, v = (t.unflatten(2, (-1, attn.head_dim)) for t in (q, k, v))
         mask = call.attention_mask
@@ -59,4 +60,12 @@ LTX_PLAN = ModelPlan(
     attention=_ATTENTION,
     processor=LTXAttnProcessor,
     **split_layers(_ATTENTION, r"transformer_blocks\.\d+\.ff", norms="norm_q|norm_k"),
+    # Latents as tokens, a full text mask, the rope scale LTXPipeline passes (its VAE's
+    # compression 8 in time over 25 frames per second, 32 in space).
+    flow=FlowForward(
+        tokens=True,
+        extra=text_mask,
+        constants={"rope_interpolation_scale": (8 / 25, 32, 32)},
+        text_dim="caption_channels",
+    ),
 )

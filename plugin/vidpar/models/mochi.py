@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from vidpar.models.flow_forward import FlowForward, text_mask
 from vidpar.models.hunyuan_video import HunyuanVideo15AttnProcessor
 from vidpar.models.plan import Gather, ModelPlan, Split
 from vidpar.models.tensor_parallel import replicated_over
@@ -26,8 +27,8 @@ class MochiAttnProcessor(HunyuanVideo15AttnProcessor):
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, ...]:
         """This rank's heads of the tables (learned: their gradients summed over tp)."""
-        heads, rank = q.shape[2], self.tp.rank_in_group
-        cos, sin = (replicated_over(t, self.tp).narrow(1, rank * heads, heads) for t in rope)
+        heads, start = q.shape[2], self.first_head()
+        cos, sin = (replicated_over(t, self.tp).narrow(1, start, heads) for t in rope)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
@@ -52,4 +53,6 @@ MOCHI_PLAN = ModelPlan(
         "transformer_blocks.0": {"hidden_states": Split(1, 3)},
         "proj_out": Gather(1),
     },
+    # Mochi's scheduler inverts the sigmas: timestep 1000 (1 - t), output x0 - noise.
+    flow=FlowForward(inverted=True, extra=text_mask, text_dim="text_embed_dim"),
 )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from torch import nn
 
 from vidpar.distributed.state import get_parallel_state, model_parallel_is_initialized
 from vidpar.models.cogvideox import COGVIDEOX_PLAN
+from vidpar.models.flow_forward import FlowForward
 from vidpar.models.hunyuan_video import HUNYUAN_VIDEO_15_PLAN, HUNYUAN_VIDEO_PLAN
 from vidpar.models.ltx import LTX_PLAN
 from vidpar.models.mochi import MOCHI_PLAN
@@ -15,7 +17,14 @@ from vidpar.models.plan import ModelPlan, apply_plan, check_heads
 from vidpar.models.wan import SKYREELS_V2_PLAN, WAN_PLAN
 from vidpar.nn.regional_compile import CompileSetting, compile_options
 
-__all__ = ["PLANS", "SUPPORTED_MODELS", "parallelize"]
+__all__ = [
+    "PLANS",
+    "SUPPORTED_MODELS",
+    "context_parallel_plan",
+    "family_plan",
+    "latent_widths",
+    "parallelize",
+]
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -33,19 +42,53 @@ PLANS: dict[str, ModelPlan] = {
 SUPPORTED_MODELS: tuple[str, ...] = tuple(PLANS)
 
 
+def latent_widths(config: Mapping[str, Any]) -> tuple[int, int | None]:
+    """``(latent channels, prompt embedding width)`` that a diffusers model of ``config``
+    (its ``config.json``) trains on, as its plan's
+    :class:`~vidpar.models.flow_forward.FlowForward` says; else its ``in_channels`` and
+    ``text_dim``."""
+    plan = PLANS.get(config["_class_name"])
+    flow = plan.flow if plan is not None else None
+    if isinstance(flow, FlowForward):
+        return flow.latent_channels(config), config.get(flow.text_dim)
+    return config["in_channels"], config.get("text_dim")
+
+
 def _plan(model: nn.Module) -> tuple[str, ModelPlan]:
-    """The plan of the diffusers class ``model`` is (or derives from)."""
-    for cls in type(model).__mro__:
-        if cls.__name__ in PLANS and cls.__module__.startswith("diffusers."):
-            return cls.__name__, PLANS[cls.__name__]
-    cp_plan = (
-        "its diffusers _cp_plan alone does not say" if getattr(model, "_cp_plan", None) else ""
-    )
+    """The plan of the diffusers class ``model`` is (or derives from); for a class vidpar
+    has no plan of but diffusers gives a ``_cp_plan``, the sequence-parallel plan read from
+    it (:func:`context_parallel_plan`)."""
+    plan = family_plan(type(model))
+    if plan is not None:
+        return type(model).__name__, plan
     raise TypeError(
         f"vidpar.models.parallelize does not know {type(model).__module__}."
-        f"{type(model).__qualname__} ({cp_plan or 'no plan'} how its attention and layers "
-        f"split: see README 'Adding a family'); it knows these diffusers models: "
-        f"{', '.join(PLANS)}"
+        f"{type(model).__qualname__} (no vidpar plan and no diffusers _cp_plan say how its "
+        f"attention and layers split: see README 'Bring your diffusers model'); it knows "
+        f"these diffusers models: {', '.join(PLANS)}, and runs sequence parallel any class "
+        "with a diffusers _cp_plan"
+    )
+
+
+def family_plan(cls: type[nn.Module]) -> ModelPlan | None:
+    """vidpar's plan of the diffusers class ``cls`` is (or derives from), else the plan of
+    its diffusers ``_cp_plan``, else ``None``."""
+    for base in cls.__mro__:
+        if base.__name__ in PLANS and base.__module__.startswith("diffusers."):
+            return PLANS[base.__name__]
+    return context_parallel_plan(cls) if getattr(cls, "_cp_plan", None) else None
+
+
+def context_parallel_plan(cls: type[nn.Module]) -> ModelPlan:
+    """The plan of a diffusers class known only by its ``_cp_plan``: its tokens split as it
+    says, its own processors' context-parallel attention calls distributed (sp, no tp),
+    its ``_repeated_blocks`` compiled (:mod:`vidpar.models.diffusers_cp`)."""
+    return ModelPlan(
+        blocks=tuple(getattr(cls, "_repeated_blocks", None) or ()),
+        attention=".*",
+        processor=None,
+        flow=f"vidpar runs {cls.__name__} from diffusers' _cp_plan alone and does not know "
+        "its forward's inputs",
     )
 
 
@@ -80,10 +123,14 @@ def parallelize(model: ModelT, *, compile: CompileSetting = False) -> ModelT:
     compilation, as diffusers' ``compile_repeated_blocks``; the setting of
     :mod:`vidpar.nn.regional_compile`, as ``DiTConfig.compile``), inside a layout or not.
 
-    Raises ``TypeError`` for a model class it does not know (:data:`SUPPORTED_MODELS`),
-    ``ValueError`` when the heads do not split over ulysses × tp (or tp is asked of a
-    model that runs sequence parallel only), and ``RuntimeError`` for a model
-    parallelised already.
+    A diffusers class without a vidpar plan but with a ``_cp_plan`` (ChronoEdit, Helios,
+    ...) runs sequence parallel from that plan alone, its own attention processors kept
+    (:mod:`vidpar.models.diffusers_cp`); tp is refused for it.
+
+    Raises ``TypeError`` for a model class it does not know (neither in
+    :data:`SUPPORTED_MODELS` nor with a ``_cp_plan``), ``ValueError`` when ulysses × tp
+    exceed the heads (or tp is asked of a model that runs sequence parallel only), and
+    ``RuntimeError`` for a model parallelised already.
     """
     name, plan = _plan(model)
     if model_parallel_is_initialized():

@@ -7,7 +7,8 @@ whole dotted path):
 * **tensor parallel**: which ``nn.Linear`` layers become column-parallel (output features
   split over tp) and row-parallel (input features split), and which RMSNorms normalise
   over all heads while the heads are split
-  (:class:`~vidpar.models.tensor_parallel.HeadShardedRMSNorm`);
+  (:class:`~vidpar.models.tensor_parallel.HeadShardedRMSNorm`); all in whole heads, the
+  first ranks one more where tp does not divide them;
 * **tokens**: where the video tokens (and the rotary embedding, and any per-token
   conditioning) are split over sp and where the output is gathered: diffusers'
   ``_cp_plan`` vocabulary (:class:`Split` ~ ``ContextParallelInput``, :class:`Gather` ~
@@ -16,8 +17,13 @@ whole dotted path):
   vidpar replicates the text tokens on every sp rank);
 * **attention**: which attention modules get the family's processor (built once per model
   around a :class:`~vidpar.nn.attention.DistributedAttention`; processors stay per family
-  where the attention really differs);
-* **blocks**: the repeated block classes that regional compilation compiles.
+  where the attention really differs), or none: diffusers' own processors, whose
+  context-parallel calls vidpar runs (:mod:`vidpar.models.diffusers_cp`, a class with only
+  a ``_cp_plan``);
+* **blocks**: the repeated block classes that regional compilation compiles;
+* **flow**: the family's forward as a flow-matching velocity
+  (:class:`~vidpar.models.flow_forward.FlowForward`, what ``DiffusersFlowModule`` trains
+  through), or why it is not trained.
 
 Splits end-pad to a multiple of sp (:func:`~vidpar.nn.dit.shard_tokens`), so no token
 count needs to divide sp; the true count of the forward in flight is kept in a
@@ -39,10 +45,18 @@ from vidpar.config import ParallelConfig
 from vidpar.distributed.communication_op import gather_sequence
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.distributed.state import ParallelState
+from vidpar.distributed.utils import split_sizes
+from vidpar.models.diffusers_cp import (
+    ContextParallelAttention,
+    refuse_tp,
+    route_context_parallel,
+)
+from vidpar.models.flow_forward import PLAIN_FORWARD, FlowForward
 from vidpar.models.sequence import replicated_query_attention
 from vidpar.models.tensor_parallel import (
     HeadShardedRMSNorm,
     column_parallel,
+    gather_shards,
     replace_module,
     row_parallel,
 )
@@ -145,6 +159,20 @@ class PlanProcessor:
     def sp(self) -> GroupCoordinator:
         return self._sp.group
 
+    def tp_heads(self) -> tuple[int, ...]:
+        """Every tp rank's heads (whole heads, the first ranks one more)."""
+        return split_sizes(self.attention.num_heads, self.tp.world_size)
+
+    def first_head(self) -> int:
+        """The index of this tp rank's first head among all the model's heads."""
+        return sum(self.tp_heads()[: self.tp.rank_in_group])
+
+    def gather_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """All heads' features ``[..., heads × head_dim]`` from this rank's."""
+        sizes = self.tp_heads()
+        head_dim = x.shape[-1] // sizes[self.tp.rank_in_group]
+        return gather_shards(x, self.tp, tuple(n * head_dim for n in sizes))
+
     def __call__(
         self,
         attn: nn.Module,
@@ -209,8 +237,9 @@ class ModelPlan:
     blocks: tuple[str, ...]
     #: Attention modules (a path pattern) that get ``processor``.
     attention: str
-    #: The family's attention processor class.
-    processor: type[PlanProcessor]
+    #: The family's attention processor class; ``None``: the model's own diffusers
+    #: processors, their context-parallel calls distributed (sp only, no tp).
+    processor: type[PlanProcessor] | None
     column: tuple[str, ...] = ()
     row: tuple[str, ...] = ()
     head_norms: tuple[str, ...] = ()
@@ -220,28 +249,32 @@ class ModelPlan:
     whole: tuple[str, ...] = ("encoder_hidden_states", "encoder_attention_mask")
     #: The config entry holding the number of attention heads.
     heads: str = "num_attention_heads"
+    #: Its forward as a flow-matching velocity (``DiffusersFlowModule`` trains it), or why
+    #: it is not trained.
+    flow: FlowForward | str = PLAIN_FORWARD
 
 
 def check_heads(config: ParallelConfig, num_heads: int) -> None:
     """The one place a diffusers model's heads are checked against a layout (before launch,
-    and where a plan meets the layout): every rank needs a head, and a plan's tp layers
-    split heads evenly (uneven heads work over Ulysses)."""
+    and where a plan meets the layout): every rank of ulysses × tp needs a head. Counts
+    that tp or ulysses do not divide split in whole heads, the first ranks one more (a
+    plan's tp layers as vidpar's own)."""
     config.check_heads(num_heads)
-    tp = config.tp
-    if num_heads % tp:
-        raise ValueError(
-            f"num_heads({num_heads}) is not divisible by tp({tp}): a diffusers model's heads "
-            f"split over tp evenly only (over ulysses they need not); choose a tp that "
-            f"divides {num_heads}"
-        )
 
 
 def apply_plan(model: nn.Module, plan: ModelPlan, state: ParallelState) -> None:
     """Prepare ``model`` for ``state`` in place, as ``plan`` says."""
     tp = state.group("tp")
-    if tp.world_size > 1:
+    if plan.processor is None:
+        refuse_tp(model, tp.world_size)
+    elif tp.world_size > 1:
         _split_layers(model, plan, tp)
     length = SequenceLength()
+    if plan.processor is None:
+        heads = getattr(model.config, plan.heads)
+        route_context_parallel(model, ContextParallelAttention(heads, state, length))
+        _TokenHooks(model, token_plan(model, plan), state.group("sp"), length)
+        return
     attention = DistributedAttention(
         getattr(model.config, plan.heads),
         ulysses_group=state.group("ulysses"),
@@ -284,12 +317,29 @@ def token_plan(model: nn.Module, plan: ModelPlan) -> TokenPlan:
     return tokens
 
 
+def _head_unit(features: int, heads: int) -> int:
+    """The unit a layer's split side goes in: a head's width where the features are whole
+    heads (attention; an FFN as wide as a multiple of the heads splits alike), else one."""
+    return features // heads if features % heads == 0 else 1
+
+
 def _split_layers(model: nn.Module, plan: ModelPlan, tp: GroupCoordinator) -> None:
-    """This rank's tp shards of the layers the plan's patterns name."""
-    styles = [
-        (re.compile(p), lambda m, path: column_parallel(m, tp, path)) for p in plan.column
-    ] + [(re.compile(p), lambda m, path: row_parallel(m, tp, path)) for p in plan.row]
-    styles += [(re.compile(p), lambda m, path: HeadShardedRMSNorm(m, tp)) for p in plan.head_norms]
+    """This rank's tp shards of the layers the plan's patterns name: in whole heads (the
+    first ranks one more where tp does not divide them), a column layer's output as its
+    row partner's input."""
+    heads = getattr(model.config, plan.heads)
+
+    def column(m: nn.Module, path: str) -> nn.Module:
+        return column_parallel(m, tp, path, _head_unit(m.out_features, heads))
+
+    def row(m: nn.Module, path: str) -> nn.Module:
+        return row_parallel(m, tp, path, _head_unit(m.in_features, heads))
+
+    styles = [(re.compile(p), column) for p in plan.column]
+    styles += [(re.compile(p), row) for p in plan.row]
+    styles += [
+        (re.compile(p), lambda m, path: HeadShardedRMSNorm(m, tp, heads)) for p in plan.head_norms
+    ]
     split = 0
     for path, module in list(model.named_modules()):
         for pattern, shard in styles:
@@ -304,6 +354,18 @@ def _split_layers(model: nn.Module, plan: ModelPlan, tp: GroupCoordinator) -> No
         )
 
 
+def _modules_at(model: nn.Module, path: str) -> list[nn.Module]:
+    """The module at a token plan's ``path``; with ``*`` (diffusers' ``blocks.*``), every
+    module whose path matches, ``*`` standing for one path component."""
+    if "*" not in path:
+        return [model.get_submodule(path)]
+    pattern = re.compile(r"[^.]+".join(re.escape(part) for part in path.split("*")))
+    modules = [m for name, m in model.named_modules() if pattern.fullmatch(name)]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no module at the token plan's {path!r}")
+    return modules
+
+
 class _TokenHooks:
     """The forward hooks that split the tokens once and gather them once."""
 
@@ -314,17 +376,20 @@ class _TokenHooks:
         self.length = length
         model.register_forward_pre_hook(self._start, prepend=True)
         for path, entry in tokens.items():
-            module = model.get_submodule(path)
-            if isinstance(entry, Gather):
-                module.register_forward_hook(self._gather(entry))
-                continue
-            inputs = {k: s for k, s in entry.items() if not s.output}
-            outputs = {k: s for k, s in entry.items() if s.output}
-            if inputs:
-                hook = self._split_inputs(inspect.signature(module.forward), inputs)
-                module.register_forward_pre_hook(hook, with_kwargs=True)
-            if outputs:
-                module.register_forward_hook(self._split_outputs(outputs))
+            for module in _modules_at(model, path):
+                self._hook(module, entry)
+
+    def _hook(self, module: nn.Module, entry: Mapping[str | int | None, Split] | Gather) -> None:
+        if isinstance(entry, Gather):
+            module.register_forward_hook(self._gather(entry))
+            return
+        inputs = {k: s for k, s in entry.items() if not s.output}
+        outputs = {k: s for k, s in entry.items() if s.output}
+        if inputs:
+            hook = self._split_inputs(inspect.signature(module.forward), inputs)
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+        if outputs:
+            module.register_forward_hook(self._split_outputs(outputs))
 
     def _start(self, module: nn.Module, args: tuple) -> None:
         self.length.value = None

@@ -12,14 +12,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidpar.distributed.communication_op import copy_to_group, reduce_from_group
-from vidpar.distributed.full_weights import tensor_parallel_shard
+from vidpar.distributed.communication_op import (
+    copy_to_group,
+    gather_from_group,
+    reduce_from_group,
+)
+from vidpar.distributed.full_weights import (
+    shard_sizes,
+    tensor_parallel_shard,
+    tensor_parallel_sizes,
+)
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.nn.linear import ColumnParallelLinear, RowParallelLinear, TensorParallelModule
 
 __all__ = [
     "HeadShardedRMSNorm",
     "column_parallel",
+    "gather_shards",
     "layer_norm_shared",
     "replace_module",
     "replicated_over",
@@ -44,6 +53,7 @@ def _sharded_linear(
     path: str,
     group: GroupCoordinator,
     weight_dim: int,
+    unit: int | None,
 ) -> ColumnParallelLinear | RowParallelLinear:
     linear = _plain_linear(linear, path)
     weight, bias = linear.weight, linear.bias
@@ -52,15 +62,17 @@ def _sharded_linear(
         linear.out_features,
         bias=bias is not None,
         group=group,
+        split_unit=unit,
         device="meta",
         dtype=weight.dtype,
     )
     layer.to_empty(device=weight.device)  # no full-size initialisation, tags kept
     with torch.no_grad():
-        layer.weight.copy_(tensor_parallel_shard(weight, weight_dim, group))
+        sizes = shard_sizes(layer.weight)
+        layer.weight.copy_(tensor_parallel_shard(weight, weight_dim, group, sizes))
         if bias is not None:
             sharded = getattr(layer.bias, "tensor_parallel_dim", None) is not None
-            layer.bias.copy_(tensor_parallel_shard(bias, 0, group) if sharded else bias)
+            layer.bias.copy_(tensor_parallel_shard(bias, 0, group, sizes) if sharded else bias)
     for mine, theirs in ((layer.weight, weight), (layer.bias, bias)):
         if mine is not None:
             mine.requires_grad_(theirs.requires_grad)
@@ -68,16 +80,35 @@ def _sharded_linear(
     return layer
 
 
-def column_parallel(linear: nn.Module, group: GroupCoordinator, path: str) -> ColumnParallelLinear:
+def column_parallel(
+    linear: nn.Module, group: GroupCoordinator, path: str, unit: int | None = None
+) -> ColumnParallelLinear:
     """``linear`` with its output features (rows of the weight, and the bias) split over
-    ``group``: each rank computes its slice of the output."""
-    return _sharded_linear(ColumnParallelLinear, linear, path, group, 0)
+    ``group``: each rank computes its slice of the output. With ``unit`` the features go in
+    whole units of that many (a head's ``head_dim``), unevenly where ``group`` does not
+    divide them (the first ranks one more)."""
+    return _sharded_linear(ColumnParallelLinear, linear, path, group, 0, unit)
 
 
-def row_parallel(linear: nn.Module, group: GroupCoordinator, path: str) -> RowParallelLinear:
-    """``linear`` with its input features (columns of the weight) split over ``group``;
-    the partial products are summed over the group and the (replicated) bias added once."""
-    return _sharded_linear(RowParallelLinear, linear, path, group, 1)
+def row_parallel(
+    linear: nn.Module, group: GroupCoordinator, path: str, unit: int | None = None
+) -> RowParallelLinear:
+    r"""``linear`` with its input features (columns of the weight) split over ``group``
+    (in whole ``unit``\ s as :func:`column_parallel`); the partial products are summed over
+    the group and the (replicated) bias added once."""
+    return _sharded_linear(RowParallelLinear, linear, path, group, 1, unit)
+
+
+def gather_shards(x: torch.Tensor, group: GroupCoordinator, sizes: tuple[int, ...]) -> torch.Tensor:
+    """Every rank's features of ``x`` (its shard of ``sizes[rank]`` along the last dim)
+    concatenated: one all-gather, uneven shards padded to the largest for it; backward
+    keeps this rank's shard of the gradient."""
+    if group.world_size == 1 or min(sizes) == max(sizes):
+        return gather_from_group(x, group, -1)
+    largest = max(sizes)
+    padded = F.pad(x, (0, largest - x.shape[-1]))
+    parts = gather_from_group(padded, group, -1).split(largest, -1)
+    return torch.cat([part[..., :n] for part, n in zip(parts, sizes, strict=True)], -1)
 
 
 def replace_module(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -92,22 +123,26 @@ class HeadShardedRMSNorm(TensorParallelModule):
     Wan's ``norm_q``/``norm_k`` (``qk_norm="rms_norm_across_heads"``).
 
     The sum of squares is all-reduced over tp, forward and backward (every rank's heads
-    depend on every rank's features), and the weight is split with the heads. Numerics
+    depend on every rank's features), and the weight is split with the heads (``heads``
+    of them: unevenly where tp does not divide them, as the projections' heads). Numerics
     follow ``torch.nn.RMSNorm``: computed in float32 or wider, cast back, then scaled.
     """
 
-    def __init__(self, norm: nn.RMSNorm, group: GroupCoordinator) -> None:
+    def __init__(self, norm: nn.RMSNorm, group: GroupCoordinator, heads: int | None = None) -> None:
         super().__init__(group)
         if len(norm.normalized_shape) != 1:
             raise ValueError(f"expected an RMSNorm over one dim, got {norm.normalized_shape}")
         self.full_features = norm.normalized_shape[0]
         self.eps = norm.eps
+        sizes = None
+        if heads is not None and self.full_features % heads == 0:
+            sizes = tensor_parallel_sizes(heads, self.tp_group, self.full_features // heads)
         weight = norm.weight
         if weight is None:
             self.register_sharded("weight", None, 0)
         else:
-            shard = tensor_parallel_shard(weight.detach(), 0, self.tp_group).clone()
-            self.register_sharded("weight", shard, 0)
+            shard = tensor_parallel_shard(weight.detach(), 0, self.tp_group, sizes).clone()
+            self.register_sharded("weight", shard, 0, sizes)
             self.weight.requires_grad_(weight.requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,23 @@ TINY_MOCHI: dict[str, Any] = {
     "max_sequence_length": 16,
 }
 
+#: A two-block CogVideoX 1.0 (rotary embedding) of 4 heads of 16, latents 4 wide
+#: (``patch_size_t=2``: 1.5).
+TINY_COGVIDEOX: dict[str, Any] = {
+    "num_attention_heads": 4,
+    "attention_head_dim": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "time_embed_dim": 16,
+    "text_embed_dim": 16,
+    "num_layers": 2,
+    "sample_width": 6,
+    "sample_height": 6,
+    "sample_frames": 9,
+    "patch_size": 2,
+    "max_text_seq_length": 5,
+    "use_rotary_positional_embeddings": True,
+}
 
 #: The tiny config of each family :func:`tiny_transformer` makes.
 TINY_FAMILIES: dict[str, dict[str, Any]] = {
@@ -116,6 +133,8 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
     "HunyuanVideoTransformer3DModel": TINY_HUNYUAN_VIDEO,
     "HunyuanVideo15Transformer3DModel": TINY_HUNYUAN_VIDEO_15,
     "MochiTransformer3DModel": TINY_MOCHI,
+    "CogVideoXTransformer3DModel": TINY_COGVIDEOX,
+    "ChronoEditTransformer3DModel": TINY_WAN,  # Wan's layers; diffusers' _cp_plan only
 }
 
 
@@ -152,12 +171,14 @@ def make_tiny_latents(
     """Write a latents folder of ``num_samples`` random samples that fit the transformer at
     ``model_path``: latents ``[in_channels, *size]`` (the default 3 × 6 × 6 makes 27 tokens
     with patch 1×2×2: no sp size divides it) and prompts of 3 to 6 tokens of its
-    ``text_dim`` (with negative prompts of 2 tokens)."""
+    ``text_dim`` (with negative prompts of 2 tokens); for other families, the widths their
+    plan trains on (:func:`~vidpar.models.parallelize.latent_widths`)."""
     from vidpar.data.latents import write_latents_folder
+    from vidpar.models.parallelize import latent_widths
 
     config = read_config(find_model_folder(model_path))
     gen = torch.Generator().manual_seed(seed)
-    channels, dim = config["in_channels"], config["text_dim"]
+    channels, dim = latent_widths(config)
     latents = torch.randn((num_samples, channels, *size), generator=gen)
     prompts = [torch.randn(3 + i % 4, dim, generator=gen) for i in range(num_samples)]
     negative = [torch.randn(2, dim, generator=gen) for _ in range(num_samples)]
