@@ -137,13 +137,15 @@ def measure(
                 live.track(tensor)
             with live:
                 step()  # allocates the optimizer's state
-                live.peak = live.now
+                live.peak = static = live.now
                 step()
             peak = live.peak
         seconds = float("nan")
         if not fake:
             step()  # warm-up (again on CPU, outside the counting mode)
             sync()
+            if device.type == "cuda":
+                static = torch.cuda.memory_allocated(device)
             start = time.perf_counter()
             for _ in range(steps):
                 step()
@@ -156,6 +158,7 @@ def measure(
             "trainable_params": sum(p.numel() for p in trainable),
             "total_params": sum(p.numel() for p in model.parameters()),
             "peak_gib": peak / 2**30,
+            "static_gib": static / 2**30,  # weights and optimizer state between steps
             "step_s": seconds,
         }
 
@@ -190,11 +193,14 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     where = f"{name}{' (fake tensors)' if args.fake else ''}, size {args.size}"
     print(f"{where}, torch {torch.__version__}")
-    print("| variant | trainable params | peak memory (GiB) | step (s) |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| variant | trainable params | peak memory (GiB) | between steps (GiB) | step (s) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for r in rows:
         label = r["variant"] if r["variant"] == "full" else f"LoRA rank {args.rank}"
-        print(f"| {label} | {r['trainable_params']:,} | {r['peak_gib']:.3f} | {r['step_s']:.3f} |")
+        print(
+            f"| {label} | {r['trainable_params']:,} | {r['peak_gib']:.3f} "
+            f"| {r['static_gib']:.3f} | {r['step_s']:.3f} |"
+        )
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, "lora_vs_full.json"), "w") as f:
         json.dump({"device": where, "rows": rows}, f, indent=1)
