@@ -53,7 +53,7 @@ for step in "$@"; do
         tests/test_parallel_vae_gpu.py tests/test_gpu.py tests/test_elementwise.py 2>&1 | tee "$OUT/newgpu.txt" ;;
     families) timeout 300 python3 benchmarks/families_gpu.py --runs 3 --out "$OUT/families_gpu.json" \
         2>&1 | tee "$OUT/families.txt" ;;
-    lora) timeout 240 python3 benchmarks/lora_vs_full.py --steps 3 2>&1 | tee "$OUT/lora.txt" ;;
+    lora) timeout 300 python3 benchmarks/lora_vs_full.py --steps 5 2>&1 | tee "$OUT/lora.txt" ;;
     pipeline) timeout 560 python3 benchmarks/pipeline_stages.py --root /tmp/wan-random \
         --layouts single --steps ${PIPELINE_STEPS:-4} --runs 3 --out "$OUT/pipeline_stages.json" 2>&1 | tee "$OUT/pipeline.txt" ;;
     scaling) timeout 590 python3 benchmarks/scaling.py --device cuda --worlds ${SCALING_WORLDS:-1,2,4,8} \

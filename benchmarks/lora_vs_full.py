@@ -1,23 +1,32 @@
-"""Peak GPU memory and step time of LoRA vs full fine-tuning of a Wan2.1-1.3B-sized
-diffusers transformer (random weights) at 32,760 tokens (21 × 60 × 104 latents, patch
-1 × 2 × 2: Wan2.1 at 81 × 480 × 832), bf16 weights, activation checkpointing, AdamW.
+"""Peak memory and step time of LoRA vs full fine-tuning of a Wan2.1-1.3B-sized diffusers
+transformer (random weights) at 32,760 tokens (21 × 60 × 104 latents, patch 1 × 2 × 2:
+Wan2.1 at 81 × 480 × 832), bf16 weights, activation checkpointing, AdamW.
 
 A step is forward, flow-matching-style MSE loss, backward and the optimizer step, through
 ``vidpar.models.parallelize`` at world 1 and, for LoRA, ``vidpar.nn.lora_layers.add_lora``
-(rank 32, Wan's default targets). Run on one GPU: ``python benchmarks/lora_vs_full.py
-[--steps N] [--rank R]``; prints a table and writes ``$OUT/lora_vs_full.json``."""
+(rank 32, Wan's default targets); both variants take the same model, data and
+checkpointing. On one GPU: ``python benchmarks/lora_vs_full.py [--steps N] [--rank R]``
+(peak: ``torch.cuda.max_memory_allocated``). Without a GPU: ``--device cpu --size small``
+(a narrower, shorter Wan; the peak is the most bytes of tensor storage alive at once,
+counted by a dispatch mode), or ``--fake`` (the 1.3B size on fake tensors: the peak of
+live bytes without computing anything, no step time). Prints a table and writes
+``$OUT/lora_vs_full.json``."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from vidpar import ParallelConfig
 from vidpar.distributed.state import parallel_context
@@ -27,53 +36,131 @@ from vidpar.nn.lora_layers import LoraSettings, add_lora
 sys.path.insert(0, str(Path(__file__).parent))
 from pipeline_stages import WAN_1P3B  # diffusers' Wan2.1-T2V-1.3B config
 
-LATENTS = (1, 16, 21, 60, 104)  # 21 · 30 · 52 = 32,760 tokens after the 1×2×2 patches
-TEXT = (1, 512, 4096)
+#: name: (transformer config, latents shape, text shape). ``small`` keeps 1.3B's ratio of
+#: tokens to width (32,760 / 1536 ≈ 2,720 / 128) and its FFN/width ratio, at 2 blocks.
+SIZES = {
+    "1.3b": (WAN_1P3B, (1, 16, 21, 60, 104), (1, 512, 4096)),
+    "small": (
+        {
+            **WAN_1P3B,
+            "num_attention_heads": 2,
+            "attention_head_dim": 64,
+            "ffn_dim": 747,
+            "num_layers": 2,
+            "text_dim": 256,
+        },
+        (1, 16, 5, 32, 68),  # 5 · 16 · 34 = 2,720 tokens
+        (1, 64, 256),
+    ),
+}
 
 
-def measure(variant: str, rank: int, steps: int, device: torch.device) -> dict[str, float]:
-    """Warm-up step, then ``steps`` timed steps; the peak memory over all of them."""
+class LiveBytes(TorchDispatchMode):
+    """The bytes of tensor storage alive, and their peak, counting every storage that an
+    op under the mode returns (and those passed to :meth:`track`) until it is freed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: dict[int, int] = {}
+        self.now = self.peak = 0
+
+    def track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key not in self.sizes:
+            self.sizes[key] = storage.nbytes()
+            self.now += self.sizes[key]
+            self.peak = max(self.peak, self.now)
+            weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.now -= self.sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.track(leaf)
+        return out
+
+
+def measure(
+    variant: str, rank: int, steps: int, device: torch.device, size: str, fake: bool
+) -> dict[str, float | str | int]:
+    """Warm-up step, then ``steps`` timed steps; the peak memory of a step after the
+    warm-up (the optimizer's state allocated)."""
     from diffusers import WanTransformer3DModel
 
+    config, latents, text_shape = SIZES[size]
     torch.manual_seed(0)
-    with torch.device(device):
-        model = WanTransformer3DModel(**WAN_1P3B).to(torch.bfloat16)
-    model = parallelize(model)
-    if variant == "lora":
-        add_lora(model, LoraSettings(rank=rank, alpha=rank))
-    model.enable_gradient_checkpointing()
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
-    gen = torch.Generator(device).manual_seed(0)
-    x = torch.randn(LATENTS, device=device, dtype=torch.bfloat16, generator=gen)
-    text = torch.randn(TEXT, device=device, dtype=torch.bfloat16, generator=gen)
-    target = torch.randn(LATENTS, device=device, dtype=torch.bfloat16, generator=gen)
-    t = torch.tensor([500.0], device=device)
+    mode = contextlib.nullcontext()
+    if fake:
+        from torch._subclasses.fake_tensor import FakeTensorMode
 
-    def step() -> None:
-        out = model(x, t, text, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(out.float(), target.float())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        mode = FakeTensorMode()
+    with mode, torch.device(device):
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)  # as .to(bf16); fake tensors cannot be swapped
+        try:
+            model = WanTransformer3DModel(**config)
+        finally:
+            torch.set_default_dtype(default)
+        model = parallelize(model)
+        if variant == "lora":
+            add_lora(model, LoraSettings(rank=rank, alpha=rank))
+        model.enable_gradient_checkpointing()
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+        gen = None if fake else torch.Generator(device).manual_seed(0)
+        x = torch.randn(latents, dtype=torch.bfloat16, generator=gen)
+        text = torch.randn(text_shape, dtype=torch.bfloat16, generator=gen)
+        target = torch.randn(latents, dtype=torch.bfloat16, generator=gen)
+        t = torch.tensor([500.0])
 
-    torch.cuda.reset_peak_memory_stats(device)
-    step()  # warm-up: allocates the optimizer's state
-    torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize(device)
-    seconds = (time.perf_counter() - start) / steps
-    result = {
-        "variant": variant,
-        "trainable_params": sum(p.numel() for p in trainable),
-        "total_params": sum(p.numel() for p in model.parameters()),
-        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-        "step_s": seconds,
-    }
-    return result
+        def step() -> None:
+            out = model(x, t, text, return_dict=False)[0]
+            loss = torch.nn.functional.mse_loss(out.float(), target.float())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        def sync() -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        else:  # count every storage: the model's, then what the steps allocate
+            live = LiveBytes()
+            for tensor in [*model.parameters(), *model.buffers(), x, text, target, t]:
+                live.track(tensor)
+            with live:
+                step()  # allocates the optimizer's state
+                live.peak = static = live.now
+                step()
+            peak = live.peak
+        seconds = float("nan")
+        if not fake:
+            step()  # warm-up (again on CPU, outside the counting mode)
+            sync()
+            if device.type == "cuda":
+                static = torch.cuda.memory_allocated(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            sync()
+            seconds = (time.perf_counter() - start) / steps
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
+        return {
+            "variant": variant,
+            "trainable_params": sum(p.numel() for p in trainable),
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "peak_gib": peak / 2**30,
+            "static_gib": static / 2**30,  # weights and optimizer state between steps
+            "step_s": seconds,
+        }
 
 
 def _free_port() -> int:
@@ -86,25 +173,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--size", default="1.3b", choices=sorted(SIZES))
+    parser.add_argument("--fake", action="store_true", help="CPU fake tensors: peak only")
+    parser.add_argument("--variants", default="full,lora")
     args = parser.parse_args()
-    device = torch.device("cuda")
+    if args.fake and args.device != "cpu":
+        parser.error("--fake counts bytes on the CPU: add --device cpu")
+    device = torch.device(args.device)
     # A layout of one: vidpar's attention path, nothing to communicate.
     with parallel_context(
         ParallelConfig(), world_size=1, rank=0, init_method=f"tcp://127.0.0.1:{_free_port()}"
     ):
         rows = []
-        for variant in ("full", "lora"):
-            rows.append(measure(variant, args.rank, args.steps, device))
-            torch.cuda.empty_cache()  # the previous model is gone: start from nothing
-    print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}")
-    print("| variant | trainable params | peak memory (GiB) | step (s) |")
-    print("| --- | ---: | ---: | ---: |")
+        for variant in args.variants.split(","):
+            rows.append(measure(variant, args.rank, args.steps, device, args.size, args.fake))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the previous model is gone: start from nothing
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    where = f"{name}{' (fake tensors)' if args.fake else ''}, size {args.size}"
+    print(f"{where}, torch {torch.__version__}")
+    print("| variant | trainable params | peak memory (GiB) | between steps (GiB) | step (s) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for r in rows:
-        name = r["variant"] if r["variant"] == "full" else f"LoRA rank {args.rank}"
-        print(f"| {name} | {r['trainable_params']:,} | {r['peak_gib']:.2f} | {r['step_s']:.3f} |")
+        label = r["variant"] if r["variant"] == "full" else f"LoRA rank {args.rank}"
+        print(
+            f"| {label} | {r['trainable_params']:,} | {r['peak_gib']:.3f} "
+            f"| {r['static_gib']:.3f} | {r['step_s']:.3f} |"
+        )
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, "lora_vs_full.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(device), "rows": rows}, f, indent=1)
+        json.dump({"device": where, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

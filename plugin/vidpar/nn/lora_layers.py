@@ -17,7 +17,15 @@ so checkpoints reshard and every layout computes the single-device result:
 
 Factors are drawn as PEFT draws them (A ~ U(±1/√in), B = 0), from a generator seeded by
 ``seed`` and the layer's name, full-size, then sliced: every layout starts from the same
-adapter.
+adapter. They are kept in the base weight's dtype (as PEFT keeps them in bf16 training
+without autocast; under autocast every matmul runs in the autocast dtype as a plain
+linear's does, the fp32 factors being the optimizer's master copy).
+
+The base and the adapter run as one autograd function (:class:`_LoraLinearFunction`): the
+update is added into the base's output by one ``addmm_`` (scale included), and backward
+adds the adapter's input gradient into the base's by another, so a LoRA linear allocates
+and saves what a plain linear does (its input, plus ``x Aᵀ`` of ``r`` columns) and skips
+the frozen weight's gradient.
 """
 
 from __future__ import annotations
@@ -118,6 +126,57 @@ class _Factor(TensorParallelModule):
             self.register_sharded("weight", tensor_parallel_shard(full, dim, group).clone(), dim)
 
 
+class _LoraLinearFunction(torch.autograd.Function):
+    """``y = x Wᵀ + bias + s · (d Aᵀ) Bᵀ`` with ``d`` the adapters' input (``x``, or its
+    dropout when given as ``dropped``), as one autograd node.
+
+    Forward adds the update into the base's output in place (``addmm_``, ``s`` as its
+    alpha); backward builds ``∂x = g W + s (g B) A`` in one buffer and computes ``∂W`` only
+    when the base is trainable. Saved: ``d`` (also ``x`` when the base is trainable and
+    ``d`` is a dropout of it) and ``d Aᵀ`` ``[tokens, r]``; the weights by reference."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropped):
+        x2 = x.reshape(-1, x.shape[-1])
+        d2 = x2 if dropped is None else dropped.reshape(-1, x.shape[-1])
+        low = torch.mm(d2, lora_a.t())  # [tokens, r]
+        y = x2.new_empty(*x.shape[:-1], weight.shape[0])  # not a view: callers may add in place
+        y2 = y.view(-1, weight.shape[0])
+        if bias is None:
+            torch.mm(x2, weight.t(), out=y2)
+        else:
+            torch.addmm(bias, x2, weight.t(), out=y2)
+        y2.addmm_(low, lora_b.t(), alpha=scaling)
+        ctx.scaling, ctx.has_dropout, ctx.x_shape = scaling, dropped is not None, x.shape
+        keep_x = ctx.needs_input_grad[1] and dropped is not None
+        ctx.save_for_backward(d2, low, weight, lora_a, lora_b, x2 if keep_x else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        d2, low, weight, lora_a, lora_b, x2 = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b, _, need_d = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])
+        g_low = torch.mm(g, lora_b).mul_(ctx.scaling)  # s · g B: [tokens, r]
+        grad_x = grad_w = grad_bias = grad_a = grad_b = grad_d = None
+        if need_x:
+            grad_x = torch.mm(g, weight)
+            if not ctx.has_dropout:
+                grad_x.addmm_(g_low, lora_a)
+            grad_x = grad_x.view(ctx.x_shape)
+        if need_d and ctx.has_dropout:
+            grad_d = torch.mm(g_low, lora_a).view(ctx.x_shape)
+        if need_w:
+            grad_w = torch.mm(g.t(), d2 if x2 is None else x2)
+        if need_bias:
+            grad_bias = g.sum(0)
+        if need_a:
+            grad_a = torch.mm(g_low.t(), d2)
+        if need_b:
+            grad_b = torch.mm(g.t(), low).mul_(ctx.scaling)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, grad_d
+
+
 class LoraLinear(TensorParallelModule):
     """A frozen linear (``nn.Linear``, :class:`ColumnParallelLinear` or
     :class:`RowParallelLinear`) plus trainable factors ``lora_A``/``lora_B`` split to match
@@ -162,24 +221,35 @@ class LoraLinear(TensorParallelModule):
         self.lora_A = _Factor(a, split[0], group)
         self.lora_B = _Factor(b, split[1], group)
 
-    def _update(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        x = F.dropout(x, self.dropout, self.training) if self.dropout else x
-        return F.linear(F.linear(x, a), b) * self.scaling
+    def _linear(
+        self, x: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor
+    ) -> torch.Tensor:
+        """``x Wᵀ + bias + scaling · dropout(x) Aᵀ Bᵀ`` in the autocast dtype if autocast is
+        on (as ``F.linear`` would), else in the operands' dtype."""
+        weight, kind = self.weight, x.device.type
+        if torch.is_autocast_enabled(kind):
+            dtype = torch.get_autocast_dtype(kind)
+            x, weight, a, b = (t.to(dtype) for t in (x, weight, a, b))
+            bias = None if bias is None else bias.to(dtype)
+        dropped = (
+            F.dropout(x, self.dropout, training=True) if self.dropout and self.training else None
+        )
+        return _LoraLinearFunction.apply(x, weight, bias, a, b, self.scaling, dropped)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.tp_group
         a, b = self.lora_A.weight, self.lora_B.weight
         if self.kind == "column":
             x = copy_to_group(x, group)
-            y = F.linear(x, self.weight, self.bias) + self._update(x, copy_to_group(a, group), b)
+            y = self._linear(x, self.bias, copy_to_group(a, group), b)
             return gather_from_group(y, group, -1) if self.gather_output else y
         if self.kind == "row" and group.world_size > 1:
             if not self.input_is_parallel:
                 x = shard_to_group(x, group, -1)
-            partial = F.linear(x, self.weight) + self._update(x, a, copy_to_group(b, group))
+            partial = self._linear(x, None, a, copy_to_group(b, group))
             y = reduce_from_group(partial, group, in_place=True)
             return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias) + self._update(x, a, b)
+        return self._linear(x, self.bias, a, b)
 
     def extra_repr(self) -> str:
         return (

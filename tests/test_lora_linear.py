@@ -1,0 +1,104 @@
+"""The LoRA linear as one autograd function: its values and gradients are the textbook
+formula's, and it allocates no more than a trainable plain linear (issue #31's memory)."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from vidpar.nn.lora_layers import LoraLinear
+
+
+class _PeakBytes(TorchDispatchMode):
+    """The most bytes of new storage that ops under the mode held alive at once (the
+    storages of ``existing`` tensors, and their views, not counted)."""
+
+    def __init__(self, existing: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.existing = [t.untyped_storage() for t in existing]  # alive while the mode is
+        self.sizes: dict[int, int] = {s._cdata: 0 for s in self.existing}
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                storage = leaf.untyped_storage()
+                if storage._cdata not in self.sizes:
+                    self.sizes[storage._cdata] = storage.nbytes()
+                    self.now += storage.nbytes()
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(storage, self._free, storage._cdata)
+        return out
+
+    def _free(self, key: int) -> None:
+        self.now -= self.sizes.pop(key)
+
+
+def _lora(base: nn.Linear, rank: int, dropout: float = 0.0) -> LoraLinear:
+    layer = LoraLinear(base, rank, 0.75, dropout, torch.Generator().manual_seed(1))
+    nn.init.normal_(layer.lora_B.weight, generator=torch.Generator().manual_seed(2))
+    return layer
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+@pytest.mark.parametrize("train_base", [False, True])
+def test_values_and_gradients_are_the_formulas(bias, dropout, train_base):
+    layer = _lora(nn.Linear(6, 5, bias=bias).double(), 3, dropout)
+    layer.weight.requires_grad_(train_base)
+    if bias:
+        layer.bias.requires_grad_(train_base)
+    x = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(5)
+    y = layer(x)
+    torch.manual_seed(5)  # the same dropout mask
+    dropped = F.dropout(x, dropout, training=True) if dropout else x
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    want = F.linear(x, layer.weight, layer.bias) + 0.75 * F.linear(F.linear(dropped, a), b)
+    torch.testing.assert_close(y, want, rtol=1e-13, atol=1e-13)
+    inputs = [x, a, b] + ([p for p in (layer.weight, layer.bias) if p is not None] * train_base)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, inputs, grad)
+    for g, w in zip(got, torch.autograd.grad(want, inputs, grad), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-13, atol=1e-13)
+
+
+def test_autocast_runs_in_its_dtype_with_float32_factors():
+    layer = _lora(nn.Linear(8, 4).requires_grad_(False), 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(3, 8))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == layer.lora_B.weight.grad.dtype == torch.float32
+    assert layer.weight.grad is None  # the base stays frozen
+
+
+def _step_peak(layer: nn.Module, x: torch.Tensor) -> int:
+    x.grad = None
+    with _PeakBytes([x, *layer.parameters()]) as mode:
+        layer(x).sum().backward()
+    return mode.peak
+
+
+def test_a_lora_linear_allocates_what_a_trainable_linear_does():
+    """A wide FFN-like linear: the LoRA step's peak (forward + backward, frozen base) stays
+    within the [tokens, r] low-rank activations of a plain linear's whose weight trains;
+    adding the update out of place, or the two input gradients, costs a whole output or
+    input more."""
+    tokens, width, hidden, rank = 512, 64, 384, 4
+    torch.manual_seed(0)
+    plain = nn.Linear(hidden, width)
+    x = torch.randn(tokens, hidden, requires_grad=True)
+    reference = _step_peak(plain, x)
+    layer = _lora(nn.Linear(hidden, width), rank).requires_grad_(False)
+    layer.lora_A.requires_grad_(True)
+    layer.lora_B.requires_grad_(True)
+    low_rank = 3 * tokens * rank * 4  # x Aᵀ, its gradient, and slack for the factors' grads
+    assert _step_peak(layer, x) <= reference + low_rank
