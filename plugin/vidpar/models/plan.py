@@ -254,12 +254,12 @@ class ModelPlan:
     flow: FlowForward | str = PLAIN_FORWARD
 
 
-def check_heads(config: ParallelConfig, num_heads: int) -> None:
+def check_heads(parallel: ParallelConfig, num_heads: int) -> None:
     """The one place a diffusers model's heads are checked against a layout (before launch,
     and where a plan meets the layout): every rank of ulysses × tp needs a head. Counts
     that tp or ulysses do not divide split in whole heads, the first ranks one more (a
     plan's tp layers as vidpar's own)."""
-    config.check_heads(num_heads)
+    parallel.check_heads(num_heads)
 
 
 def apply_plan(model: nn.Module, plan: ModelPlan, state: ParallelState) -> None:
