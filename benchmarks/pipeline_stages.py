@@ -5,6 +5,10 @@ vidpar's DiffusersPipelineGenerator on the layouts given against diffusers' own 
 on one GPU.
 
     python benchmarks/pipeline_stages.py --root /tmp/wan-random --layouts single,sp2,cfg2 --steps 10
+    python benchmarks/pipeline_stages.py --tiny --root /tmp/tiny-wan --layouts single,sp2 --steps 2
+
+``--tiny`` is a CPU dry run of the same code on vidpar's tiny pipeline folder (float32,
+5 × 16 × 16), so that a GPU session does not fail on a bug.
 
 The first run writes the random-weight pipeline folder under ``--root`` (about 12 GB in
 bf16; nothing is downloaded: the tokenizer is vidpar's tiny word-level one, and every
@@ -52,12 +56,14 @@ WAN_1P3B = {
     "rope_max_seq_len": 1024,
 }
 VIDEO = {"num_frames": 81, "height": 480, "width": 832}
+TINY_VIDEO = {"num_frames": 5, "height": 16, "width": 16}
 PROMPT = "a red fox running through snow"
 PRESETS = {"single": {}, "sp2": {"ulysses": 2}, "cfg2": {"cfg": 2}, "tp2": {"tp": 2}}
 
 
-def write_folder(root: Path) -> Path:
-    """The random-weight Wan2.1-T2V-1.3B pipeline folder (written once)."""
+def write_folder(root: Path, tiny: bool = False) -> Path:
+    """The random-weight Wan2.1-T2V-1.3B pipeline folder (written once), or the tiny one.
+    The big models are built on the GPU directly, in bf16 (no float32 copy, no CPU init)."""
     from diffusers import (
         AutoencoderKLWan,
         UniPCMultistepScheduler,
@@ -66,46 +72,60 @@ def write_folder(root: Path) -> Path:
     )
     from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-    from vidpar.models.testing import make_tiny_tokenizer
+    from vidpar.models.testing import make_tiny_tokenizer, make_tiny_wan_pipeline
 
     if (root / "model_index.json").is_file():
         return root
+    if tiny:
+        return make_tiny_wan_pipeline(root)
     make_tiny_tokenizer(root / "tokenizer")
+    default_dtype = torch.get_default_dtype()
     with torch.device("cuda"):
         torch.manual_seed(0)
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL))
+            transformer = WanTransformer3DModel(**WAN_1P3B)
+        finally:
+            torch.set_default_dtype(default_dtype)
         pipe = WanPipeline(
             tokenizer=AutoTokenizer.from_pretrained(str(root / "tokenizer")),
-            text_encoder=UMT5EncoderModel(UMT5Config(**UMT5_XXL)).to(torch.bfloat16),
+            text_encoder=text_encoder,
             vae=AutoencoderKLWan(),
             scheduler=UniPCMultistepScheduler(
                 prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
             ),
-            transformer=WanTransformer3DModel(**WAN_1P3B).to(torch.bfloat16),
+            transformer=transformer,
         )
     pipe.save_pretrained(str(root))
-    del pipe
+    del pipe, text_encoder, transformer
     torch.cuda.empty_cache()
     return root
 
 
-def _sync_time(fn):
-    torch.cuda.synchronize()
+def _sync_time(fn, device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return out, time.perf_counter() - start
 
 
-def diffusers_stages(folder: Path, steps: int) -> dict[str, float]:
-    """Seconds per stage of diffusers' WanPipeline on one GPU (bf16, VAE in float32)."""
+def diffusers_stages(
+    folder: Path, steps: int, device: torch.device, dtype: torch.dtype, video: dict
+) -> dict[str, float]:
+    """Seconds per stage of diffusers' WanPipeline on one device (VAE in float32)."""
     from diffusers import AutoencoderKLWan, WanPipeline
 
     vae = AutoencoderKLWan.from_pretrained(str(folder), subfolder="vae", torch_dtype=torch.float32)
-    pipe = WanPipeline.from_pretrained(str(folder), vae=vae, torch_dtype=torch.bfloat16).to("cuda")
+    pipe = WanPipeline.from_pretrained(str(folder), vae=vae, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     seconds = {}
+    start = time.perf_counter()
     (cond, null), seconds["encode_prompt"] = _sync_time(
-        lambda: pipe.encode_prompt(PROMPT, "", max_sequence_length=512, device="cuda")
+        lambda: pipe.encode_prompt(PROMPT, "", max_sequence_length=512, device=device), device
     )
     latents, seconds["denoise"] = _sync_time(
         lambda: (
@@ -115,30 +135,35 @@ def diffusers_stages(folder: Path, steps: int) -> dict[str, float]:
                 num_inference_steps=steps,
                 generator=torch.Generator().manual_seed(0),
                 output_type="latent",
-                **VIDEO,
+                **video,
             ).frames
-        )
+        ),
+        device,
     )
     shape = (1, vae.config.z_dim, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device)
     std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device)
     with torch.no_grad():
         _, seconds["decode"] = _sync_time(
-            lambda: vae.decode(latents.float() * std + mean, return_dict=False)[0]
+            lambda: vae.decode(latents.float() * std + mean, return_dict=False)[0], device
         )
+    seconds["total"] = time.perf_counter() - start
     return seconds
 
 
-def vidpar_stages(folder: Path, layout: str, steps: int) -> dict[str, float]:
+def vidpar_stages(
+    folder: Path, layout: str, steps: int, device: torch.device, dtype: torch.dtype, video: dict
+) -> dict[str, float]:
     """Seconds per stage of vidpar on ``layout`` (rank 0's, after one warm-up run)."""
     from vidpar import ParallelConfig
     from vidpar.pipelines import DiffusersPipelineGenerator
 
     parallel = ParallelConfig(**PRESETS[layout])
-    with DiffusersPipelineGenerator(folder, parallel, dtype=torch.bfloat16) as gen:
-        gen.generate(PROMPT, steps=1, **VIDEO)  # warm-up
+    devices = "cpu" if device.type == "cpu" else "auto"
+    with DiffusersPipelineGenerator(folder, parallel, dtype=dtype, devices=devices) as gen:
+        gen.generate(PROMPT, steps=1, **video)  # warm-up
         start = time.perf_counter()
-        gen.generate(PROMPT, steps=steps, **VIDEO)
+        gen.generate(PROMPT, steps=steps, **video)
         total = time.perf_counter() - start
         return {**gen.last_timings, "total": total}
 
@@ -148,12 +173,21 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("/tmp/wan2.1-t2v-1.3b-random"))
     parser.add_argument("--layouts", default="single,sp2,cfg2")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--tiny", action="store_true", help="CPU dry run: the tiny folder")
     args = parser.parse_args()
-    folder = write_folder(args.root)
-    rows = {"diffusers WanPipeline (1 GPU)": diffusers_stages(folder, args.steps)}
-    torch.cuda.empty_cache()  # the diffusers pipeline is gone with its function
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    video = TINY_VIDEO if args.tiny else VIDEO
+    folder = write_folder(args.root, args.tiny)
+    rows = {
+        "diffusers WanPipeline (1 device)": diffusers_stages(
+            folder, args.steps, device, dtype, video
+        )
+    }
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the diffusers pipeline is gone with its function
     for layout in args.layouts.split(","):
-        rows[f"vidpar {layout}"] = vidpar_stages(folder, layout, args.steps)
+        rows[f"vidpar {layout}"] = vidpar_stages(folder, layout, args.steps, device, dtype, video)
     stages = ["encode_prompt", "denoise", "decode", "total"]
     print(f"{'':32}" + "".join(f"{s:>15}" for s in stages))
     for name, seconds in rows.items():
