@@ -61,9 +61,10 @@ def sharded_encoding(folder: str, input_ids: torch.Tensor, mask: torch.Tensor):
 
 
 def test_the_sharded_text_encoder_equals_the_whole_one(folder, worlds):
-    """Sharded at load: no rank ever holds the whole encoder (the parameter storage each
-    rank materialised is about half of it), the tie of ``shared`` and ``embed_tokens``
-    survives, and the embeddings equal those of the whole encoder ``from_pretrained``."""
+    """Sharded at load (built on meta, each rank reading its rows): the parameter storage
+    each rank materialised is about half of the encoder, the tie of ``shared`` and
+    ``embed_tokens`` survives, and the embeddings equal those of the whole encoder
+    ``from_pretrained``."""
     from transformers import UMT5EncoderModel
 
     tokenizer = prompt_encoding.load_tokenizer(folder / "tokenizer")
@@ -75,7 +76,7 @@ def test_the_sharded_text_encoder_equals_the_whole_one(folder, worlds):
     for got, held, stored, tied in results:
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
         assert held <= whole // 2 + 64  # each rank holds about half of it
-        assert stored <= 4 * (whole // 2 + 64 * 16)  # and never allocated more (float32)
+        assert stored <= 4 * (whole // 2 + 64 * 16)  # and materialised no more (float32)
         assert tied
     assert sum(held for _, held, _, _ in results) == whole
 

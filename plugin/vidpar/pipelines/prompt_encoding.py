@@ -38,26 +38,21 @@ def load_text_encoder(
     its ``config.json`` names, e.g. ``UMT5EncoderModel``) in ``dtype`` on ``device``, frozen.
 
     With a ``group`` of several ranks it comes out FSDP2-sharded over them (each block, then
-    the rest) and no rank ever holds it whole: the module is
-    built on the meta device, sharded, and each rank reads only its rows of each weight
-    from the folder's safetensors (``safe_open(...).get_slice``). Without a group, the whole
-    encoder is read tensor by tensor straight onto ``device``. Tied weights (UMT5's
-    ``shared`` and ``encoder.embed_tokens``) stay one parameter, buffers keep the values
-    the class gives them (persistent ones the file's, where it has them).
+    the rest) and no rank ever holds it whole: the module is built on the meta device,
+    sharded, and each rank reads only its rows of each weight from the folder's
+    safetensors (``safe_open(...).get_slice``). Without a group, the whole encoder is read
+    tensor by tensor straight onto ``device``. Tied weights (UMT5's ``shared`` and
+    ``encoder.embed_tokens``) stay one parameter; buffers the files lack (non-persistent
+    ones) are set by the model's own ``_init_weights``, as ``from_pretrained`` sets them.
     """
-    from accelerate import init_empty_weights
-
     cls, config = _encoder_class(Path(folder))
-    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers real
+    with torch.device("meta"):  # nothing allocated: every value comes from the files
         model = cls(config)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()  # init_empty_weights registers tied parameters apart
     model.to(dtype)
     for name, module in model.named_modules():  # as from_pretrained keeps them
         if any(part in _float32_modules(cls, dtype) for part in name.split(".")):
             module.to(torch.float32)
     model.eval().requires_grad_(False)
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     device = torch.device(device)
     if group is not None:
         _shard(model, group, device)
@@ -65,9 +60,12 @@ def load_text_encoder(
     if group is None and hasattr(model, "tie_weights"):
         model.tie_weights()  # to_empty gives each module its own tensor
     with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            buffer.copy_(buffers[name])
-        _read_weights(model, Path(folder), group)
+        missing = _read_weights(model, Path(folder), group)
+        for name in missing:
+            owner = model.get_submodule(name.rpartition(".")[0])
+            if not hasattr(model, "_init_weights"):
+                raise ValueError(f"{folder} has no buffer {name} and {cls.__name__} cannot make it")
+            model._init_weights(owner)
     return model
 
 
@@ -97,10 +95,10 @@ def _float32_modules(cls: type, dtype: torch.dtype) -> set[str]:
     return keep
 
 
-def _read_weights(model: nn.Module, folder: Path, group: dist.ProcessGroup | None) -> None:
-    """Each parameter (and persistent buffer the files hold) of ``model`` filled from the
-    safetensors of ``folder``; a sharded (FSDP2, ``Shard(0)``) parameter gets only this
-    rank's rows, read as a slice."""
+def _read_weights(model: nn.Module, folder: Path, group: dist.ProcessGroup | None) -> list[str]:
+    """Each parameter (and buffer the files hold) of ``model`` filled from the safetensors
+    of ``folder``; a sharded (FSDP2, ``Shard(0)``) parameter gets only this rank's rows,
+    read as a slice. Returns the names of the buffers the files lack."""
     from safetensors import safe_open
 
     files = sorted(folder.glob("*.safetensors"))
@@ -119,11 +117,13 @@ def _read_weights(model: nn.Module, folder: Path, group: dist.ProcessGroup | Non
     buffer_ids = {id(b) for b in model.buffers()}
     handles = [safe_open(str(f), framework="pt") for f in files]
     where = {key: h for h in handles for key in h.keys()}  # noqa: SIM118 (not a dict)
+    missing = []
     for key, tensor in tensors.items():
         found = next((n for n in names[key] if n in where), None)
         if found is None:
             if key in buffer_ids:
-                continue  # a buffer the class computes (non-persistent): kept as built
+                missing.append(names[key][0])  # a buffer the class computes
+                continue
             raise ValueError(f"{folder} has no weight {' or '.join(names[key])}")
         local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
         rows = slice(None)
@@ -142,6 +142,7 @@ def _read_weights(model: nn.Module, folder: Path, group: dist.ProcessGroup | Non
                 f"{tuple(local.shape)}"
             )
         local.copy_(data)
+    return missing
 
 
 def tokenize(
