@@ -18,6 +18,7 @@ prompt is padded to 512 tokens as Wan pads it, so the encoder's work is the real
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -185,7 +186,8 @@ def main() -> None:
         )
     }
     if device.type == "cuda":
-        torch.cuda.empty_cache()  # the diffusers pipeline is gone with its function
+        gc.collect()  # the diffusers pipeline is gone with its function: free its memory
+        torch.cuda.empty_cache()
     for layout in args.layouts.split(","):
         rows[f"vidpar {layout}"] = vidpar_stages(folder, layout, args.steps, device, dtype, video)
     stages = ["encode_prompt", "denoise", "decode", "total"]
