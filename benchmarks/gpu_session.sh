@@ -8,6 +8,7 @@
 # newgpu (the GPU tests of the round-3 modules: VAE, compile, elementwise), families (each plan
 # family at its published size vs plain diffusers), lora (LoRA vs full fine-tuning),
 # pipeline (each stage of a prompt-to-video generation vs diffusers' WanPipeline),
+# vae_encode (vidpar-preprocess's Wan2.1 VAE encode of 81 × 480 × 832 at world 1, videos/min),
 # scaling (issue #33: every layout of each world on all visible GPUs; SCALING_WORLDS,
 # SCALING_MODELS, SCALING_STEPS, SCALING_LAYOUTS override; the Executor starts one worker per GPU).
 # Wheels the machine lacks travel in .whl (see the device tool's README).
@@ -56,6 +57,8 @@ for step in "$@"; do
     lora) timeout 300 python3 benchmarks/lora_vs_full.py --steps 5 2>&1 | tee "$OUT/lora.txt" ;;
     pipeline) timeout 560 python3 benchmarks/pipeline_stages.py --root /tmp/wan-random \
         --layouts single --steps ${PIPELINE_STEPS:-4} --runs 3 --out "$OUT/pipeline_stages.json" 2>&1 | tee "$OUT/pipeline.txt" ;;
+    vae_encode) timeout 300 python3 benchmarks/vae_encode.py --runs ${VAE_ENCODE_RUNS:-3} \
+        --out "$OUT/vae_encode.json" 2>&1 | tee "$OUT/vae_encode.txt" ;;
     scaling) timeout 590 python3 benchmarks/scaling.py --device cuda --worlds ${SCALING_WORLDS:-1,2,4,8} \
         --models ${SCALING_MODELS:-1.3b} --steps ${SCALING_STEPS:-4} ${SCALING_LAYOUTS:+--layouts $SCALING_LAYOUTS} \
         --root /tmp/wan-scaling --out "$OUT/scaling.json" --plot "$OUT/scaling.png" 2>&1 | tee "$OUT/scaling.txt" ;;

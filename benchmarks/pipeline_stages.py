@@ -5,6 +5,10 @@ vidpar's DiffusersPipelineGenerator on the layouts given against diffusers' own 
 on one GPU.
 
     python benchmarks/pipeline_stages.py --root /tmp/wan-random --layouts single,sp2,cfg2 --steps 10
+    python benchmarks/pipeline_stages.py --tiny --root /tmp/tiny-wan --layouts single,sp2 --steps 2
+
+``--tiny`` is a CPU dry run of the same code on vidpar's tiny pipeline folder (float32,
+5 × 16 × 16), so that a GPU session does not fail on a bug.
 
 The first run writes the random-weight pipeline folder under ``--root`` (about 12 GB in
 bf16; nothing is downloaded: the tokenizer is vidpar's tiny word-level one, and every
@@ -14,6 +18,7 @@ prompt is padded to 512 tokens as Wan pads it, so the encoder's work is the real
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -52,12 +57,14 @@ WAN_1P3B = {
     "rope_max_seq_len": 1024,
 }
 VIDEO = {"num_frames": 81, "height": 480, "width": 832}
+TINY_VIDEO = {"num_frames": 5, "height": 16, "width": 16}
 PROMPT = "a red fox running through snow"
 PRESETS = {"single": {}, "sp2": {"ulysses": 2}, "cfg2": {"cfg": 2}, "tp2": {"tp": 2}}
 
 
-def write_folder(root: Path) -> Path:
-    """The random-weight Wan2.1-T2V-1.3B pipeline folder (written once)."""
+def write_folder(root: Path, tiny: bool = False) -> Path:
+    """The random-weight Wan2.1-T2V-1.3B pipeline folder (written once), or the tiny one.
+    The big models are built on the GPU directly, in bf16 (no float32 copy, no CPU init)."""
     from diffusers import (
         AutoencoderKLWan,
         UniPCMultistepScheduler,
@@ -66,24 +73,33 @@ def write_folder(root: Path) -> Path:
     )
     from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-    from vidpar.models.testing import make_tiny_tokenizer
+    from vidpar.models.testing import make_tiny_tokenizer, make_tiny_wan_pipeline
 
     if (root / "model_index.json").is_file():
         return root
+    if tiny:
+        return make_tiny_wan_pipeline(root)
     make_tiny_tokenizer(root / "tokenizer")
+    default_dtype = torch.get_default_dtype()
     with torch.device("cuda"):
         torch.manual_seed(0)
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL))
+            transformer = WanTransformer3DModel(**WAN_1P3B)
+        finally:
+            torch.set_default_dtype(default_dtype)
         pipe = WanPipeline(
             tokenizer=AutoTokenizer.from_pretrained(str(root / "tokenizer")),
-            text_encoder=UMT5EncoderModel(UMT5Config(**UMT5_XXL)).to(torch.bfloat16),
+            text_encoder=text_encoder,
             vae=AutoencoderKLWan(),
             scheduler=UniPCMultistepScheduler(
                 prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
             ),
-            transformer=WanTransformer3DModel(**WAN_1P3B).to(torch.bfloat16),
+            transformer=transformer,
         )
     pipe.save_pretrained(str(root))
-    del pipe
+    del pipe, text_encoder, transformer
     torch.cuda.empty_cache()
     return root
 
@@ -91,30 +107,36 @@ def write_folder(root: Path) -> Path:
 STAGES = ("encode_prompt", "denoise", "decode")
 
 
-def _stage(fn, seconds: dict, peaks: dict, name: str):
-    """Run ``fn`` as stage ``name``: its seconds (the GPU waited for) and its peak GiB."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+def _stage(fn, device: torch.device, seconds: dict, peaks: dict, name: str):
+    """Run ``fn`` as stage ``name``: its seconds (the GPU waited for) and, on CUDA, its peak
+    GiB of allocated memory."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
+        peaks[name] = torch.cuda.max_memory_allocated() / 2**30
     seconds[name] = time.perf_counter() - start
-    peaks[name] = torch.cuda.max_memory_allocated() / 2**30
     return out
 
 
-def diffusers_runs(folder: Path, steps: int, runs: int) -> list[dict]:
-    """diffusers' WanPipeline on one GPU (bf16, VAE in float32, as its model card loads it):
+def diffusers_runs(
+    folder: Path, steps: int, runs: int, device: torch.device, dtype: torch.dtype, video: dict
+) -> list[dict]:
+    """diffusers' WanPipeline on one device (VAE in float32, as its model card loads it):
     per run, each stage's seconds and peak GiB, and one whole ``pipe(prompt)`` call's
     seconds (``total``, frames out as ``output_type="np"``), after a warm-up call."""
     from diffusers import AutoencoderKLWan, WanPipeline
 
     vae = AutoencoderKLWan.from_pretrained(str(folder), subfolder="vae", torch_dtype=torch.float32)
-    pipe = WanPipeline.from_pretrained(str(folder), vae=vae, torch_dtype=torch.bfloat16).to("cuda")
+    pipe = WanPipeline.from_pretrained(str(folder), vae=vae, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean).view(shape).cuda()
-    std = torch.tensor(vae.config.latents_std).view(shape).cuda()
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(device)
+    std = torch.tensor(vae.config.latents_std).view(shape).to(device)
 
     def whole() -> None:
         pipe(
@@ -123,7 +145,7 @@ def diffusers_runs(folder: Path, steps: int, runs: int) -> list[dict]:
             num_inference_steps=steps,
             output_type="np",
             generator=torch.Generator().manual_seed(0),
-            **VIDEO,
+            **video,
         )
 
     whole()  # warm-up: kernels, allocator, cuDNN plans
@@ -132,7 +154,8 @@ def diffusers_runs(folder: Path, steps: int, runs: int) -> list[dict]:
         seconds: dict[str, float] = {}
         peaks: dict[str, float] = {}
         cond, null = _stage(
-            lambda: pipe.encode_prompt(PROMPT, "", max_sequence_length=512, device="cuda"),
+            lambda: pipe.encode_prompt(PROMPT, "", max_sequence_length=512, device=device),
+            device,
             seconds,
             peaks,
             "encode_prompt",
@@ -145,9 +168,10 @@ def diffusers_runs(folder: Path, steps: int, runs: int) -> list[dict]:
                     num_inference_steps=steps,
                     generator=torch.Generator().manual_seed(0),
                     output_type="latent",
-                    **VIDEO,
+                    **video,
                 ).frames
             ),
+            device,
             seconds,
             peaks,
             "denoise",
@@ -155,16 +179,25 @@ def diffusers_runs(folder: Path, steps: int, runs: int) -> list[dict]:
         with torch.no_grad():
             _stage(
                 lambda z=latents: vae.decode(z.float() * std + mean, return_dict=False)[0],
+                device,
                 seconds,
                 peaks,
                 "decode",
             )
-        _stage(whole, seconds, peaks, "total")
+        _stage(whole, device, seconds, peaks, "total")
         rows.append({"seconds": seconds, "peak_gib": peaks})
     return rows
 
 
-def vidpar_runs(folder: Path, layout: str, steps: int, runs: int) -> list[dict]:
+def vidpar_runs(
+    folder: Path,
+    layout: str,
+    steps: int,
+    runs: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    video: dict,
+) -> list[dict]:
     """vidpar's DiffusersPipelineGenerator on ``layout``: per run, rank 0's seconds and peak
     GiB per stage (``last_timings``/``last_peak_gib``) and the whole ``generate`` call's
     seconds (frames out as numpy, like diffusers' ``output_type="np"``), after a warm-up."""
@@ -173,11 +206,12 @@ def vidpar_runs(folder: Path, layout: str, steps: int, runs: int) -> list[dict]:
 
     parallel = ParallelConfig(**PRESETS[layout])
     rows = []
-    with DiffusersPipelineGenerator(folder, parallel, dtype=torch.bfloat16) as gen:
-        gen.generate(PROMPT, steps=steps, seed=0, **VIDEO)  # warm-up
+    devices = "cpu" if device.type == "cpu" else "auto"
+    with DiffusersPipelineGenerator(folder, parallel, dtype=dtype, devices=devices) as gen:
+        gen.generate(PROMPT, steps=steps, seed=0, **video)  # warm-up
         for _ in range(runs):
             start = time.perf_counter()
-            gen.generate(PROMPT, steps=steps, seed=0, **VIDEO)
+            gen.generate(PROMPT, steps=steps, seed=0, **video)
             total = time.perf_counter() - start
             rows.append(
                 {
@@ -200,36 +234,35 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="JSON of every run")
+    parser.add_argument("--tiny", action="store_true", help="CPU dry run: the tiny folder")
     args = parser.parse_args()
-    folder = write_folder(args.root)
-    results = {"diffusers": diffusers_runs(folder, args.steps, args.runs)}
-    torch.cuda.empty_cache()  # the diffusers pipeline is gone with its function
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    video = TINY_VIDEO if args.tiny else VIDEO
+    folder = write_folder(args.root, args.tiny)
+    results = {"diffusers": diffusers_runs(folder, args.steps, args.runs, device, dtype, video)}
+    if device.type == "cuda":
+        gc.collect()  # the diffusers pipeline is gone with its function: free its memory
+        torch.cuda.empty_cache()
     for layout in args.layouts.split(","):
-        results[f"vidpar {layout}"] = vidpar_runs(folder, layout, args.steps, args.runs)
+        rows = vidpar_runs(folder, layout, args.steps, args.runs, device, dtype, video)
+        results[f"vidpar {layout}"] = rows
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, steps {args.steps}, "
-        f"median of {args.runs} runs; seconds (peak GiB) and ratio to diffusers"
+        f"{name}, torch {torch.__version__}, steps {args.steps}, median of {args.runs} runs; "
+        "seconds (peak GiB) and ratio to diffusers"
     )
     base = results["diffusers"]
-    for name, rows in results.items():
+    for label, rows in results.items():
         cells = []
         for stage in (*STAGES, "total"):
             sec, ref = _median(rows, "seconds", stage), _median(base, "seconds", stage)
-            peak = _median(rows, "peak_gib", stage) if stage != "total" else float("nan")
+            peak = _median(rows, "peak_gib", stage)
             cells.append(f"{stage} {sec:.3f} s ({peak:.2f} GiB) {sec / ref:.3f}x")
-        print(f"{name:20} | " + " | ".join(cells))
+        print(f"{label:20} | " + " | ".join(cells))
     if args.out is not None:
-        args.out.write_text(
-            json.dumps(
-                {
-                    "device": torch.cuda.get_device_name(),
-                    "torch": torch.__version__,
-                    "steps": args.steps,
-                    "runs": results,
-                },
-                indent=1,
-            )
-        )
+        payload = {"device": name, "torch": torch.__version__, "steps": args.steps}
+        args.out.write_text(json.dumps({**payload, "runs": results}, indent=1))
 
 
 if __name__ == "__main__":

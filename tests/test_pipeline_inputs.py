@@ -45,28 +45,55 @@ def test_embeddings_equal_wan_pipeline_and_long_prompts_are_cut_with_a_warning(f
 
 
 def sharded_encoding(folder: str, input_ids: torch.Tensor, mask: torch.Tensor):
-    """On each rank of a world of 2: the encoder FSDP2-sharded over both ranks; returns the
-    embeddings and how many of the encoder's parameters this rank holds."""
+    """On each rank of a world of 2: the encoder loaded FSDP2-sharded over both ranks;
+    returns the embeddings, the parameter elements this rank holds and the bytes of
+    parameter storage it materialised, and whether ``shared``/``embed_tokens`` are one."""
     import torch.distributed as dist
 
     group = dist.group.WORLD
-    encoder = prompt_encoding.load_text_encoder(folder, torch.float32)
-    whole = sum(p.numel() for p in encoder.parameters())
-    encoder = prompt_encoding.shard_text_encoder(encoder, group, torch.device("cpu"))
-    held = sum(p.to_local().numel() for p in encoder.parameters())
-    return prompt_encoding.encode_on_replica(encoder, input_ids, mask, group), held, whole
+    encoder = prompt_encoding.load_text_encoder(folder, torch.float32, "cpu", group)
+    locals_ = [p.to_local() for p in encoder.parameters()]
+    held = sum(t.numel() for t in locals_)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in locals_}
+    tied = encoder.shared.weight is encoder.encoder.embed_tokens.weight
+    embeds = prompt_encoding.encode_on_replica(encoder, input_ids, mask, group)
+    return embeds, held, sum(storages.values()), tied
 
 
 def test_the_sharded_text_encoder_equals_the_whole_one(folder, worlds):
+    """Sharded at load (built on meta, each rank reading its rows): the parameter storage
+    each rank materialised is about half of the encoder, the tie of ``shared`` and
+    ``embed_tokens`` survives, and the embeddings equal those of the whole encoder
+    ``from_pretrained``."""
+    from transformers import UMT5EncoderModel
+
     tokenizer = prompt_encoding.load_tokenizer(folder / "tokenizer")
-    encoder = prompt_encoding.load_text_encoder(folder / "text_encoder", torch.float32)
+    encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder").eval()
+    whole = sum(p.numel() for p in encoder.parameters())
     ids, mask = prompt_encoding.tokenize(tokenizer, TEXTS, 16)  # 3 texts over 2 ranks
     want = prompt_encoding.encode(encoder, ids, mask)
     results = worlds(2).run(sharded_encoding, str(folder / "text_encoder"), ids, mask)
-    for got, held, whole in results:
+    for got, held, stored, tied in results:
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
         assert held <= whole // 2 + 64  # each rank holds about half of it
-    assert sum(held for _, held, _ in results) == results[0][2]
+        assert stored <= 4 * (whole // 2 + 64 * 16)  # and materialised no more (float32)
+        assert tied
+    assert sum(held for _, held, _, _ in results) == whole
+
+
+def test_the_text_encoder_loads_whole_as_from_pretrained_does(folder):
+    """Without a group the loader reads every weight (bf16: the dtypes from_pretrained
+    gives, ``wo`` included) and the tie stays."""
+    from transformers import UMT5EncoderModel
+
+    for dtype in (torch.float32, torch.bfloat16):
+        want = UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=dtype)
+        got = prompt_encoding.load_text_encoder(folder / "text_encoder", dtype)
+        assert got.shared.weight is got.encoder.embed_tokens.weight
+        state = got.state_dict()
+        for name, tensor in want.state_dict().items():
+            assert state[name].dtype == tensor.dtype, name
+            torch.testing.assert_close(state[name], tensor, rtol=0, atol=0)
 
 
 def test_a_folder_that_is_not_a_pipeline_or_lacks_a_component_is_named(folder, tmp_path):

@@ -1,7 +1,8 @@
 """vidpar.data.preprocess_videos on a tiny Wan pipeline folder built here (the tiny VAE, a
 tiny umT5 from a config, a word-level tokenizer built with ``tokenizers``): the latents
 folder it writes is what diffusers' own VAE and WanPipeline.encode_prompt give, readable by
-LatentsDataset, resumable, split over ranks, with bad videos skipped and counted."""
+LatentsDataset, resumable, the same at world 2 (dp2, and the VAE split over sp2) as at
+world 1, with bad videos skipped and counted."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vidpar import ParallelConfig
 from vidpar.data import LatentsDataset
 from vidpar.data.preprocess import _clip, preprocess_videos
 from vidpar.models.testing import make_tiny_wan_vae
@@ -70,7 +72,9 @@ def test_the_latents_are_what_diffusers_encodes(pipeline, videos, tmp_path):
     from vidpar.data.preprocess import _read_frames
 
     out = tmp_path / "latents"
-    report = preprocess_videos(videos, pipeline, out, num_frames=5, height=16, width=16)
+    report = preprocess_videos(
+        videos, pipeline, out, num_frames=5, height=16, width=16, devices="cpu"
+    )
     assert report.written == ["a.mp4", "b.mp4"]
     assert report.uncaptioned == ["c.mp4"] and report.unreadable == ["bad.mp4"]
     dataset = LatentsDataset(out)
@@ -102,6 +106,32 @@ def test_the_latents_are_what_diffusers_encodes(pipeline, videos, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
+def test_a_rerun_rewrites_only_what_is_missing_or_stale(pipeline, videos, tmp_path):
+    """Half of the outputs deleted, a source video touched: only those are written again."""
+    import os
+
+    out = tmp_path / "latents"
+    run = {"num_frames": 5, "height": 16, "width": 16, "devices": "cpu", "progress": False}
+    for name in ("c", "d"):  # two more captioned videos: four samples in all
+        write_video(videos / f"{name}.mp4", frames(ord(name)), upscale=1)
+        (videos / f"{name}.txt").write_text("a blue cube spins")
+    assert preprocess_videos(videos, pipeline, out, **run).written == [
+        "a.mp4",
+        "b.mp4",
+        "c.mp4",
+        "d.mp4",
+    ]
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    (out / "a.safetensors").unlink()
+    (out / "c.safetensors").unlink()
+    stamp = (videos / "d.mp4").stat()
+    os.utime(videos / "d.mp4", ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
+    again = preprocess_videos(videos, pipeline, out, **run)
+    assert again.written == ["a.mp4", "c.mp4", "d.mp4"] and again.existing == ["b.mp4"]
+    assert again.unreadable == ["bad.mp4"]
+    assert (out / "b.safetensors").stat().st_mtime_ns == before["b.safetensors"]
+
+
 def test_frames_are_sampled_evenly_resized_and_centre_cropped():
     video = np.zeros((9, 20, 40, 3), dtype=np.uint8)
     video[:, :, :, 0] = np.arange(9)[:, None, None] * 30  # red: the frame's index
@@ -121,18 +151,27 @@ def test_bad_settings_fail_before_any_encoding(pipeline, videos, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def _rank_report(videos, pipeline, out):
-    report = preprocess_videos(videos, pipeline, out, num_frames=5, height=16, width=16)
-    return report.written + report.uncaptioned + report.unreadable
-
-
-def test_the_videos_are_split_over_the_ranks(worlds, pipeline, videos, tmp_path):
-    done = worlds(2).run(_rank_report, videos, pipeline, tmp_path / "latents")
-    assert done == [["a.mp4", "bad.mp4"], ["b.mp4", "c.mp4"]]  # a, b, bad, c dealt out
-    assert sorted(p.name for p in (tmp_path / "latents").iterdir()) == [
-        "a.safetensors",
-        "b.safetensors",
-    ]
+def test_world_2_writes_what_world_1_writes(pipeline, videos, tmp_path):
+    """float64: dp2 (a video per rank) and sp2 (each video's VAE split in rows over both
+    ranks, the text encoder sharded over them) write world 1's samples."""
+    run = {"num_frames": 5, "height": 32, "width": 16, "devices": "cpu", "progress": False}
+    run |= {"dtype": torch.float64, "negative_prompt": "the night"}
+    preprocess_videos(videos, pipeline, tmp_path / "one", **run)
+    want = {p.name: load_file(str(p)) for p in (tmp_path / "one").iterdir()}
+    assert sorted(want) == ["a.safetensors", "b.safetensors"]
+    for sizes in ({"dp": 2}, {"ulysses": 2}):
+        out = tmp_path / "-".join(sizes)
+        report = preprocess_videos(videos, pipeline, out, parallel=ParallelConfig(**sizes), **run)
+        assert report.written == ["a.mp4", "b.mp4"] and report.unreadable == ["bad.mp4"]
+        for name, tensors in want.items():
+            got = load_file(str(out / name))
+            assert (
+                got.keys()
+                == tensors.keys()
+                == {"latents", "prompt_embeds", "negative_prompt_embeds"}
+            )
+            for key, tensor in tensors.items():
+                torch.testing.assert_close(got[key], tensor, rtol=1e-10, atol=1e-12)
 
 
 def test_vidpar_preprocess_runs_from_the_command_line(pipeline, videos, tmp_path):
@@ -151,9 +190,9 @@ def test_vidpar_preprocess_runs_from_the_command_line(pipeline, videos, tmp_path
 
     done = command("run1", "num_frames=5")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "2 written, 0 already there, 1 unreadable or too short, 1 without a caption" in (
-        done.stdout
-    )
+    assert "2 written (" in done.stdout
+    assert "0 already there, 1 unreadable or too short, 1 without a caption" in done.stdout
+    assert "skipped, unreadable or too short: bad.mp4" in done.stdout
     assert len(LatentsDataset(tmp_path / "latents")) == 2
     bad = command("run2", "num_frames=6")
     assert bad.returncode == 2 and "num_frames must be 4k + 1" in bad.stderr

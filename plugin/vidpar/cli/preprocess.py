@@ -1,30 +1,25 @@
 """``vidpar-preprocess``: :func:`vidpar.data.preprocess.preprocess_videos` from the command
-line (Hydra config ``preprocess``); under torchrun every rank takes its share of the videos."""
+line (Hydra config ``preprocess``): the videos dealt over the dp replicas of ``parallel=``,
+each video's VAE encode split over its replica's ranks, through the Executor's workers."""
 
 from __future__ import annotations
-
-import os
 
 import torch
 from omegaconf import DictConfig
 
-from vidpar.cli.hydra_setup import UserError, console_command, register
+from vidpar.cli.hydra_setup import UserError, build_layout, console_command, register
 
 register()
 
 
 def run(conf: DictConfig) -> None:
-    """Check the settings, join torchrun's world if there is one, and encode."""
+    """Check the settings, start the workers (if there is work) and encode."""
     from vidpar.data.preprocess import preprocess_videos
 
     dtype = getattr(torch, str(conf.dtype), None)
     if not isinstance(dtype, torch.dtype):
         raise UserError(f"dtype={conf.dtype} is not a torch dtype (float32, bfloat16, ...)")
-    joined = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if joined:
-        from vidpar.distributed.state import init_distributed_environment
-
-        init_distributed_environment()
+    layout = build_layout(conf.parallel)
     try:
         report = preprocess_videos(
             conf.videos,
@@ -35,16 +30,19 @@ def run(conf: DictConfig) -> None:
             width=conf.width,
             negative_prompt=conf.negative_prompt,
             max_text_len=conf.max_text_len,
-            device=conf.device,
+            parallel=layout,
+            devices=conf.devices if isinstance(conf.devices, str) else list(conf.devices),
             dtype=dtype,
         )
     except (ValueError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
-    print(
-        f"vidpar: {len(report.written)} written, {len(report.existing)} already there, "
-        f"{len(report.unreadable)} unreadable or too short, {len(report.uncaptioned)} "
-        f"without a caption; latents in {conf.out}"
-    )
+    print(f"vidpar: {report.summary()}; latents in {conf.out}")
+    for kind, names in (
+        ("unreadable or too short", report.unreadable),
+        ("without a caption", report.uncaptioned),
+    ):
+        if names:
+            print(f"vidpar: skipped, {kind}: {', '.join(names)}")
 
 
 main = console_command("preprocess", run)

@@ -1,5 +1,6 @@
 """A folder of captioned videos to the latents folder :class:`~vidpar.data.LatentsDataset`
-reads, through a diffusers Wan pipeline folder's VAE and text encoder.
+reads, through a diffusers Wan pipeline folder's VAE and text encoder, on the ranks of a
+``parallel`` layout.
 
 Videos are ``.mp4``/``.webm``/``.mov`` files; a video's caption is the same-named ``.txt``
 file, else its entry in ``captions.jsonl`` (``{"file": "a.mp4", "caption": "..."}`` lines)
@@ -8,24 +9,33 @@ or ``captions.csv`` (columns ``file``, ``caption``). Each video gives ``num_fram
 ``height`` × ``width`` and centre-cropped; the VAE's latent mean, normalised with its
 ``latents_mean``/``latents_std``, and the text encoder's embeddings of the caption (those of
 ``WanPipeline.encode_prompt``, without the zero padding) are written as
-``<video stem>.safetensors``, atomically. A run is resumable (samples already written are
-skipped) and splits the videos over the ranks of the torch.distributed world, if one is
-joined. Unreadable or too-short videos and videos without a caption are skipped and
-counted in the returned :class:`PreprocessReport`.
+``<video stem>.safetensors``, atomically, with the source's size and mtime in its metadata.
+
+The work runs in an :class:`~vidpar.executor.Executor`'s workers: the videos are dealt
+over the dp replicas, one video per replica at a time; within a replica the VAE is split
+in rows over its ranks (:func:`vidpar.models.parallelize_vae`) and the text encoder
+FSDP2-sharded over them (:func:`vidpar.pipelines.prompt_encoding.load_text_encoder`), and
+the replica's first rank writes. A rerun skips the samples whose recorded source size and
+mtime still match. Unreadable or too-short videos and videos without a caption are
+skipped and counted in the returned :class:`PreprocessReport`.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vidpar.config import ParallelConfig
 from vidpar.data.latents import LATENTS, NEGATIVE, PROMPT
 
 __all__ = ["VIDEO_EXTENSIONS", "PreprocessReport", "find_captions", "preprocess_videos"]
@@ -35,12 +45,23 @@ VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov")
 
 @dataclass
 class PreprocessReport:
-    """What one rank did: samples written, already there (resumed), and skipped."""
+    """What a run did: videos written, already there (resumed) and skipped (by file name,
+    in the folder's order), and its seconds of encoding."""
 
     written: list[str] = field(default_factory=list)
     existing: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
     uncaptioned: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """One line: the counts and the rate."""
+        rate = len(self.written) / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"{len(self.written)} written ({rate:.2f} videos/s), {len(self.existing)} already "
+            f"there, {len(self.unreadable)} unreadable or too short, {len(self.uncaptioned)} "
+            "without a caption"
+        )
 
 
 def find_captions(folder: Path, videos: list[Path]) -> dict[str, str]:
@@ -89,68 +110,116 @@ def _clip(frames: np.ndarray, num_frames: int, height: int, width: int) -> torch
     return video[:, :, top : top + height, left : left + width].permute(1, 0, 2, 3).clamp(-1, 1)
 
 
-def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
+def _source_stamp(video: Path) -> dict[str, str]:
+    """What a sample records of its video, to tell on a rerun whether it is still current."""
+    stat = video.stat()
+    return {
+        "source": video.name,
+        "source_size": str(stat.st_size),
+        "source_mtime_ns": str(stat.st_mtime_ns),
+    }
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+
+def _is_current(target: Path, video: Path) -> bool:
+    """``target`` exists and was written from ``video`` as it is now (size and mtime)."""
+    from safetensors import safe_open
+
+    if not target.is_file():
+        return False
+    try:
+        with safe_open(str(target), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception:  # a foreign or damaged file: written again
+        return False
+    return all(metadata.get(k) == v for k, v in _source_stamp(video).items())
 
 
-def _save_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
     from safetensors.torch import save_file
 
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(partial))
+        tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+        save_file(tensors, str(partial), metadata=metadata)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
 
 
 class _Encoders:
-    """The pipeline folder's VAE, tokenizer and text encoder, encoding as WanPipeline does."""
+    """One worker's share of the pipeline folder's VAE and text encoder, split over the
+    ranks of its replica, encoding as ``WanPipeline`` does."""
 
     def __init__(self, pipeline: Path, device: torch.device, dtype: torch.dtype) -> None:
-        from diffusers import WanPipeline
-        from transformers import AutoTokenizer, UMT5EncoderModel
-
+        from vidpar.distributed.state import get_parallel_state
+        from vidpar.models.parallel_vae import parallelize_vae
         from vidpar.models.pretrained import load_pretrained
+        from vidpar.pipelines import prompt_encoding
 
-        self.vae = load_pretrained(pipeline, "vae", device=device, dtype=dtype).eval()
-        encoder = UMT5EncoderModel.from_pretrained(pipeline / "text_encoder", torch_dtype=dtype)
-        self.pipe = WanPipeline(
-            tokenizer=AutoTokenizer.from_pretrained(pipeline / "tokenizer"),
-            text_encoder=encoder.to(device).eval(),
-            vae=None,
-            transformer=None,
-            scheduler=None,
+        replica = get_parallel_state().group("replica")
+        self.is_writer = replica.is_first_rank
+        self.group = replica.device_group if replica.world_size > 1 else None
+        vae = load_pretrained(pipeline, "vae", device=device, dtype=dtype).eval()
+        self.vae = parallelize_vae(vae.requires_grad_(False), replica)
+        self.tokenizer = prompt_encoding.load_tokenizer(pipeline / "tokenizer")
+        self.text_encoder = prompt_encoding.load_text_encoder(
+            pipeline / "text_encoder", dtype, device, self.group
         )
         config = self.vae.config
         self.mean = torch.tensor(config.latents_mean, device=device).view(1, -1, 1, 1, 1)
         self.std = torch.tensor(config.latents_std, device=device).view(1, -1, 1, 1, 1)
         self.device, self.dtype = device, dtype
+        self.negative: torch.Tensor | None = None
 
     @torch.no_grad()
     def latents(self, video: torch.Tensor) -> torch.Tensor:
-        x = video[None].to(self.device, self.dtype)
-        z = self.vae.encode(x).latent_dist.mean
+        """Every rank of the replica together: the normalised latent mean of ``video``."""
+        z = self.vae.encode(video[None].to(self.device, self.dtype)).latent_dist.mean
         return ((z.float() - self.mean) / self.std)[0]
 
-    @torch.no_grad()
     def text(self, prompt: str, max_len: int) -> torch.Tensor:
-        tokens = self.pipe.tokenizer(
-            prompt, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
-        )
-        length = int(tokens.attention_mask.sum())
-        embeds, _ = self.pipe.encode_prompt(
-            prompt,
-            do_classifier_free_guidance=False,
-            max_sequence_length=max_len,
-            device=self.device,
-            dtype=self.dtype,
-        )
-        return embeds[0, :length].float()
+        """Every rank of the replica together: ``prompt``'s embeddings, its tokens only."""
+        from vidpar.pipelines import prompt_encoding
+
+        ids, mask = prompt_encoding.tokenize(self.tokenizer, [prompt], max_len)
+        embeds = prompt_encoding.encode_on_replica(self.text_encoder, ids, mask, self.group)
+        return embeds[0, : int(mask.sum())].float()
+
+
+def _build_encoders(worker, pipeline: str, dtype: torch.dtype, negative: str | None, max_len):
+    """Worker factory: the encoders, and the negative prompt's embeddings, encoded once."""
+    encoders = worker.encoders = _Encoders(Path(pipeline), worker.device, dtype)
+    if negative is not None:
+        encoders.negative = encoders.text(negative, max_len)
+    return encoders.vae
+
+
+def _encode_on_worker(worker, jobs: list[dict[str, Any] | None]) -> str | None:
+    """Every rank: its replica's job of this round (``jobs[dp coordinate]``), encoded by all
+    of the replica's ranks, written by its first; returns ``"written"``/``"unreadable"``
+    on the writer, else None."""
+    job = jobs[worker.config.coordinates(worker.rank)["dp"]]
+    if job is None:
+        return None
+    encoders: _Encoders = worker.encoders
+    video = Path(job["video"])
+    try:  # every rank of the replica reads it, so all agree on what follows
+        frames = _read_frames(video)
+    except Exception:  # any decoding failure: skipped and counted
+        frames = None
+    num_frames, height, width = job["size"]
+    if frames is None or len(frames) < num_frames:
+        return "unreadable" if encoders.is_writer else None
+    sample = {
+        LATENTS: encoders.latents(_clip(frames, num_frames, height, width)),
+        PROMPT: encoders.text(job["caption"], job["max_len"]),
+    }
+    if encoders.negative is not None:
+        sample[NEGATIVE] = encoders.negative
+    if not encoders.is_writer:
+        return None
+    _save_atomically(sample, Path(job["target"]), _source_stamp(video))
+    return "written"
 
 
 def preprocess_videos(
@@ -163,18 +232,22 @@ def preprocess_videos(
     width: int = 832,
     negative_prompt: str | None = None,
     max_text_len: int = 512,
-    device: str | torch.device | None = None,
+    parallel: ParallelConfig | None = None,
+    devices: str | list[str] = "auto",
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> PreprocessReport:
     """Encode the captioned videos of folder ``videos`` with the VAE and text encoder of the
     diffusers pipeline folder ``pipeline`` (``vae/``, ``text_encoder/``, ``tokenizer/``) into
-    the latents folder ``out`` (see the module doc); returns this rank's report.
+    the latents folder ``out`` (see the module doc) on the workers of ``parallel`` (default:
+    one) on ``devices``; returns the run's report. Workers start only if there is work.
 
     ``negative_prompt`` (optional) is encoded once and stored with every sample. Raises
     ``ValueError`` before any encoding for a frame count that is not 4k + 1, a missing
     folder, or a folder without videos."""
     from tqdm.auto import tqdm
+
+    from vidpar.executor import Executor
 
     if num_frames < 1 or (num_frames - 1) % 4:
         raise ValueError(f"num_frames must be 4k + 1 (Wan's VAE: 1, 5, ..., 81), got {num_frames}")
@@ -191,35 +264,51 @@ def preprocess_videos(
     if not files:
         raise ValueError(f"{source} holds no {'/'.join(VIDEO_EXTENSIONS)} videos")
     captions = find_captions(source, files)
-    rank, world = _rank_and_world()
-    mine = files[rank::world]
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    encoders = _Encoders(pipeline, device, dtype)
-    negative = None if negative_prompt is None else encoders.text(negative_prompt, max_text_len)
-    report = PreprocessReport()
-    for video in tqdm(mine, desc="preprocess", disable=not progress or rank != 0):
+    parallel = parallel or ParallelConfig()
+    report, jobs = PreprocessReport(), []
+    for video in files:
         target = out / f"{video.stem}.safetensors"
-        if target.is_file():
+        if _is_current(target, video):
             report.existing.append(video.name)
-            continue
-        if video.name not in captions:
+        elif video.name not in captions:
             report.uncaptioned.append(video.name)
-            continue
-        try:
-            frames = _read_frames(video)
-        except Exception:  # any decoding failure: skipped and counted
-            report.unreadable.append(video.name)
-            continue
-        if len(frames) < num_frames:
-            report.unreadable.append(video.name)
-            continue
-        sample = {
-            LATENTS: encoders.latents(_clip(frames, num_frames, height, width)),
-            PROMPT: encoders.text(captions[video.name], max_text_len),
-        }
-        if negative is not None:
-            sample[NEGATIVE] = negative
-        _save_atomically(sample, target)
-        report.written.append(video.name)
+        else:
+            jobs.append(
+                {
+                    "video": str(video),
+                    "target": str(target),
+                    "caption": captions[video.name],
+                    "size": (num_frames, height, width),
+                    "max_len": max_text_len,
+                }
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    if not jobs:
+        return report
+    factory = functools.partial(
+        _build_encoders,
+        pipeline=str(pipeline),
+        dtype=dtype,
+        negative=negative_prompt,
+        max_len=max_text_len,
+    )
+    done: dict[str, str] = {}
+    with Executor(parallel, worker_factory=factory, devices=devices) as executor:
+        dp, layout = executor.config.dp, executor.config
+        start = time.perf_counter()
+        bar = tqdm(total=len(jobs), desc="preprocess", unit="video", disable=not progress)
+        for first in range(0, len(jobs), dp):
+            round_jobs = jobs[first : first + dp]
+            round_jobs += [None] * (dp - len(round_jobs))
+            results = executor.collective_rpc(_encode_on_worker, round_jobs)
+            for d, job in enumerate(round_jobs):
+                if job is not None:
+                    done[job["video"]] = results[layout.rank({"dp": d})]
+            bar.update(sum(job is not None for job in round_jobs))
+        bar.close()
+        report.seconds = time.perf_counter() - start
+    for job in jobs:
+        name = Path(job["video"]).name
+        (report.written if done[job["video"]] == "written" else report.unreadable).append(name)
+    report.unreadable.sort()
     return report

@@ -73,9 +73,8 @@ def _build(worker, folder: str, dtype: torch.dtype, encode_on_workers: bool):
         worker.image_processor = load_image_processor(spec.components["image_processor"])
     worker.text_encoder = None
     if encode_on_workers:
-        encoder = prompt_encoding.load_text_encoder(spec.components["text_encoder"], dtype)
-        worker.text_encoder = prompt_encoding.shard_text_encoder(
-            encoder, worker.replica_group, worker.device
+        worker.text_encoder = prompt_encoding.load_text_encoder(  # never whole on a rank
+            spec.components["text_encoder"], dtype, worker.device, worker.replica_group
         )
     return next(iter(models.values()))
 
