@@ -1,17 +1,22 @@
 """Regional compilation of VideoDiT: the compiled blocks equal the eager ones under tp,
 Ulysses and Ring, each block one graph with its collectives in it (``fullgraph=True``), with
-activation checkpointing, and every block shares one compiled graph."""
+activation checkpointing, and every block shares one compiled graph. The parallelised
+diffusers families compile whole too, HunyuanVideo's and Mochi's text masks included (a
+score bias instead of the eager path's per-sample slicing)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
 import torch
 from torch._dynamo.testing import EagerAndRecordGraphs
 
+from models_oracle import backward_both, gradient_errors, relative_error
 from test_dit import SIZES, inputs, randomize
 from vidpar.config import ParallelConfig
+from vidpar.distributed import state as parallel_state
 from vidpar.distributed import telemetry
 from vidpar.nn import DiTConfig, VideoDiT
 from vidpar.nn.dit_blocks import DiTBlock
@@ -142,3 +147,101 @@ def test_inductor_compiles_the_model_on_cpu() -> None:
     process."""
     result = compiled_errors("inductor", False, "float32")
     assert result["out"] <= 1e-5 and result["grad"] <= 1e-4, result
+
+
+#: Layouts of a world of four (sp2 beside a dp of 2).
+WORLD4 = {
+    "sp2": ParallelConfig(sp=2, dp=2),
+    "tp2_sp2": ParallelConfig(tp=2, sp=2),
+    "ulysses2_ring2": ParallelConfig(ulysses=2, ring=2),
+}
+
+
+def _family(name: str):
+    """``(model, inputs, float32 gradients)`` of a tiny family (float64): those of
+    tests/test_models_families.py, and CogVideoX."""
+    if name == "cogvideox":
+        import test_models_cogvideox as cogvideox
+
+        model = cogvideox.tiny_cogvideox()
+        return model, cogvideox.cogvideox_inputs(model), set()
+    import test_models_families as families
+
+    return (
+        families.FAMILIES[name].make().double(),
+        families.FAMILIES[name].inputs(),
+        (families._float32_gradients(name)),
+    )
+
+
+def _compiled_family(name: str, layouts: list[str], backend: str) -> list[dict]:
+    """Per layout: the family's blocks compiled (``fullgraph=True``) against diffusers'
+    model and against the same layout eager (outputs; gradients)."""
+    from torch._dynamo.utils import counters
+
+    from vidpar.models import PLANS, parallelize
+
+    results = []
+    for layout in layouts:
+        parallel_state.initialize_model_parallel(WORLD4[layout])
+        try:
+            torch._dynamo.reset()
+            counters.clear()
+            reference, kwargs, float32 = _family(name)
+            eager = parallelize(copy.deepcopy(reference))
+            options = {"backend": backend, "fullgraph": True}  # a graph break raises
+            compiled = parallelize(copy.deepcopy(reference), compile=options)
+            outs = [m(**kwargs, return_dict=False)[0] for m in (reference, eager, compiled)]
+            backward_both(outs[0], outs[2])
+            for param, ref in zip(compiled.parameters(), reference.parameters(), strict=True):
+                if ref.grad is None and param.grad is not None and not param.grad.any():
+                    param.grad = None  # a compiled block's unused output: zeros, not None
+            grads = gradient_errors(reference, compiled)
+            blocks = PLANS[type(reference).__name__].blocks
+            results.append(
+                {
+                    "layout": layout,
+                    "output": relative_error(outs[2], outs[0]),
+                    "eager": relative_error(outs[2], outs[1]),
+                    "grad": max(grads.values()),
+                    "grad_exact": max(
+                        (e for n, e in grads.items() if n not in float32), default=0.0
+                    ),
+                    "graph_breaks": sum(counters["graph_break"].values()),
+                    "graphs": counters["stats"]["unique_graphs"],
+                    "block_classes": len(
+                        {type(m).__name__ for m in compiled.modules()} & set(blocks)
+                    ),
+                }
+            )
+        finally:
+            parallel_state.destroy_model_parallel()
+    return results
+
+
+#: Every plan family with a masked or joint text, and LTX, compiled under layouts that
+#: take its attention's paths (the masked ring block, the local masked SDPA, the replicated
+#: text queries' custom op): ``(layouts, backend)``, one world run per family. Dynamo alone
+#: (``eager``) checks the whole graph; ``aot_eager`` also traces the backward through the
+#: custom ops' registered autograd (the masked ring's and the text queries').
+COMPILED_FAMILIES = {
+    "hunyuan_video": (["ulysses2_ring2"], "aot_eager"),
+    "hunyuan_video_15": (["tp2_sp2"], "eager"),
+    "mochi": (["sp2"], "eager"),
+    "cogvideox": (["ulysses2_ring2"], "eager"),
+    "ltx": (["tp2_sp2"], "eager"),
+}
+
+
+@pytest.mark.parametrize("family", COMPILED_FAMILIES)
+def test_plan_families_compile_whole_and_exact(worlds, family):
+    """Each block one graph (``fullgraph=True``, zero breaks) with its collectives and the
+    text mask, float64 output equal to diffusers' and to the eager layout to 1e-9,
+    gradients to 1e-9 (1e-6 where diffusers rounds them to float32)."""
+    layouts, backend = COMPILED_FAMILIES[family]
+    runs = worlds(4).run(_compiled_family, family, layouts, backend, timeout=600)
+    for result in (r for per_rank in runs for r in per_rank):
+        assert result["graph_breaks"] == 0, result
+        assert result["graphs"] >= result["block_classes"] > 0, result
+        assert result["output"] <= 1e-9 and result["eager"] <= 1e-9, result
+        assert result["grad_exact"] <= 1e-9 and result["grad"] <= 1e-6, result
