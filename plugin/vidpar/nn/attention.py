@@ -116,9 +116,7 @@ class DistributedAttention(nn.Module):
             )
         if (joint_k is None) != (joint_v is None):
             raise ValueError("pass both joint_k and joint_v, or neither")
-        if joint_mask is not None and (
-            joint_k is None or joint_mask.shape != joint_k.shape[:2]
-        ):
+        if joint_mask is not None and (joint_k is None or joint_mask.shape != joint_k.shape[:2]):
             raise ValueError(
                 f"joint_mask must be [B, L] of joint_k's first dims, got "
                 f"{tuple(joint_mask.shape)} for joint_k "

@@ -89,9 +89,7 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``softmax(q kᵀ · scale + bias) v`` in q's dtype and its lse ``[B, H, Sq]``;
     ``bias``: ``[B, 1, 1, Sk]`` (:func:`key_bias`) or ``None``."""
-    return _dispatch(
-        "forward", q, k, v, lambda name: _FORWARD[name](q, k, v, scale, bias), bias
-    )
+    return _dispatch("forward", q, k, v, lambda name: _FORWARD[name](q, k, v, scale, bias), bias)
 
 
 def attention_backward(
@@ -254,7 +252,7 @@ def _full_bias(bias, q, k):
     return padded.expand(q.shape[0], q.shape[1], q.shape[2], length)
 
 
-def _cudnn_forward(q, k, v, scale, bias):
+def _cudnn_forward(q, k, v, scale, bias=None):
     global _cudnn_lse_dims
     out, lse, *rest = _invoke(
         _aten._scaled_dot_product_cudnn_attention,
@@ -266,7 +264,7 @@ def _cudnn_forward(q, k, v, scale, bias):
     return _checked(out, lse, q, v)
 
 
-def _cudnn_backward(dout, q, k, v, out, lse, scale, bias):
+def _cudnn_backward(dout, q, k, v, out, lse, scale, bias=None):
     lse = lse.float().contiguous()
     seed, offset = _rng_state("cudnn", q.device)
     return _invoke(
@@ -279,7 +277,7 @@ def _cudnn_backward(dout, q, k, v, out, lse, scale, bias):
     )[:3]  # fmt: skip
 
 
-def _flash_forward(q, k, v, scale, bias):
+def _flash_forward(q, k, v, scale, bias=None):
     out, lse, *rest = _invoke(
         _aten._scaled_dot_product_flash_attention,
         query=q, key=k, value=v, dropout_p=0.0, is_causal=False, return_debug_mask=False,
@@ -289,7 +287,7 @@ def _flash_forward(q, k, v, scale, bias):
     return _checked(out, lse, q, v)
 
 
-def _flash_backward(dout, q, k, v, out, lse, scale, bias):
+def _flash_backward(dout, q, k, v, out, lse, scale, bias=None):
     seed, offset = _rng_state("flash", q.device)
     return _invoke(
         _aten._scaled_dot_product_flash_attention_backward,
@@ -299,7 +297,7 @@ def _flash_backward(dout, q, k, v, out, lse, scale, bias):
     )[:3]  # fmt: skip
 
 
-def _efficient_forward(q, k, v, scale, bias):
+def _efficient_forward(q, k, v, scale, bias=None):
     out, lse, seed, offset = _invoke(
         _aten._scaled_dot_product_efficient_attention,
         query=q, key=k, value=v, attn_bias=_full_bias(bias, q, k), compute_log_sumexp=True, dropout_p=0.0,
@@ -309,7 +307,7 @@ def _efficient_forward(q, k, v, scale, bias):
     return _checked(out, lse, q, v)
 
 
-def _efficient_backward(dout, q, k, v, out, lse, scale, bias):
+def _efficient_backward(dout, q, k, v, out, lse, scale, bias=None):
     seed, offset = _rng_state("efficient", q.device)
     padded = F.pad(lse.float(), (0, -lse.shape[-1] % 32))  # the forward's lse layout
     return _invoke(
@@ -320,7 +318,7 @@ def _efficient_backward(dout, q, k, v, out, lse, scale, bias):
     )[:3]  # fmt: skip
 
 
-def _cpu_flash_forward(q, k, v, scale, bias):
+def _cpu_flash_forward(q, k, v, scale, bias=None):
     out, lse = _invoke(
         _aten._scaled_dot_product_flash_attention_for_cpu,
         query=q, key=k, value=v, dropout_p=0.0, is_causal=False,
@@ -329,7 +327,7 @@ def _cpu_flash_forward(q, k, v, scale, bias):
     return _checked(out, lse, q, v)
 
 
-def _cpu_flash_backward(dout, q, k, v, out, lse, scale, bias):
+def _cpu_flash_backward(dout, q, k, v, out, lse, scale, bias=None):
     return _invoke(
         _aten._scaled_dot_product_flash_attention_for_cpu_backward,
         grad_out=dout, query=q, key=k, value=v, out=out, logsumexp=lse, dropout_p=0.0,
@@ -359,7 +357,7 @@ def _bshd_empty(like: torch.Tensor, seq: int, dim: int, dtype: torch.dtype) -> t
     return torch.empty(b, seq, h, dim, dtype=dtype, device=like.device).transpose(1, 2)
 
 
-def _math_forward(q, k, v, scale, bias):
+def _math_forward(q, k, v, scale, bias=None):
     dtype = _accumulate_dtype(q.dtype)
     (b, h, q_len, _), k_len = q.shape, k.shape[2]
     q_step, k_step = math_chunks(b * h, q_len, k_len)
@@ -382,7 +380,7 @@ def _math_forward(q, k, v, scale, bias):
     return out.to(q.dtype), lse
 
 
-def _math_backward(dout, q, k, v, out, lse, scale, bias):
+def _math_backward(dout, q, k, v, out, lse, scale, bias=None):
     dtype = _accumulate_dtype(q.dtype)
     (b, h, q_len, _), k_len = q.shape, k.shape[2]
     q_step, k_step = math_chunks(b * h, q_len, k_len)
