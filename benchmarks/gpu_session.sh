@@ -10,7 +10,10 @@
 # pipeline (each stage of a prompt-to-video generation vs diffusers' WanPipeline),
 # vae_encode (vidpar-preprocess's Wan2.1 VAE encode of 81 × 480 × 832 at world 1, videos/min),
 # scaling (issue #33: every layout of each world on all visible GPUs; SCALING_WORLDS,
-# SCALING_MODELS, SCALING_STEPS, SCALING_LAYOUTS override; the Executor starts one worker per GPU).
+# SCALING_MODELS, SCALING_STEPS, SCALING_LAYOUTS override; the Executor starts one worker per GPU),
+# compile_world1 (issue #32: the compiled world-1 Wan2.1-1.3B forward from the pre-#32 tree in
+# .before — `mkdir .before && git archive a05e217 plugin | tar -x -C .before` — and from this
+# one, 3 alternations, and the ratio; COMPILE_WORLD1_ARGS adds flags, e.g. --layers 10).
 # Wheels the machine lacks travel in .whl (see the device tool's README).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -62,6 +65,22 @@ for step in "$@"; do
     scaling) timeout 590 python3 benchmarks/scaling.py --device cuda --worlds ${SCALING_WORLDS:-1,2,4,8} \
         --models ${SCALING_MODELS:-1.3b} --steps ${SCALING_STEPS:-4} ${SCALING_LAYOUTS:+--layouts $SCALING_LAYOUTS} \
         --root /tmp/wan-scaling --out "$OUT/scaling.json" --plot "$OUT/scaling.png" 2>&1 | tee "$OUT/scaling.txt" ;;
+    compile_world1)
+      if [ ! -d .before/plugin ]; then
+        echo "compile_world1: no .before/plugin (git archive a05e217 plugin | tar -x -C .before)"
+      else
+        rm -f "$OUT/compile_world1.jsonl"
+        for round in 1 2 3; do
+          for label in before now; do
+            root=$PWD; [ $label = before ] && root=$PWD/.before
+            PYTHONPATH=$root/plugin${PYTHONPATH#$PWD/plugin} timeout 180 python3 \
+              benchmarks/compiled_world1.py --label $label ${COMPILE_WORLD1_ARGS:-} \
+              2>>"$OUT/compile_world1.err" | tee -a "$OUT/compile_world1.jsonl"
+          done
+        done
+        python3 benchmarks/compiled_world1.py --summarize "$OUT/compile_world1.jsonl" \
+          | tee "$OUT/compile_world1.json"
+      fi ;;
     train) timeout 300 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_diffusers_gpu.py \
         2>&1 | tee "$OUT/train.txt" ;;
     *) echo "unknown step $step" ;;

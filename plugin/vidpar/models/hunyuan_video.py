@@ -10,7 +10,8 @@ set of projections over ``[video; text]``). Under sp the video tokens are split 
 patch embedding, with the rotary embedding) and the text stays whole on every rank; each
 rank attends its video queries and all text queries to every video key and the prompt's
 real text keys (:meth:`~vidpar.models.plan.PlanProcessor.joint_attention`: padded text
-keys, from the text mask, are left out per sample).
+keys, from the text mask, are left out per sample, or by a score bias in compiled
+blocks).
 
 Under tp the heads are split (``to_q/to_k/to_v``, ``add_*_proj`` column-parallel;
 ``to_out.0``, ``to_add_out`` row-parallel) and the dual-stream FFNs (``ff``,
@@ -62,12 +63,12 @@ class HunyuanVideoAttnProcessor(PlanProcessor):
         cos, sin = (t[:, None] for t in rope)  # [S, 1, D]
         return rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
 
-    def text_lengths(self, mask: torch.Tensor, text_len: int) -> list[int]:
-        """Each prompt's real text tokens, from the mask HunyuanVideo passes:
+    def text_mask(self, mask: torch.Tensor, text_len: int) -> torch.Tensor:
+        """Which text tokens are real ``[B, text]``, from the mask HunyuanVideo passes:
         ``[B, 1, 1, video + text]``, the text last."""
-        return mask[:, 0, 0, -text_len:].sum(-1).tolist()
+        return mask[:, 0, 0, -text_len:].bool()
 
-    def padded_text(self, text: torch.Tensor, lengths: list[int] | None) -> torch.Tensor:
+    def padded_text(self, text: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
         """The attention output of the text queries: padded ones attend like the rest."""
         return text
 
@@ -86,9 +87,9 @@ class HunyuanVideoAttnProcessor(PlanProcessor):
         else:
             text_qkv = self._project(text, *own, head_dim)
         mask = call.attention_mask
-        lengths = None if mask is None else self.text_lengths(mask, text.shape[1])
-        video, text = self.joint_attention((q, k, v), tuple(text_qkv), lengths)
-        text = self.padded_text(text, lengths)
+        text_mask = None if mask is None else self.text_mask(mask, text.shape[1])
+        video, text = self.joint_attention((q, k, v), tuple(text_qkv), text_mask)
+        text = self.padded_text(text, text_mask)
         video, text = video.flatten(2, 3).to(q.dtype), text.flatten(2, 3).to(q.dtype)
         if getattr(attn, "to_out", None) is None:  # single-stream: its proj_out is whole
             return self.gather_heads(video), self.gather_heads(text)
@@ -127,15 +128,13 @@ class HunyuanVideo15AttnProcessor(HunyuanVideoAttnProcessor):
     ``[B, text]`` (real tokens first), and a padded text token neither is attended nor
     attends (its output is zero)."""
 
-    def text_lengths(self, mask: torch.Tensor, text_len: int) -> list[int]:
-        return mask.sum(-1).tolist()
+    def text_mask(self, mask: torch.Tensor, text_len: int) -> torch.Tensor:
+        return mask.bool()
 
-    def padded_text(self, text: torch.Tensor, lengths: list[int] | None) -> torch.Tensor:
-        if lengths is None:
+    def padded_text(self, text: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
+        if text_mask is None:
             return text
-        positions = torch.arange(text.shape[1], device=text.device)
-        real = positions < torch.tensor(lengths, device=text.device)[:, None]
-        return text * real[..., None, None]
+        return text * text_mask[..., None, None]
 
 
 #: ``HunyuanVideo15Transformer3DModel``: HunyuanVideo's dual-stream layers and tokens.

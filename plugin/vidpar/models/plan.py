@@ -188,29 +188,39 @@ class PlanProcessor:
         raise NotImplementedError
 
     def joint_attention(
-        self, video: QKV, text: QKV, text_lengths: list[int] | None = None
+        self, video: QKV, text: QKV, text_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Joint attention of this rank's video tokens and the whole text (both queries
         and keys), ``[B, S, H, D]`` each: the video queries through the distributed
         attention with the text as joint keys, the text queries (held whole on every sp
         rank) by :func:`~vidpar.models.sequence.replicated_query_attention`. With
-        ``text_lengths`` only each sample's first ``text_lengths[b]`` text keys count (a
-        padded prompt): the samples run one at a time. Returns ``(video, text)``."""
-        if text_lengths is not None and min(text_lengths) < text[1].shape[1]:
+        ``text_mask`` (``[B, L]`` bool, real tokens first) only each sample's real text
+        keys count (a padded prompt). Eager, a batch with padding runs one sample at a
+        time over its real text only (shapes from the mask's values); under
+        ``torch.compile`` the whole batch runs over the padded text with the padded keys'
+        scores biased away (static shapes: no graph break). Returns ``(video, text)``."""
+        if text_mask is not None and not torch.compiler.is_compiling():
+            lengths = text_mask.sum(-1).tolist()
+            if min(lengths) == text[1].shape[1]:
+                return self.joint_attention(video, text)
             outs = [
                 self.joint_attention(
                     tuple(t[b : b + 1] for t in video),
                     tuple(t[b : b + 1] if i == 0 else t[b : b + 1, :n] for i, t in enumerate(text)),
                 )
-                for b, n in enumerate(text_lengths)
+                for b, n in enumerate(lengths)
             ]
             return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
         seq_len = self.length.get()
         (q, k, v), (q_text, k_text, v_text) = video, text
         joint = {} if k_text.shape[1] == 0 else {"joint_k": k_text, "joint_v": v_text}
+        if joint and text_mask is not None:
+            joint["joint_mask"] = text_mask.bool()
         out = self.attention(q, k, v, seq_len=seq_len, **joint)
         extra = (k_text, v_text) if joint else (None, None)
-        text_out = replicated_query_attention(q_text, k, v, self.sp, seq_len, *extra)
+        text_out = replicated_query_attention(
+            q_text, k, v, self.sp, seq_len, *extra, extra_mask=joint.get("joint_mask")
+        )
         return out, text_out
 
 

@@ -18,7 +18,8 @@ tp-local heads. The layout picks the mode:
 sp = 1 is plain ``scaled_dot_product_attention`` with no communication. Padded keys (past
 ``seq_len``) are ignored. Extra keys/values replicated on every sp rank (``joint_k``,
 ``joint_v``: text tokens in Wan/HunyuanVideo-style joint attention) are attended by every
-query.
+query; ``joint_mask`` (``[B, L]``, ``True`` for a key that counts) leaves a sample's padded
+text keys out with static shapes (a score bias), as compiled code needs.
 
 Gradients of tensors replicated over sp (``joint_k``/``joint_v`` and everything upstream
 of them) are partial on each rank: each holds its own queries' share, and the sum over
@@ -36,6 +37,7 @@ from vidpar.distributed.communication_op import all_to_all
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.distributed.state import get_parallel_state
 from vidpar.distributed.utils import split_sizes
+from vidpar.nn.attention_kernels import key_bias
 from vidpar.nn.linear import GroupRef
 from vidpar.nn.ring_attention import ring_attention
 
@@ -90,6 +92,7 @@ class DistributedAttention(nn.Module):
         seq_len: int | None = None,
         joint_k: torch.Tensor | None = None,
         joint_v: torch.Tensor | None = None,
+        joint_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention for this rank's queries; returns ``[B, S_local, H, D]``.
 
@@ -100,6 +103,7 @@ class DistributedAttention(nn.Module):
                 ignored. Default: no padding (``S_local × sp``).
             joint_k, joint_v: ``[B, L, H, D]`` extra keys and values, the same on every sp
                 rank (tp-local heads), attended by every query.
+            joint_mask: ``[B, L]`` bool, which joint keys count (default: all).
         """
         uly, ring = self.ulysses_group, self.ring_group
         u, r = uly.world_size, ring.world_size
@@ -112,6 +116,12 @@ class DistributedAttention(nn.Module):
             )
         if (joint_k is None) != (joint_v is None):
             raise ValueError("pass both joint_k and joint_v, or neither")
+        if joint_mask is not None and (joint_k is None or joint_mask.shape != joint_k.shape[:2]):
+            raise ValueError(
+                f"joint_mask must be [B, L] of joint_k's first dims, got "
+                f"{tuple(joint_mask.shape)} for joint_k "
+                f"{None if joint_k is None else tuple(joint_k.shape)}"
+            )
         if k.shape != q.shape or v.shape != q.shape:
             raise ValueError(
                 f"q, k and v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)} and "
@@ -133,9 +143,10 @@ class DistributedAttention(nn.Module):
         block = q.shape[1]  # this ring rank's block of the sequence after Ulysses
         valid = [max(0, min(block, seq_len - j * block)) for j in range(r)]
         if r == 1:
-            out = _local_attention(q, k, v, valid[0], joint_k, joint_v, scale)
+            out = _local_attention(q, k, v, valid[0], joint_k, joint_v, joint_mask, scale)
         else:
-            out = ring_attention(q, k, v, ring, valid, joint_k, joint_v, scale)
+            bias = None if joint_mask is None else key_bias(joint_mask, q.dtype)
+            out = ring_attention(q, k, v, ring, valid, joint_k, joint_v, scale, bias)
         if u > 1:
             out = _heads_back(out, uly, sizes)
         return out
@@ -189,16 +200,21 @@ def _local_attention(
     valid: int,
     joint_k: torch.Tensor | None,
     joint_v: torch.Tensor | None,
+    joint_mask: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """SDPA over the first ``valid`` tokens (padding trimmed) plus the joint tokens; the
-    padded query rows of the result are zero."""
+    """SDPA over the first ``valid`` tokens (padding trimmed) plus the joint tokens (those
+    of ``joint_mask``); the padded query rows of the result are zero."""
     length = q.shape[1]
     if valid < length:
         q, k, v = q[:, :valid], k[:, :valid], v[:, :valid]
+    mask = None
+    if joint_mask is not None:
+        video = joint_mask.new_ones((joint_mask.shape[0], valid), dtype=torch.bool)
+        mask = torch.cat((video, joint_mask.bool()), 1)[:, None, None]
     if joint_k is not None:
         k, v = torch.cat((k, joint_k), 1), torch.cat((v, joint_v), 1)
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
     ).transpose(1, 2)
     return F.pad(out, (0, 0, 0, 0, 0, length - valid)) if valid < length else out

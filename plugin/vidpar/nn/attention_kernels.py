@@ -23,6 +23,11 @@ dtype, head dim and shape class, and logged once (with why the ones before it di
 
 Kernel arguments go by the names in the running torch's op schema (a reordered signature
 is handled; a missing argument skips that backend).
+
+A ``bias`` (:func:`key_bias`: ``0`` for a key that counts, a huge negative number for one
+that does not, per sample) is added to the scores of the backends that take one
+(``cudnn``, ``efficient``, ``cpu_flash``, ``math``; ``flash`` takes none): the static,
+compilable way to leave out padded text keys.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ __all__ = [
     "chosen_backends",
     "clear_choices",
     "heads_first",
+    "key_bias",
     "math_chunks",
     "use_backend",
 ]
@@ -65,11 +71,25 @@ def heads_first(x: torch.Tensor) -> torch.Tensor:
     return (x if x.stride(-1) == 1 else x.contiguous()).transpose(1, 2)
 
 
+def key_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive score bias ``[B, 1, 1, L]`` of a key mask ``[B, L]`` (``True``: the key
+    counts): ``0``, or ``dtype``'s lowest finite value, which no score survives (finite, so
+    a row whose keys are all left out still has a finite lse, and merges with weight 0)."""
+    low = torch.finfo(dtype).min
+    zeros = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return zeros.masked_fill(~mask.bool(), low)[:, None, None]
+
+
 def attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``softmax(q kᵀ · scale) v`` in q's dtype and its lse ``[B, H, Sq]``."""
-    return _dispatch("forward", q, k, v, lambda name: _FORWARD[name](q, k, v, scale))
+    """``softmax(q kᵀ · scale + bias) v`` in q's dtype and its lse ``[B, H, Sq]``;
+    ``bias``: ``[B, 1, 1, Sk]`` (:func:`key_bias`) or ``None``."""
+    return _dispatch("forward", q, k, v, lambda name: _FORWARD[name](q, k, v, scale, bias), bias)
 
 
 def attention_backward(
@@ -80,11 +100,18 @@ def attention_backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     scale: float,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv of one block, given the final attention output ``out`` (over every block)
-    and its lse ``[B, H, Sq]``; ``dout`` should share ``out``'s layout."""
+    and its lse ``[B, H, Sq]``; ``dout`` should share ``out``'s layout; ``bias`` as the
+    forward's."""
     return _dispatch(
-        "backward", q, k, v, lambda name: _BACKWARD[name](dout, q, k, v, out, lse, scale)
+        "backward",
+        q,
+        k,
+        v,
+        lambda name: _BACKWARD[name](dout, q, k, v, out, lse, scale, bias),
+        bias,
     )
 
 
@@ -141,10 +168,10 @@ def _shape_class(*tensors: torch.Tensor) -> tuple:
     return (tensors[0].shape[2] == 1, tensors[1].shape[2] == 1, all(map(aligned, tensors)))
 
 
-def _dispatch(pass_name: str, q, k, v, call: Callable[[str], tuple]):
+def _dispatch(pass_name: str, q, k, v, call: Callable[[str], tuple], bias=None):
     if _forced is not None:
         return call(_forced)
-    key = (pass_name, q.device, q.dtype, q.shape[-1], _shape_class(q, k, v))
+    key = (pass_name, q.device, q.dtype, q.shape[-1], _shape_class(q, k, v), bias is not None)
     candidates = _candidates(q.device, q.dtype)
     cached = _choices.get(key)
     start = candidates.index(cached) if cached in candidates else 0
@@ -168,8 +195,9 @@ def _dispatch(pass_name: str, q, k, v, call: Callable[[str], tuple]):
 
 
 def _describe(key: tuple) -> str:
-    pass_name, device, dtype, head_dim, (single_q, single_k, aligned) = key
+    pass_name, device, dtype, head_dim, (single_q, single_k, aligned), biased = key
     shape = "aligned" if aligned else "unaligned"
+    shape += ", bias" if biased else ""
     shape += ", 1 query" if single_q else ""
     shape += ", 1 key" if single_k else ""
     return f"{pass_name} {device} {str(dtype).removeprefix('torch.')} d{head_dim} ({shape})"
@@ -214,11 +242,21 @@ def _rng_state(name: str, device: torch.device) -> tuple[torch.Tensor, torch.Ten
     return _rng[(name, device)]
 
 
-def _cudnn_forward(q, k, v, scale):
+def _full_bias(bias, q, k):
+    """``bias`` expanded to ``[B, H, Sq, Sk]`` (a view) with its rows 16-element aligned, as
+    the fused kernels take it; ``None`` stays ``None``."""
+    if bias is None:
+        return None
+    length = k.shape[2]
+    padded = F.pad(bias.to(q.dtype), (0, -length % 16))[..., :length]
+    return padded.expand(q.shape[0], q.shape[1], q.shape[2], length)
+
+
+def _cudnn_forward(q, k, v, scale, bias=None):
     global _cudnn_lse_dims
     out, lse, *rest = _invoke(
         _aten._scaled_dot_product_cudnn_attention,
-        query=q, key=k, value=v, attn_bias=None, compute_log_sumexp=True,
+        query=q, key=k, value=v, attn_bias=_full_bias(bias, q, k), compute_log_sumexp=True,
         dropout_p=0.0, is_causal=False, return_debug_mask=False, scale=scale,
     )  # fmt: skip
     _cudnn_lse_dims = lse.dim()
@@ -226,73 +264,74 @@ def _cudnn_forward(q, k, v, scale):
     return _checked(out, lse, q, v)
 
 
-def _cudnn_backward(dout, q, k, v, out, lse, scale):
+def _cudnn_backward(dout, q, k, v, out, lse, scale, bias=None):
     lse = lse.float().contiguous()
     seed, offset = _rng_state("cudnn", q.device)
     return _invoke(
         _aten._scaled_dot_product_cudnn_attention_backward,
         grad_out=dout, query=q, key=k, value=v, out=out,
         logsumexp=lse.unsqueeze(-1) if _cudnn_lse_dims == 4 else lse,
-        philox_seed=seed, philox_offset=offset, attn_bias=None, cum_seq_q=None,
+        philox_seed=seed, philox_offset=offset, attn_bias=_full_bias(bias, q, k), cum_seq_q=None,
         cum_seq_k=None, max_q=q.shape[2], max_k=k.shape[2], dropout_p=0.0, is_causal=False,
         scale=scale,
     )[:3]  # fmt: skip
 
 
-def _flash_forward(q, k, v, scale):
+def _flash_forward(q, k, v, scale, bias=None):
     out, lse, *rest = _invoke(
         _aten._scaled_dot_product_flash_attention,
         query=q, key=k, value=v, dropout_p=0.0, is_causal=False, return_debug_mask=False,
-        scale=scale,
+        scale=scale, attn_bias=bias,
     )  # fmt: skip
     _rng[("flash", q.device)] = (rest[4], rest[5])
     return _checked(out, lse, q, v)
 
 
-def _flash_backward(dout, q, k, v, out, lse, scale):
+def _flash_backward(dout, q, k, v, out, lse, scale, bias=None):
     seed, offset = _rng_state("flash", q.device)
     return _invoke(
         _aten._scaled_dot_product_flash_attention_backward,
         grad_out=dout, query=q, key=k, value=v, out=out, logsumexp=lse.float().contiguous(),
         cum_seq_q=None, cum_seq_k=None, max_q=q.shape[2], max_k=k.shape[2], dropout_p=0.0,
-        is_causal=False, philox_seed=seed, philox_offset=offset, scale=scale,
+        is_causal=False, philox_seed=seed, philox_offset=offset, scale=scale, attn_bias=bias,
     )[:3]  # fmt: skip
 
 
-def _efficient_forward(q, k, v, scale):
+def _efficient_forward(q, k, v, scale, bias=None):
     out, lse, seed, offset = _invoke(
         _aten._scaled_dot_product_efficient_attention,
-        query=q, key=k, value=v, attn_bias=None, compute_log_sumexp=True, dropout_p=0.0,
+        query=q, key=k, value=v, attn_bias=_full_bias(bias, q, k), compute_log_sumexp=True, dropout_p=0.0,
         is_causal=False, scale=scale,
     )[:4]  # fmt: skip
     _rng[("efficient", q.device)] = (seed, offset)
     return _checked(out, lse, q, v)
 
 
-def _efficient_backward(dout, q, k, v, out, lse, scale):
+def _efficient_backward(dout, q, k, v, out, lse, scale, bias=None):
     seed, offset = _rng_state("efficient", q.device)
     padded = F.pad(lse.float(), (0, -lse.shape[-1] % 32))  # the forward's lse layout
     return _invoke(
         _aten._scaled_dot_product_efficient_attention_backward,
-        grad_out=dout, query=q, key=k, value=v, attn_bias=None, out=out,
+        grad_out=dout, query=q, key=k, value=v, attn_bias=_full_bias(bias, q, k), out=out,
         logsumexp=padded.contiguous(), philox_seed=seed, philox_offset=offset, dropout_p=0.0,
         grad_input_mask=[True, True, True, False], is_causal=False, scale=scale,
     )[:3]  # fmt: skip
 
 
-def _cpu_flash_forward(q, k, v, scale):
+def _cpu_flash_forward(q, k, v, scale, bias=None):
     out, lse = _invoke(
         _aten._scaled_dot_product_flash_attention_for_cpu,
-        query=q, key=k, value=v, dropout_p=0.0, is_causal=False, attn_mask=None, scale=scale,
+        query=q, key=k, value=v, dropout_p=0.0, is_causal=False,
+        attn_mask=None if bias is None else bias.to(q.dtype), scale=scale,
     )[:2]  # fmt: skip
     return _checked(out, lse, q, v)
 
 
-def _cpu_flash_backward(dout, q, k, v, out, lse, scale):
+def _cpu_flash_backward(dout, q, k, v, out, lse, scale, bias=None):
     return _invoke(
         _aten._scaled_dot_product_flash_attention_for_cpu_backward,
-        grad_out=dout, query=q, key=k, value=v, out=out, logsumexp=lse,
-        dropout_p=0.0, is_causal=False, attn_mask=None, scale=scale,
+        grad_out=dout, query=q, key=k, value=v, out=out, logsumexp=lse, dropout_p=0.0,
+        is_causal=False, attn_mask=None if bias is None else bias.to(q.dtype), scale=scale,
     )[:3]  # fmt: skip
 
 
@@ -318,7 +357,7 @@ def _bshd_empty(like: torch.Tensor, seq: int, dim: int, dtype: torch.dtype) -> t
     return torch.empty(b, seq, h, dim, dtype=dtype, device=like.device).transpose(1, 2)
 
 
-def _math_forward(q, k, v, scale):
+def _math_forward(q, k, v, scale, bias=None):
     dtype = _accumulate_dtype(q.dtype)
     (b, h, q_len, _), k_len = q.shape, k.shape[2]
     q_step, k_step = math_chunks(b * h, q_len, k_len)
@@ -331,6 +370,8 @@ def _math_forward(q, k, v, scale):
         for j in range(0, k_len, k_step):
             scores = torch.matmul(qi, k[:, :, j : j + k_step].to(dtype).transpose(-2, -1))
             scores.mul_(scale)
+            if bias is not None:
+                scores.add_(bias[..., j : j + k_step].to(dtype))
             block_lse = torch.logsumexp(scores, dim=-1)
             probs = scores.sub_(block_lse.unsqueeze(-1)).exp_()
             part = torch.matmul(probs, v[:, :, j : j + k_step].to(dtype))
@@ -339,7 +380,7 @@ def _math_forward(q, k, v, scale):
     return out.to(q.dtype), lse
 
 
-def _math_backward(dout, q, k, v, out, lse, scale):
+def _math_backward(dout, q, k, v, out, lse, scale, bias=None):
     dtype = _accumulate_dtype(q.dtype)
     (b, h, q_len, _), k_len = q.shape, k.shape[2]
     q_step, k_step = math_chunks(b * h, q_len, k_len)
@@ -354,7 +395,10 @@ def _math_backward(dout, q, k, v, out, lse, scale):
         for j in range(0, k_len, k_step):
             cols = slice(j, j + k_step)
             kj, vj = k[:, :, cols].to(dtype), v[:, :, cols].to(dtype)
-            probs = (torch.matmul(qi, kj.transpose(-2, -1)) * scale).sub_(lse_i).exp_()
+            scores = torch.matmul(qi, kj.transpose(-2, -1)) * scale
+            if bias is not None:
+                scores.add_(bias[..., cols].to(dtype))
+            probs = scores.sub_(lse_i).exp_()
             dv[:, :, cols] += torch.matmul(probs.transpose(-2, -1), doi)
             dscores = probs.mul_(torch.matmul(doi, vj.transpose(-2, -1)).sub_(delta))
             dq[:, :, rows] += torch.matmul(dscores, kj).mul_(scale)

@@ -35,12 +35,15 @@ def ring_attention(
     joint_k: torch.Tensor | None = None,
     joint_v: torch.Tensor | None = None,
     scale: float | None = None,
+    joint_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of this ring rank's query block over every rank's K/V block.
 
     ``q, k, v``: ``[B, S_block, H, D]``, rank ``i`` of ``group`` holding block ``i``;
     ``valid[j]``: the number of real (unpadded) tokens at the start of block ``j``.
-    ``joint_k/joint_v``: ``[B, L, H, D]`` local extra keys attended by every query.
+    ``joint_k/joint_v``: ``[B, L, H, D]`` local extra keys attended by every query;
+    ``joint_bias``: their score bias ``[B, 1, 1, L]``
+    (:func:`~vidpar.nn.attention_kernels.key_bias` of a mask of the keys that count).
     ``group`` may be other :class:`RingPeers` (such as :class:`vidpar.nn.testing.LocalRing`:
     rank 0's work with the blocks on one device), run as a plain autograd function.
     Each block runs on a fused kernel of :mod:`vidpar.nn.attention_kernels`. With a real
@@ -49,8 +52,12 @@ def ring_attention(
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not isinstance(group, GroupCoordinator):
-        return _RingAttention.apply(q, k, v, joint_k, joint_v, group, tuple(valid), scale)
-    out, _ = torch.ops.vidpar.ring_attention(q, k, v, joint_k, joint_v, group.key, valid, scale)
+        return _RingAttention.apply(
+            q, k, v, joint_k, joint_v, joint_bias, group, tuple(valid), scale
+        )
+    out, _ = torch.ops.vidpar.ring_attention(
+        q, k, v, joint_k, joint_v, joint_bias, group.key, valid, scale
+    )
     return out
 
 
@@ -146,16 +153,16 @@ class _RingAttention(torch.autograd.Function):
     single-device :class:`vidpar.nn.testing.LocalRing` of benchmarks and tests."""
 
     @staticmethod
-    def forward(ctx, q, k, v, joint_k, joint_v, ring, valid, scale):
-        out, lse = _ring_forward(q, k, v, joint_k, joint_v, ring, valid, scale)
-        ctx.save_for_backward(q, k, v, joint_k, joint_v, out, lse)
+    def forward(ctx, q, k, v, joint_k, joint_v, joint_bias, ring, valid, scale):
+        out, lse = _ring_forward(q, k, v, joint_k, joint_v, joint_bias, ring, valid, scale)
+        ctx.save_for_backward(q, k, v, joint_k, joint_v, joint_bias, out, lse)
         ctx.ring, ctx.valid, ctx.scale = ring, valid, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
         grads = _ring_backward(dout, *ctx.saved_tensors, ctx.ring, ctx.valid, ctx.scale)
-        return *grads, None, None, None
+        return *grads, None, None, None, None
 
 
 @torch.library.custom_op("vidpar::ring_attention", mutates_args=())
@@ -165,18 +172,19 @@ def _ring_attention_op(
     v: torch.Tensor,
     joint_k: torch.Tensor | None,
     joint_v: torch.Tensor | None,
+    joint_bias: torch.Tensor | None,
     group: str,
     valid: list[int],
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring attention over the ring group ``group`` (a group's key): output and lse."""
     ring = _RingExchange(collective_ops.lookup(group))
-    out, lse = _ring_forward(q, k, v, joint_k, joint_v, ring, tuple(valid), scale)
+    out, lse = _ring_forward(q, k, v, joint_k, joint_v, joint_bias, ring, tuple(valid), scale)
     return out, lse.contiguous()  # the kernels' lse may be a transposed view
 
 
 @_ring_attention_op.register_fake
-def _(q, k, v, joint_k, joint_v, group, valid, scale):
+def _(q, k, v, joint_k, joint_v, joint_bias, group, valid, scale):
     batch, length, heads, _ = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.new_empty(q.shape), q.new_empty((batch, heads, length), dtype=lse_dtype)
@@ -190,6 +198,7 @@ def _ring_attention_backward_op(
     v: torch.Tensor,
     joint_k: torch.Tensor | None,
     joint_v: torch.Tensor | None,
+    joint_bias: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
     group: str,
@@ -198,7 +207,9 @@ def _ring_attention_backward_op(
 ) -> list[torch.Tensor]:
     """dq, dk, dv (and djoint_k, djoint_v when joint tokens were given) of the ring."""
     ring = _RingExchange(collective_ops.lookup(group))
-    grads = _ring_backward(dout, q, k, v, joint_k, joint_v, out, lse, ring, tuple(valid), scale)
+    grads = _ring_backward(
+        dout, q, k, v, joint_k, joint_v, joint_bias, out, lse, ring, tuple(valid), scale
+    )
     return _unaliased([g for g in grads if g is not None])
 
 
@@ -216,31 +227,31 @@ def _unaliased(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 @_ring_attention_backward_op.register_fake
-def _(dout, q, k, v, joint_k, joint_v, out, lse, group, valid, scale):
+def _(dout, q, k, v, joint_k, joint_v, joint_bias, out, lse, group, valid, scale):
     inputs = (q, k, v) if joint_k is None else (q, k, v, joint_k, joint_v)
     return [t.new_empty(t.shape) for t in inputs]
 
 
 def _save_ring_inputs(ctx, inputs, output) -> None:
-    q, k, v, joint_k, joint_v, group, valid, scale = inputs
-    ctx.save_for_backward(q, k, v, joint_k, joint_v, *output)
+    q, k, v, joint_k, joint_v, joint_bias, group, valid, scale = inputs
+    ctx.save_for_backward(q, k, v, joint_k, joint_v, joint_bias, *output)
     ctx.group, ctx.valid, ctx.scale = group, valid, scale
 
 
 def _ring_attention_grads(ctx, dout, _dlse):
-    q, k, v, joint_k, joint_v, out, lse = ctx.saved_tensors
+    q, k, v, joint_k, joint_v, joint_bias, out, lse = ctx.saved_tensors
     grads = torch.ops.vidpar.ring_attention_backward(
-        dout, q, k, v, joint_k, joint_v, out, lse, ctx.group, ctx.valid, ctx.scale
+        dout, q, k, v, joint_k, joint_v, joint_bias, out, lse, ctx.group, ctx.valid, ctx.scale
     )
     dq, dk, dv, *joint = grads
     djk, djv = joint if joint else (None, None)
-    return dq, dk, dv, djk, djv, None, None, None
+    return dq, dk, dv, djk, djv, None, None, None, None
 
 
 _ring_attention_op.register_autograd(_ring_attention_grads, setup_context=_save_ring_inputs)
 
 
-def _ring_forward(q, k, v, joint_k, joint_v, ring, valid, scale):
+def _ring_forward(q, k, v, joint_k, joint_v, joint_bias, ring, valid, scale):
     """Every block's attention merged by log-sum-exp: ``(out [B, S, H, D], lse)``."""
     with torch.autocast(q.device.type, enabled=False):  # kernels in the input dtype
         rank, size = ring.rank, ring.size
@@ -257,12 +268,12 @@ def _ring_forward(q, k, v, joint_k, joint_v, ring, valid, scale):
                 kv = pending.wait()
         if joint_k is not None:
             jk, jv = heads_first(joint_k), heads_first(joint_v)
-            merge.add(*attention_forward(qh, jk, jv, scale))
+            merge.add(*attention_forward(qh, jk, jv, scale, joint_bias))
         out, lse = merge.result()
         return out.transpose(1, 2).contiguous(), lse
 
 
-def _ring_backward(dout, q, k, v, joint_k, joint_v, out, lse, ring, valid, scale):
+def _ring_backward(dout, q, k, v, joint_k, joint_v, joint_bias, out, lse, ring, valid, scale):
     """``(dq, dk, dv, djoint_k, djoint_v)``: each block's fused backward with the final
     output and log-sum-exp; dK/dV accumulators (float32, or float64) travel around the ring
     with their K/V block and come home complete."""
@@ -300,7 +311,7 @@ def _ring_backward(dout, q, k, v, joint_k, joint_v, out, lse, ring, valid, scale
         djk = djv = None
         if joint_k is not None:
             jk, jv = heads_first(joint_k), heads_first(joint_v)
-            dqj, djk, djv = attention_backward(do, qh, jk, jv, oh, lse, scale)
+            dqj, djk, djv = attention_backward(do, qh, jk, jv, oh, lse, scale, joint_bias)
             dq = dqj.to(dtype) if dq is None else dq.add_(dqj)
             djk, djv = djk.transpose(1, 2).to(joint_k.dtype), djv.transpose(1, 2).to(joint_v.dtype)
         return dq.transpose(1, 2).to(q.dtype), dk, dv, djk, djv
