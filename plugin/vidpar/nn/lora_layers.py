@@ -212,7 +212,8 @@ class LoraLinear(TensorParallelModule):
             if getattr(param, "tensor_parallel_dim", None) is not None:
                 self._tp_dims[name] = param.tensor_parallel_dim
         weight = base.weight
-        a = torch.empty(rank, self.in_features, dtype=torch.float32)
+        # Drawn on the CPU from the seeded CPU generator (whatever the ambient default device).
+        a = torch.empty(rank, self.in_features, dtype=torch.float32, device="cpu")
         bound = 1 / math.sqrt(self.in_features)
         a.uniform_(-bound, bound, generator=generator)
         a = a.to(weight.device, weight.dtype)
