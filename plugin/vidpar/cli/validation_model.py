@@ -169,7 +169,7 @@ def check_training_memory(conf: DictConfig, parallel: ParallelConfig) -> None:
         PreflightError,
         check_memory,
         diffusers_sizes,
-        local_share,
+        token_count,
         transformer_bytes,
         transformer_params,
     )
@@ -188,19 +188,14 @@ def check_training_memory(conf: DictConfig, parallel: ParallelConfig) -> None:
         hidden, depth, ffn, patch = diffusers_sizes(diffusers_config(model)[0])
         checkpointing, ema = bool(model.get("gradient_checkpointing")), False
     c, t, h, w = shape
-    tokens = (t // patch[0]) * (h // patch[1]) * (w // patch[2])
     batch = conf.data.batch_size
     params = transformer_params(hidden, depth, ffn)
+    activations = transformer_bytes(
+        batch, shape, patch, hidden, depth, parallel, training=True, checkpointing=checkpointing
+    )
     per_worker = (
         params * (TRAIN_BYTES_PER_PARAM + (FLOAT_BYTES if ema else 0)) // parallel.tp
-        + transformer_bytes(
-            batch,
-            local_share(tokens, parallel.ulysses * parallel.ring),
-            hidden,
-            depth,
-            training=True,
-            checkpointing=checkpointing,
-        )
+        + activations
         + batch * c * t * h * w * FLOAT_BYTES * 4
     )
     checkpoint_override = (
@@ -215,7 +210,7 @@ def check_training_memory(conf: DictConfig, parallel: ParallelConfig) -> None:
             "cuda" if conf.trainer.accelerator == "gpu" else "cpu",
             "size",
             f"A training step of about {params / 1e6:.0f}M parameters on data.batch_size="
-            f"{batch} samples of {tokens} tokens ({c}×{t}×{h}×{w}) with {parallel.describe()}",
+            f"{batch} samples of {token_count(shape, patch)} tokens ({c}×{t}×{h}×{w}) with {parallel.describe()}",
             f"Lower data.batch_size or the sample size, set {checkpoint_override}, or split "
             "the model over more devices (parallel.tp, parallel.sp)",
         )

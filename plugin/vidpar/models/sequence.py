@@ -19,6 +19,7 @@ from vidpar.nn.attention_kernels import (
     attention_forward,
     heads_first,
     key_bias,
+    register_group_attention,
 )
 from vidpar.nn.softmax_merge import SoftmaxMerge
 
@@ -137,13 +138,6 @@ def _replicated_query_op(
     return out.transpose(1, 2), lse.contiguous()
 
 
-@_replicated_query_op.register_fake
-def _(q, k, v, extra_k, extra_v, extra_bias, group, seq_len, scale):
-    batch, length, heads, _ = q.shape
-    wide = torch.promote_types(q.dtype, torch.float32)
-    return q.new_empty(q.shape), q.new_empty((batch, heads, length), dtype=wide)
-
-
 @torch.library.custom_op("vidpar::replicated_query_attention_backward", mutates_args=())
 def _replicated_query_backward_op(
     dout: torch.Tensor,
@@ -183,26 +177,4 @@ def _replicated_query_backward_op(
     return [dq.transpose(1, 2).to(q.dtype).contiguous(), *grads]
 
 
-@_replicated_query_backward_op.register_fake
-def _(dout, q, k, v, extra_k, extra_v, extra_bias, out, lse, group, seq_len, scale):
-    inputs = (q, k, v) if extra_k is None else (q, k, v, extra_k, extra_v)
-    return [t.new_empty(t.shape) for t in inputs]
-
-
-def _save_inputs(ctx, inputs, output) -> None:
-    q, k, v, extra_k, extra_v, extra_bias, group, seq_len, scale = inputs
-    ctx.save_for_backward(q, k, v, extra_k, extra_v, extra_bias, *output)
-    ctx.group, ctx.seq_len, ctx.scale = group, seq_len, scale
-
-
-def _grads(ctx, dout, _dlse):
-    q, k, v, extra_k, extra_v, extra_bias, out, lse = ctx.saved_tensors
-    grads = torch.ops.vidpar.replicated_query_attention_backward(
-        dout, q, k, v, extra_k, extra_v, extra_bias, out, lse, ctx.group, ctx.seq_len, ctx.scale
-    )
-    dq, dk, dv, *extra = grads
-    dek, dev = extra if extra else (None, None)
-    return dq, dk, dv, dek, dev, None, None, None, None
-
-
-_replicated_query_op.register_autograd(_grads, setup_context=_save_inputs)
+register_group_attention(_replicated_query_op, _replicated_query_backward_op)

@@ -20,7 +20,12 @@ import torch.distributed as dist
 
 from vidpar.distributed import collective_ops, telemetry
 from vidpar.distributed.group import GroupCoordinator
-from vidpar.nn.attention_kernels import attention_backward, attention_forward, heads_first
+from vidpar.nn.attention_kernels import (
+    attention_backward,
+    attention_forward,
+    heads_first,
+    register_group_attention,
+)
 from vidpar.nn.softmax_merge import SoftmaxMerge
 
 __all__ = ["RingMessage", "RingPeers", "ring_attention"]
@@ -183,13 +188,6 @@ def _ring_attention_op(
     return out, lse.contiguous()  # the kernels' lse may be a transposed view
 
 
-@_ring_attention_op.register_fake
-def _(q, k, v, joint_k, joint_v, joint_bias, group, valid, scale):
-    batch, length, heads, _ = q.shape
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty(q.shape), q.new_empty((batch, heads, length), dtype=lse_dtype)
-
-
 @torch.library.custom_op("vidpar::ring_attention_backward", mutates_args=())
 def _ring_attention_backward_op(
     dout: torch.Tensor,
@@ -226,29 +224,7 @@ def _unaliased(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return result
 
 
-@_ring_attention_backward_op.register_fake
-def _(dout, q, k, v, joint_k, joint_v, joint_bias, out, lse, group, valid, scale):
-    inputs = (q, k, v) if joint_k is None else (q, k, v, joint_k, joint_v)
-    return [t.new_empty(t.shape) for t in inputs]
-
-
-def _save_ring_inputs(ctx, inputs, output) -> None:
-    q, k, v, joint_k, joint_v, joint_bias, group, valid, scale = inputs
-    ctx.save_for_backward(q, k, v, joint_k, joint_v, joint_bias, *output)
-    ctx.group, ctx.valid, ctx.scale = group, valid, scale
-
-
-def _ring_attention_grads(ctx, dout, _dlse):
-    q, k, v, joint_k, joint_v, joint_bias, out, lse = ctx.saved_tensors
-    grads = torch.ops.vidpar.ring_attention_backward(
-        dout, q, k, v, joint_k, joint_v, joint_bias, out, lse, ctx.group, ctx.valid, ctx.scale
-    )
-    dq, dk, dv, *joint = grads
-    djk, djv = joint if joint else (None, None)
-    return dq, dk, dv, djk, djv, None, None, None, None
-
-
-_ring_attention_op.register_autograd(_ring_attention_grads, setup_context=_save_ring_inputs)
+register_group_attention(_ring_attention_op, _ring_attention_backward_op)
 
 
 def _ring_forward(q, k, v, joint_k, joint_v, joint_bias, ring, valid, scale):

@@ -117,15 +117,31 @@ def check_memory(
 
 
 def transformer_bytes(
-    batch: int, tokens: int, hidden: int, depth: int, *, training: bool, checkpointing: bool
+    batch: int,
+    shape: tuple[int, int, int, int],
+    patch: tuple[int, int, int],
+    hidden: int,
+    depth: int,
+    parallel: ParallelConfig,
+    *,
+    training: bool,
+    checkpointing: bool,
 ) -> int:
-    """The activations of a transformer of ``depth`` blocks on ``batch`` × ``tokens``
-    tokens of width ``hidden`` (this worker's share), by :data:`BLOCK_ACTIVATIONS`."""
-    block = batch * tokens * hidden * FLOAT_BYTES * BLOCK_ACTIVATIONS
+    """The activations of a transformer of ``depth`` blocks of width ``hidden`` on
+    ``batch`` latents of ``shape`` (C, T, H, W) in ``patch``-sized tokens, this worker's
+    share of the tokens under ``parallel``'s sequence split, by :data:`BLOCK_ACTIVATIONS`."""
+    share = local_share(token_count(shape, patch), parallel.ulysses * parallel.ring)
+    block = batch * share * hidden * FLOAT_BYTES * BLOCK_ACTIVATIONS
     if not training:
         return block
     kept = depth * block / BLOCK_ACTIVATIONS if checkpointing else depth * block
     return int(kept + 2 * block)
+
+
+def token_count(shape: tuple[int, int, int, int], patch: tuple[int, int, int]) -> int:
+    """The tokens of latents of ``shape`` (C, T, H, W) in ``patch``-sized pieces."""
+    _, t, h, w = shape
+    return (t // patch[0]) * (h // patch[1]) * (w // patch[2])
 
 
 def local_share(total: int, parts: int) -> int:
@@ -153,15 +169,9 @@ def generation_bytes(
     (dp, cfg) and tokens (sp)."""
     hidden, depth, ffn = transformer
     c, t, h, w = shape
-    tokens = (t // patch[0]) * (h // patch[1]) * (w // patch[2])
     batch = local_share(local_share(videos, parallel.dp) * (2 if guided else 1), parallel.cfg)
     activations = transformer_bytes(
-        batch,
-        local_share(tokens, parallel.ulysses * parallel.ring),
-        hidden,
-        depth,
-        training=False,
-        checkpointing=False,
+        batch, shape, patch, hidden, depth, parallel, training=False, checkpointing=False
     )
     return (
         transformer_params(hidden, depth, ffn) * FLOAT_BYTES
