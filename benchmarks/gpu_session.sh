@@ -43,18 +43,18 @@ for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in
     tests)
-      timeout 150 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_pynccl.py \
-        tests/test_pynccl_gpu.py tests/test_cuda_communicator.py 2>&1 | tee "$OUT/tests_pynccl.txt"
-      timeout 300 python3 -m pytest -q -rs -m gpu -p no:cacheprovider --ignore=tests/test_pynccl.py \
-        --ignore=tests/test_pynccl_gpu.py --ignore=tests/test_cuda_communicator.py \
-        --ignore=tests/test_diffusers_gpu.py tests 2>&1 | tee "$OUT/tests_gpu.txt" ;;
+      timeout 150 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/distributed/test_pynccl.py \
+        tests/distributed/test_pynccl_gpu.py tests/distributed/test_cuda_communicator.py 2>&1 | tee "$OUT/tests_pynccl.txt"
+      timeout 300 python3 -m pytest -q -rs -m gpu -p no:cacheprovider --ignore=tests/distributed/test_pynccl.py \
+        --ignore=tests/distributed/test_pynccl_gpu.py --ignore=tests/distributed/test_cuda_communicator.py \
+        --ignore=tests/lightning/test_diffusers_gpu.py tests 2>&1 | tee "$OUT/tests_gpu.txt" ;;
     kernels) bench attention_kernels 240 suite=attention attention.modes=[] repeats=10 ;;
     comm) bench communicators 150 suite=communicators ;;
     models) bench models 240 suite=models repeats=4 warmup=1 runs=3 ;;
     dit) bench dit 330 suite=dit ${DIT_ARGS:-} ;;
     dit_wan) bench dit_wan 570 suite=dit dit.compare=wan repeats=4 warmup=1 runs=3 ;;
     newgpu) VIDPAR_GPU_OUT=$OUT timeout 240 python3 -m pytest -q -rs -s -m gpu -p no:cacheprovider \
-        tests/test_parallel_vae_gpu.py tests/test_gpu.py tests/test_elementwise.py 2>&1 | tee "$OUT/newgpu.txt" ;;
+        tests/models/test_parallel_vae_gpu.py tests/end_to_end/test_gpu.py tests/nn/test_elementwise.py 2>&1 | tee "$OUT/newgpu.txt" ;;
     families) timeout 300 python3 benchmarks/families_gpu.py --runs 3 --out "$OUT/families_gpu.json" \
         2>&1 | tee "$OUT/families.txt" ;;
     lora) timeout 300 python3 benchmarks/lora_vs_full.py --steps 5 2>&1 | tee "$OUT/lora.txt" ;;
@@ -81,7 +81,7 @@ for step in "$@"; do
         python3 benchmarks/compiled_world1.py --summarize "$OUT/compile_world1.jsonl" \
           | tee "$OUT/compile_world1.json"
       fi ;;
-    train) timeout 300 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_diffusers_gpu.py \
+    train) timeout 300 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/lightning/test_diffusers_gpu.py \
         2>&1 | tee "$OUT/train.txt" ;;
     *) echo "unknown step $step" ;;
   esac

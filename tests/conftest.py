@@ -1,12 +1,27 @@
-"""Shared fixtures: the pool of real multi-process worlds."""
+"""Shared fixtures: the pool of real multi-process worlds.
+
+The tests mirror the package (``tests/<sub-package>/test_*.py``, the whole package's in
+``tests/end_to_end/``) and their helpers and child-process scripts live in
+``tests/support/``. Every one of these folders goes on ``sys.path`` here, before any test
+module is imported, so that tests and helpers import each other by file name wherever they
+sit, and the worlds' processes (which take the ``sys.path`` of their start) find every test
+module whose functions they are sent.
+"""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from readme_blocks import ReadmeRun
-from world import Worlds
+TESTS = Path(__file__).resolve().parent
+FOLDERS = [str(p) for p in sorted(TESTS.iterdir()) if p.is_dir() and p.name[0] not in "._"]
+sys.path[:0] = [folder for folder in FOLDERS if folder not in sys.path]
+
+from readme_blocks import ReadmeRun  # noqa: E402
+from world import Worlds  # noqa: E402
 
 
 @pytest.fixture(scope="session")

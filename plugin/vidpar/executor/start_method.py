@@ -31,6 +31,14 @@ from multiprocessing.context import BaseContext
 START_METHOD_ENV = "VIDPAR_START_METHOD"
 #: The server imports these when the caller has (torch always): what workers unpickle.
 PRELOAD = ("torch", "lightning.pytorch", "vidpar.lightning", "vidpar.pipelines", "vidpar.models")
+#: The server imports these too where the caller has: the diffusers and transformers model
+#: code that a worker building or unpickling a diffusers model would import again (seconds
+#: of CPU per worker).
+PRELOAD_IF_IMPORTED = (
+    "diffusers.models.transformers",
+    "diffusers.models.autoencoders",
+    "transformers.modeling_utils",
+)
 #: The server alone imports this, first: it ignores SIGTERM and drops the caller's output.
 SERVER_SETUP = "vidpar.executor.server_setup"
 
@@ -49,14 +57,22 @@ def start_method() -> str:
     return chosen
 
 
+def server_preload(preload: Sequence[str] | None = None) -> list[str]:
+    """What a fork server yet to start imports, in order: :data:`SERVER_SETUP`, ``preload``
+    (by default what the caller has imported of :data:`PRELOAD`, torch always), then what
+    the caller has imported of :data:`PRELOAD_IF_IMPORTED`."""
+    if preload is None:
+        preload = [m for m in PRELOAD if m == "torch" or m in sys.modules]
+    imported = [m for m in PRELOAD_IF_IMPORTED if m in sys.modules and m not in preload]
+    return [SERVER_SETUP, *preload, *imported]
+
+
 def worker_context(preload: Sequence[str] | None = None) -> BaseContext:
     """The multiprocessing context workers start with; a server yet to start preloads
-    ``preload`` (by default what the caller has imported of :data:`PRELOAD`)."""
+    :func:`server_preload` of ``preload``."""
     ctx = mp.get_context(start_method())
     if ctx.get_start_method() == "forkserver":
-        if preload is None:
-            preload = [m for m in PRELOAD if m == "torch" or m in sys.modules]
-        ctx.set_forkserver_preload([SERVER_SETUP, *preload])
+        ctx.set_forkserver_preload(server_preload(preload))
     return ctx
 
 

@@ -202,7 +202,7 @@ SAVE_UNDER_A_FILE_SIZE_LIMIT = """
 import resource, signal, sys
 from pathlib import Path
 import torch
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {support!r}]
 from test_checkpoint_trust import module
 from vidpar.distributed.checkpoint import CheckpointWriteError, save_sharded
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -221,7 +221,11 @@ def test_a_save_that_runs_out_of_space_names_the_checkpoint_kept(ckpt, tmp_path)
     kinds: a tensor's bytes, and torch's zip writer for a pickled entry, whose failure DCP
     reports as a RuntimeError "unexpected pos")."""
     kept = store.resolve(ckpt)
-    script = SAVE_UNDER_A_FILE_SIZE_LIMIT.format(tests=str(Path(__file__).parent), ckpt=str(ckpt))
+    script = SAVE_UNDER_A_FILE_SIZE_LIMIT.format(
+        tests=str(Path(__file__).parent),
+        support=str(Path(__file__).parents[1] / "support"),
+        ckpt=str(ckpt),
+    )
     result = subprocess.run(
         [sys.executable, "-c", script],
         env={**os.environ, "OMP_NUM_THREADS": "1"},

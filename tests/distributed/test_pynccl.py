@@ -2,7 +2,7 @@
 ctypes declarations against the library's own nccl.h, the dtype and reduce-op tables,
 NCCL's errors in NCCL's words, and the unique id shared over a real gloo world. The
 library is the real one where installed (the nvidia-nccl wheel or ``VIDPAR_NCCL_SO``);
-tests needing it skip elsewhere. The GPU side is tests/test_pynccl_gpu.py."""
+tests needing it skip elsewhere. The GPU side is tests/distributed/test_pynccl_gpu.py."""
 
 from __future__ import annotations
 

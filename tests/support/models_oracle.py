@@ -1,5 +1,5 @@
 """Comparing a parallelised diffusers model with the unparallelised one (rank-side helpers
-of tests/test_models_*.py)."""
+of tests/models/test_models_*.py)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,12 @@ import pytest
 
 from vidpar import ParallelConfig
 from vidpar.executor import Executor, Worker, WorkerDiedError
-from vidpar.executor.start_method import START_METHOD_ENV
+from vidpar.executor.start_method import (
+    PRELOAD_IF_IMPORTED,
+    SERVER_SETUP,
+    START_METHOD_ENV,
+    server_preload,
+)
 
 START = 120.0
 
@@ -152,6 +157,22 @@ def test_a_command_starts_the_server_before_its_set_up_unless_it_is_a_worker(lau
     else:
         (server,) = servers  # preloading everything a worker unpickles, signals first
         assert "['vidpar.executor.server_setup', 'torch', 'lightning.pytorch'" in server
+
+
+def test_the_server_preloads_the_diffusers_model_code_the_caller_has_imported(monkeypatch):
+    """Workers that build a diffusers model find its code imported (not seconds of imports
+    each); a caller without it does not make the server import it."""
+    import diffusers.models.transformers  # noqa: F401  (as a diffusers generator's caller has)
+
+    assert server_preload(["torch"]) == [
+        SERVER_SETUP,
+        "torch",
+        *(m for m in PRELOAD_IF_IMPORTED if m in sys.modules),
+    ]
+    assert "diffusers.models.transformers" in server_preload()
+    for module in PRELOAD_IF_IMPORTED:
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    assert server_preload(["torch"]) == [SERVER_SETUP, "torch"]
 
 
 _SERVER_ENV = """

@@ -2,7 +2,7 @@
 runs them (:mod:`readme_blocks`), its install and test commands are what CI runs, and the
 commands it names inline compose with Hydra. A README that drifts from the code fails here.
 
-The quick start is the default job (minutes); ``tests/test_default_job_quality.py`` scores
+The quick start is the default job (minutes); ``tests/end_to_end/test_default_job_quality.py`` scores
 the checkpoint it writes, so the session runs it once. The other blocks are small.
 """
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-HARNESS = Path(__file__).parent / "kill_during_save.py"
+HARNESS = Path(__file__).parents[1] / "support" / "kill_during_save.py"
 
 
 def kill_everywhere(out: Path, *args: str) -> list[dict]:

@@ -26,7 +26,7 @@ from vidpar.nn.dit import VideoDiT
 from vidpar.pipelines import VideoGenerator
 from world import get_free_port
 
-TESTS = Path(__file__).parent
+SUPPORT = Path(__file__).parents[1] / "support"
 
 
 def fit(
@@ -316,7 +316,7 @@ def test_batches_are_sharded_over_dp_only(tmp_path):
 def test_torchrun_two_nodes_on_loopback(reference, tmp_path):
     """``torchrun --nnodes=2 --nproc-per-node=2``: the strategy launches nothing."""
     port = str(get_free_port())
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(SUPPORT), "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
             [
@@ -328,7 +328,7 @@ def test_torchrun_two_nodes_on_loopback(reference, tmp_path):
                 f"--node-rank={node}",
                 "--master-addr=127.0.0.1",
                 f"--master-port={port}",
-                str(TESTS / "torchrun_fit.py"),
+                str(SUPPORT / "torchrun_fit.py"),
                 str(tmp_path),
             ],
             env=env,

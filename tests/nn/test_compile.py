@@ -151,7 +151,7 @@ def test_inductor_compiles_the_model_on_cpu() -> None:
 
 def _family(name: str):
     """``(model, inputs, float32 gradients)`` of a tiny family (float64): those of
-    tests/test_models_families.py, and CogVideoX."""
+    tests/models/test_models_families.py, and CogVideoX."""
     if name == "cogvideox":
         import test_models_cogvideox as cogvideox
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from markdown_it import MarkdownIt
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 CI_SCRIPT = ROOT / ".ci" / "run"
 #: The quick start: the default job, then generation from its checkpoint.
