@@ -19,7 +19,7 @@ def run(conf: DictConfig) -> None:
     dtype = getattr(torch, str(conf.dtype), None)
     if not isinstance(dtype, torch.dtype):
         raise UserError(f"dtype={conf.dtype} is not a torch dtype (float32, bfloat16, ...)")
-    layout = build_layout(conf.parallel)
+    parallel = build_layout(conf.parallel)
     try:
         report = preprocess_videos(
             conf.videos,
@@ -30,7 +30,7 @@ def run(conf: DictConfig) -> None:
             width=conf.width,
             negative_prompt=conf.negative_prompt,
             max_text_len=conf.max_text_len,
-            parallel=layout,
+            parallel=parallel,
             devices=conf.devices if isinstance(conf.devices, str) else list(conf.devices),
             dtype=dtype,
         )

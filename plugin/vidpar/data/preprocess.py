@@ -198,7 +198,7 @@ def _encode_on_worker(worker, jobs: list[dict[str, Any] | None]) -> str | None:
     """Every rank: its replica's job of this round (``jobs[dp coordinate]``), encoded by all
     of the replica's ranks, written by its first; returns ``"written"``/``"unreadable"``
     on the writer, else None."""
-    job = jobs[worker.config.coordinates(worker.rank)["dp"]]
+    job = jobs[worker.parallel.coordinates(worker.rank)["dp"]]
     if job is None:
         return None
     encoders: _Encoders = worker.encoders
@@ -294,7 +294,7 @@ def preprocess_videos(
     )
     done: dict[str, str] = {}
     with Executor(parallel, worker_factory=factory, devices=devices) as executor:
-        dp, layout = executor.config.dp, executor.config
+        dp = executor.parallel.dp
         start = time.perf_counter()
         bar = tqdm(total=len(jobs), desc="preprocess", unit="video", disable=not progress)
         for first in range(0, len(jobs), dp):
@@ -303,7 +303,7 @@ def preprocess_videos(
             results = executor.collective_rpc(_encode_on_worker, round_jobs)
             for d, job in enumerate(round_jobs):
                 if job is not None:
-                    done[job["video"]] = results[layout.rank({"dp": d})]
+                    done[job["video"]] = results[executor.parallel.rank({"dp": d})]
             bar.update(sum(job is not None for job in round_jobs))
         bar.close()
         report.seconds = time.perf_counter() - start
