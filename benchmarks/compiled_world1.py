@@ -20,22 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-#: Wan2.1-T2V-1.3B's transformer (diffusers' config).
-WAN_1P3B = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 12,
-    "attention_head_dim": 128,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 8960,
-    "num_layers": 30,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "rope_max_seq_len": 1024,
-}
+sys.path.insert(0, str(Path(__file__).parent))
+from pipeline_stages import WAN_1P3B  # diffusers' Wan2.1-T2V-1.3B config
+
 #: 81 frames at 480 × 832: latents [16, 21, 60, 104], 32,760 tokens; 512 text tokens.
 LATENT, TEXT = (16, 21, 60, 104), 512
 TINY = {
