@@ -55,7 +55,7 @@ for step in "$@"; do
     dit_wan) bench dit_wan 570 suite=dit dit.compare=wan repeats=4 warmup=1 runs=3 ;;
     newgpu) VIDPAR_GPU_OUT=$OUT timeout 240 python3 -m pytest -q -rs -s -m gpu -p no:cacheprovider \
         tests/models/test_parallel_vae_gpu.py tests/end_to_end/test_gpu.py tests/nn/test_elementwise.py 2>&1 | tee "$OUT/newgpu.txt" ;;
-    families) timeout 300 python3 benchmarks/families_gpu.py --runs 3 --out "$OUT/families_gpu.json" \
+    families) timeout 480 python3 benchmarks/families_gpu.py --runs 3 --out "$OUT/families_gpu.json" \
         2>&1 | tee "$OUT/families.txt" ;;
     lora) timeout 300 python3 benchmarks/lora_vs_full.py --steps 5 2>&1 | tee "$OUT/lora.txt" ;;
     pipeline) timeout 560 python3 benchmarks/pipeline_stages.py --root /tmp/wan-random \
