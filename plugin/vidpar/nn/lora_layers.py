@@ -48,7 +48,7 @@ from vidpar.distributed.communication_op import (
     reduce_from_group,
     shard_to_group,
 )
-from vidpar.distributed.full_weights import tensor_parallel_shard
+from vidpar.distributed.full_weights import shard_sizes, tensor_parallel_shard
 from vidpar.nn.linear import ColumnParallelLinear, RowParallelLinear, TensorParallelModule
 
 __all__ = [
@@ -116,14 +116,18 @@ class LoraSettings:
 
 
 class _Factor(TensorParallelModule):
-    """One low-rank factor, ``weight``, split over tp along ``dim`` (``None``: replicated)."""
+    """One low-rank factor, ``weight``, split over tp along ``dim`` (``None``: replicated),
+    in shards of ``sizes`` where its layer's are uneven (whole heads)."""
 
-    def __init__(self, full: torch.Tensor, dim: int | None, group) -> None:
+    def __init__(
+        self, full: torch.Tensor, dim: int | None, group, sizes: tuple[int, ...] | None
+    ) -> None:
         super().__init__(group)
         if dim is None:
             self.weight = nn.Parameter(full)
         else:
-            self.register_sharded("weight", tensor_parallel_shard(full, dim, group).clone(), dim)
+            shard = tensor_parallel_shard(full, dim, group, sizes).clone()
+            self.register_sharded("weight", shard, dim, sizes)
 
 
 class _LoraLinearFunction(torch.autograd.Function):
@@ -211,6 +215,8 @@ class LoraLinear(TensorParallelModule):
             self.register_parameter(name, param)
             if getattr(param, "tensor_parallel_dim", None) is not None:
                 self._tp_dims[name] = param.tensor_parallel_dim
+                if shard_sizes(param) is not None:
+                    self._tp_sizes[name] = shard_sizes(param)
         weight = base.weight
         # Drawn on the CPU from the seeded CPU generator (whatever the ambient default device).
         a = torch.empty(rank, self.in_features, dtype=torch.float32, device="cpu")
@@ -218,9 +224,11 @@ class LoraLinear(TensorParallelModule):
         a.uniform_(-bound, bound, generator=generator)
         a = a.to(weight.device, weight.dtype)
         b = torch.zeros(self.out_features, rank, device=weight.device, dtype=weight.dtype)
+        # The factor on the base's split side takes the base's shard sizes (uneven heads).
+        sizes = shard_sizes(weight)
         split = {"column": (None, 0), "row": (1, None), "replicated": (None, None)}[self.kind]
-        self.lora_A = _Factor(a, split[0], group)
-        self.lora_B = _Factor(b, split[1], group)
+        self.lora_A = _Factor(a, split[0], group, sizes)
+        self.lora_B = _Factor(b, split[1], group, sizes)
 
     def _linear(
         self, x: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor
