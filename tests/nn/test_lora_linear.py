@@ -162,3 +162,67 @@ def test_lora_trains_as_one_process_with_three_heads_over_tp2(worlds):
         assert len(errors) == 3 + 2 * 40  # losses; 2 blocks × 10 adapters × 2 factors, twice
         for name, error in errors.items():
             assert error <= 1e-9, (name, error)
+
+
+def _feed_forward(fused: bool, dtype: torch.dtype, dropout: float = 0.0) -> nn.Module:
+    """diffusers' Wan FFN (GELU tanh, Dropout(0), linear) with LoRA on both linears and a
+    random B; ``fused=False`` puts the GELU module back where it was."""
+    from diffusers.models.attention import FeedForward
+
+    torch.manual_seed(0)
+    ffn = FeedForward(16, inner_dim=96, activation_fn="gelu-approximate").to(dtype)
+    gelu = ffn.net[0]
+    add_lora(ffn, LoraSettings(rank=3, targets=("net.0.proj", "net.2"), dropout=dropout))
+    gen = torch.Generator().manual_seed(1)
+    for name, param in lora_parameters(ffn).items():
+        if name.endswith("lora_B.weight"):
+            param.data.copy_(torch.randn(param.shape, generator=gen))
+    assert ffn.net[2].input_gelu == "tanh"
+    if not fused:
+        gelu.proj = ffn.net[0].proj
+        ffn.net[0], ffn.net[2].input_gelu = gelu, None
+    return ffn
+
+
+def _saved_bytes(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``module(x)`` and the bytes of the distinct storages autograd saves for backward."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = module(x)
+    return y, sum(storages.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_the_ffn_gelu_in_the_adapted_layer_is_bit_identical_and_saves_one_tensor(dtype):
+    """Output, input gradient and every adapter gradient equal the separate GELU's bit for
+    bit; what backward keeps shrinks by GELU's output, one [tokens, ffn_dim] tensor."""
+    x = torch.randn(2, 40, 16, generator=torch.Generator().manual_seed(2)).to(dtype)
+    results = []
+    for fused in (True, False):
+        ffn = _feed_forward(fused, dtype)
+        xi = x.clone().requires_grad_(True)
+        y, saved = _saved_bytes(ffn, xi)
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+        y.backward(grad)
+        grads = [p.grad for p in lora_parameters(ffn).values()]
+        results.append((y, xi.grad, grads, saved))
+    (y, gx, grads, saved), (y0, gx0, grads0, saved0) = results
+    assert torch.equal(y, y0) and torch.equal(gx, gx0)
+    assert all(torch.equal(g, g0) for g, g0 in zip(grads, grads0, strict=True))
+    assert saved0 - saved == 2 * 40 * 96 * x.element_size()
+
+
+def test_adapter_dropout_acts_on_the_gelu_output():
+    """With the adapters' dropout the GELU runs before it, as in the separate module."""
+    x = torch.randn(2, 40, 16, dtype=torch.float64)
+    outputs = []
+    for fused in (True, False):
+        ffn = _feed_forward(fused, torch.float64, dropout=0.3)
+        torch.manual_seed(4)
+        outputs.append(ffn(x))
+    assert torch.equal(*outputs)
