@@ -9,7 +9,10 @@ checkpointing. On one GPU: ``python benchmarks/lora_vs_full.py [--steps N] [--ra
 (peak: ``torch.cuda.max_memory_allocated``). Without a GPU: ``--device cpu --size small``
 (a narrower, shorter Wan; the peak is the most bytes of tensor storage alive at once,
 counted by a dispatch mode), or ``--fake`` (the 1.3B size on fake tensors: the peak of
-live bytes without computing anything, no step time). Prints a table and writes
+live bytes without computing anything, no step time). Every variant also reports one
+step's FLOPs (``FlopCounterMode``'s formulas), aten op calls and bytes moved, per op in
+the JSON, and a roofline time of those on an H100 (:class:`OpCounts`), counted on the
+warm-up step on a GPU and on the second step otherwise. Prints a table and writes
 ``$OUT/lora_vs_full.json``."""
 
 from __future__ import annotations
@@ -269,13 +272,17 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     where = f"{name}{' (fake tensors)' if args.fake else ''}, size {args.size}"
     print(f"{where}, torch {torch.__version__}")
-    print("| variant | trainable params | peak memory (GiB) | between steps (GiB) | step (s) |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print(
+        "| variant | trainable params | peak memory (GiB) | between steps (GiB) | step (s) "
+        "| TFLOP | op calls | GB moved | H100 roofline (s) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         label = r["variant"] if r["variant"] == "full" else f"LoRA rank {args.rank}"
         print(
             f"| {label} | {r['trainable_params']:,} | {r['peak_gib']:.3f} "
-            f"| {r['static_gib']:.3f} | {r['step_s']:.3f} |"
+            f"| {r['static_gib']:.3f} | {r['step_s']:.3f} | {r['tflop']:.1f} "
+            f"| {r['op_calls']:,} | {r['gb_moved']:.0f} | {r['h100_model_s']:.3f} |"
         )
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, "lora_vs_full.json"), "w") as f:
