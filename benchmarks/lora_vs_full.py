@@ -281,8 +281,8 @@ def main() -> None:
         label = r["variant"] if r["variant"] == "full" else f"LoRA rank {args.rank}"
         print(
             f"| {label} | {r['trainable_params']:,} | {r['peak_gib']:.3f} "
-            f"| {r['static_gib']:.3f} | {r['step_s']:.3f} | {r['tflop']:.1f} "
-            f"| {r['op_calls']:,} | {r['gb_moved']:.0f} | {r['h100_model_s']:.3f} |"
+            f"| {r['static_gib']:.3f} | {r['step_s']:.3f} | {r['tflop']:.4g} "
+            f"| {r['op_calls']:,} | {r['gb_moved']:.4g} | {r['h100_model_s']:.4g} |"
         )
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, "lora_vs_full.json"), "w") as f:
