@@ -12,7 +12,7 @@ counted by a dispatch mode), or ``--fake`` (the 1.3B size on fake tensors: the p
 live bytes without computing anything, no step time). Every variant also reports one
 step's FLOPs (``FlopCounterMode``'s formulas), aten op calls and bytes moved, per op in
 the JSON, and a roofline time of those on an H100 (:class:`OpCounts`), counted on the
-warm-up step on a GPU and on the second step otherwise. Prints a table and writes
+second step (on a GPU, an untimed one after the warm-up). Prints a table and writes
 ``$OUT/lora_vs_full.json``."""
 
 from __future__ import annotations
@@ -205,11 +205,10 @@ def measure(
             peak = live.peak
         seconds = float("nan")
         if not fake:
+            step()  # warm-up (again on CPU, outside the counting modes)
             if device.type == "cuda":
                 with ops:
-                    step()  # warm-up, counted
-            else:
-                step()  # warm-up (again on CPU, outside the counting modes)
+                    step()  # counted as on the CPU: a step after the optimizer's first
             sync()
             if device.type == "cuda":
                 static = torch.cuda.memory_allocated(device)
