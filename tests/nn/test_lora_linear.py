@@ -197,17 +197,24 @@ def _saved_bytes(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]
     return y, sum(storages.values())
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
-def test_the_ffn_gelu_in_the_adapted_layer_is_bit_identical_and_saves_one_tensor(dtype):
+@pytest.mark.parametrize(
+    ("dtype", "device"),
+    [
+        (torch.bfloat16, "cpu"),
+        (torch.float64, "cpu"),
+        pytest.param(torch.bfloat16, "cuda", marks=pytest.mark.gpu),
+    ],
+)
+def test_the_ffn_gelu_in_the_adapted_layer_is_bit_identical_and_saves_one_tensor(dtype, device):
     """Output, input gradient and every adapter gradient equal the separate GELU's bit for
     bit; what backward keeps shrinks by GELU's output, one [tokens, ffn_dim] tensor."""
-    x = torch.randn(2, 40, 16, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x = torch.randn(2, 40, 16, generator=torch.Generator().manual_seed(2)).to(device, dtype)
     results = []
     for fused in (True, False):
-        ffn = _feed_forward(fused, dtype)
+        ffn = _feed_forward(fused, dtype).to(device)
         xi = x.clone().requires_grad_(True)
         y, saved = _saved_bytes(ffn, xi)
-        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(device, dtype)
         y.backward(grad)
         grads = [p.grad for p in lora_parameters(ffn).values()]
         results.append((y, xi.grad, grads, saved))
