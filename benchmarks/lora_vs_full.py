@@ -9,7 +9,10 @@ checkpointing. On one GPU: ``python benchmarks/lora_vs_full.py [--steps N] [--ra
 (peak: ``torch.cuda.max_memory_allocated``). Without a GPU: ``--device cpu --size small``
 (a narrower, shorter Wan; the peak is the most bytes of tensor storage alive at once,
 counted by a dispatch mode), or ``--fake`` (the 1.3B size on fake tensors: the peak of
-live bytes without computing anything, no step time). Prints a table and writes
+live bytes without computing anything, no step time). Every variant also reports one
+step's FLOPs (``FlopCounterMode``'s formulas), aten op calls and bytes moved, per op in
+the JSON, and a roofline time of those on an H100 (:class:`OpCounts`), counted on the
+second step (on a GPU, an untimed one after the warm-up). Prints a table and writes
 ``$OUT/lora_vs_full.json``."""
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ import socket
 import sys
 import time
 import weakref
+from collections import Counter
 from pathlib import Path
 
 import torch
+from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -53,6 +58,62 @@ SIZES = {
         (1, 64, 256),
     ),
 }
+
+
+#: ``FlopCounterMode``'s formulas (its registry), and those it lacks: the in-place
+#: ``addmm_`` (the LoRA update) and the CPU flash attention that stands in for the GPU's
+#: under ``--fake``.
+_FLOPS = {
+    **flop_counter.flop_registry,
+    torch.ops.aten.addmm_: flop_counter.flop_registry[torch.ops.aten.addmm],
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: flop_counter.flop_registry[
+        torch.ops.aten._scaled_dot_product_flash_attention
+    ],
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: (
+        flop_counter.flop_registry[torch.ops.aten._scaled_dot_product_flash_attention_backward]
+    ),
+}
+#: Ops that allocate without touching the bytes.
+_ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+#: The roofline of one H100 SXM (dense bf16 TFLOP/s, HBM3 TB/s) for a step's time model:
+#: each op takes the longer of its FLOPs and its bytes at these rates.
+H100_FLOPS, H100_BYTES = 989e12, 3.35e12
+
+
+class OpCounts(TorchDispatchMode):
+    """Per aten op of a step: calls, FLOPs (``FlopCounterMode``'s formulas) and the bytes
+    its kernel reads and writes (each distinct tensor argument read once, except an
+    ``out=`` one; each result written once; views, metadata and allocations move
+    nothing), and a roofline time model of the step on an H100."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+        self.flops: Counter[str] = Counter()
+        self.bytes: Counter[str] = Counter()
+        self.model_s = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = str(func.overloadpacket.__name__)
+        self.calls[name] += 1
+        written = _distinct(out)
+        if func.is_view or name in _ALLOCATIONS or not written:
+            return out
+        reads = _distinct((args, {k: v for k, v in kwargs.items() if k != "out"}))
+        moved = sum(t.numel() * t.element_size() for t in [*reads, *written])
+        formula = _FLOPS.get(func.overloadpacket)
+        flops = 0 if formula is None else formula(*args, **kwargs, out_val=out)
+        self.bytes[name] += moved
+        self.flops[name] += flops
+        self.model_s += max(flops / H100_FLOPS, moved / H100_BYTES)
+        return out
+
+
+def _distinct(tree) -> list[torch.Tensor]:
+    """The tensors of a pytree, each once."""
+    return list({id(t): t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)}.values())
 
 
 class LiveBytes(TorchDispatchMode):
@@ -129,6 +190,7 @@ def measure(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
 
+        ops = OpCounts()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         else:  # count every storage: the model's, then what the steps allocate
@@ -138,11 +200,15 @@ def measure(
             with live:
                 step()  # allocates the optimizer's state
                 live.peak = static = live.now
-                step()
+                with ops:
+                    step()
             peak = live.peak
         seconds = float("nan")
         if not fake:
-            step()  # warm-up (again on CPU, outside the counting mode)
+            step()  # warm-up (again on CPU, outside the counting modes)
+            if device.type == "cuda":
+                with ops:
+                    step()  # counted as on the CPU: a step after the optimizer's first
             sync()
             if device.type == "cuda":
                 static = torch.cuda.memory_allocated(device)
@@ -160,6 +226,18 @@ def measure(
             "peak_gib": peak / 2**30,
             "static_gib": static / 2**30,  # weights and optimizer state between steps
             "step_s": seconds,
+            "tflop": sum(ops.flops.values()) / 1e12,
+            "op_calls": sum(ops.calls.values()),
+            "gb_moved": sum(ops.bytes.values()) / 1e9,
+            "h100_model_s": ops.model_s,
+            "ops": {
+                name: {
+                    "calls": ops.calls[name],
+                    "tflop": ops.flops[name] / 1e12,
+                    "gb": ops.bytes[name] / 1e9,
+                }
+                for name in sorted(ops.calls, key=lambda n: -ops.bytes[n])
+            },
         }
 
 
@@ -193,13 +271,17 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     where = f"{name}{' (fake tensors)' if args.fake else ''}, size {args.size}"
     print(f"{where}, torch {torch.__version__}")
-    print("| variant | trainable params | peak memory (GiB) | between steps (GiB) | step (s) |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print(
+        "| variant | trainable params | peak memory (GiB) | between steps (GiB) | step (s) "
+        "| TFLOP | op calls | GB moved | H100 roofline (s) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         label = r["variant"] if r["variant"] == "full" else f"LoRA rank {args.rank}"
         print(
             f"| {label} | {r['trainable_params']:,} | {r['peak_gib']:.3f} "
-            f"| {r['static_gib']:.3f} | {r['step_s']:.3f} |"
+            f"| {r['static_gib']:.3f} | {r['step_s']:.3f} | {r['tflop']:.4g} "
+            f"| {r['op_calls']:,} | {r['gb_moved']:.4g} | {r['h100_model_s']:.4g} |"
         )
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, "lora_vs_full.json"), "w") as f:

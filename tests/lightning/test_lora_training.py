@@ -20,9 +20,9 @@ from vidpar.data import LatentsDataModule
 from vidpar.lightning import DiffusersFlowModule, VidParStrategy, export_diffusers, export_lora
 from vidpar.models.pretrained import load_pretrained
 from vidpar.models.testing import make_tiny_latents, make_tiny_wan
-from vidpar.nn.lora import LoraManager, peft_to_adapter
+from vidpar.nn.lora import LoraManager
 from vidpar.nn.lora_layers import lora_parameters
-from vidpar.nn.lora_peft import LORA_WEIGHTS
+from vidpar.nn.lora_peft import LORA_WEIGHTS, peft_to_adapter
 
 LORA = {"rank": 2, "alpha": 4}
 

@@ -14,7 +14,7 @@ Public API:
 * :func:`parallelize_vae(vae, group=None) <vidpar.models.parallel_vae.parallelize_vae>`:
   a diffusers ``AutoencoderKLWan`` whose ``encode``/``decode`` split the rows over the
   replica's ranks (exactly: halo exchange, gathered attention) and return the whole result.
-* :func:`peft_to_adapter <vidpar.nn.lora.peft_to_adapter>` turns a diffusers/PEFT LoRA
+* :func:`peft_to_adapter <vidpar.nn.lora_peft.peft_to_adapter>` turns a diffusers/PEFT LoRA
   file into the adapter that :class:`vidpar.nn.lora.LoraManager` merges under any tp.
 
 ``import vidpar.models`` does not import diffusers: the plans work on the model objects
@@ -24,7 +24,7 @@ they are given.
 from vidpar.models.parallel_vae import parallelize_vae
 from vidpar.models.parallelize import PLANS, SUPPORTED_MODELS, parallelize
 from vidpar.models.plan import Gather, ModelPlan, Split
-from vidpar.nn.lora import peft_to_adapter
+from vidpar.nn.lora_peft import peft_to_adapter
 
 __all__ = [
     "PLANS",

@@ -25,7 +25,9 @@ The base and the adapter run as one autograd function (:class:`_LoraLinearFuncti
 update is added into the base's output by one ``addmm_`` (scale included), and backward
 adds the adapter's input gradient into the base's by another, so a LoRA linear allocates
 and saves what a plain linear does (its input, plus ``x Aᵀ`` of ``r`` columns) and skips
-the frozen weight's gradient.
+the frozen weight's gradient. A FeedForward's output layer applies the FFN's GELU itself
+and saves only GELU's input (not GELU's output as well): at Wan2.1-1.3B's 32,760 tokens,
+560 MiB less per block.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from vidpar.distributed.communication_op import (
     reduce_from_group,
     shard_to_group,
 )
-from vidpar.distributed.full_weights import tensor_parallel_shard
+from vidpar.distributed.full_weights import shard_sizes, tensor_parallel_shard
 from vidpar.nn.linear import ColumnParallelLinear, RowParallelLinear, TensorParallelModule
 
 __all__ = [
@@ -116,14 +118,18 @@ class LoraSettings:
 
 
 class _Factor(TensorParallelModule):
-    """One low-rank factor, ``weight``, split over tp along ``dim`` (``None``: replicated)."""
+    """One low-rank factor, ``weight``, split over tp along ``dim`` (``None``: replicated),
+    in shards of ``sizes`` where its layer's are uneven (whole heads)."""
 
-    def __init__(self, full: torch.Tensor, dim: int | None, group) -> None:
+    def __init__(
+        self, full: torch.Tensor, dim: int | None, group, sizes: tuple[int, ...] | None
+    ) -> None:
         super().__init__(group)
         if dim is None:
             self.weight = nn.Parameter(full)
         else:
-            self.register_sharded("weight", tensor_parallel_shard(full, dim, group).clone(), dim)
+            shard = tensor_parallel_shard(full, dim, group, sizes).clone()
+            self.register_sharded("weight", shard, dim, sizes)
 
 
 class _LoraLinearFunction(torch.autograd.Function):
@@ -133,11 +139,17 @@ class _LoraLinearFunction(torch.autograd.Function):
     Forward adds the update into the base's output in place (``addmm_``, ``s`` as its
     alpha); backward builds ``∂x = g W + s (g B) A`` in one buffer and computes ``∂W`` only
     when the base is trainable. Saved: ``d`` (also ``x`` when the base is trainable and
-    ``d`` is a dropout of it) and ``d Aᵀ`` ``[tokens, r]``; the weights by reference."""
+    ``d`` is a dropout of it) and ``d Aᵀ`` ``[tokens, r]``; the weights by reference.
+
+    With ``gelu`` (``"tanh"`` or ``"none"``, no ``dropped``) the input is ``GELU(h)`` of the
+    given ``h``: ``h`` is saved instead of ``x`` and ``x`` is recomputed in backward, by the
+    ops autograd would run (``gelu``, ``gelu_backward``), so values and gradients are those
+    of a separate GELU while one tensor of the input's size is saved, not two."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropped):
-        x2 = x.reshape(-1, x.shape[-1])
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropped, gelu=None):
+        h2 = x.reshape(-1, x.shape[-1])
+        x2 = h2 if gelu is None else F.gelu(h2, approximate=gelu)
         d2 = x2 if dropped is None else dropped.reshape(-1, x.shape[-1])
         low = torch.mm(d2, lora_a.t())  # [tokens, r]
         y = x2.new_empty(*x.shape[:-1], weight.shape[0])  # not a view: callers may add in place
@@ -148,39 +160,56 @@ class _LoraLinearFunction(torch.autograd.Function):
             torch.addmm(bias, x2, weight.t(), out=y2)
         y2.addmm_(low, lora_b.t(), alpha=scaling)
         ctx.scaling, ctx.has_dropout, ctx.x_shape = scaling, dropped is not None, x.shape
+        ctx.gelu = gelu
         keep_x = ctx.needs_input_grad[1] and dropped is not None
-        ctx.save_for_backward(d2, low, weight, lora_a, lora_b, x2 if keep_x else None)
+        saved = h2 if gelu is not None else d2
+        ctx.save_for_backward(saved, low, weight, lora_a, lora_b, x2 if keep_x else None)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         d2, low, weight, lora_a, lora_b, x2 = ctx.saved_tensors
-        need_x, need_w, need_bias, need_a, need_b, _, need_d = ctx.needs_input_grad
+        need_x, need_w, need_bias, need_a, need_b, _, need_d, _ = ctx.needs_input_grad
+        h2 = None
+        if ctx.gelu is not None:  # d2 holds GELU's input: the adapters' input recomputed
+            h2, d2 = d2, F.gelu(d2, approximate=ctx.gelu)
         g = grad.reshape(-1, grad.shape[-1])
         g_low = torch.mm(g, lora_b).mul_(ctx.scaling)  # s · g B: [tokens, r]
         grad_x = grad_w = grad_bias = grad_a = grad_b = grad_d = None
+        # The products with the input first: a recomputed GELU output is freed before ∂x.
+        if need_w:
+            grad_w = torch.mm(g.t(), d2 if x2 is None else x2)
+        if need_a:
+            grad_a = torch.mm(g_low.t(), d2)
+        del d2, x2
         if need_x:
             grad_x = torch.mm(g, weight)
             if not ctx.has_dropout:
                 grad_x.addmm_(g_low, lora_a)
+            if h2 is not None:  # GELU's backward, written over its incoming gradient
+                torch.ops.aten.gelu_backward.grad_input(
+                    grad_x, h2, approximate=ctx.gelu, grad_input=grad_x
+                )
             grad_x = grad_x.view(ctx.x_shape)
         if need_d and ctx.has_dropout:
             grad_d = torch.mm(g_low, lora_a).view(ctx.x_shape)
-        if need_w:
-            grad_w = torch.mm(g.t(), d2 if x2 is None else x2)
         if need_bias:
             grad_bias = g.sum(0)
-        if need_a:
-            grad_a = torch.mm(g_low.t(), d2)
         if need_b:
             grad_b = torch.mm(g.t(), low).mul_(ctx.scaling)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, grad_d
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, grad_d, None
 
 
 class LoraLinear(TensorParallelModule):
     """A frozen linear (``nn.Linear``, :class:`ColumnParallelLinear` or
     :class:`RowParallelLinear`) plus trainable factors ``lora_A``/``lora_B`` split to match
-    it (see the module doc). Keeps the base's parameters under ``weight``/``bias``."""
+    it (see the module doc). Keeps the base's parameters under ``weight``/``bias``.
+
+    ``input_gelu`` (``None``, ``"tanh"`` or ``"none"``): the layer applies that GELU to its
+    input itself, saving GELU's input for backward rather than GELU's output too (set by
+    :func:`add_lora` where a diffusers ``FeedForward`` feeds its GELU to this layer)."""
+
+    input_gelu: str | None = None
 
     def __init__(
         self,
@@ -211,6 +240,8 @@ class LoraLinear(TensorParallelModule):
             self.register_parameter(name, param)
             if getattr(param, "tensor_parallel_dim", None) is not None:
                 self._tp_dims[name] = param.tensor_parallel_dim
+                if shard_sizes(param) is not None:
+                    self._tp_sizes[name] = shard_sizes(param)
         weight = base.weight
         # Drawn on the CPU from the seeded CPU generator (whatever the ambient default device).
         a = torch.empty(rank, self.in_features, dtype=torch.float32, device="cpu")
@@ -218,24 +249,29 @@ class LoraLinear(TensorParallelModule):
         a.uniform_(-bound, bound, generator=generator)
         a = a.to(weight.device, weight.dtype)
         b = torch.zeros(self.out_features, rank, device=weight.device, dtype=weight.dtype)
+        # The factor on the base's split side takes the base's shard sizes (uneven heads).
+        sizes = shard_sizes(weight)
         split = {"column": (None, 0), "row": (1, None), "replicated": (None, None)}[self.kind]
-        self.lora_A = _Factor(a, split[0], group)
-        self.lora_B = _Factor(b, split[1], group)
+        self.lora_A = _Factor(a, split[0], group, sizes)
+        self.lora_B = _Factor(b, split[1], group, sizes)
 
     def _linear(
         self, x: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor
     ) -> torch.Tensor:
-        """``x Wᵀ + bias + scaling · dropout(x) Aᵀ Bᵀ`` in the autocast dtype if autocast is
-        on (as ``F.linear`` would), else in the operands' dtype."""
+        """``x Wᵀ + bias + scaling · dropout(x) Aᵀ Bᵀ`` (``x`` through :attr:`input_gelu`
+        first when set) in the autocast dtype if autocast is on (as ``F.linear`` would),
+        else in the operands' dtype."""
         weight, kind = self.weight, x.device.type
         if torch.is_autocast_enabled(kind):
             dtype = torch.get_autocast_dtype(kind)
             x, weight, a, b = (t.to(dtype) for t in (x, weight, a, b))
             bias = None if bias is None else bias.to(dtype)
-        dropped = (
-            F.dropout(x, self.dropout, training=True) if self.dropout and self.training else None
-        )
-        return _LoraLinearFunction.apply(x, weight, bias, a, b, self.scaling, dropped)
+        gelu, dropped = self.input_gelu, None
+        if self.dropout and self.training:  # the adapters' dropout acts on GELU's output
+            if gelu is not None:
+                x, gelu = F.gelu(x, approximate=gelu), None
+            dropped = F.dropout(x, self.dropout, training=True)
+        return _LoraLinearFunction.apply(x, weight, bias, a, b, self.scaling, dropped, gelu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.tp_group
@@ -257,7 +293,41 @@ class LoraLinear(TensorParallelModule):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"rank={self.rank}, scaling={self.scaling:g}, {self.kind}, "
             f"tp={self.tp_group.world_size}"
+            + ("" if self.input_gelu is None else f", input_gelu={self.input_gelu}")
         )
+
+
+class _GeluInNextLayer(nn.Module):
+    """diffusers' ``GELU`` projection whose activation the next layer (a
+    :class:`LoraLinear` with ``input_gelu``) applies: ``proj`` only, under the same name."""
+
+    def __init__(self, gelu: nn.Module) -> None:
+        super().__init__()
+        self.proj, self.approximate = gelu.proj, gelu.approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def _move_gelus_into_adapters(model: nn.Module) -> None:
+    """In every diffusers ``FeedForward`` (``net``: GELU, ``Dropout(0)``, linear) whose
+    output linear is a :class:`LoraLinear`, let that layer apply the GELU: one
+    ``[tokens, ffn_dim]`` tensor saved for backward instead of two, the same values."""
+    for module in model.modules():
+        net = getattr(module, "net", None)
+        if not (isinstance(net, nn.ModuleList) and len(net) == 3):
+            continue
+        gelu, dropout, out = net
+        if (
+            type(gelu).__name__ == "GELU"
+            and type(gelu).__module__.startswith("diffusers.")
+            and gelu.approximate in ("tanh", "none")
+            and isinstance(dropout, nn.Dropout)
+            and dropout.p == 0
+            and isinstance(out, LoraLinear)
+        ):
+            net[0] = _GeluInNextLayer(gelu)
+            out.input_gelu = gelu.approximate
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -317,7 +387,8 @@ def check_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
 def add_lora(model: nn.Module, settings: LoraSettings, seed: int = 0) -> list[str]:
     """Freeze ``model`` and put a :class:`LoraLinear` in place of every targeted linear
     (after :func:`vidpar.models.parallelize`, so tp layers are adapted as they are split);
-    returns the adapted module names. Adapters are trainable, all else is frozen."""
+    returns the adapted module names. Adapters are trainable, all else is frozen. A
+    diffusers FeedForward's GELU moves into its adapted output layer (``input_gelu``)."""
     names = check_lora(model, settings)
     model.requires_grad_(False)
     for name in names:
@@ -327,6 +398,7 @@ def add_lora(model: nn.Module, settings: LoraSettings, seed: int = 0) -> list[st
         )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
+    _move_gelus_into_adapters(model)
     return names
 
 

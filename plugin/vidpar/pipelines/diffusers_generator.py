@@ -132,7 +132,8 @@ def _as_adapter(
     source: str | os.PathLike | Mapping[str, torch.Tensor], scale: float
 ) -> dict[str, torch.Tensor]:
     """A vidpar LoRA adapter from a diffusers/PEFT LoRA or a vidpar adapter."""
-    from vidpar.nn.lora import load_adapter, peft_to_adapter
+    from vidpar.nn.lora import load_adapter
+    from vidpar.nn.lora_peft import peft_to_adapter
 
     state = load_adapter(source)
     if any(k.endswith((".lora_A.weight", ".lora_down.weight")) for k in state):
@@ -316,7 +317,7 @@ class DiffusersVideoGenerator(WorkerSession):
 
         A LoRA in the diffusers/PEFT layout (``<module>.lora_A.weight``, as diffusers'
         ``save_lora_weights`` and PEFT write Wan LoRAs; kohya's ``lora_down``/``lora_up``
-        too) is converted by :func:`vidpar.nn.lora.peft_to_adapter` (its alpha applied,
+        too) is converted by :func:`vidpar.nn.lora_peft.peft_to_adapter` (its alpha applied,
         merged with strength ``scale``); a vidpar adapter (:mod:`vidpar.nn.lora`) is taken
         as it is. The file is read once, here; the tp-aware merge runs in the workers.
         """
