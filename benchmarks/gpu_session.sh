@@ -5,8 +5,9 @@
 # Steps: tests (pytest -m gpu), kernels (attention kernels rows), comm (pynccl vs torch's
 # NCCL on one GPU), models (diffusers' Wan through parallelize at world 1), dit (VideoDiT
 # eager/compiled vs diffusers' Wan), dit_wan (the same, one command: dit.compare=wan), train (the Wan-sized diffusers training step),
-# newgpu (the GPU tests of the round-3 modules: VAE, compile, elementwise), families (each plan
-# family at its published size vs plain diffusers; FAMILIES_ARGS adds flags, e.g. --families ltx,mochi), lora (LoRA vs full fine-tuning),
+# newgpu (the GPU tests of the round-3 modules: VAE, compile, elementwise, the bf16 key-bias
+# attention kernels), families (each plan family at its published size vs plain diffusers;
+# FAMILIES_ARGS adds flags, e.g. --families ltx,mochi), lora (LoRA vs full fine-tuning),
 # pipeline (each stage of a prompt-to-video generation vs diffusers' WanPipeline),
 # vae_encode (vidpar-preprocess's Wan2.1 VAE encode of 81 × 480 × 832 at world 1, videos/min),
 # scaling (issue #33: every layout of each world on all visible GPUs; SCALING_WORLDS,
@@ -54,7 +55,8 @@ for step in "$@"; do
     dit) bench dit 330 suite=dit ${DIT_ARGS:-} ;;
     dit_wan) bench dit_wan 570 suite=dit dit.compare=wan repeats=4 warmup=1 runs=3 ;;
     newgpu) VIDPAR_GPU_OUT=$OUT timeout 240 python3 -m pytest -q -rs -s -m gpu -p no:cacheprovider \
-        tests/models/test_parallel_vae_gpu.py tests/end_to_end/test_gpu.py tests/nn/test_elementwise.py 2>&1 | tee "$OUT/newgpu.txt" ;;
+        tests/models/test_parallel_vae_gpu.py tests/end_to_end/test_gpu.py tests/nn/test_elementwise.py \
+        tests/nn/test_attention_kernels.py::test_cuda_backend_with_a_key_bias_matches_masked_sdpa 2>&1 | tee "$OUT/newgpu.txt" ;;
     families) timeout 480 python3 benchmarks/families_gpu.py --runs 3 ${FAMILIES_ARGS:-} --out "$OUT/families_gpu.json" \
         2>&1 | tee "$OUT/families.txt" ;;
     lora) timeout 300 python3 benchmarks/lora_vs_full.py --steps 5 2>&1 | tee "$OUT/lora.txt" ;;

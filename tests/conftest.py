@@ -10,7 +10,10 @@ module whose functions they are sent.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,20 @@ sys.path[:0] = [folder for folder in FOLDERS if folder not in sys.path]
 
 from readme_blocks import ReadmeRun  # noqa: E402
 from world import Worlds  # noqa: E402
+
+
+def pytest_configure(config):
+    """inductor's on-disk caches (FX graphs, C++ kernels) in one folder of the session,
+    shared by every process it starts (the worlds' ranks build a kernel once, a later test
+    reuses it) and gone after it (a clean run compiles afresh, as CI's does), unless
+    ``TORCHINDUCTOR_CACHE_DIR`` names one; each process compiles its kernels itself, not in
+    a pool of workers of its own (``TORCHINDUCTOR_COMPILE_THREADS``: the ranks already
+    share the cores)."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        folder = tempfile.mkdtemp(prefix="vidpar-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+        config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

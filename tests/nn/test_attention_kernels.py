@@ -5,16 +5,19 @@ backward given the final output and lse), the exact chunked math path and its me
 bound, the float32 merge, the backend cache and its fallback, and the CUDA backends'
 calls on meta tensors (argument names and lse shapes as the running torch declares them).
 GPU (marked ``gpu``): every CUDA backend forced, the cache's choice, and the ring on one
-GPU through LocalRing, all against float64.
+GPU through LocalRing, all against float64; each backend that takes a key score bias, in
+bf16, against SDPA's masked math path in float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vidpar.nn import attention_kernels as ak
@@ -357,6 +360,50 @@ def test_local_ring_on_gpu_matches_float64(r):
     usual_out, usual_dq = rel(sdpa, ref_out), rel(sq.grad, ref_dq)
     assert rel(out.transpose(1, 2), ref_out) <= 3 * usual_out + 1e-5, usual_out
     assert rel(qb.grad.transpose(1, 2), ref_dq) <= 3 * usual_dq + 1e-5, usual_dq
+
+
+def masked_sdpa(q, k, v, mask, dout, dtype, math: bool):
+    """SDPA's output and dq, dk, dv in ``dtype`` with a boolean key mask ``[B, Sk]``
+    (``math``: its math path, else whichever kernel SDPA picks)."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    with sdpa_kernel(SDPBackend.MATH) if math else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(*leaves, attn_mask=mask[:, None, None], scale=SCALE)
+        out.backward(dout.to(dtype))
+    return out, [t.grad for t in leaves]
+
+
+#: The CUDA backends that bf16 may run on with a key bias (``flash`` takes none).
+BIAS_BACKENDS = ("cudnn", "efficient", "math")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BIAS_BACKENDS)
+def test_cuda_backend_with_a_key_bias_matches_masked_sdpa(backend):
+    """The compiled path's text mask (HunyuanVideo's, Mochi's) as a key bias, in bf16:
+    output and dq, dk, dv within three times bf16 SDPA's own error (same mask) against
+    SDPA's masked math path in float32, and at most 2 % (bf16 tolerance); lse to 1e-3;
+    the left-out keys get exactly no gradient. 70 keys: the bias rows padded to 16."""
+    q, dout = (make(2, 4, 100, 128, dtype=torch.bfloat16, device="cuda", seed=s) for s in (1, 4))
+    k, v = (make(2, 4, 70, 128, dtype=torch.bfloat16, device="cuda", seed=s) for s in (2, 3))
+    mask = torch.ones(2, 70, dtype=torch.bool, device="cuda")
+    mask[0, ::5] = False  # scattered keys left out
+    mask[1, 37:] = False  # a padded prompt
+    bias = ak.key_bias(mask, torch.bfloat16)
+    with ak.use_backend(backend):
+        out, lse = ak.attention_forward(q, k, v, SCALE, bias)
+        grads = ak.attention_backward(dout, q, k, v, out, lse, SCALE, bias)
+    ref_out, ref_grads = masked_sdpa(q, k, v, mask, dout, torch.float32, math=True)
+    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * SCALE
+    ref_lse = torch.logsumexp(scores.masked_fill(~mask[:, None, None], -torch.inf), -1)
+    usual_out, usual_grads = masked_sdpa(q, k, v, mask, dout, torch.bfloat16, math=False)
+    got = [rel(out, ref_out)] + [rel(g, r) for g, r in zip(grads, ref_grads, strict=True)]
+    usual = [rel(usual_out, ref_out)] + [
+        rel(g, r) for g, r in zip(usual_grads, ref_grads, strict=True)
+    ]
+    assert out.dtype == torch.bfloat16 and rel(lse, ref_lse) <= 1e-3, rel(lse, ref_lse)
+    assert max(got) <= min(3 * max(usual) + 1e-3, 0.02), (got, usual)
+    for grad in grads[1:]:  # [B, H, Sk, D]: the left-out keys' rows
+        assert not grad.transpose(1, 2)[~mask].any()
 
 
 @pytest.mark.gpu

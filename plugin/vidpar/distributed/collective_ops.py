@@ -9,6 +9,9 @@ same telemetry record (bytes, count and time; CUDA times from events, as in eage
 
 The ops are functional: they return a new tensor and never write into their input (an
 eager ``all_reduce`` is in place; its op copies first). Each op's output is contiguous.
+
+Ops that attend over a group (the ring's, the replicated text queries') get their fake
+kernels and autograd from :func:`register_group_attention`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Protocol
 import torch
 from torch.distributed import ReduceOp
 
-__all__ = ["group_key", "lookup"]
+__all__ = ["group_key", "lookup", "register_group_attention"]
 
 
 class _Group(Protocol):
@@ -115,3 +118,35 @@ def _(x: torch.Tensor, group: str, scatter_dim: int, gather_dim: int) -> torch.T
     shape[scatter_dim] //= n
     shape[gather_dim] *= n
     return x.new_empty(shape)
+
+
+def register_group_attention(forward, backward) -> None:
+    """The fake kernels and autograd of a pair of ``torch.library`` custom ops that attend
+    over a process group: ``forward(q, k, v, extra_k, extra_v, extra_bias, group, plan,
+    scale) -> (out [B, L, H, D], lse [B, H, L])`` (lse float32, float64 for float64) and
+    ``backward(dout, q, k, v, extra_k, extra_v, extra_bias, out, lse, group, plan, scale)
+    -> [dq, dk, dv(, d extra_k, d extra_v)]`` (``extra_*``: optional joint keys and their
+    score bias; ``plan``: the op's own non-tensor argument)."""
+
+    @forward.register_fake
+    def _(q, *_):
+        batch, length, heads, _ = q.shape
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return q.new_empty(q.shape), q.new_empty((batch, heads, length), dtype=lse_dtype)
+
+    @backward.register_fake
+    def _(dout, q, k, v, extra_k, extra_v, *_):
+        inputs = (q, k, v) if extra_k is None else (q, k, v, extra_k, extra_v)
+        return [t.new_empty(t.shape) for t in inputs]
+
+    def save(ctx, inputs, output) -> None:
+        *tensors, group, plan, scale = inputs
+        ctx.save_for_backward(*tensors, *output)
+        ctx.arguments = (group, plan, scale)
+
+    def grads(ctx, dout, _dlse):
+        dq, dk, dv, *extra = backward(dout, *ctx.saved_tensors, *ctx.arguments)
+        dextra_k, dextra_v = extra if extra else (None, None)
+        return dq, dk, dv, dextra_k, dextra_v, None, None, None, None
+
+    forward.register_autograd(grads, setup_context=save)

@@ -19,7 +19,6 @@ from vidpar.nn.attention_kernels import (
     attention_forward,
     heads_first,
     key_bias,
-    register_group_attention,
 )
 from vidpar.nn.softmax_merge import SoftmaxMerge
 
@@ -177,4 +176,4 @@ def _replicated_query_backward_op(
     return [dq.transpose(1, 2).to(q.dtype).contiguous(), *grads]
 
 
-register_group_attention(_replicated_query_op, _replicated_query_backward_op)
+collective_ops.register_group_attention(_replicated_query_op, _replicated_query_backward_op)

@@ -51,7 +51,6 @@ __all__ = [
     "heads_first",
     "key_bias",
     "math_chunks",
-    "register_group_attention",
     "use_backend",
 ]
 
@@ -118,38 +117,6 @@ def attention_backward(
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def register_group_attention(forward, backward) -> None:
-    """The fake kernels and autograd of a pair of ``torch.library`` custom ops that attend
-    over a process group: ``forward(q, k, v, extra_k, extra_v, extra_bias, group, plan,
-    scale) -> (out [B, L, H, D], lse [B, H, L])`` and ``backward(dout, q, k, v, extra_k,
-    extra_v, extra_bias, out, lse, group, plan, scale) -> [dq, dk, dv(, d extra_k,
-    d extra_v)]`` (``extra_*``: optional joint keys and their score bias; ``plan``: the
-    op's own non-tensor argument)."""
-
-    @forward.register_fake
-    def _(q, *_):
-        batch, length, heads, _ = q.shape
-        lse = q.new_empty((batch, heads, length), dtype=_accumulate_dtype(q.dtype))
-        return q.new_empty(q.shape), lse
-
-    @backward.register_fake
-    def _(dout, q, k, v, extra_k, extra_v, *_):
-        inputs = (q, k, v) if extra_k is None else (q, k, v, extra_k, extra_v)
-        return [t.new_empty(t.shape) for t in inputs]
-
-    def save(ctx, inputs, output) -> None:
-        *tensors, group, plan, scale = inputs
-        ctx.save_for_backward(*tensors, *output)
-        ctx.arguments = (group, plan, scale)
-
-    def grads(ctx, dout, _dlse):
-        dq, dk, dv, *extra = backward(dout, *ctx.saved_tensors, *ctx.arguments)
-        dextra_k, dextra_v = extra if extra else (None, None)
-        return dq, dk, dv, dextra_k, dextra_v, None, None, None, None
-
-    forward.register_autograd(grads, setup_context=save)
 
 
 # Choosing a backend -------------------------------------------------------------------

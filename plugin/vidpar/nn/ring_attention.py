@@ -24,7 +24,6 @@ from vidpar.nn.attention_kernels import (
     attention_backward,
     attention_forward,
     heads_first,
-    register_group_attention,
 )
 from vidpar.nn.softmax_merge import SoftmaxMerge
 
@@ -224,7 +223,7 @@ def _unaliased(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return result
 
 
-register_group_attention(_ring_attention_op, _ring_attention_backward_op)
+collective_ops.register_group_attention(_ring_attention_op, _ring_attention_backward_op)
 
 
 def _ring_forward(q, k, v, joint_k, joint_v, joint_bias, ring, valid, scale):
