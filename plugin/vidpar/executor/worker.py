@@ -41,6 +41,7 @@ from vidpar.executor.wire import (
     Reply,
     Request,
     Shutdown,
+    close_all,
     decode,
     encode,
 )
@@ -276,17 +277,16 @@ def send_answer(channel: Channel, answer: Answer, method: str = "") -> None:
     """Send ``answer``; when the value that ``method`` returned cannot be pickled, the
     error that says so."""
     try:
-        frame, fd = encode(answer)
+        frame, fds = encode(answer)
     except BaseException as exc:
         what = f"the result of {method}" if method else "the answer"
         error = pickle.PicklingError(f"{what} could not be sent back: {exc!r}")
         error.__cause__ = exc
-        frame, fd = encode(ErrorReply(answer.seq, ExceptionInfo.of(error)))
+        frame, fds = encode(ErrorReply(answer.seq, ExceptionInfo.of(error)))
     try:
-        channel.send_encoded(frame, fd)
+        channel.send_encoded(frame, fds)
     finally:
-        if fd is not None:
-            os.close(fd)
+        close_all(fds)
 
 
 def worker_environment(spec: WorkerSpec, rank: int) -> dict[str, str]:
