@@ -18,15 +18,20 @@ def frames_in_shared_memory(videos: torch.Tensor) -> np.ndarray:
     ``[B, F, H, W, 3]`` in [0, 1], the numbers diffusers' ``VideoProcessor.postprocess_video(
     videos, "np")`` gives (denormalised and clamped in the videos' dtype, then float32).
 
-    The result is a :func:`~vidpar.executor.wire.shared_empty` buffer, written by one copy
-    (on CUDA, a contiguous device tensor copied to the host): returned from a worker, it
-    reaches the caller as the same memory, where diffusers' postprocess copies the frames
-    to the host and then once more to stack the videos."""
-    frames = (videos * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).to(torch.float32)
-    if frames.device.type != "cpu":
-        frames = frames.contiguous()  # on the device: the host copy is one plain memcpy
-    out = shared_empty(frames.shape, torch.float32)
-    out.copy_(frames)
+    The result is a :func:`~vidpar.executor.wire.shared_empty` buffer: returned from a
+    worker, it reaches the caller as the same memory. It is written once: on a GPU the
+    frames are made there and copied to it in one device-to-host copy; float32 frames on
+    the CPU are computed in it. (diffusers' postprocess copies the frames to the host and
+    then once more to stack the videos.)"""
+    shape = (videos.shape[0], *videos.shape[2:], videos.shape[1])
+    out = shared_empty(shape, torch.float32)
+    channels_last = videos.permute(0, 2, 3, 4, 1)
+    if videos.device.type == "cpu" and videos.dtype == torch.float32:
+        torch.mul(channels_last, 0.5, out=out)
+        out.add_(0.5).clamp_(0, 1)
+    else:
+        frames = channels_last.contiguous().mul_(0.5).add_(0.5).clamp_(0, 1)  # on the device
+        out.copy_(frames)  # to float32 (after the clamp, as diffusers) and to the host
     return out.numpy()
 
 
