@@ -56,8 +56,10 @@ def _frames_after(worker) -> np.ndarray:
 
 
 def _first_read(frames: np.ndarray) -> None:
-    """Touch one float of every 4 KiB page."""
-    float(frames.reshape(-1)[::1024].sum())
+    """Touch one float of every 4 KiB page, in memory order (diffusers' frames are a
+    permuted view of ``[B, 3, F, H, W]`` memory; vidpar's are C-contiguous)."""
+    in_memory_order = frames.transpose(np.argsort(frames.strides)[::-1])
+    float(in_memory_order.reshape(-1)[::1024].sum())
 
 
 def _median(values: list[float]) -> float:

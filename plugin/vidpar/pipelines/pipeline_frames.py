@@ -21,18 +21,16 @@ def frames_in_shared_memory(videos: torch.Tensor) -> np.ndarray:
     The result is a :func:`~vidpar.executor.wire.shared_empty` buffer: returned from a
     worker, it reaches the caller as the same memory. It is written once: on a GPU the
     frames are made there and copied to it in one device-to-host copy; float32 frames on
-    the CPU are computed in it. (diffusers' postprocess copies the frames to the host and
-    then once more to stack the videos.)"""
-    shape = (videos.shape[0], *videos.shape[2:], videos.shape[1])
-    out = shared_empty(shape, torch.float32)
-    channels_last = videos.permute(0, 2, 3, 4, 1)
+    the CPU are computed in it. Its memory is ``[B, 3, F, H, W]`` and the array a permuted
+    view of it, as diffusers' (whose postprocess copies the frames to the host, then once
+    more to stack the videos; the wire then copied that into a memfd of its own)."""
+    out = shared_empty(videos.shape, torch.float32)
     if videos.device.type == "cpu" and videos.dtype == torch.float32:
-        torch.mul(channels_last, 0.5, out=out)
+        torch.mul(videos, 0.5, out=out)
         out.add_(0.5).clamp_(0, 1)
-    else:
-        frames = channels_last.contiguous().mul_(0.5).add_(0.5).clamp_(0, 1)  # on the device
-        out.copy_(frames)  # to float32 (after the clamp, as diffusers) and to the host
-    return out.numpy()
+    else:  # on the device, then to float32 (after the clamp, as diffusers) and the host
+        out.copy_(videos.mul(0.5).add_(0.5).clamp_(0, 1))
+    return out.numpy().transpose(0, 2, 3, 4, 1)
 
 
 def write_output(path: str | os.PathLike, videos: np.ndarray, fps: int) -> Path:
