@@ -66,6 +66,10 @@ def _shared_frames(worker: Worker, numel: int) -> np.ndarray:
     return frames.numpy()
 
 
+def _live_shared_buffers(worker: Worker) -> int:
+    return len(wire._SHARED)
+
+
 def _identity(worker: Worker, obj):
     return obj
 
@@ -219,6 +223,8 @@ def test_a_workers_shared_buffer_comes_back_without_a_copy(executor):
         assert frames.flags.writeable
         frames[0] = -1.0  # the caller's own (copy-on-write)
     assert wire.last_times["decode_end"] >= wire.last_times["decode_start"]
+    # the workers let go of their buffers once sent (the caller's arrays keep the pages)
+    assert executor.collective_rpc(_live_shared_buffers, timeout=CALL) == [0, 0]
 
 
 def test_many_kinds_of_values_cross_intact(executor):

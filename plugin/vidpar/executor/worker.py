@@ -246,6 +246,7 @@ class Worker:
                 answer = self._run(request, name)
                 del request  # its tensors are freed before the answer is encoded
                 send_answer(channel, answer, name)
+                del answer  # nor kept while waiting (a shared buffer in it, see wire)
         except (EOFError, OSError):  # the Executor hung up
             return
 
