@@ -69,12 +69,16 @@ def test_video_equals_wan_pipeline(name, folder, expected):
     np.testing.assert_allclose(video, want, atol=2e-5)
 
 
-def test_the_worker_writes_the_output_and_the_timeline_covers_the_call(folder, expected, tmp_path):
-    out = tmp_path / "fox.npy"
+def test_the_worker_writes_the_output_and_the_timeline_covers_the_call(
+    folder, expected, tmp_path, monkeypatch
+):
     with DiffusersPipelineGenerator(folder, devices="cpu") as gen:
+        monkeypatch.chdir(tmp_path)  # after the workers started: a relative path is ours
         run = {"steps": STEPS, "seed": SEED, **SETTINGS}
-        assert gen.generate(PROMPTS[0], NEGATIVE, output=out, return_frames=False, **run) is None
-        np.testing.assert_allclose(np.load(out), expected[1][0], atol=2e-5)
+        assert (
+            gen.generate(PROMPTS[0], NEGATIVE, output="fox.npy", return_frames=False, **run) is None
+        )
+        np.testing.assert_allclose(np.load(tmp_path / "fox.npy"), expected[1][0], atol=2e-5)
         assert "write" in gen.last_timings  # written by the worker, not here
         video = gen.generate(PROMPTS[0], NEGATIVE, **run)
         timeline = gen.last_timeline

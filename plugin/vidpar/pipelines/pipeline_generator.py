@@ -395,7 +395,7 @@ class DiffusersPipelineGenerator(WorkerSession):
         )
         in_worker = not return_frames and self.parallel.dp == 1
         if in_worker:  # the replica writes the file: no frames cross to this process
-            request.update(output=str(output), fps=fps)
+            request.update(output=os.path.abspath(output), fps=fps)  # this process's cwd
         sending = time.perf_counter()
         results = self.executor.collective_rpc(_generate_on_worker, request)
         replied = time.perf_counter()
