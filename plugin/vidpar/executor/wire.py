@@ -108,7 +108,7 @@ def _shared_region(buffer: memoryview) -> tuple[int, int] | None:
     if not _SHARED:
         return None
     address = np.frombuffer(buffer, dtype=np.uint8).ctypes.data
-    for key, (start, size, _) in _SHARED.items():
+    for key, (start, size, _) in list(_SHARED.items()):  # finalizers may pop meanwhile
         if start <= address and address + buffer.nbytes <= start + size:
             return key, address - start
     return None
