@@ -10,6 +10,13 @@ on one GPU.
 ``--tiny`` is a CPU dry run of the same code on vidpar's tiny pipeline folder (float32,
 5 × 16 × 16), so that a GPU session does not fail on a bug.
 
+Besides the stages it prints where the whole ``generate`` call's time goes, on the caller's
+and rank 0's clocks (one system-wide clock, :func:`time.perf_counter`): request sent →
+decoded by the worker → each stage → reply encoded → reply decoded → numpy handed back
+(median of the runs, in ms, also in the JSON as each run's ``timeline``); and, at world 1,
+one transformer forward of vidpar's parallelised model against the same weights in plain
+diffusers, in the worker, taking turns (``forward``: is the denoise gap in the model?).
+
 The first run writes the random-weight pipeline folder under ``--root`` (about 12 GB in
 bf16; nothing is downloaded: the tokenizer is vidpar's tiny word-level one, and every
 prompt is padded to 512 tokens as Wan pads it, so the encoder's work is the real one).
@@ -19,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -189,6 +198,41 @@ def diffusers_runs(
     return rows
 
 
+def _forward_comparison(worker, video: dict, runs: int) -> dict[str, Any]:
+    """One transformer forward of the worker's parallelised model against the same weights
+    as plain diffusers (``load_pretrained``, no plan), on the same inputs, taking turns:
+    each one's seconds per forward (median of ``runs`` after a warm-up)."""
+    from vidpar.models.pretrained import load_pretrained
+
+    spec = worker.pipeline_spec
+    ours = worker.transformers["transformer"]
+    plain = load_pretrained(spec.components["transformer"], device=worker.device, dtype=ours.dtype)
+    plain.eval().requires_grad_(False)
+    cfg = plain.config
+    gen = torch.Generator().manual_seed(0)
+    shape = (1, *spec.latent_shape(*video.values()))
+    latents = torch.randn(shape, generator=gen).to(worker.device, ours.dtype)
+    text = torch.randn((1, 512, cfg.text_dim), generator=gen).to(worker.device, ours.dtype)
+    timestep = torch.tensor([500.0], device=worker.device)
+    seconds: dict[str, list[float]] = {"vidpar": [], "diffusers": []}
+    cuda = worker.device.type == "cuda"
+    with torch.no_grad():
+        for step in range(runs + 1):
+            for label, model in (("vidpar", ours), ("diffusers", plain)):
+                if cuda:
+                    torch.cuda.synchronize(worker.device)
+                start = time.perf_counter()
+                model(latents, timestep, text, return_dict=False)
+                if cuda:
+                    torch.cuda.synchronize(worker.device)
+                if step:
+                    seconds[label].append(time.perf_counter() - start)
+    del plain
+    if cuda:
+        torch.cuda.empty_cache()
+    return {label: sorted(v)[len(v) // 2] for label, v in seconds.items()}
+
+
 def vidpar_runs(
     folder: Path,
     layout: str,
@@ -197,10 +241,12 @@ def vidpar_runs(
     device: torch.device,
     dtype: torch.dtype,
     video: dict,
-) -> list[dict]:
+) -> tuple[list[dict], dict[str, Any] | None]:
     """vidpar's DiffusersPipelineGenerator on ``layout``: per run, rank 0's seconds and peak
-    GiB per stage (``last_timings``/``last_peak_gib``) and the whole ``generate`` call's
-    seconds (frames out as numpy, like diffusers' ``output_type="np"``), after a warm-up."""
+    GiB per stage (``last_timings``/``last_peak_gib``), the whole ``generate`` call's
+    seconds (frames out as numpy, like diffusers' ``output_type="np"``) and its time line
+    (``last_timeline`` with rank 0's reply encode added), after a warm-up; and, at world 1,
+    the transformer forward against plain diffusers (:func:`_forward_comparison`)."""
     from vidpar import ParallelConfig
     from vidpar.pipelines import DiffusersPipelineGenerator
 
@@ -213,13 +259,36 @@ def vidpar_runs(
             start = time.perf_counter()
             gen.generate(PROMPT, steps=steps, seed=0, **video)
             total = time.perf_counter() - start
+            # rank 0's last encode is its reply's (µs off: the origin is this call's start)
+            worker_wire = gen.executor.collective_rpc("wire_times", ranks=[0])[0]
+            timeline = dict(gen.last_timeline)
+            for key in ("encode_start", "encode_end"):
+                timeline[f"reply_{key}"] = worker_wire[key] - start
             rows.append(
                 {
                     "seconds": {**gen.last_timings, "total": total},
                     "peak_gib": dict(gen.last_peak_gib),
+                    "timeline": dict(sorted(timeline.items(), key=lambda item: item[1])),
                 }
             )
-    return rows
+        forward = None
+        if parallel.world_size == 1:
+            forward = gen.executor.collective_rpc(_forward_comparison, video, runs)[0]
+    return rows, forward
+
+
+def print_breakdown(label: str, rows: list[dict]) -> dict[str, float]:
+    """Each step of the whole call's time line, in the first run's order: the median over
+    the runs of its ms since the previous event. Returns them."""
+    order = list(rows[0]["timeline"])
+    steps = {}
+    for before, after in itertools.pairwise(order):
+        gaps = sorted(r["timeline"][after] - r["timeline"][before] for r in rows)
+        steps[f"{before} -> {after}"] = gaps[len(gaps) // 2]
+    print(f"{label}: the whole call, step by step (caller and rank 0 on one clock; ms, median)")
+    for name, seconds in steps.items():
+        print(f"    {name:48} {seconds * 1e3:9.2f}")
+    return steps
 
 
 def _median(rows: list[dict], kind: str, stage: str) -> float:
@@ -244,9 +313,12 @@ def main() -> None:
     if device.type == "cuda":
         gc.collect()  # the diffusers pipeline is gone with its function: free its memory
         torch.cuda.empty_cache()
+    forwards = {}
     for layout in args.layouts.split(","):
-        rows = vidpar_runs(folder, layout, args.steps, args.runs, device, dtype, video)
+        rows, forward = vidpar_runs(folder, layout, args.steps, args.runs, device, dtype, video)
         results[f"vidpar {layout}"] = rows
+        if forward is not None:
+            forwards[f"vidpar {layout}"] = forward
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(
         f"{name}, torch {torch.__version__}, steps {args.steps}, median of {args.runs} runs; "
@@ -260,8 +332,20 @@ def main() -> None:
             peak = _median(rows, "peak_gib", stage)
             cells.append(f"{stage} {sec:.3f} s ({peak:.2f} GiB) {sec / ref:.3f}x")
         print(f"{label:20} | " + " | ".join(cells))
+    breakdowns = {
+        label: print_breakdown(label, rows)
+        for label, rows in results.items()
+        if label != "diffusers"
+    }
+    for label, forward in forwards.items():
+        ratio = forward["vidpar"] / forward["diffusers"]
+        print(
+            f"{label}: one transformer forward, parallelised {forward['vidpar']:.4f} s vs plain "
+            f"diffusers {forward['diffusers']:.4f} s = {ratio:.3f}x (same weights and inputs)"
+        )
     if args.out is not None:
         payload = {"device": name, "torch": torch.__version__, "steps": args.steps}
+        payload |= {"breakdown_s": breakdowns, "forward_s": forwards}
         args.out.write_text(json.dumps({**payload, "runs": results}, indent=1))
 
 

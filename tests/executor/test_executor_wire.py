@@ -3,11 +3,15 @@ band (shared memory, no copy on the receiving side), errors with their exception
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
+import os
 
+import numpy as np
 import pytest
 import torch
 
+from vidpar.executor import wire
 from vidpar.executor.errors import RemoteError, remote_error
 from vidpar.executor.wire import (
     OOB_MIN_BYTES,
@@ -17,7 +21,9 @@ from vidpar.executor.wire import (
     Reply,
     Request,
     Shutdown,
+    close_all,
     encode,
+    shared_empty,
 )
 
 
@@ -39,8 +45,9 @@ def test_a_request_carries_its_tensors_out_of_band(channels):
     sender, receiver = channels
     big = torch.arange(OOB_MIN_BYTES, dtype=torch.float64)
     request = Request(7, _scale, (big,), {"note": "n"})
-    frame, fd = encode(request)
-    assert fd is not None and len(frame) < OOB_MIN_BYTES  # the tensor is in shared memory
+    frame, fds = encode(request)
+    assert len(fds) == 1 and len(frame) < OOB_MIN_BYTES  # the tensor is in shared memory
+    close_all(fds)
     sender.send(request)
     got = receiver.recv()
     assert isinstance(got, Request) and (got.seq, got.name) == (7, "_scale")
@@ -69,3 +76,44 @@ def test_replies_and_errors_cross_by_name(channels):
     err = remote_error({1: answer.error}, "in a test")
     assert isinstance(err, RemoteError) and err.rank == 1 and err.exc_type == "KeyError"
     assert isinstance(err.exception, KeyError)
+
+
+def test_a_shared_buffer_crosses_as_its_own_memory_not_a_copy(channels):
+    worker_end, executor_end = channels
+    frames = shared_empty((4, 64, 1024), torch.float32)  # 1 MiB
+    frames.copy_(torch.arange(frames.numel(), dtype=torch.float32).view_as(frames))
+    ordinary = torch.arange(OOB_MIN_BYTES, dtype=torch.float64)  # through a memfd of its own
+    value = {"frames": frames.numpy(), "half": frames[2:], "ordinary": ordinary}
+    frame, fds = encode(Reply(1, value))
+    try:
+        # the message's own memfd (the ordinary tensor) and the shared buffer's, once for
+        # its two views; the second is the shared buffer itself
+        assert len(fds) == 2 and len(frame) < OOB_MIN_BYTES
+        shared_fd = wire._SHARED[next(iter(wire._SHARED))][2]
+        assert os.fstat(fds[1]).st_ino == os.fstat(shared_fd).st_ino
+        worker_end.send_encoded(frame, fds)
+    finally:
+        close_all(fds)
+    got = executor_end.recv().value
+    np.testing.assert_array_equal(got["frames"], frames.numpy())
+    assert torch.equal(got["half"], frames[2:]) and torch.equal(got["ordinary"], ordinary)
+    # No copy: a page the receiver has not written shows the sender's later write (which
+    # real senders must not do), and the two views share the received memory.
+    frames[3, 0, 0] = -1.0
+    assert got["frames"][3, 0, 0] == -1.0 and got["half"][1, 0, 0] == -1.0
+    got["frames"][0, 0, 0] = 7.0  # the receiver's writes stay its own (copy-on-write)
+    assert frames[0, 0, 0] == 0.0
+
+
+def test_a_shared_buffer_is_released_with_its_last_tensor():
+    before = len(wire._SHARED)
+    frames = shared_empty((2, 3), torch.float64)
+    view = frames[1]
+    assert len(wire._SHARED) == before + 1
+    del frames
+    gc.collect()
+    assert len(wire._SHARED) == before + 1  # the view still holds it
+    del view
+    gc.collect()
+    assert len(wire._SHARED) == before
+    assert shared_empty((0, 5), torch.float32).shape == (0, 5)  # nothing to share

@@ -69,6 +69,29 @@ def test_video_equals_wan_pipeline(name, folder, expected):
     np.testing.assert_allclose(video, want, atol=2e-5)
 
 
+def test_the_worker_writes_the_output_and_the_timeline_covers_the_call(
+    folder, expected, tmp_path, monkeypatch
+):
+    with DiffusersPipelineGenerator(folder, devices="cpu") as gen:
+        monkeypatch.chdir(tmp_path)  # after the workers started: a relative path is ours
+        run = {"steps": STEPS, "seed": SEED, **SETTINGS}
+        assert (
+            gen.generate(PROMPTS[0], NEGATIVE, output="fox.npy", return_frames=False, **run) is None
+        )
+        np.testing.assert_allclose(np.load(tmp_path / "fox.npy"), expected[1][0], atol=2e-5)
+        assert "write" in gen.last_timings  # written by the worker, not here
+        video = gen.generate(PROMPTS[0], NEGATIVE, **run)
+        timeline = gen.last_timeline
+        with pytest.raises(ValueError, match="needs output="):
+            gen.generate(PROMPTS[0], return_frames=False, **run)
+    np.testing.assert_allclose(video, expected[1], atol=2e-5)
+    order = ["call", "request_send", "request_encode_end", "request_decode_end", "worker_start"]
+    order += ["encode_prompt_end", "denoise_end", "decode_end", "frames_end", "worker_return"]
+    order += ["reply_decode_start", "reply_decode_end", "rpc_return", "handed_back"]
+    assert [k for k in timeline if k in order] == order  # one clock for both processes
+    assert timeline["call"] == 0.0 < timeline["handed_back"]
+
+
 def test_bf16_feeds_the_transformer_in_its_dtype(folder):
     """In bf16 (diffusers keeps some of Wan's modules in float32, so the first parameter
     is float32) the latents enter the transformer in its dtype, as WanPipeline casts them,
@@ -143,7 +166,8 @@ def test_float64_with_the_text_encoder_offloaded_to_the_cpu(folder):
     ) as gen:
         assert gen.text_encoder is not None  # encoded here, whole, on the CPU
         video = gen.generate(PROMPTS[0], NEGATIVE, steps=STEPS, seed=SEED, **SETTINGS)
-        assert set(gen.last_timings) == {"encode_prompt", "encode_image", "denoise", "decode"}
+        stages = {"encode_prompt", "encode_image", "denoise", "decode", "frames"}
+        assert set(gen.last_timings) == stages
         assert gen.last_peak_gib == {}  # peaks are measured on CUDA only
         # Precomputed embeddings (diffusers' own) give the same video.
         cond, null = pipe.encode_prompt(PROMPTS[0], NEGATIVE, max_sequence_length=512)

@@ -41,7 +41,7 @@ def run_prompts(conf: DictConfig) -> list[Path]:
         dtype=getattr(torch, conf.model.dtype),
         text_encoder_offload=conf.model.text_encoder_offload,
     ) as generator:
-        generator.generate(**request)
+        generator.generate(**request, return_frames=False)  # the worker writes the file
         records = generator.last_records
     if conf.telemetry and records:
         print("Communication summary (rank 0, generation):\n" + format_summary(summarize(records)))

@@ -28,7 +28,7 @@ from vidpar.executor.answers import STARTUP, gather, verdict, worker_died
 from vidpar.executor.errors import ExecutorError
 from vidpar.executor.processes import SHUTDOWN_GRACE_S, WorkerProcesses, resolve_devices
 from vidpar.executor.rendezvous import loopback_sockets_env, loopback_store
-from vidpar.executor.wire import STARTUP_SEQ, Ready, Request, encode
+from vidpar.executor.wire import STARTUP_SEQ, Ready, Request, close_all, encode
 from vidpar.executor.worker import Worker, WorkerSpec
 
 #: Seconds the other ranks of a call get to answer once one rank has raised.
@@ -236,20 +236,19 @@ class Executor:
     def _send(self, request: Request, ranks: list[int], what: str) -> None:
         """The same frame (and shared memory) to each of ``ranks``; nothing is sent when
         the request cannot be encoded."""
-        frame, fd = encode(request)
+        frame, fds = encode(request)
         try:
             channels = self._workers.channels
             for rank in ranks:
                 try:
-                    channels[rank].send_encoded(frame, fd)
+                    channels[rank].send_encoded(frame, fds)
                 except OSError as exc:
                     worker_died(self._workers, rank, f"while {what} was being sent ({exc})")
         except BaseException:
             self._workers.kill()
             raise
         finally:
-            if fd is not None:
-                os.close(fd)
+            close_all(fds)
 
     # Life cycle ----------------------------------------------------------------------
 

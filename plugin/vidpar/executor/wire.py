@@ -3,13 +3,21 @@
 The parent sends :class:`Request` (one RPC) and :class:`Shutdown`; a worker answers a
 request with :class:`Reply` or :class:`ErrorReply` and its start-up with :class:`Ready` or
 :class:`ErrorReply`. Every message is one ``Connection.send_bytes`` frame. Its first byte
-holds flags. Without ``_FLAG_FD`` the rest is a pickle of ``(tag, *fields)``. With it, a segment table follows and one file descriptor
-(a ``memfd``) is passed right after the frame over the same Unix socket; large buffers
-(tensors, numpy arrays; and the pickle itself when it is large) live in that shared memory,
-written once by the sender and mapped copy-on-write by each receiver. A request broadcast
-to N workers is therefore encoded once and the same bytes and the same memory go to every
-worker. Nothing is named in the file system, so nothing leaks when a process is killed.
-(Without ``memfd_create``, i.e. off Linux, everything goes through the pipe.)
+holds flags. Without ``_FLAG_FD`` the rest is a pickle of ``(tag, *fields)``. With it, a
+segment table follows and file descriptors (memfds) are passed right after the frame
+over the same Unix socket; large buffers (tensors, numpy arrays; and the pickle itself when
+it is large) live in that shared memory, mapped copy-on-write by each receiver. A buffer is
+written once by the sender into a memfd of the message's own, unless it already lies in
+shared memory made by :func:`shared_empty`: then that memory itself is passed, and the
+bytes are not copied at all (a worker that fills such a tensor and returns it hands the
+caller its pages). A request broadcast to N workers is encoded once and the same bytes and
+the same memory go to every worker. Nothing is named in the file system, so nothing leaks
+when a process is killed. (Without ``memfd_create``, i.e. off Linux, everything goes
+through the pipe.)
+
+Each process keeps the :func:`time.perf_counter` stamps of its last encode and decode
+(:data:`last_times`); on Linux that clock is system-wide, so stamps of the caller and its
+workers can be put on one time line.
 """
 
 from __future__ import annotations
@@ -24,11 +32,14 @@ import pickle
 import socket
 import struct
 import sys
+import time
 import traceback
+import weakref
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any, ClassVar, NamedTuple
 
+import numpy as np
 import torch
 
 #: Buffers of at least this many bytes travel through shared memory, not the pipe.
@@ -39,8 +50,68 @@ _ALIGN = 64
 _FLAG_FD = 1
 _FLAG_BODY_IN_SHM = 2
 _COUNT = struct.Struct("<I")
-_SEGMENT = struct.Struct("<QQ")
+#: A segment: the index of its descriptor in the message's list, its offset there, its size.
+_SEGMENT = struct.Struct("<IQQ")
+#: Descriptors one message passes at most (Linux takes 253 per message); shared buffers
+#: past this count are copied into the message's own memfd.
+_MAX_FDS = 200
 _HAS_MEMFD = hasattr(os, "memfd_create") and sys.platform.startswith("linux")
+
+#: This process's last :func:`encode` and :func:`decode`, as :func:`time.perf_counter`
+#: stamps: ``encode_start``, ``encode_end``, ``decode_start``, ``decode_end``.
+last_times: dict[str, float] = {}
+
+
+# Shared buffers -------------------------------------------------------------------------
+
+
+class _SharedMapping(mmap.mmap):
+    """A shared mapping of a memfd (a subclass, so that it takes weak references)."""
+
+
+#: The live shared buffers of this process: ``id`` of the mapping -> (address, size, fd).
+_SHARED: dict[int, tuple[int, int, int]] = {}
+
+
+def _release_shared(key: int, fd: int) -> None:
+    _SHARED.pop(key, None)
+    os.close(fd)
+
+
+def shared_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor in shared memory of its own (a memfd): sent in a message
+    (itself, a contiguous view of it or a numpy array over it), it crosses as that memory,
+    with no copy, and the receiver's array maps the same pages. Fill it before sending it
+    and leave it alone afterwards (the receiver may see later writes). Two views of one
+    such buffer in a message arrive sharing memory. The memory is freed when the last
+    tensor over it here and the last array over it at the receivers are gone. Off Linux,
+    a plain tensor."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not _HAS_MEMFD or nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    fd = os.memfd_create("vidpar-shared", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, nbytes)
+        mapping = _SharedMapping(fd, nbytes)
+    except BaseException:
+        os.close(fd)
+        raise
+    raw = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive
+    key = id(mapping)
+    _SHARED[key] = (raw.data_ptr(), nbytes, fd)
+    weakref.finalize(mapping, _release_shared, key, fd)
+    return raw.view(dtype).view(shape)
+
+
+def _shared_region(buffer: memoryview) -> tuple[int, int] | None:
+    """``(key, offset)`` of the shared buffer ``buffer`` lies in, if it lies in one."""
+    if not _SHARED:
+        return None
+    address = np.frombuffer(buffer, dtype=np.uint8).ctypes.data
+    for key, (start, size, _) in list(_SHARED.items()):  # finalizers may pop meanwhile
+        if start <= address and address + buffer.nbytes <= start + size:
+            return key, address - start
+    return None
 
 
 # Messages ------------------------------------------------------------------------------
@@ -181,16 +252,19 @@ def _write_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[written:], offset + written
 
 
-def encode(message: Message) -> tuple[bytes, int | None]:
-    """One frame for ``message`` and, when it carries bulk data, the memfd that holds it.
+def encode(message: Message) -> tuple[bytes, list[int]]:
+    """One frame for ``message`` and the memfds that hold its bulk data (none for a small
+    message).
 
-    The caller sends the frame, then the descriptor (:meth:`Channel.send_encoded`) to as
-    many receivers as it likes, and closes the descriptor afterwards.
+    The caller sends the frame, then the descriptors (:meth:`Channel.send_encoded`) to as
+    many receivers as it likes, and closes the descriptors afterwards.
 
     Tensors cross as contiguous CPU tensors holding just their own elements (a slice of a
     big tensor does not drag the whole storage along); the same tensor object twice is
-    sent once, but distinct tensors that view one storage arrive as independent copies.
+    sent once, but distinct tensors that view one storage arrive as independent copies
+    (unless that storage is a :func:`shared_empty` buffer).
     """
+    last_times["encode_start"] = time.perf_counter()
     out = io.BytesIO()
     out.write(b"\x00")
     buffers: list[memoryview] = []
@@ -209,7 +283,8 @@ def encode(message: Message) -> tuple[bytes, int | None]:
         out, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=out_of_band if _HAS_MEMFD else None
     ).dump((_TAGS[type(message)], *message))
     if not buffers and (out.tell() <= INLINE_MAX_BYTES + 1 or not _HAS_MEMFD):
-        return out.getvalue(), None
+        last_times["encode_end"] = time.perf_counter()
+        return out.getvalue(), []
 
     flags = _FLAG_FD
     body = out.getbuffer()[1:]
@@ -217,67 +292,94 @@ def encode(message: Message) -> tuple[bytes, int | None]:
     if body.nbytes > INLINE_MAX_BYTES:
         flags |= _FLAG_BODY_IN_SHM
         segments = [body, *buffers]
+    regions = [_shared_region(segment) for segment in segments]
+    shared_keys = list(dict.fromkeys(r[0] for r in regions if r is not None))[:_MAX_FDS]
+    regions = [r if r is not None and r[0] in shared_keys else None for r in regions]
+    copies = any(r is None for r in regions)
     table, offset = [], 0
-    for segment in segments:
-        table.append((offset, segment.nbytes))
-        offset += -(-segment.nbytes // _ALIGN) * _ALIGN
-    fd = os.memfd_create("vidpar-rpc", os.MFD_CLOEXEC)
+    for segment, region in zip(segments, regions, strict=True):
+        if region is None:  # copied into the message's own memfd, descriptor 0
+            table.append((0, offset, segment.nbytes))
+            offset += -(-segment.nbytes // _ALIGN) * _ALIGN
+        else:
+            table.append((copies + shared_keys.index(region[0]), region[1], segment.nbytes))
+    fds: list[int] = []
     try:
-        os.ftruncate(fd, max(offset, 1))
-        for (start, _), segment in zip(table, segments, strict=True):
-            _write_all(fd, segment, start)
+        if copies:
+            fds.append(os.memfd_create("vidpar-rpc", os.MFD_CLOEXEC))
+            os.ftruncate(fds[0], max(offset, 1))
+            for (_, start, _), segment, region in zip(table, segments, regions, strict=True):
+                if region is None:
+                    _write_all(fds[0], segment, start)
+        fds += [os.dup(_SHARED[key][2]) for key in shared_keys]
     except BaseException:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
         raise
-    header = [bytes([flags]), _COUNT.pack(len(table))]
-    header += [_SEGMENT.pack(start, size) for start, size in table]
+    header = [bytes([flags]), _COUNT.pack(len(fds)), _COUNT.pack(len(table))]
+    header += [_SEGMENT.pack(*place) for place in table]
     if not flags & _FLAG_BODY_IN_SHM:
         header.append(body)
-    return b"".join(header), fd
+    last_times["encode_end"] = time.perf_counter()
+    return b"".join(header), fds
 
 
-def _recv_fd(sock: socket.socket) -> int:
-    _, fds, msg_flags, _ = socket.recv_fds(sock, 1, 4)
-    if not fds:
-        raise EOFError("the connection closed while passing shared memory")
-    for extra in fds[1:]:
-        os.close(extra)
-    if msg_flags & socket.MSG_CTRUNC:
-        os.close(fds[0])
-        raise OSError("shared memory descriptor was truncated in transit")
-    return fds[0]
+def _recv_fds(sock: socket.socket, count: int) -> list[int]:
+    _, fds, msg_flags, _ = socket.recv_fds(sock, 1, count)
+    if msg_flags & socket.MSG_CTRUNC or len(fds) != count:
+        for fd in fds:
+            os.close(fd)
+        if not fds:
+            raise EOFError("the connection closed while passing shared memory")
+        raise OSError("shared memory descriptors were truncated in transit")
+    return fds
 
 
 def decode(frame: bytes, sock: socket.socket) -> Message:
-    """Inverse of :func:`encode`; reads the descriptor from ``sock`` when the frame says so.
+    """Inverse of :func:`encode`; reads the descriptors from ``sock`` when the frame says so.
 
     Shared memory is mapped copy-on-write: tensors are views of it (no copy), writes to
     them stay private to this process, and the memory is freed with the last view.
     """
+    last_times["decode_start"] = time.perf_counter()
     view = memoryview(frame)
     flags = view[0]
     if not flags & _FLAG_FD:
-        return _message(pickle.loads(view[1:]))
-    fd = _recv_fd(sock)
+        message = _message(pickle.loads(view[1:]))
+        last_times["decode_end"] = time.perf_counter()
+        return message
+    (num_fds,) = _COUNT.unpack_from(view, 1)
+    (count,) = _COUNT.unpack_from(view, 5)
+    table = [_SEGMENT.unpack_from(view, 9 + i * _SEGMENT.size) for i in range(count)]
+    fds = _recv_fds(sock, num_fds)
+    memories = []
     try:
-        (count,) = _COUNT.unpack_from(view, 1)
-        table = [_SEGMENT.unpack_from(view, 5 + i * _SEGMENT.size) for i in range(count)]
-        size = max((start + length for start, length in table), default=1)
-        shm = mmap.mmap(
-            fd, max(size, 1), flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
-        )
+        for index, fd in enumerate(fds):
+            size = max((start + n for i, start, n in table if i == index), default=1)
+            shm = mmap.mmap(
+                fd, max(size, 1), flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
+            memories.append(memoryview(shm))
     finally:
-        os.close(fd)
-    memory = memoryview(shm)
-    segments = [memory[start : start + length] for start, length in table]
+        for fd in fds:
+            os.close(fd)
+    segments = [memories[i][start : start + n] for i, start, n in table]
     in_shm = flags & _FLAG_BODY_IN_SHM
-    body = segments.pop(0) if in_shm else view[5 + count * _SEGMENT.size :]
-    return _message(pickle.loads(body, buffers=segments))
+    body = segments.pop(0) if in_shm else view[9 + count * _SEGMENT.size :]
+    message = _message(pickle.loads(body, buffers=segments))
+    last_times["decode_end"] = time.perf_counter()
+    return message
 
 
 def _message(tagged: tuple) -> Message:
     """The message of a decoded ``(tag, *fields)`` tuple."""
     return tuple.__new__(MESSAGES[tagged[0]], tagged[1:])
+
+
+def close_all(fds: list[int]) -> None:
+    """Close the descriptors :func:`encode` returned."""
+    for fd in fds:
+        os.close(fd)
 
 
 class Channel:
@@ -291,19 +393,18 @@ class Channel:
     def fileno(self) -> int:
         return self.conn.fileno()
 
-    def send_encoded(self, frame: bytes, fd: int | None) -> None:
-        """Send a frame made by :func:`encode` (the caller still owns and closes ``fd``)."""
+    def send_encoded(self, frame: bytes, fds: list[int]) -> None:
+        """Send a frame made by :func:`encode` (the caller still owns and closes ``fds``)."""
         self.conn.send_bytes(frame)
-        if fd is not None:
-            socket.send_fds(self.sock, [b"\x00"], [fd])
+        if fds:
+            socket.send_fds(self.sock, [b"\x00"], fds)
 
     def send(self, message: Message) -> None:
-        frame, fd = encode(message)
+        frame, fds = encode(message)
         try:
-            self.send_encoded(frame, fd)
+            self.send_encoded(frame, fds)
         finally:
-            if fd is not None:
-                os.close(fd)
+            close_all(fds)
 
     def recv(self) -> Message:
         """The next message; ``EOFError`` when the other end has gone."""

@@ -41,6 +41,7 @@ from vidpar.executor.wire import (
     Reply,
     Request,
     Shutdown,
+    close_all,
     decode,
     encode,
 )
@@ -245,6 +246,7 @@ class Worker:
                 answer = self._run(request, name)
                 del request  # its tensors are freed before the answer is encoded
                 send_answer(channel, answer, name)
+                del answer  # nor kept while waiting (a shared buffer in it, see wire)
         except (EOFError, OSError):  # the Executor hung up
             return
 
@@ -276,17 +278,16 @@ def send_answer(channel: Channel, answer: Answer, method: str = "") -> None:
     """Send ``answer``; when the value that ``method`` returned cannot be pickled, the
     error that says so."""
     try:
-        frame, fd = encode(answer)
+        frame, fds = encode(answer)
     except BaseException as exc:
         what = f"the result of {method}" if method else "the answer"
         error = pickle.PicklingError(f"{what} could not be sent back: {exc!r}")
         error.__cause__ = exc
-        frame, fd = encode(ErrorReply(answer.seq, ExceptionInfo.of(error)))
+        frame, fds = encode(ErrorReply(answer.seq, ExceptionInfo.of(error)))
     try:
-        channel.send_encoded(frame, fd)
+        channel.send_encoded(frame, fds)
     finally:
-        if fd is not None:
-            os.close(fd)
+        close_all(fds)
 
 
 def worker_environment(spec: WorkerSpec, rank: int) -> dict[str, str]:

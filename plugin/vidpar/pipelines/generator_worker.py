@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vidpar.executor import Worker, rpc
+from vidpar.executor import Worker, rpc, wire
 from vidpar.nn.lora import LoraManager
 
 
@@ -35,6 +35,12 @@ class GeneratorWorker(Worker):
         if manager is None or manager.model is not self.require_model():
             manager = self._lora_manager = LoraManager(self.model)
         return manager
+
+    @rpc
+    def wire_times(self) -> dict[str, float]:
+        """This worker's :data:`vidpar.executor.wire.last_times`: called right after an RPC,
+        its ``encode_*`` stamps are those of that RPC's reply."""
+        return dict(wire.last_times)
 
     @rpc
     def set_lora_adapter(self, name: str, path_or_state: Any) -> list[str]:

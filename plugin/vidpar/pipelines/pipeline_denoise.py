@@ -30,7 +30,7 @@ def denoise(worker, latents, cond, null, image: ImageCondition | None, request) 
     """diffusers' denoising loop over the folder's scheduler; under cfg2 the two cfg ranks
     run the conditional and unconditional passes and all-gather the predictions."""
     spec: PipelineFolder = worker.pipeline_spec
-    scheduler = load_scheduler(spec.components["scheduler"])
+    scheduler = worker.scheduler  # the folder's (load_scheduler), reused as diffusers does
     scheduler.set_timesteps(request["steps"], device=worker.device)
     scheduler.set_begin_index(0)
     ratio = spec.settings["boundary_ratio"]
@@ -45,12 +45,14 @@ def denoise(worker, latents, cond, null, image: ImageCondition | None, request) 
     if image is not None and image.image_embeds is not None:
         extra["encoder_hidden_states_image"] = image.image_embeds
     high = worker.transformers.get("transformer", worker.transformers.get("transformer_2"))
+    # diffusers' transformer_dtype (fp32-kept modules aside), read once and not every step
+    dtypes = {id(m): m.dtype for m in worker.transformers.values()}
     for t in scheduler.timesteps:
         if boundary is None or t >= boundary:
             model, scale = high, request["guidance_scale"]
         else:
             model, scale = worker.transformers["transformer_2"], request["guidance_scale_2"]
-        dtype = model.dtype  # diffusers' transformer_dtype (fp32-kept modules aside)
+        dtype = dtypes[id(model)]
         if first is not None:  # a timestep per token, 0 where the first frame is kept
             x = latents if image is None else (1 - first) * image.latents + first * latents
             timestep = (first[0][0][:, ::2, ::2] * t).flatten().unsqueeze(0)

@@ -17,6 +17,7 @@ import torch
 from vidpar.config import ParallelConfig
 from vidpar.distributed import telemetry
 from vidpar.distributed.state import get_parallel_state
+from vidpar.executor import wire
 from vidpar.executor.executor import HEARTBEAT_TIMEOUT_S
 from vidpar.models.plan import check_heads
 from vidpar.pipelines import prompt_encoding
@@ -28,12 +29,13 @@ from vidpar.pipelines.image_condition import (
     load_image_processor,
     read_image,
 )
-from vidpar.pipelines.pipeline_denoise import denoise
+from vidpar.pipelines.pipeline_denoise import denoise, load_scheduler
 from vidpar.pipelines.pipeline_folder import (
     MAX_SEQUENCE_LENGTH,
     PipelineFolder,
     read_pipeline_folder,
 )
+from vidpar.pipelines.pipeline_frames import frames_in_shared_memory, write_output
 from vidpar.pipelines.preflight import check_diffusers_generation
 from vidpar.pipelines.worker_session import WorkerSession
 
@@ -58,6 +60,8 @@ def _build(worker, folder: str, dtype: torch.dtype, encode_on_workers: bool):
     }
     worker.transformers = models
     worker.pipeline_spec = spec
+    # Loaded once and reused, as a diffusers pipeline reuses its own: set_timesteps resets it.
+    worker.scheduler = load_scheduler(spec.components["scheduler"])
     vae_dtype = torch.promote_types(dtype, torch.float32)  # Wan's VAE runs in float32
     worker.vae = load_pretrained(spec.components["vae"], device=worker.device, dtype=vae_dtype)
     worker.vae.eval().requires_grad_(False)
@@ -117,11 +121,12 @@ def _image_condition(worker, request: dict[str, Any], batch: int) -> ImageCondit
 
 
 class _StageTimer:
-    """Seconds per stage of one generation on this rank (the device waited for at each end)
-    and, on CUDA, each stage's peak of allocated memory in GiB."""
+    """Seconds per stage of one generation on this rank (the device waited for at each end),
+    the :func:`time.perf_counter` stamp of each stage's end (``stamps``) and, on CUDA, each
+    stage's peak of allocated memory in GiB."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.seconds, self.peak_gib = device, {}, {}
+        self.device, self.seconds, self.peak_gib, self.stamps = device, {}, {}, {}
         self._cuda = device.type == "cuda"
         if self._cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -132,17 +137,22 @@ class _StageTimer:
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         self.seconds[stage] = now - self._last
-        self._last = now
+        self.stamps[f"{stage}_end"] = self._last = now
         if self._cuda:
             self.peak_gib[stage] = torch.cuda.max_memory_allocated(self.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.device)
 
 
-def _generate_on_worker(worker, request: dict[str, Any]) -> tuple[Any, list, dict, dict]:
+def _generate_on_worker(worker, request: dict[str, Any]) -> tuple[Any, list, dict, dict, dict]:
     """Runs on every rank: each dp replica encodes (unless the parent did) and samples its
-    share of the prompts; its first rank returns ``(videos or latents, records, seconds
-    per stage, peak GiB per stage)`` (records from rank 0 only; peaks on CUDA only), the
-    others Nones."""
+    share of the prompts; its first rank returns ``(frames or latents, records, seconds per
+    stage, peak GiB per stage, clock)`` (records from rank 0 only; peaks on
+    CUDA only; ``clock``: :func:`time.perf_counter` stamps of the request's decode, the
+    work's start, each stage's end and the return), the others Nones. Frames come in
+    shared memory (:func:`frames_in_shared_memory`); with ``request["output"]`` the replica
+    writes the file itself and returns no frames."""
+    received = {f"request_{k}": v for k, v in wire.last_times.items() if k.startswith("decode")}
+    clock = {**received, "worker_start": time.perf_counter()}
     batch = request["batch"]
     share = worker.dp_share(batch)
     gen = torch.Generator().manual_seed(request["seed"])
@@ -150,7 +160,7 @@ def _generate_on_worker(worker, request: dict[str, Any]) -> tuple[Any, list, dic
     noise = torch.randn((batch, *request["latent_shape"]), generator=gen, dtype=torch.float32)
     noise = noise[share].to(worker.device)
     if noise.shape[0] == 0:
-        return None, [], {}, {}
+        return None, [], {}, {}, {}
     timer = _StageTimer(worker.device)
     if "embeds" in request:
         cond, null = request["embeds"]
@@ -179,17 +189,20 @@ def _generate_on_worker(worker, request: dict[str, Any]) -> tuple[Any, list, dic
     finally:
         telemetry.stop_recording()
     if not get_parallel_state().group("replica").is_first_rank:
-        return None, [], {}, {}
+        return None, [], {}, {}, {}
     if request["decode"]:
-        from diffusers.video_processor import VideoProcessor
-
-        processor = VideoProcessor(vae_scale_factor=worker.pipeline_spec.spatial_factor)
-        # On the device, as WanPipeline does: only the finished frames cross to the CPU.
-        output = processor.postprocess_video(output.float(), output_type="np")
+        # On the device, as WanPipeline does; the frames' one copy lands in shared memory.
+        output = frames_in_shared_memory(output)
+        timer.lap("frames")
+        if request.get("output") is not None:
+            write_output(request["output"], output, request["fps"])
+            timer.lap("write")
+            output = None
     else:
         output = output.cpu()
     records = recorder.records if worker.rank == 0 else []
-    return output, records, timer.seconds, timer.peak_gib
+    clock.update(timer.stamps, worker_return=time.perf_counter())
+    return output, records, timer.seconds, timer.peak_gib, clock
 
 
 def _as_list(embeds: Embeds) -> list[torch.Tensor]:
@@ -207,20 +220,6 @@ def _padded(items: list[torch.Tensor], length: int) -> torch.Tensor:
     for i, item in enumerate(items):
         out[i, : len(item)] = item
     return out
-
-
-def write_output(path: str | os.PathLike, videos: np.ndarray, fps: int) -> Path:
-    """``videos`` (float ``[B, F, H, W, 3]`` in [0, 1]) to ``.npy`` (``[F, H, W, 3]`` for
-    one video, as diffusers' ``output_type="np"`` gives) or, side by side, ``.mp4``/``.gif``."""
-    from vidpar.pipelines.video_io import write_video
-
-    path = Path(path)
-    if path.suffix == ".npy":
-        np.save(path, videos[0] if len(videos) == 1 else videos)
-    else:
-        frames = (np.clip(videos, 0.0, 1.0) * 255).round().astype(np.uint8)
-        write_video(path, np.concatenate(list(frames), axis=2), fps=fps)
-    return path
 
 
 class DiffusersPipelineGenerator(WorkerSession):
@@ -276,6 +275,13 @@ class DiffusersPipelineGenerator(WorkerSession):
         #: Rank 0's peak of allocated GPU memory (GiB) in each stage of the last
         #: ``generate`` (empty off CUDA).
         self.last_peak_gib: dict[str, float] = {}
+        #: The last ``generate`` on one time line, seconds from its start (``call``), in
+        #: order: this process's stamps (``request_send``, ``request_encode_start``/``_end``,
+        #: ``reply_decode_start``/``_end``, ``rpc_return``, ``handed_back``) and rank 0's
+        #: (``request_decode_start``/``_end``, ``worker_start``, each stage's ``<stage>_end``,
+        #: ``worker_return``). :func:`time.perf_counter` is system-wide on Linux, so the
+        #: processes' stamps compare.
+        self.last_timeline: dict[str, float] = {}
 
     def _embeddings(
         self, prompt_embeds: Embeds, negative: Embeds | None
@@ -311,7 +317,8 @@ class DiffusersPipelineGenerator(WorkerSession):
         output: str | os.PathLike | None = None,
         fps: int = 16,
         output_type: Literal["np", "latent"] = "np",
-    ) -> np.ndarray | torch.Tensor:
+        return_frames: bool = True,
+    ) -> np.ndarray | torch.Tensor | None:
         """One video per prompt from the noise of ``seed`` (with a ``torch.Generator``
         seeded so, diffusers' pipeline gives the same video).
 
@@ -322,8 +329,13 @@ class DiffusersPipelineGenerator(WorkerSession):
         ``negative_prompt_embeds``, default zeros) precomputed. Returns float32 videos ``[B, F, H, W, 3]`` in [0, 1]
         (diffusers' ``output_type="np"``), or the latents ``[B, C, T, H, W]``.
         ``output``: ``.npy`` (``[F, H, W, 3]`` for one prompt, ``[B, F, H, W, 3]`` for
-        several), ``.mp4`` or ``.gif`` (the videos side by side).
+        several), ``.mp4`` or ``.gif`` (the videos side by side). With
+        ``return_frames=False`` (``output=`` needed) nothing is returned: with one dp
+        replica the worker writes the file and no frames cross to this process.
+
+        :attr:`last_timeline` tells where the call's time went.
         """
+        called = time.perf_counter()
         if output_type not in ("np", "latent"):
             raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
         if not isinstance(steps, int) or steps < 1:
@@ -332,6 +344,8 @@ class DiffusersPipelineGenerator(WorkerSession):
             raise ValueError(f"output={output} must end in .npy, .mp4 or .gif")
         if output is not None and output_type == "latent":
             raise ValueError("output= writes videos: it needs output_type='np'")
+        if not return_frames and output is None:
+            raise ValueError("return_frames=False needs output= (the frames go there)")
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass either prompt (text) or prompt_embeds, not both or neither")
         if image is None and self.spec.needs_image:
@@ -379,13 +393,33 @@ class DiffusersPipelineGenerator(WorkerSession):
             output=output,
             device=self.device_type,
         )
+        in_worker = not return_frames and self.parallel.dp == 1
+        if in_worker:  # the replica writes the file: no frames cross to this process
+            request.update(output=os.path.abspath(output), fps=fps)  # this process's cwd
+        sending = time.perf_counter()
         results = self.executor.collective_rpc(_generate_on_worker, request)
-        _, self.last_records, self.last_timings, self.last_peak_gib = results[0]
+        replied = time.perf_counter()
+        sent = {f"request_{k}": v for k, v in wire.last_times.items() if k.startswith("encode")}
+        got = {f"reply_{k}": v for k, v in wire.last_times.items() if k.startswith("decode")}
+        _, self.last_records, self.last_timings, self.last_peak_gib, worker_clock = results[0]
         leaders = [r[0] for r in self.replica_leaders(results)]
         parts = [r for r in leaders if r is not None]
         if output_type == "latent":
-            return torch.cat(parts)
-        videos = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        if output is not None:
-            write_output(output, videos, fps)
-        return videos
+            result = torch.cat(parts)
+        elif in_worker:
+            result = None
+        else:
+            result = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            if output is not None:
+                write_output(output, result, fps)
+        stamps = {
+            "call": called,
+            "request_send": sending,
+            **sent,
+            **worker_clock,
+            **got,
+            "rpc_return": replied,
+            "handed_back": time.perf_counter(),
+        }
+        self.last_timeline = {k: v - called for k, v in sorted(stamps.items(), key=lambda i: i[1])}
+        return None if not return_frames else result
