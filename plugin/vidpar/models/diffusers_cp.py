@@ -2,15 +2,18 @@
 diffusers' own declarations alone.
 
 diffusers says two things about such a class: where its tokens split and gather (the
-class's ``_cp_plan``, which :func:`~vidpar.models.plan.token_plan` reads), and which of
-its attention calls span the whole sequence: its own processors pass their
+class's ``_cp_plan``, wildcards such as ``blocks.*`` and the rotary tables' tuple outputs
+included, which :func:`~vidpar.models.token_sharding.cp_plan_tokens` reads), and which
+of its attention calls span the whole sequence: its own processors pass their
 ``_parallel_config`` to ``dispatch_attention_fn`` for exactly those calls (the
 self-attention; a cross-attention to the text passes ``None``). vidpar puts a
 :class:`ContextParallelAttention` where diffusers would put its ``ParallelConfig``, and
-the ``dispatch_attention_fn`` of the processor's module hands the calls that carry one to
-:class:`~vidpar.nn.attention.DistributedAttention` (Ulysses, Ring or USP, padded keys
-ignored); every other call, and every model not parallelised by vidpar, goes to
-diffusers' own function unchanged. The processors themselves, their projections, norms
+the ``dispatch_attention_fn`` of the processor's module hands the calls that carry one,
+while the token stream is sharded (:class:`~vidpar.models.token_sharding.SequenceLength`),
+to :class:`~vidpar.nn.attention.DistributedAttention` (Ulysses, Ring or USP, padded keys
+ignored). A call on whole tokens (MiniMax-H3's text refiner, which runs before the split)
+goes to diffusers' function without the parallel config, as in one process; so does
+every other call, and every call of a model not parallelised by vidpar. The processors themselves, their projections, norms
 and rotary embeddings, stay diffusers'.
 
 Tensor parallelism needs to know which layers split, which diffusers does not say: such a
@@ -26,6 +29,7 @@ import torch
 from torch import nn
 
 from vidpar.distributed.state import ParallelState
+from vidpar.models.token_sharding import SequenceLength
 from vidpar.nn.attention import DistributedAttention
 from vidpar.nn.linear import GroupRef
 
@@ -35,9 +39,10 @@ __all__ = ["ContextParallelAttention", "refuse_tp", "route_context_parallel"]
 class ContextParallelAttention:
     """What a diffusers processor passes as ``parallel_config`` under vidpar: its call
     with diffusers' ``dispatch_attention_fn`` arguments runs the distributed attention
-    over the sp-sharded tokens (``length``: the true token count of the forward)."""
+    over the sp-sharded tokens (``length``: the true token count of the forward, and
+    whether the tokens are sharded now)."""
 
-    def __init__(self, num_heads: int, state: ParallelState, length: Any) -> None:
+    def __init__(self, num_heads: int, state: ParallelState, length: SequenceLength) -> None:
         self.num_heads = num_heads
         self.length = length
         self._ulysses = GroupRef(state.group("ulysses"))  # copies share the groups
@@ -102,7 +107,9 @@ def _dispatch_through_vidpar(module_name: str) -> None:
 
     def dispatch_attention_fn(*args: Any, parallel_config: Any = None, **kwargs: Any) -> Any:
         if isinstance(parallel_config, ContextParallelAttention):
-            return parallel_config(*args, **kwargs)
+            if parallel_config.length.sharded:
+                return parallel_config(*args, **kwargs)
+            parallel_config = None  # whole tokens on every rank: one process's attention
         return original(*args, parallel_config=parallel_config, **kwargs)
 
     dispatch_attention_fn.vidpar_routes = True

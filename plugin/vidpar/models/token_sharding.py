@@ -1,0 +1,189 @@
+"""Where a model's tokens are split over sp and gathered back, in diffusers' ``_cp_plan``
+terms: :class:`Split` (~ ``ContextParallelInput``) of a module's inputs or outputs (the
+video tokens, the rotary embedding, any per-token conditioning), :class:`Gather` (~
+``ContextParallelOutput``) of a module's output, and the forward hooks that do both
+(:class:`TokenHooks`).
+
+Module paths are dotted, ``""`` the model itself, and ``*`` stands for one path
+component (diffusers' ``blocks.*``, ``blocks.*.attn1``). Splits end-pad to a multiple of
+sp (:func:`~vidpar.nn.dit.shard_tokens`), so no token count needs to divide sp; the true
+count of the forward in flight is kept in a :class:`SequenceLength`, which the attention
+reads so padded keys are ignored, and which says whether the token stream is sharded at
+the moment: from the first split of a module's input until a gather (diffusers' plans
+split the token stream at inputs and tables such as the rotary embedding at outputs), so
+an attention over whole tokens before the split (a text refiner) stays local.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vidpar.distributed.communication_op import gather_sequence
+from vidpar.distributed.group import GroupCoordinator
+from vidpar.nn.dit import shard_tokens
+from vidpar.nn.linear import GroupRef
+
+__all__ = ["Gather", "SequenceLength", "Split", "TokenHooks", "TokenPlan", "cp_plan_tokens"]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Split a tensor (or each tensor of a tuple) over sp along ``dim``: a forward input
+    (keyed by argument name) or, with ``output``, a module output (keyed by its index, or
+    ``None`` for the whole output). A tensor of other than ``ndim`` dims is left whole
+    (Wan's timestep: split only when there is one per token)."""
+
+    dim: int
+    ndim: int | None = None
+    output: bool = False
+
+
+@dataclass(frozen=True)
+class Gather:
+    """Gather a module's output over sp along ``dim`` (unpadded to the true length)."""
+
+    dim: int
+
+
+#: ``{module path ("" the model): {argument name or output index: Split} | Gather}``.
+TokenPlan = Mapping[str, Mapping[str | int | None, Split] | Gather]
+
+
+class SequenceLength:
+    """The true (unpadded) token count of the forward in flight, set by the splits and
+    read by the processors and the gathers; and whether the token stream is sharded now
+    (``sharded``: from a split of a module's input until a gather)."""
+
+    def __init__(self) -> None:
+        self.value: int | None = None
+        self.sharded = False
+
+    def get(self) -> int:
+        if self.value is None:
+            raise RuntimeError(
+                "no tokens were split in this forward: call the whole parallelised model, "
+                "not one of its blocks on its own"
+            )
+        return self.value
+
+    def record(self, length: int) -> None:
+        if self.value is not None and self.value != length:
+            raise ValueError(
+                f"this forward splits sequences of {self.value} and {length} tokens; a "
+                "plan's splits must all be of the video tokens"
+            )
+        self.value = length
+
+    def start(self) -> None:
+        """A new forward: nothing split yet."""
+        self.value, self.sharded = None, False
+
+
+def cp_plan_tokens(model: nn.Module, whole: tuple[str, ...]) -> TokenPlan:
+    """The token splits and gathers of the model class's diffusers ``_cp_plan``, the
+    inputs named in ``whole`` left out (vidpar replicates the text on every sp rank)."""
+    cp_plan = getattr(type(model), "_cp_plan", None)
+    if not cp_plan:
+        raise TypeError(
+            f"{type(model).__name__} has no vidpar token plan and no diffusers _cp_plan"
+        )
+    tokens: dict[str, Any] = {}
+    for path, entry in cp_plan.items():
+        if hasattr(entry, "gather_dim"):
+            tokens[path] = Gather(entry.gather_dim)
+            continue
+        splits = {}
+        for key, spec in entry.items():
+            if key in whole:
+                continue
+            spec = spec[0] if isinstance(spec, list | tuple) else spec
+            splits[key] = Split(spec.split_dim, spec.expected_dims, spec.split_output)
+        if splits:
+            tokens[path] = splits
+    return tokens
+
+
+def _modules_at(model: nn.Module, path: str) -> list[nn.Module]:
+    """The module at a token plan's ``path``; with ``*`` (diffusers' ``blocks.*``), every
+    module whose path matches, ``*`` standing for one path component."""
+    if "*" not in path:
+        return [model.get_submodule(path)]
+    pattern = re.compile(r"[^.]+".join(re.escape(part) for part in path.split("*")))
+    modules = [m for name, m in model.named_modules() if pattern.fullmatch(name)]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no module at the token plan's {path!r}")
+    return modules
+
+
+class TokenHooks:
+    """The forward hooks on ``model`` that split its tokens over ``sp`` and gather them
+    back as ``tokens`` says, keeping ``length`` for the forward in flight."""
+
+    def __init__(
+        self, model: nn.Module, tokens: TokenPlan, sp: GroupCoordinator, length: SequenceLength
+    ) -> None:
+        self._sp = GroupRef(sp)
+        self.length = length
+        self._splits = 0  # tensors split so far
+        model.register_forward_pre_hook(lambda module, args: length.start(), prepend=True)
+        for path, entry in tokens.items():
+            for module in _modules_at(model, path):
+                self._hook(module, entry)
+
+    def _hook(self, module: nn.Module, entry: Mapping[str | int | None, Split] | Gather) -> None:
+        if isinstance(entry, Gather):
+            module.register_forward_hook(self._gather(entry))
+            return
+        inputs = {k: s for k, s in entry.items() if not s.output}
+        outputs = {k: s for k, s in entry.items() if s.output}
+        if inputs:
+            hook = self._split_inputs(inspect.signature(module.forward), inputs)
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+        if outputs:
+            module.register_forward_hook(self._split_outputs(outputs))
+
+    def _split(self, value: Any, split: Split) -> Any:
+        if isinstance(value, tuple | list):
+            return type(value)(self._split(v, split) for v in value)
+        if not isinstance(value, torch.Tensor) or (split.ndim and value.ndim != split.ndim):
+            return value
+        self.length.record(value.shape[split.dim])
+        self._splits += 1
+        return shard_tokens(value, self._sp.group, split.dim)
+
+    def _split_inputs(self, signature: inspect.Signature, splits: dict) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            bound = signature.bind_partial(*args, **kwargs)
+            before = self._splits
+            for name, split in splits.items():
+                if name in bound.arguments:
+                    bound.arguments[name] = self._split(bound.arguments[name], split)
+            self.length.sharded |= self._splits > before
+            return bound.args, bound.kwargs
+
+        return hook
+
+    def _split_outputs(self, splits: dict) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            if None in splits:
+                return self._split(output, splits[None])
+            items = list(output)
+            for index, split in splits.items():
+                items[index] = self._split(items[index], split)
+            return type(output)(items)
+
+        return hook
+
+    def _gather(self, gather: Gather) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            self.length.sharded = False
+            return gather_sequence(output, self._sp.group, self.length.get(), gather.dim)
+
+        return hook
