@@ -5,7 +5,8 @@ every block through the wildcard ``transformer_blocks.*``, splits the two output
 heads. Its packed sequence of 27 rows (text, video and audio interleaved; a multiple of
 neither 2 nor 4) runs through diffusers' own processors, and its text refiner's attention
 (whole text, before the split) stays diffusers' own. Outputs and parameter gradients equal
-the unparallelised model's in float64."""
+the unparallelised model's in float64. Helios (nested wildcard paths ``blocks.*.attn1``,
+a gather after every attention and FFN) infers exactly; its backward is refused."""
 
 from __future__ import annotations
 
@@ -90,3 +91,51 @@ def test_a_cp_plan_with_wildcards_and_tuple_outputs_runs_sequence_parallel(world
     errors = worst(worlds(config.world_size).run(_matches_diffusers, layout=config))
     bad = {name: error for name, error in errors.items() if error > TOLERANCE}
     assert not bad, bad
+
+
+#: Helios names its 40 published blocks one by one in its _cp_plan: a tiny one keeps 40.
+TINY_HELIOS = {
+    "num_attention_heads": 2,
+    "attention_head_dim": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "text_dim": 16,
+    "freq_dim": 32,
+    "ffn_dim": 32,
+    "num_layers": 40,
+    "rope_dim": (4, 2, 2),
+    "has_multi_term_memory_patch": False,
+}
+
+
+def _helios_forward_and_backward() -> tuple[float, str]:
+    from diffusers import HeliosTransformer3DModel
+
+    torch.manual_seed(0)
+    reference = HeliosTransformer3DModel(**TINY_HELIOS).double()
+    model = parallelize(copy.deepcopy(reference))
+    gen = torch.Generator().manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(2, 4, 3, 6, 6, generator=gen, dtype=torch.float64),
+        "timestep": torch.tensor([100.0, 700.0], dtype=torch.float64),
+        "encoder_hidden_states": torch.randn(2, 5, 16, generator=gen, dtype=torch.float64),
+    }
+    with torch.no_grad():
+        error = relative_error(
+            model(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0]
+        )
+    with pytest.raises(RuntimeError) as refused:
+        model(**inputs, return_dict=False)[0].sum().backward()
+    return error, str(refused.value)
+
+
+def test_a_cp_plan_that_splits_and_gathers_in_every_block_infers_exactly(worlds):
+    """Helios splits at ``blocks.*.attn1``, ``blocks.*.attn2`` and ``blocks.*.ffn`` and
+    gathers after each (27 tokens, ulysses 2 × ring 2): the forward equals one process's;
+    a backward is refused by name, since the layers between a gather and the next split
+    run whole on every rank and their gradients would count sp times."""
+    layout = LAYOUTS["ulysses2_ring2"]
+    for error, message in worlds(4).run(_helios_forward_and_backward, layout=layout):
+        assert error <= TOLERANCE
+        assert "HeliosTransformer3DModel's token plan gathers the tokens and splits" in message
+        assert "training it sequence parallel is not supported" in message

@@ -132,7 +132,9 @@ class TokenHooks:
         self._sp = GroupRef(sp)
         self.length = length
         self._splits = 0  # tensors split so far
-        model.register_forward_pre_hook(lambda module, args: length.start(), prepend=True)
+        self._gathered = False  # in the forward in flight
+        self._model = type(model).__name__
+        model.register_forward_pre_hook(self._start, prepend=True)
         for path, entry in tokens.items():
             for module in _modules_at(model, path):
                 self._hook(module, entry)
@@ -149,6 +151,10 @@ class TokenHooks:
         if outputs:
             module.register_forward_hook(self._split_outputs(outputs))
 
+    def _start(self, module: nn.Module, args: tuple) -> None:
+        self.length.start()
+        self._gathered = False
+
     def _split(self, value: Any, split: Split) -> Any:
         if isinstance(value, tuple | list):
             return type(value)(self._split(v, split) for v in value)
@@ -156,7 +162,20 @@ class TokenHooks:
             return value
         self.length.record(value.shape[split.dim])
         self._splits += 1
+        if self._gathered and value.requires_grad and self._sp.group.world_size > 1:
+            value.register_hook(self._refuse_backward)
         return shard_tokens(value, self._sp.group, split.dim)
+
+    def _refuse_backward(self, grad: torch.Tensor) -> torch.Tensor:
+        """Tokens split again after a gather (Helios' ``blocks.*.attn1``): the layers
+        between run whole on every rank, so their gradients would count sp times in the
+        sum over sp that the gradient reduction does."""
+        raise RuntimeError(
+            f"{self._model}'s token plan gathers the tokens and splits them again within one "
+            "forward, so the parameter gradients under sp would not be the sum over sp ranks "
+            "that vidpar's gradient reduction takes: its forward (inference) is exact, "
+            "training it sequence parallel is not supported (sp=1 trains it)"
+        )
 
     def _split_inputs(self, signature: inspect.Signature, splits: dict) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -183,7 +202,7 @@ class TokenHooks:
 
     def _gather(self, gather: Gather) -> Callable:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            self.length.sharded = False
+            self.length.sharded, self._gathered = False, True
             return gather_sequence(output, self._sp.group, self.length.get(), gather.dim)
 
         return hook
