@@ -155,14 +155,21 @@ class TokenHooks:
         self.length.start()
         self._gathered = False
 
-    def _split(self, value: Any, split: Split) -> Any:
+    def _after_gather(self, first: list[bool]) -> bool:
+        """Whether a hook's split follows a gather in the forward, as its first call found
+        (a block recomputed in the backward, after the gather, keeps its place)."""
+        if not first:
+            first.append(self._gathered)
+        return first[0]
+
+    def _split(self, value: Any, split: Split, after_gather: bool) -> Any:
         if isinstance(value, tuple | list):
-            return type(value)(self._split(v, split) for v in value)
+            return type(value)(self._split(v, split, after_gather) for v in value)
         if not isinstance(value, torch.Tensor) or (split.ndim and value.ndim != split.ndim):
             return value
         self.length.record(value.shape[split.dim])
         self._splits += 1
-        if self._gathered and value.requires_grad and self._sp.group.world_size > 1:
+        if after_gather and value.requires_grad and self._sp.group.world_size > 1:
             value.register_hook(self._refuse_backward)
         return shard_tokens(value, self._sp.group, split.dim)
 
@@ -178,24 +185,30 @@ class TokenHooks:
         )
 
     def _split_inputs(self, signature: inspect.Signature, splits: dict) -> Callable:
+        first: list[bool] = []
+
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             bound = signature.bind_partial(*args, **kwargs)
-            before = self._splits
+            before, after_gather = self._splits, self._after_gather(first)
             for name, split in splits.items():
                 if name in bound.arguments:
-                    bound.arguments[name] = self._split(bound.arguments[name], split)
+                    value = bound.arguments[name]
+                    bound.arguments[name] = self._split(value, split, after_gather)
             self.length.sharded |= self._splits > before
             return bound.args, bound.kwargs
 
         return hook
 
     def _split_outputs(self, splits: dict) -> Callable:
+        first: list[bool] = []
+
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            after_gather = self._after_gather(first)
             if None in splits:
-                return self._split(output, splits[None])
+                return self._split(output, splits[None], after_gather)
             items = list(output)
             for index, split in splits.items():
-                items[index] = self._split(items[index], split)
+                items[index] = self._split(items[index], split, after_gather)
             return type(output)(items)
 
         return hook
