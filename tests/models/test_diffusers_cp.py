@@ -11,6 +11,7 @@ a gather after every attention and FFN) infers exactly; its backward is refused.
 from __future__ import annotations
 
 import copy
+from typing import ClassVar
 
 import pytest
 import torch
@@ -149,3 +150,46 @@ def test_a_cp_plan_that_splits_and_gathers_in_every_block_infers_exactly(worlds)
         assert error <= TOLERANCE
         assert "HeliosTransformer3DModel's token plan gathers the tokens and splits" in message
         assert "training it sequence parallel is not supported" in message
+
+
+def _rope_split_per_item_matches_diffusers() -> dict[str, float]:
+    """ChronoEdit with a plan of diffusers' grammar that splits the rotary embedding where
+    every block takes it, item by item (a tuple of specs for the ``(cos, sin)`` argument,
+    under the wildcard ``blocks.*``), instead of at the rope's output."""
+    from diffusers import ChronoEditTransformer3DModel
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    from test_models_families import CHRONOEDIT
+
+    rope = ContextParallelInput(split_dim=1, expected_dims=4)
+
+    class RopeSplitInEveryBlock(ChronoEditTransformer3DModel):
+        _cp_plan: ClassVar[dict] = {
+            "blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3)},
+            "blocks.*": {"rotary_emb": (rope, rope)},
+            "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+        }
+
+    torch.manual_seed(0)
+    reference = RopeSplitInEveryBlock(**CHRONOEDIT.make().config).double()
+    model = parallelize(copy.deepcopy(reference))
+    inputs = CHRONOEDIT.inputs()
+    expected = reference(**inputs, return_dict=False)[0]
+    out = model(**inputs, return_dict=False)[0]
+    gen = torch.Generator().manual_seed(7)
+    cotangent = torch.randn(expected.shape, generator=gen, dtype=expected.dtype)
+    (expected * cotangent).sum().backward()
+    (out * cotangent).sum().backward()
+    return {"output": relative_error(out, expected), **gradient_errors(reference, model)}
+
+
+def test_a_tuple_argument_splits_item_by_item_in_every_block(worlds):
+    from test_models_families import FLOAT32_TOLERANCE
+
+    config = LAYOUTS["sp2"]
+    errors = worst(worlds(2).run(_rope_split_per_item_matches_diffusers, layout=config))
+    assert errors.pop("output") <= TOLERANCE
+    #: diffusers rounds these to float32 (the time embedding, the FP32LayerNorms).
+    loose = {n for n in errors if n.startswith("condition_embedder.time_") or ".norm2." in n}
+    bad = {n: e for n, e in errors.items() if e > (FLOAT32_TOLERANCE if n in loose else TOLERANCE)}
+    assert not bad, bad

@@ -52,8 +52,10 @@ class Gather:
     dim: int
 
 
-#: ``{module path ("" the model): {argument name or output index: Split} | Gather}``.
-TokenPlan = Mapping[str, Mapping[str | int | None, Split] | Gather]
+#: ``{module path ("" the model): {argument name or output index: Split} | Gather}``; a
+#: tuple argument may take a tuple of Splits, one per item (an item's ``output`` Split
+#: leaves it whole, as in diffusers).
+TokenPlan = Mapping[str, Mapping[str | int | None, Split | tuple[Split, ...]] | Gather]
 
 
 class SequenceLength:
@@ -99,12 +101,22 @@ def cp_plan_tokens(model: nn.Module, whole: tuple[str, ...]) -> TokenPlan:
         if hasattr(entry, "gather_dim"):
             tokens[path] = Gather(entry.gather_dim)
             continue
-        splits = {}
+        if isinstance(entry, list | tuple):
+            raise ValueError(
+                f"{type(model).__name__}'s _cp_plan gathers the items of {path!r}'s tuple output "
+                "one by one, which vidpar does not do yet: give the class a vidpar plan "
+                "(README 'Bring your diffusers model')"
+            )
+        splits: dict[Any, Split | tuple[Split, ...]] = {}
         for key, spec in entry.items():
             if key in whole:
                 continue
-            spec = spec[0] if isinstance(spec, list | tuple) else spec
-            splits[key] = Split(spec.split_dim, spec.expected_dims, spec.split_output)
+            if isinstance(spec, list | tuple):  # one per item of a tuple argument
+                splits[key] = tuple(
+                    Split(s.split_dim, s.expected_dims, s.split_output) for s in spec
+                )
+            else:
+                splits[key] = Split(spec.split_dim, spec.expected_dims, spec.split_output)
         if splits:
             tokens[path] = splits
     return tokens
@@ -139,12 +151,12 @@ class TokenHooks:
             for module in _modules_at(model, path):
                 self._hook(module, entry)
 
-    def _hook(self, module: nn.Module, entry: Mapping[str | int | None, Split] | Gather) -> None:
+    def _hook(self, module: nn.Module, entry: Any) -> None:
         if isinstance(entry, Gather):
             module.register_forward_hook(self._gather(entry))
             return
-        inputs = {k: s for k, s in entry.items() if not s.output}
-        outputs = {k: s for k, s in entry.items() if s.output}
+        outputs = {k: s for k, s in entry.items() if isinstance(s, Split) and s.output}
+        inputs = {k: s for k, s in entry.items() if k not in outputs}
         if inputs:
             hook = self._split_inputs(inspect.signature(module.forward), inputs)
             module.register_forward_pre_hook(hook, with_kwargs=True)
@@ -162,7 +174,18 @@ class TokenHooks:
             first.append(self._gathered)
         return first[0]
 
-    def _split(self, value: Any, split: Split, after_gather: bool) -> Any:
+    def _split(self, value: Any, split: Split | tuple[Split, ...], after_gather: bool) -> Any:
+        if isinstance(split, tuple):
+            if not isinstance(value, tuple | list) or len(value) != len(split):
+                raise ValueError(
+                    f"{self._model}'s token plan splits a tuple of {len(split)} items "
+                    f"item by item, but the argument is {type(value).__name__} of "
+                    f"{len(value) if isinstance(value, tuple | list) else 1}"
+                )
+            return type(value)(
+                v if s.output else self._split(v, s, after_gather)
+                for v, s in zip(value, split, strict=True)
+            )
         if isinstance(value, tuple | list):
             return type(value)(self._split(v, split, after_gather) for v in value)
         if not isinstance(value, torch.Tensor) or (split.ndim and value.ndim != split.ndim):
