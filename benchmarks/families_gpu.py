@@ -312,9 +312,8 @@ def main() -> None:
             print(family, json.dumps(results[family], default=str)[:400], flush=True)
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1, default=str)
-    print(
-        f"{name}, torch {torch.__version__}, diffusers {results['diffusers']}, medians of {args.runs}"
-    )
+    versions = f"torch {torch.__version__}, diffusers {results['diffusers']}"
+    print(f"{name}, {versions}, medians of {args.runs}")
     print(f"{'family':16} {'params':>8} {'diffusers s':>12} {'vidpar s':>10} {'ratio':>7}  target")
     for family in args.families.split(","):
         r = results[family]

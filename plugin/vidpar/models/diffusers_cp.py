@@ -14,8 +14,8 @@ from a processor that found the token stream sharded at its first call
 :class:`~vidpar.nn.attention.DistributedAttention` (Ulysses, Ring or USP, padded keys
 ignored). A call on whole tokens (MiniMax-H3's text refiner, which runs before the split)
 goes to diffusers' function without the parallel config, as in one process; so does
-every other call, and every call of a model not parallelised by vidpar. The processors themselves, their projections, norms
-and rotary embeddings, stay diffusers'.
+every other call, and every call of a model not parallelised by vidpar. The processors
+themselves, their projections, norms and rotary embeddings, stay diffusers'.
 
 Tensor parallelism needs to know which layers split, which diffusers does not say: such a
 class runs sp, cfg and dp layouts, and tp is refused by name (:func:`refuse_tp`).
