@@ -12,6 +12,13 @@ reads so padded keys are ignored, and which says whether the token stream is sha
 the moment: from the first split of a module's input until a gather (diffusers' plans
 split the token stream at inputs and tables such as the rotary embedding at outputs), so
 an attention over whole tokens before the split (a text refiner) stays local.
+
+Gradients follow vidpar's rule for sp: a sharded tensor's gradient is whole for its
+tokens, a replicated tensor's (and parameter's) is this rank's share, which the gradient
+reduction sums over sp. A plan that gathers at the output keeps it with plain splits and
+gathers; one that splits the tokens again after a gather (Helios) runs layers whole on
+every rank in between, and keeps it by dividing the output's gradient by sp and summing
+each gather's gradient over sp.
 """
 
 from __future__ import annotations
@@ -146,7 +153,10 @@ class TokenHooks:
         self._splits = 0  # tensors split so far
         self._gathered = False  # in the forward in flight
         self._model = type(model).__name__
+        #: The tokens split again after a gather (Helios), as the first forward found.
+        self.resplits = False
         model.register_forward_pre_hook(self._start, prepend=True)
+        model.register_forward_hook(self._shares_of_the_output_gradient)
         for path, entry in tokens.items():
             for module in _modules_at(model, path):
                 self._hook(module, entry)
@@ -192,20 +202,19 @@ class TokenHooks:
             return value
         self.length.record(value.shape[split.dim])
         self._splits += 1
-        if after_gather and value.requires_grad and self._sp.group.world_size > 1:
-            value.register_hook(self._refuse_backward)
+        self.resplits |= after_gather
         return shard_tokens(value, self._sp.group, split.dim)
 
-    def _refuse_backward(self, grad: torch.Tensor) -> torch.Tensor:
-        """Tokens split again after a gather (Helios' ``blocks.*.attn1``): the layers
-        between run whole on every rank, so their gradients would count sp times in the
-        sum over sp that the gradient reduction does."""
-        raise RuntimeError(
-            f"{self._model}'s token plan gathers the tokens and splits them again within one "
-            "forward, so the parameter gradients under sp would not be the sum over sp ranks "
-            "that vidpar's gradient reduction takes: its forward (inference) is exact, "
-            "training it sequence parallel is not supported (sp=1 trains it)"
-        )
+    def _shares_of_the_output_gradient(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        """Where the tokens split again after a gather (Helios' ``blocks.*.attn1``), layers
+        run whole on every rank between the gathers and after the last; for their
+        gradients to be shares that the sum over sp makes whole (as every replicated
+        parameter's are), the output's gradient is divided by sp, and each gather sums
+        its gradient over sp (:class:`_SummedIfResplit`)."""
+        sp = self._sp.group.world_size
+        if not self.resplits or sp == 1:
+            return output
+        return _map_tensors(output, lambda t: _ScaledGradient.apply(t, 1.0 / sp))
 
     def _split_inputs(self, signature: inspect.Signature, splits: dict) -> Callable:
         first: list[bool] = []
@@ -239,6 +248,52 @@ class TokenHooks:
     def _gather(self, gather: Gather) -> Callable:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             self.length.sharded, self._gathered = False, True
-            return gather_sequence(output, self._sp.group, self.length.get(), gather.dim)
+            sp = self._sp.group
+            whole = gather_sequence(output, sp, self.length.get(), gather.dim)
+            return whole if sp.world_size == 1 else _SummedIfResplit.apply(whole, self)
 
         return hook
+
+
+class _SummedIfResplit(torch.autograd.Function):
+    """Identity; the backward sums the gradient over sp where the plan splits the tokens
+    again after a gather (then the gradients of the layers after the gather are each
+    rank's share), else passes it on."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, hooks: TokenHooks) -> torch.Tensor:
+        ctx.hooks = hooks
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        hooks = ctx.hooks
+        if hooks.resplits:
+            grad = hooks._sp.group.all_reduce(grad.contiguous().clone())
+        return grad, None
+
+
+class _ScaledGradient(torch.autograd.Function):
+    """Identity; the backward scales the gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
+
+
+def _map_tensors(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``output`` (a tensor, a tuple or list, or diffusers' output dict) with ``fn``
+    applied to each tensor."""
+    if isinstance(output, torch.Tensor):
+        return fn(output)
+    if isinstance(output, tuple | list):
+        return type(output)(_map_tensors(o, fn) for o in output)
+    if isinstance(output, Mapping):
+        for key in list(output.keys()):
+            output[key] = _map_tensors(output[key], fn)
+    return output
