@@ -271,6 +271,13 @@ def test_plan_families_split_12_heads_over_ulysses4_tp2(worlds) -> None:
         _plan_family_check(family, worlds(8).run(plan_family_errors, family, 12, layout=layout))
 
 
+def test_a_wan_plan_family_splits_12_heads_over_ulysses8(worlds) -> None:
+    """Wan2.1-1.3B's 12 heads over Ulysses 8 (2, 2, 2, 2, 1, 1, 1, 1), the Wan plan's
+    processor with its RMSNorms across heads, 27 tokens padded to 32."""
+    per_rank = worlds(8).run(plan_family_errors, "skyreels_v2", 12, layout=ParallelConfig(sp=8))
+    _plan_family_check("skyreels_v2", per_rank)
+
+
 def test_uneven_plan_shards_reshard_through_a_checkpoint(worlds, tmp_path) -> None:
     """HunyuanVideo with 6 heads trained under tp4 (2, 2, 1, 1), its DCP checkpoint loaded
     under tp2 (3, 3): the losses equal one process's, the weights the single-device ones."""

@@ -9,8 +9,9 @@ Public API:
   forward signature and the outputs of the single-device model). Outside any layout it
   changes nothing (``compile`` still compiles the repeated blocks).
 * :data:`SUPPORTED_MODELS`: the class names it knows; :data:`PLANS` their plans
-  (:class:`~vidpar.models.plan.ModelPlan`, with :class:`~vidpar.models.plan.Split` and
-  :class:`~vidpar.models.plan.Gather` for the tokens): add one to add a family.
+  (:class:`~vidpar.models.plan.ModelPlan`, with
+  :class:`~vidpar.models.token_sharding.Split` and
+  :class:`~vidpar.models.token_sharding.Gather` for the tokens): add one to add a family.
 * :func:`parallelize_vae(vae, group=None) <vidpar.models.parallel_vae.parallelize_vae>`:
   a diffusers ``AutoencoderKLWan`` whose ``encode``/``decode`` split the rows over the
   replica's ranks (exactly: halo exchange, gathered attention) and return the whole result.
@@ -23,7 +24,8 @@ they are given.
 
 from vidpar.models.parallel_vae import parallelize_vae
 from vidpar.models.parallelize import PLANS, SUPPORTED_MODELS, parallelize
-from vidpar.models.plan import Gather, ModelPlan, Split
+from vidpar.models.plan import ModelPlan
+from vidpar.models.token_sharding import Gather, Split
 from vidpar.nn.lora_peft import peft_to_adapter
 
 __all__ = [

@@ -2,16 +2,20 @@
 diffusers' own declarations alone.
 
 diffusers says two things about such a class: where its tokens split and gather (the
-class's ``_cp_plan``, which :func:`~vidpar.models.plan.token_plan` reads), and which of
-its attention calls span the whole sequence: its own processors pass their
+class's ``_cp_plan``, wildcards such as ``blocks.*`` and the rotary tables' tuple outputs
+included, which :func:`~vidpar.models.token_sharding.cp_plan_tokens` reads), and which
+of its attention calls span the whole sequence: its own processors pass their
 ``_parallel_config`` to ``dispatch_attention_fn`` for exactly those calls (the
 self-attention; a cross-attention to the text passes ``None``). vidpar puts a
 :class:`ContextParallelAttention` where diffusers would put its ``ParallelConfig``, and
-the ``dispatch_attention_fn`` of the processor's module hands the calls that carry one to
+the ``dispatch_attention_fn`` of the processor's module hands the calls that carry one,
+from a processor that found the token stream sharded at its first call
+(:class:`~vidpar.models.token_sharding.SequenceLength`), to
 :class:`~vidpar.nn.attention.DistributedAttention` (Ulysses, Ring or USP, padded keys
-ignored); every other call, and every model not parallelised by vidpar, goes to
-diffusers' own function unchanged. The processors themselves, their projections, norms
-and rotary embeddings, stay diffusers'.
+ignored). A call on whole tokens (MiniMax-H3's text refiner, which runs before the split)
+goes to diffusers' function without the parallel config, as in one process; so does
+every other call, and every call of a model not parallelised by vidpar. The processors
+themselves, their projections, norms and rotary embeddings, stay diffusers'.
 
 Tensor parallelism needs to know which layers split, which diffusers does not say: such a
 class runs sp, cfg and dp layouts, and tp is refused by name (:func:`refuse_tp`).
@@ -19,6 +23,7 @@ class runs sp, cfg and dp layouts, and tp is refused by name (:func:`refuse_tp`)
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Any
 
@@ -26,6 +31,7 @@ import torch
 from torch import nn
 
 from vidpar.distributed.state import ParallelState
+from vidpar.models.token_sharding import SequenceLength
 from vidpar.nn.attention import DistributedAttention
 from vidpar.nn.linear import GroupRef
 
@@ -33,16 +39,26 @@ __all__ = ["ContextParallelAttention", "refuse_tp", "route_context_parallel"]
 
 
 class ContextParallelAttention:
-    """What a diffusers processor passes as ``parallel_config`` under vidpar: its call
-    with diffusers' ``dispatch_attention_fn`` arguments runs the distributed attention
-    over the sp-sharded tokens (``length``: the true token count of the forward)."""
+    """What a diffusers processor passes as ``parallel_config`` under vidpar (one copy per
+    processor): its call with diffusers' ``dispatch_attention_fn`` arguments runs the
+    distributed attention over the sp-sharded tokens (``length``: the true token count of
+    the forward, and whether the tokens are sharded now)."""
 
-    def __init__(self, num_heads: int, state: ParallelState, length: Any) -> None:
+    def __init__(self, num_heads: int, state: ParallelState, length: SequenceLength) -> None:
         self.num_heads = num_heads
         self.length = length
         self._ulysses = GroupRef(state.group("ulysses"))  # copies share the groups
         self._ring = GroupRef(state.group("ring"))
         self._by_scale: dict[float | None, DistributedAttention] = {}
+        self._over_sharded: bool | None = None
+
+    def over_sharded_tokens(self) -> bool:
+        """Whether this processor attends the sp-sharded tokens: as they were at its first
+        call (a block that diffusers' gradient checkpointing recomputes in the backward,
+        after the gather, keeps its place)."""
+        if self._over_sharded is None:
+            self._over_sharded = self.length.sharded
+        return self._over_sharded
 
     def __call__(
         self,
@@ -102,7 +118,9 @@ def _dispatch_through_vidpar(module_name: str) -> None:
 
     def dispatch_attention_fn(*args: Any, parallel_config: Any = None, **kwargs: Any) -> Any:
         if isinstance(parallel_config, ContextParallelAttention):
-            return parallel_config(*args, **kwargs)
+            if parallel_config.over_sharded_tokens():
+                return parallel_config(*args, **kwargs)
+            parallel_config = None  # whole tokens on every rank: one process's attention
         return original(*args, parallel_config=parallel_config, **kwargs)
 
     dispatch_attention_fn.vidpar_routes = True
@@ -110,15 +128,19 @@ def _dispatch_through_vidpar(module_name: str) -> None:
 
 
 def route_context_parallel(model: nn.Module, attention: ContextParallelAttention) -> int:
-    """Give every diffusers attention processor of ``model`` ``attention`` as its
-    ``_parallel_config``; returns how many processors."""
-    routed = 0
+    """Give every diffusers attention processor of ``model`` a copy of ``attention`` as its
+    ``_parallel_config`` (a processor that several modules share is copied first, so each
+    knows its own place); returns how many processors."""
+    routed, seen = 0, set()
     for module in model.modules():
         processor = getattr(module, "processor", None)
         if processor is None or not hasattr(type(processor), "_parallel_config"):
             continue
         _dispatch_through_vidpar(type(processor).__module__)
-        processor._parallel_config = attention
+        if id(processor) in seen:
+            module.processor = processor = copy.copy(processor)
+        seen.add(id(processor))
+        processor._parallel_config = copy.copy(attention)
         routed += 1
     if not routed:
         raise TypeError(

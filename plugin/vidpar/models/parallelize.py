@@ -123,9 +123,9 @@ def parallelize(model: ModelT, *, compile: CompileSetting = False) -> ModelT:
     compilation, as diffusers' ``compile_repeated_blocks``; the setting of
     :mod:`vidpar.nn.regional_compile`, as ``DiTConfig.compile``), inside a layout or not.
 
-    A diffusers class without a vidpar plan but with a ``_cp_plan`` (ChronoEdit, Helios,
-    ...) runs sequence parallel from that plan alone, its own attention processors kept
-    (:mod:`vidpar.models.diffusers_cp`); tp is refused for it.
+    A diffusers class without a vidpar plan but with a ``_cp_plan`` (ChronoEdit,
+    MiniMax-H3, Helios, ...) runs sequence parallel from that plan alone, its own
+    attention processors kept (:mod:`vidpar.models.diffusers_cp`); tp is refused for it.
 
     Raises ``TypeError`` for a model class it does not know (neither in
     :data:`SUPPORTED_MODELS` nor with a ``_cp_plan``), ``ValueError`` when ulysses × tp

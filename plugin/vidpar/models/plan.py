@@ -10,11 +10,11 @@ whole dotted path):
   (:class:`~vidpar.models.tensor_parallel.HeadShardedRMSNorm`); all in whole heads, the
   first ranks one more where tp does not divide them;
 * **tokens**: where the video tokens (and the rotary embedding, and any per-token
-  conditioning) are split over sp and where the output is gathered: diffusers'
-  ``_cp_plan`` vocabulary (:class:`Split` ~ ``ContextParallelInput``, :class:`Gather` ~
-  ``ContextParallelOutput``). A plan without ``tokens`` reads the model class's own
-  diffusers ``_cp_plan``, leaving whole the entries it names in ``whole`` (the text:
-  vidpar replicates the text tokens on every sp rank);
+  conditioning) are split over sp and where the output is gathered, in diffusers'
+  ``_cp_plan`` vocabulary (:mod:`vidpar.models.token_sharding`: ``Split``, ``Gather``,
+  the hooks). A plan without ``tokens`` reads the model class's own diffusers
+  ``_cp_plan``, leaving whole the entries it names in ``whole`` (the text: vidpar
+  replicates the text tokens on every sp rank);
 * **attention**: which attention modules get the family's processor (built once per model
   around a :class:`~vidpar.nn.attention.DistributedAttention`; processors stay per family
   where the attention really differs), or none: diffusers' own processors, whose
@@ -24,17 +24,11 @@ whole dotted path):
 * **flow**: the family's forward as a flow-matching velocity
   (:class:`~vidpar.models.flow_forward.FlowForward`, what ``DiffusersFlowModule`` trains
   through), or why it is not trained.
-
-Splits end-pad to a multiple of sp (:func:`~vidpar.nn.dit.shard_tokens`), so no token
-count needs to divide sp; the true count of the forward in flight is kept in a
-:class:`SequenceLength` that the processors read, so padded keys are ignored.
 """
 
 from __future__ import annotations
 
-import inspect
 import re
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -42,7 +36,6 @@ import torch
 from torch import nn
 
 from vidpar.config import ParallelConfig
-from vidpar.distributed.communication_op import gather_sequence
 from vidpar.distributed.group import GroupCoordinator
 from vidpar.distributed.state import ParallelState
 from vidpar.distributed.utils import split_sizes
@@ -60,8 +53,15 @@ from vidpar.models.tensor_parallel import (
     replace_module,
     row_parallel,
 )
+from vidpar.models.token_sharding import (
+    Gather,
+    SequenceLength,
+    Split,
+    TokenHooks,
+    TokenPlan,
+    cp_plan_tokens,
+)
 from vidpar.nn.attention import DistributedAttention
-from vidpar.nn.dit import shard_tokens
 from vidpar.nn.linear import GroupRef
 
 __all__ = [
@@ -75,53 +75,6 @@ __all__ = [
     "check_heads",
     "split_layers",
 ]
-
-
-@dataclass(frozen=True)
-class Split:
-    """Split a tensor (or each tensor of a tuple) over sp along ``dim``: a forward input
-    (keyed by argument name) or, with ``output``, a module output (keyed by its index, or
-    ``None`` for the whole output). A tensor of other than ``ndim`` dims is left whole
-    (Wan's timestep: split only when there is one per token)."""
-
-    dim: int
-    ndim: int | None = None
-    output: bool = False
-
-
-@dataclass(frozen=True)
-class Gather:
-    """Gather a module's output over sp along ``dim`` (unpadded to the true length)."""
-
-    dim: int
-
-
-#: ``{module path ("" the model): {argument name or output index: Split} | Gather}``.
-TokenPlan = Mapping[str, Mapping[str | int | None, Split] | Gather]
-
-
-class SequenceLength:
-    """The true (unpadded) token count of the forward in flight: set by the splits, read
-    by the processors and the gather."""
-
-    def __init__(self) -> None:
-        self.value: int | None = None
-
-    def get(self) -> int:
-        if self.value is None:
-            raise RuntimeError(
-                "no tokens were split in this forward: call the whole parallelised model, "
-                "not one of its blocks on its own"
-            )
-        return self.value
-
-    def record(self, length: int) -> None:
-        if self.value is not None and self.value != length:
-            raise ValueError(
-                f"this forward splits sequences of {self.value} and {length} tokens; a "
-                "plan's splits must all be of the video tokens"
-            )
-        self.value = length
 
 
 #: Queries, keys and values ``[B, S, H, D]``.
@@ -280,10 +233,11 @@ def apply_plan(model: nn.Module, plan: ModelPlan, state: ParallelState) -> None:
     elif tp.world_size > 1:
         _split_layers(model, plan, tp)
     length = SequenceLength()
+    tokens = plan.tokens if plan.tokens is not None else cp_plan_tokens(model, plan.whole)
     if plan.processor is None:
         heads = getattr(model.config, plan.heads)
         route_context_parallel(model, ContextParallelAttention(heads, state, length))
-        _TokenHooks(model, token_plan(model, plan), state.group("sp"), length)
+        TokenHooks(model, tokens, state.group("sp"), length)
         return
     attention = DistributedAttention(
         getattr(model.config, plan.heads),
@@ -298,33 +252,7 @@ def apply_plan(model: nn.Module, plan: ModelPlan, state: ParallelState) -> None:
                 module.set_processor(processor)
             else:  # an attention class of its own (Mochi's)
                 module.processor = processor
-    _TokenHooks(model, token_plan(model, plan), state.group("sp"), length)
-
-
-def token_plan(model: nn.Module, plan: ModelPlan) -> TokenPlan:
-    """The plan's own token splits, else those of the class's diffusers ``_cp_plan`` (the
-    ``whole`` inputs left out)."""
-    if plan.tokens is not None:
-        return plan.tokens
-    cp_plan = getattr(type(model), "_cp_plan", None)
-    if not cp_plan:
-        raise TypeError(
-            f"{type(model).__name__} has no vidpar token plan and no diffusers _cp_plan"
-        )
-    tokens: dict[str, Any] = {}
-    for path, entry in cp_plan.items():
-        if hasattr(entry, "gather_dim"):
-            tokens[path] = Gather(entry.gather_dim)
-            continue
-        splits = {}
-        for key, spec in entry.items():
-            if key in plan.whole:
-                continue
-            spec = spec[0] if isinstance(spec, list | tuple) else spec
-            splits[key] = Split(spec.split_dim, spec.expected_dims, spec.split_output)
-        if splits:
-            tokens[path] = splits
-    return tokens
+    TokenHooks(model, tokens, state.group("sp"), length)
 
 
 def _head_unit(features: int, heads: int) -> int:
@@ -362,79 +290,3 @@ def _split_layers(model: nn.Module, plan: ModelPlan, tp: GroupCoordinator) -> No
             f"{type(model).__name__} runs sequence parallel only: its plan names no layers "
             f"to split over tp({tp.world_size}); set parallel.tp=1"
         )
-
-
-def _modules_at(model: nn.Module, path: str) -> list[nn.Module]:
-    """The module at a token plan's ``path``; with ``*`` (diffusers' ``blocks.*``), every
-    module whose path matches, ``*`` standing for one path component."""
-    if "*" not in path:
-        return [model.get_submodule(path)]
-    pattern = re.compile(r"[^.]+".join(re.escape(part) for part in path.split("*")))
-    modules = [m for name, m in model.named_modules() if pattern.fullmatch(name)]
-    if not modules:
-        raise ValueError(f"{type(model).__name__} has no module at the token plan's {path!r}")
-    return modules
-
-
-class _TokenHooks:
-    """The forward hooks that split the tokens once and gather them once."""
-
-    def __init__(
-        self, model: nn.Module, tokens: TokenPlan, sp: GroupCoordinator, length: SequenceLength
-    ) -> None:
-        self._sp = GroupRef(sp)
-        self.length = length
-        model.register_forward_pre_hook(self._start, prepend=True)
-        for path, entry in tokens.items():
-            for module in _modules_at(model, path):
-                self._hook(module, entry)
-
-    def _hook(self, module: nn.Module, entry: Mapping[str | int | None, Split] | Gather) -> None:
-        if isinstance(entry, Gather):
-            module.register_forward_hook(self._gather(entry))
-            return
-        inputs = {k: s for k, s in entry.items() if not s.output}
-        outputs = {k: s for k, s in entry.items() if s.output}
-        if inputs:
-            hook = self._split_inputs(inspect.signature(module.forward), inputs)
-            module.register_forward_pre_hook(hook, with_kwargs=True)
-        if outputs:
-            module.register_forward_hook(self._split_outputs(outputs))
-
-    def _start(self, module: nn.Module, args: tuple) -> None:
-        self.length.value = None
-
-    def _split(self, value: Any, split: Split) -> Any:
-        if isinstance(value, tuple | list):
-            return type(value)(self._split(v, split) for v in value)
-        if not isinstance(value, torch.Tensor) or (split.ndim and value.ndim != split.ndim):
-            return value
-        self.length.record(value.shape[split.dim])
-        return shard_tokens(value, self._sp.group, split.dim)
-
-    def _split_inputs(self, signature: inspect.Signature, splits: dict) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            bound = signature.bind_partial(*args, **kwargs)
-            for name, split in splits.items():
-                if name in bound.arguments:
-                    bound.arguments[name] = self._split(bound.arguments[name], split)
-            return bound.args, bound.kwargs
-
-        return hook
-
-    def _split_outputs(self, splits: dict) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            if None in splits:
-                return self._split(output, splits[None])
-            items = list(output)
-            for index, split in splits.items():
-                items[index] = self._split(items[index], split)
-            return type(output)(items)
-
-        return hook
-
-    def _gather(self, gather: Gather) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return gather_sequence(output, self._sp.group, self.length.get(), gather.dim)
-
-        return hook
