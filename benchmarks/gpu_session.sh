@@ -10,7 +10,8 @@
 # FAMILIES_ARGS adds flags, e.g. --families ltx,mochi), lora (LoRA vs full fine-tuning),
 # pipeline (each stage of a prompt-to-video generation vs diffusers' WanPipeline, the whole
 # call step by step, the world-1 transformer forward vs plain diffusers; then returning
-# 388 MB of frames from a worker before/after the shared buffer vs diffusers in process),
+# 388 MB of frames from a worker before/after the shared buffer vs diffusers in process,
+# unless SKIP_FRAMES_RETURN is set),
 # vae_encode (vidpar-preprocess's Wan2.1 VAE encode of 81 × 480 × 832 at world 1, videos/min),
 # scaling (issue #33: every layout of each world on all visible GPUs; SCALING_WORLDS,
 # SCALING_MODELS, SCALING_STEPS, SCALING_LAYOUTS override; the Executor starts one worker per GPU),
@@ -64,7 +65,7 @@ for step in "$@"; do
     lora) timeout 300 python3 benchmarks/lora_vs_full.py --steps 5 2>&1 | tee "$OUT/lora.txt" ;;
     pipeline) timeout 560 python3 benchmarks/pipeline_stages.py --root /tmp/wan-random \
         --layouts single --steps ${PIPELINE_STEPS:-4} --runs 3 --out "$OUT/pipeline_stages.json" 2>&1 | tee "$OUT/pipeline.txt"
-      timeout 240 python3 benchmarks/frames_return.py --device cuda --runs 7 \
+      [ -n "${SKIP_FRAMES_RETURN:-}" ] || timeout 240 python3 benchmarks/frames_return.py --device cuda --runs 7 \
         --out "$OUT/frames_return.json" 2>&1 | tee "$OUT/frames_return.txt" ;;
     vae_encode) timeout 300 python3 benchmarks/vae_encode.py --runs ${VAE_ENCODE_RUNS:-3} \
         --out "$OUT/vae_encode.json" 2>&1 | tee "$OUT/vae_encode.txt" ;;
