@@ -78,41 +78,45 @@ def compiled_errors(
 
 
 #: The five layouts, each with the activation checkpointing VideoDiT's blocks compile
-#: under there: full recomputation around the compiled block (``True``), none, and
-#: ``keep_attention``, whose checkpoint is traced into the block.
-INDUCTOR_LAYOUTS = {
-    "tp2": True,
-    "sp2": "keep_attention",
-    "ring2": False,
-    "ulysses2_ring2": True,
-    "tp2_sp2": False,
+#: under there (full recomputation around the compiled block (``True``), none, and
+#: ``keep_attention``, whose checkpoint is traced into the block) and the backend. Inductor
+#: (C++ kernels, ≈ 50–80 s a layout on 2 cores) lowers every kind of collective in two
+#: layouts: tp2 × Ulysses 2 (tp's functional collectives, the Ulysses all-to-all custom
+#: ops) and Ring 2 (the ring's custom ops and the gathers); tp2, Ulysses 2 and
+#: Ulysses 2 × Ring 2 issue only those same ops and run ``aot_eager``, which traces the
+#: same forward and backward graphs without the C++ build (the suite's time).
+COMPILED_LAYOUTS = {
+    "tp2": (True, "aot_eager"),
+    "sp2": ("keep_attention", "aot_eager"),
+    "ring2": (False, "inductor"),
+    "ulysses2_ring2": (True, "aot_eager"),
+    "tp2_sp2": (False, "inductor"),
 }
 
 
-def _inductor_blocks(recompute: bool | str) -> dict[str, dict]:
-    """VideoDiT's blocks and the parallelised tiny diffusers Wan's, compiled by inductor
-    (C++ kernels) in float64, in one call: one world's compile for both models."""
-    dit = compiled_errors("inductor", recompute)
-    return {"dit": dit, "wan": compiled_matches_eager("inductor")}
+def _compiled_blocks(recompute: bool | str, backend: str) -> dict[str, dict]:
+    """VideoDiT's blocks and the parallelised tiny diffusers Wan's, compiled in float64 by
+    ``backend``, in one call: one world's compile for both models."""
+    dit = compiled_errors(backend, recompute)
+    return {"dit": dit, "wan": compiled_matches_eager(backend)}
 
 
 @pytest.mark.timeout(900)  # inductor's C++ compiles: minutes on a busy 2-core machine
-@pytest.mark.parametrize("name", INDUCTOR_LAYOUTS)
-def test_inductor_compiles_blocks_whole_under_every_layout(worlds, name) -> None:
-    """Under tp2, Ulysses 2, Ring 2, Ulysses 2 × Ring 2 and tp2 × Ulysses 2, inductor
-    compiles every block of VideoDiT and of diffusers' Wan as one graph with its
-    collectives (``fullgraph=True``, zero graph breaks in dynamo's counters), and their
-    float64 outputs and gradients equal eager's: VideoDiT's to 1e-10 against the same
-    layout eager, with the same collectives in telemetry; Wan's to diffusers' own model
-    to 1e-6: diffusers computes Wan's time embedding and ``norm2`` in float32, and
-    inductor's fused float32 reductions add in another order than eager's kernels (4e-8
-    measured on the output; the same model eager under a layout: 1e-9). 27 tokens each,
-    padded over sp.
-    inductor's on-disk cache is the session's (tests/conftest.py): the ranks of a layout
-    build each C++ kernel once."""
+@pytest.mark.parametrize("name", COMPILED_LAYOUTS)
+def test_compiled_blocks_are_whole_under_every_layout(worlds, name) -> None:
+    """Under tp2, Ulysses 2, Ring 2, Ulysses 2 × Ring 2 and tp2 × Ulysses 2, every block
+    of VideoDiT and of diffusers' Wan compiles as one graph with its collectives
+    (``fullgraph=True``, zero graph breaks in dynamo's counters), and their float64
+    outputs and gradients equal eager's: VideoDiT's to 1e-10 against the same layout
+    eager, with the same collectives in telemetry; Wan's to diffusers' own model to 1e-6:
+    diffusers computes Wan's time embedding and ``norm2`` in float32, and inductor's
+    fused float32 reductions add in another order than eager's kernels (4e-8 measured on
+    the output; the same model eager under a layout: 1e-9). 27 tokens each, padded over
+    sp. inductor's on-disk cache is the session's (tests/conftest.py): the ranks of a
+    layout build each C++ kernel once."""
     layout = LAYOUTS[name]
     runs = worlds(layout.world_size).run(
-        _inductor_blocks, INDUCTOR_LAYOUTS[name], layout=layout, timeout=840
+        _compiled_blocks, *COMPILED_LAYOUTS[name], layout=layout, timeout=840
     )
     for run in runs:
         dit, wan = run["dit"], run["wan"]
