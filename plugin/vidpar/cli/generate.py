@@ -22,6 +22,7 @@ from vidpar.cli.validation_generate import (
     read_checkpoint_model,
 )
 from vidpar.distributed.telemetry import format_summary, summarize
+from vidpar.executor.start_method import PRELOAD_IF_IMPORTED
 
 register()
 
@@ -97,7 +98,14 @@ def run(conf: DictConfig) -> list[Path]:
     return written
 
 
-main = console_command("generate", run, starts_workers=True)
+def worker_imports(conf: DictConfig) -> tuple[str, ...]:
+    """What a generation's workers import: torch and vidpar's models and pipelines (not
+    Lightning), and diffusers' model and text-encoder code for a pipeline folder."""
+    pipeline = PRELOAD_IF_IMPORTED if conf.model.path is not None else ()
+    return ("torch", "vidpar.pipelines", "vidpar.models", *pipeline)
+
+
+main = console_command("generate", run, worker_imports)
 
 if __name__ == "__main__":
     main()

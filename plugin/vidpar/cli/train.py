@@ -21,6 +21,7 @@ from vidpar.cli.validation_model import check_data_fits_model
 from vidpar.cli.wandb_runs import job_wandb_run
 from vidpar.config import ParallelConfig
 from vidpar.distributed.checkpoint import CheckpointWriteError, is_complete
+from vidpar.executor.start_method import PRELOAD
 
 register()
 
@@ -109,7 +110,14 @@ def written_checkpoint(trainer) -> Path | None:
     return Path(path) if path and is_complete(Path(path)) else None
 
 
-main = console_command("train", run, starts_workers=True)
+def worker_imports(conf: DictConfig) -> tuple[str, ...]:
+    """What a training run's workers import: torch, Lightning and vidpar's modules, and
+    diffusers' model code where the model is a diffusers folder (``model.path``)."""
+    diffusers = ("diffusers.models.transformers",) if "path" in conf.model else ()
+    return (*PRELOAD, *diffusers)
+
+
+main = console_command("train", run, worker_imports)
 
 if __name__ == "__main__":
     main()
