@@ -167,8 +167,10 @@ def test_mistakes_are_explained_before_any_process_starts(overrides, message) ->
         check_before_launch(cfg, build_layout(cfg.parallel))
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+def run_cli(
+    *args: str, cwd: Path, timeout: float = 300, **env_vars: str
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **env_vars}
     return subprocess.run(
         [sys.executable, "-m", *args],
         cwd=cwd,
@@ -179,15 +181,35 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
     )
 
 
+def imported(result: subprocess.CompletedProcess) -> set[str]:
+    """The modules a run under ``PYTHONPROFILEIMPORTTIME=1`` imported."""
+    return set(re.findall(r"^import time:.*\| +([\w.]+)$", result.stderr, re.MULTILINE))
+
+
 def test_help_and_cfg_show_the_composed_config(tmp_path) -> None:
+    """They show it at once: no torch, Lightning or worker imported (seconds each)."""
     shown = run_cli(
-        "vidpar.cli.train", "--cfg", "job", "parallel=usp_2x2", cwd=tmp_path, timeout=120
+        "vidpar.cli.train",
+        "--cfg",
+        "job",
+        "parallel=usp_2x2",
+        cwd=tmp_path,
+        timeout=120,
+        PYTHONPROFILEIMPORTTIME="1",
     )
     assert shown.returncode == 0, shown.stderr
     assert "ulysses: 2" in shown.stdout and "ring: 2" in shown.stdout
+    assert "hydra" in imported(shown) and not {"torch", "lightning"} & imported(shown)
     for command in ("train", "generate"):
-        helped = run_cli(f"vidpar.cli.{command}", "--help", cwd=tmp_path, timeout=120)
+        helped = run_cli(
+            f"vidpar.cli.{command}",
+            "--help",
+            cwd=tmp_path,
+            timeout=120,
+            PYTHONPROFILEIMPORTTIME="1",
+        )
         assert helped.returncode == 0, helped.stderr
+        assert "hydra" in imported(helped) and "torch" not in imported(helped)
         # vidpar's usage first, then Hydra's help.
         assert helped.stdout.startswith(f"vidpar-{command}: ")
         if command == "generate":  # only what it accepts: no training groups

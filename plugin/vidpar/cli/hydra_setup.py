@@ -22,7 +22,6 @@ from omegaconf import DictConfig, OmegaConf
 from vidpar.cli.console_log import console_transcript
 from vidpar.cli.resolvers import register_resolvers
 from vidpar.config import PRESETS, ParallelConfig
-from vidpar.executor.start_method import start_server_early
 from vidpar.resources import CONFIG_DIR
 
 register_resolvers()
@@ -111,6 +110,8 @@ def console_command(
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
     def main(conf: DictConfig) -> None:
         if worker_imports is not None:
+            from vidpar.executor.start_method import start_server_early  # torch: not for --help
+
             start_server_early(worker_imports(conf))
         job = HydraConfig.get()
         transcript = console_transcript()

@@ -16,12 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from vidpar.cli.hydra_setup import build_layout, console_command, register
-from vidpar.cli.validation import check_before_launch, check_train_config
-from vidpar.cli.validation_model import check_data_fits_model
-from vidpar.cli.wandb_runs import job_wandb_run
 from vidpar.config import ParallelConfig
-from vidpar.distributed.checkpoint import CheckpointWriteError, is_complete
-from vidpar.executor.start_method import PRELOAD
 
 register()
 
@@ -57,6 +52,11 @@ def run(conf: DictConfig) -> Path | None:
     """Train as ``conf`` says; returns the path of the last checkpoint it wrote, if any.
     ``SIGTERM`` or Ctrl-C save a checkpoint at the current step and exit with status
     128 + the signal's number (``strategy.checkpoint_on_interrupt=false``: no save)."""
+    # Imported here, not with the module: `vidpar-train --help` and `--cfg` need no torch.
+    from vidpar.cli.validation import check_before_launch, check_train_config
+    from vidpar.cli.validation_model import check_data_fits_model
+    from vidpar.cli.wandb_runs import job_wandb_run
+    from vidpar.distributed.checkpoint import CheckpointWriteError
     from vidpar.executor import RemoteError
     from vidpar.lightning import TrainingInterrupted
 
@@ -106,6 +106,8 @@ def run(conf: DictConfig) -> Path | None:
 def written_checkpoint(trainer) -> Path | None:
     """The last checkpoint this run's checkpoint callback wrote (not one an earlier run left
     in the same directory), if it is there and complete."""
+    from vidpar.distributed.checkpoint import is_complete
+
     path = getattr(trainer.checkpoint_callback, "last_model_path", "")
     return Path(path) if path and is_complete(Path(path)) else None
 
@@ -113,6 +115,8 @@ def written_checkpoint(trainer) -> Path | None:
 def worker_imports(conf: DictConfig) -> tuple[str, ...]:
     """What a training run's workers import: torch, Lightning and vidpar's modules, and
     diffusers' model code where the model is a diffusers folder (``model.path``)."""
+    from vidpar.executor.start_method import PRELOAD
+
     diffusers = ("diffusers.models.transformers",) if "path" in conf.model else ()
     return (*PRELOAD, *diffusers)
 
