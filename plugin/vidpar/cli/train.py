@@ -54,6 +54,11 @@ def run(conf: DictConfig) -> Path | None:
     128 + the signal's number (``strategy.checkpoint_on_interrupt=false``: no save)."""
     # Imported here, not with the module: `vidpar-train --help` and `--cfg` need no torch.
     from vidpar.cli.validation import check_before_launch, check_train_config
+
+    parallel = build_layout(conf.parallel)  # the one layout of this run
+    check_train_config(conf, parallel)
+    check_before_launch(conf, parallel)
+    # Lightning (seconds of imports) only once the settings are known to be good.
     from vidpar.cli.validation_model import check_data_fits_model
     from vidpar.cli.wandb_runs import job_wandb_run
     from vidpar.distributed.checkpoint import CheckpointWriteError
@@ -62,9 +67,6 @@ def run(conf: DictConfig) -> Path | None:
 
     log_lightning_once()
     os.environ.setdefault("WANDB_MODE", "offline")
-    parallel = build_layout(conf.parallel)  # the one layout of this run
-    check_train_config(conf, parallel)
-    check_before_launch(conf, parallel)
     datamodule = instantiate(conf.data)
     check_data_fits_model(datamodule.video_shape, conf.model)
     names = getattr(datamodule.train_set, "shape_names", None)  # latents have no classes
