@@ -22,19 +22,22 @@ import time
 PR_SET_CHILD_SUBREAPER = 36
 
 
-def measure(command: list[str], tree: str) -> tuple[float, float]:
-    """Wall and CPU seconds of ``command`` with ``tree`` first on ``PYTHONPATH``."""
+def measure(command: list[str], tree: str, rc: int = 0) -> tuple[float, float]:
+    """Wall and CPU seconds of ``command`` with ``tree`` first on ``PYTHONPATH``; it must
+    exit with status ``rc``."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")])}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
-    done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = subprocess.run(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     wall = time.monotonic() - start
     while True:  # the orphans it left (a fork server exiting after it): theirs too
         try:
             os.wait()
         except ChildProcessError:
             break
-    if done.returncode != 0:
+    if done.returncode != rc:
         raise SystemExit(f"{command} from {tree} exited {done.returncode}:\n{done.stderr[-2000:]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -44,6 +47,7 @@ def measure(command: list[str], tree: str) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rc", type=int, default=0, help="the exit status expected")
     parser.add_argument("--tree", action="append", required=True, help="a PYTHONPATH entry")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
@@ -52,7 +56,7 @@ def main() -> None:
     results: dict[str, list[tuple[float, float]]] = {tree: [] for tree in args.tree}
     for _ in range(args.runs):
         for tree in args.tree:
-            results[tree].append(measure(command, tree))
+            results[tree].append(measure(command, tree, args.rc))
     print(f"{' '.join(command)}  (median of {args.runs}, load {os.getloadavg()[0]:.1f})")
     first = None
     for tree, runs in results.items():
