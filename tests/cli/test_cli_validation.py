@@ -16,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from test_hydra_cli import GROUPS, NEEDS, compose_train, options, run_cli
+from test_hydra_cli import GROUPS, NEEDS, compose_train, imported, options, run_cli
 from vidpar.cli.hydra_setup import UserError, build_layout
 from vidpar.cli.run_dirs import claim_unique_dir
 from vidpar.cli.validation import check_train_config
@@ -93,11 +93,18 @@ def test_good_training_values_pass_and_minus_one_steps_means_epochs() -> None:
 
 
 def test_a_bad_max_steps_fails_fast_in_a_real_run(tmp_path) -> None:
+    """Before any worker starts, and before the parent imports Lightning (seconds)."""
     result = run_cli(
-        "vidpar.cli.train", "trainer.max_steps=-5", "hydra.run.dir=run", cwd=tmp_path, timeout=120
+        "vidpar.cli.train",
+        "trainer.max_steps=-5",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+        timeout=120,
+        PYTHONPROFILEIMPORTTIME="1",
     )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "trainer.max_steps=-5 is not a number of training steps" in result.stderr
+    assert "torch" in imported(result) and "lightning" not in imported(result)
     assert "every_n_train_steps" not in result.stderr and "Traceback" not in result.stderr
 
 

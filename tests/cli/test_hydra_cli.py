@@ -24,6 +24,7 @@ from vidpar.cli.validation import check_before_launch, check_checkpoint_model
 from vidpar.cli.validation_model import check_data_fits_model
 from vidpar.config import PRESETS, ParallelConfig
 from vidpar.distributed.checkpoint import TRAINER_STATE, is_complete
+from vidpar.executor.start_method import PRELOAD, PRELOAD_IF_IMPORTED
 from vidpar.lightning import VideoDiffusionModule
 from vidpar.pipelines.video_io import read_video
 from vidpar.resources import CONFIG_DIR
@@ -166,8 +167,10 @@ def test_mistakes_are_explained_before_any_process_starts(overrides, message) ->
         check_before_launch(cfg, build_layout(cfg.parallel))
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+def run_cli(
+    *args: str, cwd: Path, timeout: float = 300, **env_vars: str
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **env_vars}
     return subprocess.run(
         [sys.executable, "-m", *args],
         cwd=cwd,
@@ -178,15 +181,35 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
     )
 
 
+def imported(result: subprocess.CompletedProcess) -> set[str]:
+    """The modules a run under ``PYTHONPROFILEIMPORTTIME=1`` imported."""
+    return set(re.findall(r"^import time:.*\| +([\w.]+)$", result.stderr, re.MULTILINE))
+
+
 def test_help_and_cfg_show_the_composed_config(tmp_path) -> None:
+    """They show it at once: no torch, Lightning or worker imported (seconds each)."""
     shown = run_cli(
-        "vidpar.cli.train", "--cfg", "job", "parallel=usp_2x2", cwd=tmp_path, timeout=120
+        "vidpar.cli.train",
+        "--cfg",
+        "job",
+        "parallel=usp_2x2",
+        cwd=tmp_path,
+        timeout=120,
+        PYTHONPROFILEIMPORTTIME="1",
     )
     assert shown.returncode == 0, shown.stderr
     assert "ulysses: 2" in shown.stdout and "ring: 2" in shown.stdout
+    assert "hydra" in imported(shown) and not {"torch", "lightning"} & imported(shown)
     for command in ("train", "generate"):
-        helped = run_cli(f"vidpar.cli.{command}", "--help", cwd=tmp_path, timeout=120)
+        helped = run_cli(
+            f"vidpar.cli.{command}",
+            "--help",
+            cwd=tmp_path,
+            timeout=120,
+            PYTHONPROFILEIMPORTTIME="1",
+        )
         assert helped.returncode == 0, helped.stderr
+        assert "hydra" in imported(helped) and "torch" not in imported(helped)
         # vidpar's usage first, then Hydra's help.
         assert helped.stdout.startswith(f"vidpar-{command}: ")
         if command == "generate":  # only what it accepts: no training groups
@@ -200,6 +223,22 @@ def test_help_and_cfg_show_the_composed_config(tmp_path) -> None:
         assert "== Config ==" in hydras
         assert "parallel: cfg2, ring2, single, sp2" in hydras and "schema" not in hydras
         assert "recipe: tiny_c2v_sp2, tiny_t2v_cpu" in hydras
+
+
+def test_the_fork_server_preloads_what_the_commands_workers_import() -> None:
+    """Training workers get Lightning and, for a diffusers model, its code; generating
+    workers never use Lightning (seconds of CPU per vidpar-generate), a pipeline's do use
+    diffusers' and transformers' model code."""
+    from vidpar.cli import generate, train
+
+    assert train.worker_imports(compose_train()) == PRELOAD
+    recipe = train.worker_imports(compose_train("recipe=wan2_1_t2v_1p3b", "model.path=tiny"))
+    assert recipe == (*PRELOAD, "diffusers.models.transformers")
+    tiny = generate.worker_imports(compose_generate())
+    assert "torch" in tiny and not [m for m in tiny if "lightning" in m]
+    pipeline = generate.worker_imports(compose_generate("model.path=tiny", "prompt=a"))
+    assert set(PRELOAD_IF_IMPORTED) <= set(pipeline)
+    assert not [m for m in pipeline if "lightning" in m]
 
 
 def test_usage_lists_what_is_shipped_and_names_real_overrides() -> None:

@@ -111,6 +111,27 @@ def test_shapes_move_along_their_trajectory():
     assert min(total_motion) > 0.7 * 7 * 0.8
 
 
+@pytest.mark.parametrize("size", [(8, 16, 16), (3, 12, 20)], ids=["16x16", "12x20"])
+def test_each_pixel_is_its_sub_pixels_coverage_of_the_shape(size):
+    """Every pixel blends background and colour by the share of its 4 × 4 sub-pixel samples
+    inside the shape (the mean of the supersampled mask), exactly."""
+    frames, height, width = size
+    ds = MovingShapesDataset(20, num_frames=frames, height=height, width=width, num_classes=8)
+    s = 4
+    for index in range(20):
+        item, p = ds[index], ds.params(index)
+        centres, r = ds.trajectory(index), p["radius"]
+        ys = (np.arange(height * s) + 0.5) / s
+        xs = (np.arange(width * s) + 0.5) / s
+        dx = (xs[None, None, :] - centres[:, 0, None, None]) / r
+        dy = (ys[None, :, None] - centres[:, 1, None, None]) / r
+        mask = shape_mask(p["label"], dx, dy).reshape(frames, height, s, width, s)
+        cover = mask.mean(axis=(2, 4))
+        fg, bg = np.asarray(COLOURS[p["label"]]), np.asarray(BACKGROUND)
+        want = bg[:, None, None, None] + (fg - bg)[:, None, None, None] * cover[None]
+        assert torch.equal(item["video"], torch.from_numpy(want * 2.0 - 1.0).float())
+
+
 def test_bounce_reflects_off_the_walls():
     p = np.array([-1.0, 0.0, 2.0, 5.0, 11.0, 13.0, 21.0])
     got = bounce(p, 2.0, 10.0)

@@ -14,14 +14,6 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from vidpar.cli.hydra_setup import build_layout, console_command, register
-from vidpar.cli.validation_generate import (
-    check_generate_request,
-    check_generate_resources,
-    check_prompt_request,
-    find_checkpoint,
-    read_checkpoint_model,
-)
-from vidpar.distributed.telemetry import format_summary, summarize
 
 register()
 
@@ -30,6 +22,8 @@ def run_prompts(conf: DictConfig) -> list[Path]:
     """Prompt to video with the pipeline folder ``model.path``; returns the written file."""
     import torch
 
+    from vidpar.cli.validation_generate import check_prompt_request
+    from vidpar.distributed.telemetry import format_summary, summarize
     from vidpar.pipelines.pipeline_generator import DiffusersPipelineGenerator
 
     parallel = build_layout(conf.parallel)
@@ -51,6 +45,14 @@ def run_prompts(conf: DictConfig) -> list[Path]:
 
 def run(conf: DictConfig) -> list[Path]:
     """Generate as ``conf`` says; returns the written files."""
+    # Imported here, not with the module: `vidpar-generate --help` needs no torch.
+    from vidpar.cli.validation_generate import (
+        check_generate_request,
+        check_generate_resources,
+        find_checkpoint,
+        read_checkpoint_model,
+    )
+    from vidpar.distributed.telemetry import format_summary, summarize
     from vidpar.pipelines.generator import VideoGenerator
     from vidpar.pipelines.video_io import write_video
 
@@ -97,7 +99,16 @@ def run(conf: DictConfig) -> list[Path]:
     return written
 
 
-main = console_command("generate", run, starts_workers=True)
+def worker_imports(conf: DictConfig) -> tuple[str, ...]:
+    """What a generation's workers import: torch and vidpar's models and pipelines (not
+    Lightning), and diffusers' model and text-encoder code for a pipeline folder."""
+    from vidpar.executor.start_method import PRELOAD_IF_IMPORTED
+
+    pipeline = PRELOAD_IF_IMPORTED if conf.model.path is not None else ()
+    return ("torch", "vidpar.pipelines", "vidpar.models", *pipeline)
+
+
+main = console_command("generate", run, worker_imports)
 
 if __name__ == "__main__":
     main()

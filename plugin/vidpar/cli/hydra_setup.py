@@ -8,7 +8,7 @@ import functools
 import sys
 import traceback
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ from omegaconf import DictConfig, OmegaConf
 from vidpar.cli.console_log import console_transcript
 from vidpar.cli.resolvers import register_resolvers
 from vidpar.config import PRESETS, ParallelConfig
-from vidpar.executor.start_method import start_server_early
 from vidpar.resources import CONFIG_DIR
 
 register_resolvers()
@@ -94,23 +93,26 @@ def friendly_errors(main: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
-#: Hydra's flags that only show something: no job runs, no workers start.
-SHOW_ONLY = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion")
-
-
 def console_command(
-    config_name: str, run: Callable[[DictConfig], Any], starts_workers: bool = False
+    config_name: str,
+    run: Callable[[DictConfig], Any],
+    worker_imports: Callable[[DictConfig], Sequence[str]] | None = None,
 ) -> Callable[[], None]:
     """The console entry point of a vidpar command: Hydra composes ``config_name`` (its
     job name is set in that config) and ``run`` gets the config, while everything the
     console shows, the workers' lines included, goes to ``<output dir>/<job name>.log``
     too; :class:`UserError` ends it as one paragraph, any other error leaves its full
-    traceback in the log (the console gets Hydra's account of it). A command that
-    ``starts_workers`` starts their fork server first, so that its imports overlap
-    Hydra's composition."""
+    traceback in the log (the console gets Hydra's account of it). A command that starts
+    workers names what they import (``worker_imports(config)``): their fork server starts
+    with those as soon as the config is composed, so that its imports overlap the
+    command's own set-up, and imports nothing the workers will not use."""
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
     def main(conf: DictConfig) -> None:
+        if worker_imports is not None:
+            from vidpar.executor.start_method import start_server_early  # torch: not for --help
+
+            start_server_early(worker_imports(conf))
         job = HydraConfig.get()
         transcript = console_transcript()
         with transcript.recording(Path(job.runtime.output_dir) / f"{job.job.name}.log"):
@@ -121,9 +123,4 @@ def console_command(
                 transcript.write(traceback.format_exc().encode())
                 raise
 
-    def command() -> None:
-        if starts_workers and not any(arg in SHOW_ONLY for arg in sys.argv[1:]):
-            start_server_early()
-        main()
-
-    return command
+    return main

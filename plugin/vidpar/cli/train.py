@@ -16,11 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from vidpar.cli.hydra_setup import build_layout, console_command, register
-from vidpar.cli.validation import check_before_launch, check_train_config
-from vidpar.cli.validation_model import check_data_fits_model
-from vidpar.cli.wandb_runs import job_wandb_run
 from vidpar.config import ParallelConfig
-from vidpar.distributed.checkpoint import CheckpointWriteError, is_complete
 
 register()
 
@@ -56,14 +52,21 @@ def run(conf: DictConfig) -> Path | None:
     """Train as ``conf`` says; returns the path of the last checkpoint it wrote, if any.
     ``SIGTERM`` or Ctrl-C save a checkpoint at the current step and exit with status
     128 + the signal's number (``strategy.checkpoint_on_interrupt=false``: no save)."""
+    # Imported here, not with the module: `vidpar-train --help` and `--cfg` need no torch.
+    from vidpar.cli.validation import check_before_launch, check_train_config
+
+    parallel = build_layout(conf.parallel)  # the one layout of this run
+    check_train_config(conf, parallel)
+    check_before_launch(conf, parallel)
+    # Lightning (seconds of imports) only once the settings are known to be good.
+    from vidpar.cli.validation_model import check_data_fits_model
+    from vidpar.cli.wandb_runs import job_wandb_run
+    from vidpar.distributed.checkpoint import CheckpointWriteError
     from vidpar.executor import RemoteError
     from vidpar.lightning import TrainingInterrupted
 
     log_lightning_once()
     os.environ.setdefault("WANDB_MODE", "offline")
-    parallel = build_layout(conf.parallel)  # the one layout of this run
-    check_train_config(conf, parallel)
-    check_before_launch(conf, parallel)
     datamodule = instantiate(conf.data)
     check_data_fits_model(datamodule.video_shape, conf.model)
     names = getattr(datamodule.train_set, "shape_names", None)  # latents have no classes
@@ -105,11 +108,22 @@ def run(conf: DictConfig) -> Path | None:
 def written_checkpoint(trainer) -> Path | None:
     """The last checkpoint this run's checkpoint callback wrote (not one an earlier run left
     in the same directory), if it is there and complete."""
+    from vidpar.distributed.checkpoint import is_complete
+
     path = getattr(trainer.checkpoint_callback, "last_model_path", "")
     return Path(path) if path and is_complete(Path(path)) else None
 
 
-main = console_command("train", run, starts_workers=True)
+def worker_imports(conf: DictConfig) -> tuple[str, ...]:
+    """What a training run's workers import: torch, Lightning and vidpar's modules, and
+    diffusers' model code where the model is a diffusers folder (``model.path``)."""
+    from vidpar.executor.start_method import PRELOAD
+
+    diffusers = ("diffusers.models.transformers",) if "path" in conf.model else ()
+    return (*PRELOAD, *diffusers)
+
+
+main = console_command("train", run, worker_imports)
 
 if __name__ == "__main__":
     main()

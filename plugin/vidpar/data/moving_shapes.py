@@ -163,7 +163,9 @@ class MovingShapesDataset(Dataset):
 
     def trajectory(self, index: int) -> np.ndarray:
         """Centre ``(x, y)`` in pixels of item ``index``'s shape in every frame: ``[T, 2]``."""
-        p = self.params(index)
+        return self._centres(self.params(index))
+
+    def _centres(self, p: dict[str, float | int]) -> np.ndarray:
         t = np.arange(self.num_frames, dtype=np.float64)
         r = p["radius"]
         x = bounce(p["x0"] + p["vx"] * t, r, self.width - r)
@@ -173,13 +175,17 @@ class MovingShapesDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         index = int(index)
         p = self.params(index)
-        centres = self.trajectory(index)
+        centres = self._centres(p)
         r = p["radius"]
         s = _SUPERSAMPLE
         dx = (self._xs[None, None, :] - centres[:, 0, None, None]) / r  # [T, 1, W*s]
         dy = (self._ys[None, :, None] - centres[:, 1, None, None]) / r  # [T, H*s, 1]
         mask = shape_mask(p["label"], dx, dy)  # [T, H*s, W*s]
-        cover = mask.reshape(self.num_frames, self.height, s, self.width, s).mean(axis=(2, 4))
+        # Each pixel's covered sub-pixels, counted exactly in small integers (rows, then
+        # columns: contiguous sums, several times faster than a float mean over both).
+        hits = mask.astype(np.uint8).reshape(-1, s, self.width * s).sum(axis=1, dtype=np.uint8)
+        hits = hits.reshape(self.num_frames, self.height, self.width, s)
+        cover = hits.sum(axis=3, dtype=np.uint8) / (s * s)
         fg = np.asarray(COLOURS[p["label"]], dtype=np.float64)
         bg = np.asarray(BACKGROUND, dtype=np.float64)
         rgb = bg[:, None, None, None] + (fg - bg)[:, None, None, None] * cover[None]

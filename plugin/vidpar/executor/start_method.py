@@ -76,14 +76,14 @@ def worker_context(preload: Sequence[str] | None = None) -> BaseContext:
     return ctx
 
 
-def start_server_early() -> None:
-    """Start the fork server now, preloading all of :data:`PRELOAD`, so that its imports
-    overlap the caller's own set-up (the console commands call this once their config is
-    checked); the Executor then finds it running. Nothing under torchrun or SLURM, where
-    every process is a worker already."""
+def start_server_early(preload: Sequence[str] = PRELOAD) -> None:
+    """Start the fork server now, preloading ``preload`` (all of :data:`PRELOAD` unless
+    told), so that its imports overlap the caller's own set-up (the console commands call
+    this once their config is composed); the Executor then finds it running. Nothing under
+    torchrun or SLURM, where every process is a worker already."""
     if "LOCAL_RANK" in os.environ or "SLURM_NTASKS" in os.environ:
         return
-    if worker_context(PRELOAD).get_start_method() == "forkserver":
+    if worker_context(preload).get_start_method() == "forkserver":
         forkserver.ensure_running()
 
 
