@@ -62,7 +62,7 @@ def _frames_after_pinned(worker) -> np.ndarray:
     """A trial (CUDA only): ``frames_in_shared_memory`` with the shared buffer page-locked
     (``cudaHostRegister``) for its device-to-host copy, so that the copy is one DMA: does
     pinning 388 MB cost less than it saves?"""
-    from vidpar.executor.wire import shared_empty
+    from vidpar.executor.shared_buffers import shared_empty
 
     video = worker.video
     out = shared_empty(video.shape, torch.float32)

@@ -19,9 +19,10 @@ from vidpar.executor import (
     RemoteError,
     Worker,
     rpc,
+    shared_buffers,
     wire,
 )
-from vidpar.executor.wire import shared_empty
+from vidpar.executor.shared_buffers import shared_empty
 from vidpar.executor.worker import rpc_names
 
 #: Generous: the machine is small and shared; latency is measured separately.
@@ -67,7 +68,7 @@ def _shared_frames(worker: Worker, numel: int) -> np.ndarray:
 
 
 def _live_shared_buffers(worker: Worker) -> int:
-    return len(wire._SHARED)
+    return shared_buffers.live_shared_buffers()
 
 
 def _identity(worker: Worker, obj):

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from vidpar.executor import wire
+from vidpar.executor import shared_buffers
 from vidpar.executor.errors import RemoteError, remote_error
+from vidpar.executor.shared_buffers import shared_empty
 from vidpar.executor.wire import (
     OOB_MIN_BYTES,
     Channel,
@@ -23,7 +24,6 @@ from vidpar.executor.wire import (
     Shutdown,
     close_all,
     encode,
-    shared_empty,
 )
 
 
@@ -89,7 +89,8 @@ def test_a_shared_buffer_crosses_as_its_own_memory_not_a_copy(channels):
         # the message's own memfd (the ordinary tensor) and the shared buffer's, once for
         # its two views; the second is the shared buffer itself
         assert len(fds) == 2 and len(frame) < OOB_MIN_BYTES
-        shared_fd = wire._SHARED[next(iter(wire._SHARED))][2]
+        key, _ = shared_buffers.shared_region(memoryview(frames.numpy()).cast("B"))
+        shared_fd = shared_buffers.shared_descriptor(key)
         assert os.fstat(fds[1]).st_ino == os.fstat(shared_fd).st_ino
         worker_end.send_encoded(frame, fds)
     finally:
@@ -106,14 +107,14 @@ def test_a_shared_buffer_crosses_as_its_own_memory_not_a_copy(channels):
 
 
 def test_a_shared_buffer_is_released_with_its_last_tensor():
-    before = len(wire._SHARED)
+    before = shared_buffers.live_shared_buffers()
     frames = shared_empty((2, 3), torch.float64)
     view = frames[1]
-    assert len(wire._SHARED) == before + 1
+    assert shared_buffers.live_shared_buffers() == before + 1
     del frames
     gc.collect()
-    assert len(wire._SHARED) == before + 1  # the view still holds it
+    assert shared_buffers.live_shared_buffers() == before + 1  # the view still holds it
     del view
     gc.collect()
-    assert len(wire._SHARED) == before
+    assert shared_buffers.live_shared_buffers() == before
     assert shared_empty((0, 5), torch.float32).shape == (0, 5)  # nothing to share

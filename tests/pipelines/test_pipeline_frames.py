@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers.video_processor import VideoProcessor
 
-from vidpar.executor import wire
+from vidpar.executor import shared_buffers, wire
 from vidpar.pipelines.pipeline_frames import frames_in_shared_memory, write_output
 
 
@@ -21,7 +21,7 @@ def test_frames_equal_diffusers_postprocess_and_live_in_shared_memory(dtype):
     np.testing.assert_array_equal(frames, want)  # the same numbers, bit for bit
     assert frames.strides == want.strides  # diffusers' layout too
     memory = frames.transpose(0, 4, 1, 2, 3)  # [B, 3, F, H, W], as it lies in memory
-    assert wire._shared_region(memoryview(memory).cast("B")) is not None
+    assert shared_buffers.shared_region(memoryview(memory).cast("B")) is not None
     frame, fds = wire.encode(wire.Reply(1, frames))  # the wire passes it as it is
     wire.close_all(fds)
     assert len(fds) == 1 and len(frame) < wire.OOB_MIN_BYTES

@@ -31,16 +31,15 @@ import os
 import pickle
 import socket
 import struct
-import sys
 import time
 import traceback
-import weakref
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any, ClassVar, NamedTuple
 
-import numpy as np
 import torch
+
+from vidpar.executor.shared_buffers import HAS_MEMFD, shared_descriptor, shared_region
 
 #: Buffers of at least this many bytes travel through shared memory, not the pipe.
 OOB_MIN_BYTES = 1 << 16
@@ -55,63 +54,10 @@ _SEGMENT = struct.Struct("<IQQ")
 #: Descriptors one message passes at most (Linux takes 253 per message); shared buffers
 #: past this count are copied into the message's own memfd.
 _MAX_FDS = 200
-_HAS_MEMFD = hasattr(os, "memfd_create") and sys.platform.startswith("linux")
 
 #: This process's last :func:`encode` and :func:`decode`, as :func:`time.perf_counter`
 #: stamps: ``encode_start``, ``encode_end``, ``decode_start``, ``decode_end``.
 last_times: dict[str, float] = {}
-
-
-# Shared buffers -------------------------------------------------------------------------
-
-
-class _SharedMapping(mmap.mmap):
-    """A shared mapping of a memfd (a subclass, so that it takes weak references)."""
-
-
-#: The live shared buffers of this process: ``id`` of the mapping -> (address, size, fd).
-_SHARED: dict[int, tuple[int, int, int]] = {}
-
-
-def _release_shared(key: int, fd: int) -> None:
-    _SHARED.pop(key, None)
-    os.close(fd)
-
-
-def shared_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor in shared memory of its own (a memfd): sent in a message
-    (itself, a contiguous view of it or a numpy array over it), it crosses as that memory,
-    with no copy, and the receiver's array maps the same pages. Fill it before sending it
-    and leave it alone afterwards (the receiver may see later writes). Two views of one
-    such buffer in a message arrive sharing memory. The memory is freed when the last
-    tensor over it here and the last array over it at the receivers are gone. Off Linux,
-    a plain tensor."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    if not _HAS_MEMFD or nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    fd = os.memfd_create("vidpar-shared", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, nbytes)
-        mapping = _SharedMapping(fd, nbytes)
-    except BaseException:
-        os.close(fd)
-        raise
-    raw = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive
-    key = id(mapping)
-    _SHARED[key] = (raw.data_ptr(), nbytes, fd)
-    weakref.finalize(mapping, _release_shared, key, fd)
-    return raw.view(dtype).view(shape)
-
-
-def _shared_region(buffer: memoryview) -> tuple[int, int] | None:
-    """``(key, offset)`` of the shared buffer ``buffer`` lies in, if it lies in one."""
-    if not _SHARED:
-        return None
-    address = np.frombuffer(buffer, dtype=np.uint8).ctypes.data
-    for key, (start, size, _) in list(_SHARED.items()):  # finalizers may pop meanwhile
-        if start <= address and address + buffer.nbytes <= start + size:
-            return key, address - start
-    return None
 
 
 # Messages ------------------------------------------------------------------------------
@@ -280,9 +226,9 @@ def encode(message: Message) -> tuple[bytes, list[int]]:
         return False
 
     _Pickler(
-        out, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=out_of_band if _HAS_MEMFD else None
+        out, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=out_of_band if HAS_MEMFD else None
     ).dump((_TAGS[type(message)], *message))
-    if not buffers and (out.tell() <= INLINE_MAX_BYTES + 1 or not _HAS_MEMFD):
+    if not buffers and (out.tell() <= INLINE_MAX_BYTES + 1 or not HAS_MEMFD):
         last_times["encode_end"] = time.perf_counter()
         return out.getvalue(), []
 
@@ -292,7 +238,7 @@ def encode(message: Message) -> tuple[bytes, list[int]]:
     if body.nbytes > INLINE_MAX_BYTES:
         flags |= _FLAG_BODY_IN_SHM
         segments = [body, *buffers]
-    regions = [_shared_region(segment) for segment in segments]
+    regions = [shared_region(segment) for segment in segments]
     shared_keys = list(dict.fromkeys(r[0] for r in regions if r is not None))[:_MAX_FDS]
     regions = [r if r is not None and r[0] in shared_keys else None for r in regions]
     copies = any(r is None for r in regions)
@@ -311,7 +257,7 @@ def encode(message: Message) -> tuple[bytes, list[int]]:
             for (_, start, _), segment, region in zip(table, segments, regions, strict=True):
                 if region is None:
                     _write_all(fds[0], segment, start)
-        fds += [os.dup(_SHARED[key][2]) for key in shared_keys]
+        fds += [os.dup(shared_descriptor(key)) for key in shared_keys]
     except BaseException:
         for fd in fds:
             os.close(fd)

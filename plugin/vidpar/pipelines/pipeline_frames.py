@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vidpar.executor.wire import shared_empty
+from vidpar.executor.shared_buffers import shared_empty
 
 
 def frames_in_shared_memory(videos: torch.Tensor) -> np.ndarray:
@@ -18,7 +18,7 @@ def frames_in_shared_memory(videos: torch.Tensor) -> np.ndarray:
     ``[B, F, H, W, 3]`` in [0, 1], the numbers diffusers' ``VideoProcessor.postprocess_video(
     videos, "np")`` gives (denormalised and clamped in the videos' dtype, then float32).
 
-    The result is a :func:`~vidpar.executor.wire.shared_empty` buffer: returned from a
+    The result is a :func:`~vidpar.executor.shared_buffers.shared_empty` buffer: returned from a
     worker, it reaches the caller as the same memory. It is written once: on a GPU the
     frames are made there and copied to it in one device-to-host copy; float32 frames on
     the CPU are computed in it. Its memory is ``[B, 3, F, H, W]`` and the array a permuted
