@@ -103,7 +103,11 @@ def hunyuan_15_inputs(device: str) -> dict:
     text, text_2, image = (8, 4, 3) if TINY["on"] else (1000, 256, 729)
     widths = (16, 8, 8) if TINY["on"] else (3584, 1472, 1152)
     latents = (4, 3, 3, 3) if TINY["on"] else (32, 31, 30, 53)
-    mask, mask_2 = torch.zeros(1, text, device=device), torch.zeros(1, text_2, device=device)
+    # The pipeline hands the masks over in the model's dtype (a float32 mask meets bf16
+    # weights in the token refiner).
+    dtype = torch.float32 if TINY["on"] else torch.bfloat16
+    mask = torch.zeros(1, text, device=device, dtype=dtype)
+    mask_2 = torch.zeros(1, text_2, device=device, dtype=dtype)
     mask[:, : text // 5] = 1
     mask_2[:, : max(1, text_2 // 12)] = 1
     x = _randn(1, *latents, device=device)
