@@ -141,6 +141,12 @@ class Worker:
     def init_device(self) -> None:
         """Make ``self.device`` this process's current device."""
         if self.device.type == "cuda":
+            if torch.cuda._is_in_bad_fork():
+                raise RuntimeError(
+                    "CUDA was initialised in the fork server this worker was forked from (a "
+                    "module it preloads used the GPU on import); VIDPAR_START_METHOD=spawn "
+                    "starts workers afresh instead"
+                )
             torch.cuda.set_device(self.device)
 
     def init_parallel_state(self) -> None:
