@@ -183,6 +183,19 @@ def test_the_server_preloads_the_diffusers_model_code_the_caller_has_imported(mo
     assert server_preload(["torch"]) == [SERVER_SETUP, "torch"]
 
 
+def test_a_server_on_a_host_with_gpus_preloads_only_what_leaves_cuda_alone(monkeypatch):
+    """On an H100, workers forked from a server that had imported diffusers and
+    transformers could not use CUDA; a server with torch, Lightning and vidpar could."""
+    import diffusers.models.transformers  # noqa: F401
+    import torch
+
+    wanted = ["torch", "lightning.pytorch", "vidpar.models", "diffusers.models.transformers"]
+    assert "diffusers.models.transformers" in server_preload(wanted)  # no GPU here
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # as on a GPU host
+    assert server_preload(wanted) == [SERVER_SETUP, "torch", "lightning.pytorch", "vidpar.models"]
+    assert not any(m.startswith(("diffusers", "transformers")) for m in server_preload())
+
+
 _SERVER_ENV = """
 import json, multiprocessing as mp, os
 from vidpar import ParallelConfig

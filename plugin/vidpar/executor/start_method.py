@@ -33,7 +33,7 @@ START_METHOD_ENV = "VIDPAR_START_METHOD"
 PRELOAD = ("torch", "lightning.pytorch", "vidpar.lightning", "vidpar.pipelines", "vidpar.models")
 #: The server imports these too where the caller has: the diffusers and transformers model
 #: code that a worker building or unpickling a diffusers model would import again (seconds
-#: of CPU per worker).
+#: of CPU per worker). Not on a host with CUDA GPUs (:func:`server_preload`).
 PRELOAD_IF_IMPORTED = (
     "diffusers.models.transformers",
     "diffusers.models.autoencoders",
@@ -41,6 +41,9 @@ PRELOAD_IF_IMPORTED = (
 )
 #: The server alone imports this, first: it ignores SIGTERM and drops the caller's output.
 SERVER_SETUP = "vidpar.executor.server_setup"
+#: The top-level packages a server on a host with CUDA GPUs preloads: those whose import
+#: is known to leave CUDA alone (forked workers use the GPU in the GPU tests).
+CUDA_SAFE_PRELOAD = ("torch", "lightning", "vidpar")
 #: The fork server's environment on top of the caller's: torch answers
 #: ``torch.cuda.is_available()`` through NVML, so a preloaded module that asks does not
 #: initialise CUDA's driver in the server, which would leave every forked worker unable to
@@ -67,11 +70,29 @@ def start_method() -> str:
 def server_preload(preload: Sequence[str] | None = None) -> list[str]:
     """What a fork server yet to start imports, in order: :data:`SERVER_SETUP`, ``preload``
     (by default what the caller has imported of :data:`PRELOAD`, torch always), then what
-    the caller has imported of :data:`PRELOAD_IF_IMPORTED`."""
+    the caller has imported of :data:`PRELOAD_IF_IMPORTED`.
+
+    On a host with CUDA GPUs, only the packages of :data:`CUDA_SAFE_PRELOAD`: a module
+    whose import asks CUDA anything leaves the server's forks unable to use CUDA ("Cannot
+    re-initialize CUDA in forked subprocess"). On an H100, workers forked from a server
+    that had preloaded diffusers and transformers failed so; those of a server with torch,
+    Lightning and vidpar alone use the GPU (the GPU tests). Workers import the rest
+    themselves."""
     if preload is None:
         preload = [m for m in PRELOAD if m == "torch" or m in sys.modules]
     imported = [m for m in PRELOAD_IF_IMPORTED if m in sys.modules and m not in preload]
-    return [SERVER_SETUP, *preload, *imported]
+    modules = [*preload, *imported]
+    if _cuda_gpus_here():
+        modules = [m for m in modules if m.partition(".")[0] in CUDA_SAFE_PRELOAD]
+    return [SERVER_SETUP, *modules]
+
+
+def _cuda_gpus_here() -> bool:
+    """Whether this host has CUDA GPUs, asked without initialising CUDA here (NVML where
+    torch can, as ``torch.cuda.device_count`` does)."""
+    import torch
+
+    return torch.cuda.device_count() > 0
 
 
 def worker_context(preload: Sequence[str] | None = None) -> BaseContext:
