@@ -7,7 +7,8 @@
 # eager/compiled vs diffusers' Wan), dit_wan (the same, one command: dit.compare=wan), train (the Wan-sized diffusers training step),
 # newgpu (the GPU tests of the round-3 modules: VAE, compile, elementwise, the bf16 key-bias
 # attention kernels), families (each plan family at its published size vs plain diffusers;
-# FAMILIES_ARGS adds flags, e.g. --families ltx,mochi), lora (LoRA vs full fine-tuning),
+# FAMILIES_ARGS adds flags, e.g. --families ltx,mochi), lora (LoRA vs full fine-tuning, in
+# bf16 and in the recipes' bf16-mixed),
 # pipeline (each stage of a prompt-to-video generation vs diffusers' WanPipeline, the whole
 # call step by step, the world-1 transformer forward vs plain diffusers; then returning
 # 388 MB of frames from a worker before/after the shared buffer vs diffusers in process,
@@ -62,7 +63,9 @@ for step in "$@"; do
         tests/nn/test_attention_kernels.py::test_cuda_backend_with_a_key_bias_matches_masked_sdpa 2>&1 | tee "$OUT/newgpu.txt" ;;
     families) timeout 480 python3 benchmarks/families_gpu.py --runs 3 ${FAMILIES_ARGS:-} --out "$OUT/families_gpu.json" \
         2>&1 | tee "$OUT/families.txt" ;;
-    lora) timeout 300 python3 benchmarks/lora_vs_full.py --steps 5 2>&1 | tee "$OUT/lora.txt" ;;
+    lora) timeout 300 python3 benchmarks/lora_vs_full.py --steps 5 2>&1 | tee "$OUT/lora.txt"
+      timeout 300 python3 benchmarks/lora_vs_full.py --steps 5 --precision bf16-mixed 2>&1 \
+        | tee "$OUT/lora_mixed.txt" ;;
     pipeline) timeout 560 python3 benchmarks/pipeline_stages.py --root /tmp/wan-random \
         --layouts single --steps ${PIPELINE_STEPS:-4} --runs 3 --out "$OUT/pipeline_stages.json" 2>&1 | tee "$OUT/pipeline.txt"
       [ -n "${SKIP_FRAMES_RETURN:-}" ] || timeout 240 python3 benchmarks/frames_return.py --device cuda --runs 7 \

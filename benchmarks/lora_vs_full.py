@@ -1,6 +1,10 @@
 """Peak memory and step time of LoRA vs full fine-tuning of a Wan2.1-1.3B-sized diffusers
 transformer (random weights) at 32,760 tokens (21 × 60 × 104 latents, patch 1 × 2 × 2:
-Wan2.1 at 81 × 480 × 832), bf16 weights, activation checkpointing, AdamW.
+Wan2.1 at 81 × 480 × 832), bf16, activation checkpointing, AdamW. ``--precision
+bf16-true`` (the default) holds every weight, gradient and AdamW moment in bf16;
+``bf16-mixed`` is what vidpar's recipes train with (Lightning's ``bf16-mixed``: float32
+weights, gradients and moments, the step under bf16 autocast), LoRA's frozen base held
+in bf16 as ``DiffusersFlowModule`` holds it (:mod:`vidpar.nn.frozen_weights`).
 
 A step is forward, flow-matching-style MSE loss, backward and the optimizer step, through
 ``vidpar.models.parallelize`` at world 1 and, for LoRA, ``vidpar.nn.lora_layers.add_lora``
@@ -36,6 +40,7 @@ from torch.utils._pytree import tree_leaves
 from vidpar import ParallelConfig
 from vidpar.distributed.state import parallel_context
 from vidpar.models import parallelize
+from vidpar.nn.frozen_weights import cast_frozen_weights_for_autocast
 from vidpar.nn.lora_layers import LoraSettings, add_lora
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -146,7 +151,13 @@ class LiveBytes(TorchDispatchMode):
 
 
 def measure(
-    variant: str, rank: int, steps: int, device: torch.device, size: str, fake: bool
+    variant: str,
+    rank: int,
+    steps: int,
+    device: torch.device,
+    size: str,
+    fake: bool,
+    precision: str = "bf16-true",
 ) -> dict[str, float | str | int]:
     """Warm-up step, then ``steps`` timed steps; the peak memory of a step after the
     warm-up (the optimizer's state allocated)."""
@@ -160,8 +171,10 @@ def measure(
 
         mode = FakeTensorMode()
     with mode, torch.device(device):
+        mixed = precision == "bf16-mixed"
         default = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)  # as .to(bf16); fake tensors cannot be swapped
+        # as .to(bf16) (fake tensors cannot be swapped); float32 master weights when mixed
+        torch.set_default_dtype(torch.float32 if mixed else torch.bfloat16)
         try:
             model = WanTransformer3DModel(**config)
         finally:
@@ -169,19 +182,26 @@ def measure(
         model = parallelize(model)
         if variant == "lora":
             add_lora(model, LoraSettings(rank=rank, alpha=rank))
+            if mixed:  # as DiffusersFlowModule does under bf16-mixed
+                keep = model._keep_in_fp32_modules or ()
+                cast_frozen_weights_for_autocast(model, torch.bfloat16, keep)
         model.enable_gradient_checkpointing()
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=1e-5)
         gen = None if fake else torch.Generator(device).manual_seed(0)
-        x = torch.randn(latents, dtype=torch.bfloat16, generator=gen)
-        text = torch.randn(text_shape, dtype=torch.bfloat16, generator=gen)
-        target = torch.randn(latents, dtype=torch.bfloat16, generator=gen)
+        data_dtype = torch.float32 if mixed else torch.bfloat16
+        x = torch.randn(latents, dtype=data_dtype, generator=gen)
+        text = torch.randn(text_shape, dtype=data_dtype, generator=gen)
+        target = torch.randn(latents, dtype=data_dtype, generator=gen)
         t = torch.tensor([500.0])
 
+        autocast = torch.autocast(device.type, torch.bfloat16, enabled=mixed)
+
         def step() -> None:
-            out = model(x, t, text, return_dict=False)[0]
-            loss = torch.nn.functional.mse_loss(out.float(), target.float())
+            with autocast:  # the forward, as Lightning's MixedPrecision runs training_step
+                out = model(x, t, text, return_dict=False)[0]
+                loss = torch.nn.functional.mse_loss(out.float(), target.float())
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -221,6 +241,7 @@ def measure(
             peak = torch.cuda.max_memory_allocated(device)
         return {
             "variant": variant,
+            "precision": precision,
             "trainable_params": sum(p.numel() for p in trainable),
             "total_params": sum(p.numel() for p in model.parameters()),
             "peak_gib": peak / 2**30,
@@ -255,6 +276,7 @@ def main() -> None:
     parser.add_argument("--size", default="1.3b", choices=sorted(SIZES))
     parser.add_argument("--fake", action="store_true", help="CPU fake tensors: peak only")
     parser.add_argument("--variants", default="full,lora")
+    parser.add_argument("--precision", default="bf16-true", choices=["bf16-true", "bf16-mixed"])
     args = parser.parse_args()
     if args.fake and args.device != "cpu":
         parser.error("--fake counts bytes on the CPU: add --device cpu")
@@ -265,11 +287,15 @@ def main() -> None:
     ):
         rows = []
         for variant in args.variants.split(","):
-            rows.append(measure(variant, args.rank, args.steps, device, args.size, args.fake))
+            rows.append(
+                measure(
+                    variant, args.rank, args.steps, device, args.size, args.fake, args.precision
+                )
+            )
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the previous model is gone: start from nothing
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    where = f"{name}{' (fake tensors)' if args.fake else ''}, size {args.size}"
+    where = f"{name}{' (fake tensors)' if args.fake else ''}, size {args.size}, {args.precision}"
     print(f"{where}, torch {torch.__version__}")
     print(
         "| variant | trainable params | peak memory (GiB) | between steps (GiB) | step (s) "
@@ -284,7 +310,8 @@ def main() -> None:
             f"| {r['op_calls']:,} | {r['gb_moved']:.4g} | {r['h100_model_s']:.4g} |"
         )
     out = os.environ.get("OUT", ".")
-    with open(os.path.join(out, "lora_vs_full.json"), "w") as f:
+    suffix = "" if args.precision == "bf16-true" else f"_{args.precision}"
+    with open(os.path.join(out, f"lora_vs_full{suffix}.json"), "w") as f:
         json.dump({"device": where, "rows": rows}, f, indent=1)
 
 

@@ -20,6 +20,7 @@ from vidpar.data import LatentsDataModule
 from vidpar.lightning import DiffusersFlowModule, VidParStrategy, export_diffusers, export_lora
 from vidpar.models.pretrained import load_pretrained
 from vidpar.models.testing import make_tiny_latents, make_tiny_wan
+from vidpar.nn.frozen_weights import AUTOCAST_MATMUL_LAYERS
 from vidpar.nn.lora import LoraManager
 from vidpar.nn.lora_layers import lora_parameters
 from vidpar.nn.lora_peft import LORA_WEIGHTS, peft_to_adapter
@@ -172,6 +173,26 @@ def test_bf16_lora_with_gradient_checkpointing_trains_only_the_adapters(folders,
     adapters = lora_parameters(module.model)
     assert {p.dtype for p in adapters.values()} == {torch.bfloat16}
     assert all(p.any() for n, p in adapters.items() if n.endswith("lora_B.weight"))  # trained
+
+
+def test_the_lora_module_holds_its_frozen_base_in_bf16_under_bf16_mixed(folders, tmp_path):
+    """diffusers' LoRA scripts cast the frozen weights to half precision; vidpar holds the
+    frozen linears' weights in autocast's dtype (the same numbers:
+    ``tests/nn/test_frozen_weights.py``), its adapters in float32."""
+    module = fit(tmp_path / "run", folders, "auto", 1, max_steps=2, precision="bf16-mixed")
+    losses = read_losses(tmp_path / "run")
+    assert len(losses) == 2 and all(map(math.isfinite, losses))
+    (report,) = base_reports(tmp_path / "run", 1)  # the base as the folder's, cast
+    assert report["all_equal"] and report["frozen"] == report["total"], report
+    dtypes = {
+        name: layer.weight.dtype
+        for name, layer in module.model.named_modules()
+        if isinstance(layer, AUTOCAST_MATMUL_LAYERS)
+    }
+    assert dtypes["blocks.0.attn1.to_q"] == torch.bfloat16  # a LoRA-adapted base
+    assert dtypes["blocks.0.ffn.net.2"] == torch.bfloat16
+    assert dtypes["condition_embedder.time_embedder.linear_1"] == torch.float32  # kept
+    assert {p.dtype for p in lora_parameters(module.model).values()} == {torch.float32}
 
 
 def test_the_checkpoint_holds_adapters_only_and_resumes_at_tp1(

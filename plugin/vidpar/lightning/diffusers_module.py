@@ -30,6 +30,7 @@ from vidpar.models.pretrained import (
     model_class,
     read_config,
 )
+from vidpar.nn.frozen_weights import MIXED_PRECISION_DTYPES, cast_frozen_weights_for_autocast
 from vidpar.nn.lora_layers import LoraSettings, add_lora, check_lora
 from vidpar.pipelines.flow_matching import flow_matching_loss, shift_timesteps
 
@@ -100,7 +101,10 @@ class DiffusersFlowModule(pl.LightningModule):
     model's config here, before any process starts. The module's state (``state_dict``,
     hence its checkpoints) is then the adapters alone: the base is the model folder's,
     unchanged; :func:`~vidpar.lightning.export_lora` writes a checkpoint's adapters as a
-    diffusers LoRA file.
+    diffusers LoRA file. Under a mixed precision (``bf16-mixed``, ``16-mixed``) the frozen
+    linears' and convolutions' weights are held in autocast's dtype, which computes the
+    same numbers in half their memory (:mod:`vidpar.nn.frozen_weights`); the adapters keep
+    their float32 master copy.
     """
 
     def __init__(
@@ -169,6 +173,11 @@ class DiffusersFlowModule(pl.LightningModule):
         model = parallelize(load_pretrained(self.folder))
         if self.lora is not None:
             add_lora(model, self.lora, self.hparams.seed)
+            precision = None if self._trainer is None else str(self._trainer.precision)
+            autocast_dtype = MIXED_PRECISION_DTYPES.get(precision)
+            if autocast_dtype is not None:
+                keep = getattr(model, "_keep_in_fp32_modules", None) or ()
+                cast_frozen_weights_for_autocast(model, autocast_dtype, keep)
         if self.hparams.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         self.model = model
