@@ -26,13 +26,7 @@ import torch
 
 from vidpar.executor.liveness import Monitor
 from vidpar.executor.orphans import kill_group, start_reaper
-from vidpar.executor.start_method import (
-    SERVER_ENVIRONMENT,
-    CallerState,
-    main_script_runnable,
-    spawn_environment,
-    worker_context,
-)
+from vidpar.executor.start_method import CallerState, main_script_runnable, worker_context
 from vidpar.executor.wire import Answer, Channel, ErrorReply, ExceptionInfo, Shutdown
 from vidpar.executor.worker import Worker, WorkerSpec, worker_environment, worker_main
 
@@ -40,6 +34,24 @@ logger = logging.getLogger(__name__)
 
 #: Time workers get to leave on their own at ``shutdown()`` before they are killed.
 SHUTDOWN_GRACE_S = 10.0
+_ENV_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def spawn_environment(env: dict[str, str]):
+    """``os.environ`` updated while a child is spawned (spawn copies it at exec time), so
+    variables read when libraries load (``OMP_NUM_THREADS``...) take effect."""
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def descendants(procs: Sequence[mp.process.BaseProcess]) -> list[int]:
@@ -145,8 +157,8 @@ class WorkerProcesses:
                 daemon=False,  # workers may start processes of their own (data loaders)
             )
             # A forked worker takes its environment from ``caller``; the fork server, which
-            # may start here, keeps the caller's own with :data:`SERVER_ENVIRONMENT`.
-            env = SERVER_ENVIRONMENT if caller.forked else worker_environment(spec, rank)
+            # may start here, keeps the caller's own.
+            env = {} if caller.forked else worker_environment(spec, rank)
             with spawn_environment(env), main_script_runnable():
                 proc.start()
             child_end.close()

@@ -44,13 +44,6 @@ SERVER_SETUP = "vidpar.executor.server_setup"
 #: The top-level packages a server on a host with CUDA GPUs preloads: those whose import
 #: is known to leave CUDA alone (forked workers use the GPU in the GPU tests).
 CUDA_SAFE_PRELOAD = ("torch", "lightning", "vidpar")
-#: The fork server's environment on top of the caller's: torch answers
-#: ``torch.cuda.is_available()`` through NVML, so a preloaded module that asks does not
-#: initialise CUDA's driver in the server, which would leave every forked worker unable to
-#: use CUDA ("Cannot re-initialize CUDA in forked subprocess"). Workers take the caller's
-#: environment as it is (:class:`CallerState`).
-SERVER_ENVIRONMENT = {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
-_ENV_LOCK = threading.Lock()
 
 
 def start_method() -> str:
@@ -112,25 +105,7 @@ def start_server_early(preload: Sequence[str] = PRELOAD) -> None:
     if "LOCAL_RANK" in os.environ or "SLURM_NTASKS" in os.environ:
         return
     if worker_context(preload).get_start_method() == "forkserver":
-        with spawn_environment(SERVER_ENVIRONMENT):
-            forkserver.ensure_running()
-
-
-@contextlib.contextmanager
-def spawn_environment(env: dict[str, str]):
-    """``os.environ`` updated while a child is spawned (spawn copies it at exec time), so
-    variables read when libraries load (``OMP_NUM_THREADS``...) take effect."""
-    with _ENV_LOCK:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        forkserver.ensure_running()
 
 
 _MAIN_LOCK = threading.Lock()
