@@ -172,9 +172,9 @@ def measure(
         mode = FakeTensorMode()
     with mode, torch.device(device):
         mixed = precision == "bf16-mixed"
+        dtype = torch.float32 if mixed else torch.bfloat16  # of the weights and the data
         default = torch.get_default_dtype()
-        # as .to(bf16) (fake tensors cannot be swapped); float32 master weights when mixed
-        torch.set_default_dtype(torch.float32 if mixed else torch.bfloat16)
+        torch.set_default_dtype(dtype)  # as .to(dtype): fake tensors cannot be swapped
         try:
             model = WanTransformer3DModel(**config)
         finally:
@@ -183,17 +183,15 @@ def measure(
         if variant == "lora":
             add_lora(model, LoraSettings(rank=rank, alpha=rank))
             if mixed:  # as DiffusersFlowModule does under bf16-mixed
-                keep = model._keep_in_fp32_modules or ()
-                cast_frozen_weights_for_autocast(model, torch.bfloat16, keep)
+                cast_frozen_weights_for_autocast(model, torch.bfloat16)
         model.enable_gradient_checkpointing()
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=1e-5)
         gen = None if fake else torch.Generator(device).manual_seed(0)
-        data_dtype = torch.float32 if mixed else torch.bfloat16
-        x = torch.randn(latents, dtype=data_dtype, generator=gen)
-        text = torch.randn(text_shape, dtype=data_dtype, generator=gen)
-        target = torch.randn(latents, dtype=data_dtype, generator=gen)
+        x = torch.randn(latents, dtype=dtype, generator=gen)
+        text = torch.randn(text_shape, dtype=dtype, generator=gen)
+        target = torch.randn(latents, dtype=dtype, generator=gen)
         t = torch.tensor([500.0])
 
         autocast = torch.autocast(device.type, torch.bfloat16, enabled=mixed)

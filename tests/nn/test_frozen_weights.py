@@ -59,8 +59,8 @@ def _step(model: nn.Module, inputs: dict) -> tuple[torch.Tensor, dict[str, torch
 def test_bf16_held_frozen_weights_compute_what_float32_ones_do(family):
     model = _lora_model(family)
     held = copy.deepcopy(model)
+    freed = cast_frozen_weights_for_autocast(held, torch.bfloat16)  # keeps the class's list
     keep = getattr(model, "_keep_in_fp32_modules", None) or ()
-    freed = cast_frozen_weights_for_autocast(held, torch.bfloat16, keep)
 
     cast = {
         name: module.weight.dtype

@@ -176,8 +176,7 @@ class DiffusersFlowModule(pl.LightningModule):
             precision = None if self._trainer is None else str(self._trainer.precision)
             autocast_dtype = MIXED_PRECISION_DTYPES.get(precision)
             if autocast_dtype is not None:
-                keep = getattr(model, "_keep_in_fp32_modules", None) or ()
-                cast_frozen_weights_for_autocast(model, autocast_dtype, keep)
+                cast_frozen_weights_for_autocast(model, autocast_dtype)
         if self.hparams.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         self.model = model

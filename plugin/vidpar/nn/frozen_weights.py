@@ -41,12 +41,13 @@ MIXED_PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float1
 
 
 def cast_frozen_weights_for_autocast(
-    model: nn.Module, dtype: torch.dtype, keep: Iterable[str] = ()
+    model: nn.Module, dtype: torch.dtype, keep: Iterable[str] | None = None
 ) -> int:
     """Hold the frozen float32 ``weight`` of every layer of :data:`AUTOCAST_MATMUL_LAYERS`
     in ``dtype`` (autocast's), except in modules whose dotted name has a part in ``keep``
-    (e.g. a diffusers model's ``_keep_in_fp32_modules``). Returns the bytes freed."""
-    keep = set(keep)
+    (by default the model's ``_keep_in_fp32_modules``, as diffusers reads it). Returns the
+    bytes freed."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or () if keep is None else keep)
     freed = 0
     for name, module in model.named_modules():
         if not isinstance(module, AUTOCAST_MATMUL_LAYERS) or keep & set(name.split(".")):
