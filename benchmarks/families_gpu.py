@@ -103,8 +103,8 @@ def hunyuan_15_inputs(device: str) -> dict:
     text, text_2, image = (8, 4, 3) if TINY["on"] else (1000, 256, 729)
     widths = (16, 8, 8) if TINY["on"] else (3584, 1472, 1152)
     latents = (4, 3, 3, 3) if TINY["on"] else (32, 31, 30, 53)
-    # The pipeline hands the masks over in the model's dtype (a float32 mask meets bf16
-    # weights in the token refiner).
+    # The pipeline hands the masks and the timestep over in the model's dtype (a float32
+    # mask meets bf16 weights in the token refiner, a float32 timestep in its embedder).
     dtype = torch.float32 if TINY["on"] else torch.bfloat16
     mask = torch.zeros(1, text, device=device, dtype=dtype)
     mask_2 = torch.zeros(1, text_2, device=device, dtype=dtype)
@@ -113,7 +113,7 @@ def hunyuan_15_inputs(device: str) -> dict:
     x = _randn(1, *latents, device=device)
     return {
         "hidden_states": torch.cat([x, torch.zeros_like(x), torch.zeros_like(x[:, :1])], 1),
-        "timestep": torch.tensor([500.0], device=device),
+        "timestep": torch.tensor([500.0], device=device, dtype=dtype),
         "encoder_hidden_states": _randn(1, text, widths[0], device=device),
         "encoder_attention_mask": mask,
         "encoder_hidden_states_2": _randn(1, text_2, widths[1], device=device),

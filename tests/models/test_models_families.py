@@ -395,6 +395,29 @@ def test_latents_folders_fit_each_trained_family(tmp_path):
         assert DiffusersFlowModule(str(folder), video_shape=list(latent)).in_channels == latent[0]
 
 
+def test_each_trained_family_takes_its_forward_in_bf16():
+    """In bf16 (``precision="bf16-true"``) each family's flow forward runs, and the timestep
+    goes in the dtype its pipeline passes: HunyuanVideo 1.5's in the latents' (its embedder
+    computes in the timestep's dtype), the others' in float32."""
+    from vidpar.models.parallelize import PLANS
+
+    for family, (name, latent, width) in TRAINED.items():
+        channels = {"in_channels": 9} if family == "hunyuan_video_15" else {}
+        model = tiny.tiny_transformer(name, **channels).to(torch.bfloat16)
+        flow = PLANS[name].flow
+        x = _noise(30, 1, *latent).to(torch.bfloat16)
+        text = _noise(31, 1, TEXT, width).to(torch.bfloat16)
+        seen = {}
+        model.register_forward_pre_hook(
+            lambda _, args, kwargs: seen.update(dtype=kwargs["timestep"].dtype),
+            with_kwargs=True,
+        )
+        out = flow(model, x, torch.tensor([0.25]), text)
+        assert out.shape == x.shape and out.dtype == torch.bfloat16, family
+        in_latents = family == "hunyuan_video_15"
+        assert seen["dtype"] == (torch.bfloat16 if in_latents else torch.float32), family
+
+
 @pytest.mark.parametrize("family", TRAINED)
 def test_the_lightning_module_trains_the_family_under_tp2_sp2(worlds, tmp_path, family):
     """Its forward adapter (LTX's tokens, HunyuanVideo's pooled text and guidance, Mochi's

@@ -83,6 +83,10 @@ class FlowForward:
     constants: Mapping[str, Any] = field(default_factory=dict)
     #: The config entry of the prompt embeddings' width.
     text_dim: str = "text_dim"
+    #: HunyuanVideo 1.5: the timestep goes in the latents' dtype, as its pipeline passes
+    #: it (the model embeds it in the timestep's own dtype, so a float32 timestep fails
+    #: against bf16 weights).
+    timestep_in_latents_dtype: bool = False
 
     def latent_channels(self, config: Mapping[str, Any]) -> int:
         """The channels of the latents the model denoises (its ``in_channels``, less the
@@ -101,8 +105,11 @@ class FlowForward:
         """The velocity ``noise - x0`` at flow time ``t`` ``[B]`` of latents ``x``
         ``[B, C, T, H, W]`` with prompt embeddings ``text`` ``[B, L, D]``."""
         config = model.config
-        # The timestep stays in t's dtype (float32 or wider): 1000·t in bf16 would be coarse.
+        # The timestep stays in t's dtype (float32 or wider), unless the family's pipeline
+        # passes it in the latents' dtype: 1000·t in bf16 would be coarse.
         timestep = (1 - t if self.inverted else t) * timestep_scale
+        if self.timestep_in_latents_dtype:
+            timestep = timestep.to(x.dtype)
         inputs = dict(self.constants)
         hidden = x
         if self.tokens:

@@ -142,5 +142,10 @@ HUNYUAN_VIDEO_15_PLAN = replace(
     HUNYUAN_VIDEO_PLAN,
     blocks=("HunyuanVideo15TransformerBlock",),
     processor=HunyuanVideo15AttnProcessor,
-    flow=FlowForward(conditioned=True, extra=hunyuan_video_15_inputs, text_dim="text_embed_dim"),
+    flow=FlowForward(
+        conditioned=True,
+        extra=hunyuan_video_15_inputs,
+        text_dim="text_embed_dim",
+        timestep_in_latents_dtype=True,
+    ),
 )
