@@ -401,21 +401,25 @@ def test_each_trained_family_takes_its_forward_in_bf16():
     computes in the timestep's dtype), the others' in float32."""
     from vidpar.models.parallelize import PLANS
 
+    timestep_dtypes = {}
     for family, (name, latent, width) in TRAINED.items():
         channels = {"in_channels": 9} if family == "hunyuan_video_15" else {}
         model = tiny.tiny_transformer(name, **channels).to(torch.bfloat16)
         flow = PLANS[name].flow
         x = _noise(30, 1, *latent).to(torch.bfloat16)
         text = _noise(31, 1, TEXT, width).to(torch.bfloat16)
-        seen = {}
         model.register_forward_pre_hook(
-            lambda _, args, kwargs: seen.update(dtype=kwargs["timestep"].dtype),
+            lambda _, args, kwargs, family=family: timestep_dtypes.update(
+                {family: kwargs["timestep"].dtype}
+            ),
             with_kwargs=True,
         )
         out = flow(model, x, torch.tensor([0.25]), text)
         assert out.shape == x.shape and out.dtype == torch.bfloat16, family
-        in_latents = family == "hunyuan_video_15"
-        assert seen["dtype"] == (torch.bfloat16 if in_latents else torch.float32), family
+    assert timestep_dtypes == {
+        family: torch.bfloat16 if family == "hunyuan_video_15" else torch.float32
+        for family in TRAINED
+    }
 
 
 @pytest.mark.parametrize("family", TRAINED)
