@@ -195,6 +195,17 @@ def test_the_lora_module_holds_its_frozen_base_in_bf16_under_bf16_mixed(folders,
     assert {p.dtype for p in lora_parameters(module.model).values()} == {torch.float32}
 
 
+def test_fsdp2_shards_the_bf16_base_beside_float32_adapters_under_bf16_mixed(folders, tmp_path):
+    """FSDP2 asks one dtype of a group's trainable parameters only: the frozen base held in
+    bf16 and the float32 adapters shard, gather and train together over dp2."""
+    strategy = VidParStrategy(dp=2, data_parallel="fsdp")
+    fit(tmp_path, folders, strategy, 2, max_steps=2, batch_size=1, precision="bf16-mixed")
+    losses = read_losses(tmp_path)
+    assert len(losses) == 2 and all(map(math.isfinite, losses)) and losses[0] != losses[1]
+    for report in base_reports(tmp_path, 2):
+        assert report["all_equal"] and report["frozen"] == report["total"], report
+
+
 def test_the_checkpoint_holds_adapters_only_and_resumes_at_tp1(
     reference, tp2_sp2, folders, tmp_path
 ):
