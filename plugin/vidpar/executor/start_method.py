@@ -69,8 +69,9 @@ def server_preload(preload: Sequence[str] | None = None) -> list[str]:
     whose import asks CUDA anything leaves the server's forks unable to use CUDA ("Cannot
     re-initialize CUDA in forked subprocess"). On an H100, workers forked from a server
     that had preloaded diffusers and transformers failed so; those of a server with torch,
-    Lightning and vidpar alone use the GPU (the GPU tests). Workers import the rest
-    themselves."""
+    Lightning and vidpar alone use the GPU (the GPU tests, the prompt-to-video benchmark).
+    Which import was at fault is not known: on the same H100 each of them, imported in one
+    process and forked, left the fork's CUDA usable. Workers import the rest themselves."""
     if preload is None:
         preload = [m for m in PRELOAD if m == "torch" or m in sys.modules]
     imported = [m for m in PRELOAD_IF_IMPORTED if m in sys.modules and m not in preload]
