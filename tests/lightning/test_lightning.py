@@ -339,10 +339,15 @@ def test_torchrun_two_nodes_on_loopback(reference, tmp_path):
         for node in (0, 1)
     ]
     outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=240)[0])
-        finally:
+    try:
+        for proc in procs:
+            try:
+                outputs.append(proc.communicate(timeout=240)[0])
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                outputs.append(f"node timed out\n{proc.communicate(timeout=60)[0]}")
+    finally:
+        for proc in procs:
             proc.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-6000:] for o in outputs)
     assert read_losses(tmp_path) == pytest.approx(reference[0][:2], rel=1e-9)

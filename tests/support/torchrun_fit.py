@@ -1,5 +1,6 @@
 """Entry script for the torchrun test: 2 nodes × 2 processes, tp2 × sp2, two steps."""
 
+import faulthandler
 import sys
 
 import lightning.pytorch as pl
@@ -8,6 +9,9 @@ from lightning_models import RecordingDiT
 from vidpar.lightning import VidParStrategy
 
 if __name__ == "__main__":
+    # A hung rank prints every thread's stack and exits before the test's timeout, so the
+    # test shows where it hung (the fit takes seconds; the whole run 20-35 s on 2 cores).
+    faulthandler.dump_traceback_later(200, exit=True)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
