@@ -47,7 +47,9 @@ def cast_frozen_weights_for_autocast(
     in ``dtype`` (autocast's), except in modules whose dotted name has a part in ``keep``
     (by default the model's ``_keep_in_fp32_modules``, as diffusers reads it). Returns the
     bytes freed."""
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or () if keep is None else keep)
+    if keep is None:
+        keep = getattr(model, "_keep_in_fp32_modules", None) or ()
+    keep = set(keep)
     freed = 0
     for name, module in model.named_modules():
         if not isinstance(module, AUTOCAST_MATMUL_LAYERS) or keep & set(name.split(".")):
